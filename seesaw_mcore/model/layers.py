@@ -1,0 +1,120 @@
+"""Building blocks: RMSNorm, rotary embedding, and inference forwards for megatron-core's
+tensor-parallel linears with a CPU-fast TP all-reduce.
+
+The parameters and their partitioning come from megatron-core's ``ColumnParallelLinear`` /
+``RowParallelLinear``; only the forward is replaced, because inference needs no autograd
+functions and the row-parallel all-reduce must be able to use DeepSpeed's shared-memory
+``inference_all_reduce`` on CPU ranks (gloo costs ~50x more per call there).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from torch import nn
+
+
+def _fast_all_reduce_allowed(group) -> bool:
+    """DeepSpeed's shm all-reduce ignores its ``group``: use it only when the group is the
+    whole world, the world is one node, and the backend is CPU/gloo."""
+    if os.environ.get("SEESAW_DISABLE_SHM_ALLREDUCE") == "1":
+        return False
+    if dist.get_backend(group) != "gloo":
+        return False
+    world = dist.get_world_size()
+    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+    return dist.get_world_size(group) == world and local == world
+
+
+class TPAllReduce:
+    """Sums a tensor across one TP group, in place, by the cheapest valid route."""
+
+    def __init__(self, group) -> None:
+        self.group = group
+        self.size = dist.get_world_size(group) if group is not None else 1
+        self.fast = self.size > 1 and _fast_all_reduce_allowed(group)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return x
+        if self.fast:
+            import deepspeed.comm as ds_comm
+
+            ds_comm.inference_all_reduce(x)
+        else:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+
+class ColumnLinear(tensor_parallel.ColumnParallelLinear):
+    """``ColumnParallelLinear`` with a plain inference forward: ``[T, in] -> [T, out/TP]``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        return F.linear(x, self.weight, self.bias)
+
+
+class RowLinear(tensor_parallel.RowParallelLinear):
+    """``RowParallelLinear`` with an inference forward: ``[T, in/TP] -> [T, out]`` summed over TP."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reduce = TPAllReduce(self.tp_group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        out = self.reduce(F.linear(x, self.weight))  # [T, out]
+        return out + self.bias if self.bias is not None else out
+
+
+class RMSNorm(nn.Module):
+    """Llama RMSNorm, computed in float32 like HF."""
+
+    def __init__(self, hidden: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Rotary(nn.Module):
+    """RoPE tables from transformers' own rope-parameter functions (default, linear, llama3,
+    yarn), so scaling matches HF exactly."""
+
+    def __init__(self, hf_config, head_dim: int, max_positions: int) -> None:
+        super().__init__()
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        rope = hf_config.rope_parameters or {}
+        rope_type = rope.get("rope_type", "default")
+        if rope_type == "default":
+            base = rope.get("rope_theta", 10000.0)
+            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+            scale = 1.0
+        else:
+            inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+        pos = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(pos, inv_freq.float())  # [P, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rotates ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hkv, D]`` at ``positions`` ``[T]``."""
+        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,171 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) as one pipeline stage on megatron-core
+tensor-parallel layers.
+
+A stage owns a contiguous range of decoder layers; the first stage also embeds tokens, the
+last also normalizes and projects to vocabulary logits. Moving hidden states between stages
+is the model runner's job.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.model_parallel_config import ModelParallelConfig
+from torch import nn
+
+from seesaw_mcore.config import ModelConfig, padded_vocab_size, split_layers
+from seesaw_mcore.model.attention import AttentionMetadata, paged_attention
+from seesaw_mcore.model.layers import ColumnLinear, RMSNorm, Rotary, RowLinear, TPAllReduce
+from seesaw_mcore.runtime.groups import RankInfo
+
+
+def _no_init(_tensor: torch.Tensor) -> None:
+    """Weights always come from the checkpoint; skip megatron-core's random init."""
+
+
+class Embedding(tensor_parallel.VocabParallelEmbedding):
+    """``VocabParallelEmbedding`` with an inference forward using ``TPAllReduce``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.reduce = TPAllReduce(self.tp_group)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        if self.reduce.size == 1:
+            return F.embedding(ids, self.weight)  # [T, H]
+        outside = (ids < self.vocab_start_index) | (ids >= self.vocab_end_index)  # [T]
+        local = (ids - self.vocab_start_index).masked_fill(outside, 0)  # [T]
+        out = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # [T, H]
+        return self.reduce(out)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm attention + SwiGLU MLP; TP splits heads and the MLP's intermediate size."""
+
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, info: RankInfo) -> None:
+        super().__init__()
+        tp, d, group = info.layout.tp, cfg.head_dim, info.tp_group
+        self.hq, self.hkv, self.d = cfg.num_heads // tp, cfg.num_kv_heads // tp, d
+        qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
+        common = dict(config=mp, init_method=_no_init, tp_group=group)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv = ColumnLinear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias, **common)
+        self.o_proj = RowLinear(
+            cfg.num_heads * d, cfg.hidden_size, bias=False, input_is_parallel=True,
+            skip_bias_add=False, **common,
+        )
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_up = ColumnLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, **common)
+        self.down = RowLinear(
+            cfg.intermediate_size, cfg.hidden_size, bias=False, input_is_parallel=True,
+            skip_bias_add=False, **common,
+        )
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: Rotary,
+        kv: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``x`` ``[T, H]`` -> ``[T, H]``; writes this step's K/V into ``kv``."""
+        t = x.shape[0]
+        h = self.input_norm(x)
+        qkv = self.qkv(h)  # [T, (hq + 2 hkv) D]
+        q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
+        q = q.view(t, self.hq, self.d)  # [T, hq, D]
+        k = k.view(t, self.hkv, self.d)  # [T, hkv, D]
+        v = v.view(t, self.hkv, self.d)  # [T, hkv, D]
+        q, k = rotary(q, k, positions)
+        attn = paged_attention(q, k, v.contiguous(), kv[0], kv[1], meta)  # [T, hq, D]
+        x = x + self.o_proj(attn.reshape(t, self.hq * self.d))
+        gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)  # [T, I/TP] each
+        return x + self.down(F.silu(gate) * up)
+
+
+class LlamaStage(nn.Module):
+    """The part of the model one rank runs under one parallel layout."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        info: RankInfo,
+        dtype: torch.dtype,
+        vocab_multiple: int = 64,
+    ) -> None:
+        super().__init__()
+        layout = info.layout
+        mp = ModelParallelConfig(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            use_cpu_initialization=True,
+            perform_initialization=False,
+            params_dtype=dtype,
+            pipeline_dtype=dtype,
+        )
+        self.cfg, self.info = cfg, info
+        self.vocab_pad = padded_vocab_size(cfg.vocab_size, layout.tp, vocab_multiple)
+        self.layer_range = split_layers(cfg.num_layers, layout.pp)[info.pp_rank]
+        self.embed = None
+        if info.is_first_stage:
+            self.embed = Embedding(
+                self.vocab_pad, cfg.hidden_size, init_method=_no_init, config=mp,
+                tp_group=info.tp_group,
+            )
+        n_local = self.layer_range[1] - self.layer_range[0]
+        self.layers = nn.ModuleList(DecoderLayer(cfg, mp, info) for _ in range(n_local))
+        self.norm = self.lm_head = None
+        if info.is_last_stage:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.lm_head = ColumnLinear(
+                cfg.hidden_size, self.vocab_pad, bias=False, config=mp, init_method=_no_init,
+                tp_group=info.tp_group,
+            )
+        self.rotary = Rotary(cfg.hf_config, cfg.head_dim, cfg.max_position_embeddings)
+        self.requires_grad_(False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Runs this stage.
+
+        Args:
+            x: token ids ``[T]`` on the first stage, hidden states ``[T, H]`` otherwise.
+            positions: ``[T]`` position of each token in its sequence.
+            kv_cache: per local layer, ``(k_blocks, v_blocks)``.
+            meta: the step's attention metadata.
+
+        Returns:
+            Hidden states ``[T, H]`` (normalized on the last stage).
+        """
+        if self.embed is not None:
+            x = self.embed(x)  # [T, H]
+        for layer, kv in zip(self.layers, kv_cache):
+            x = layer(x, positions, self.rotary, kv, meta)
+        if self.norm is not None:
+            x = self.norm(x)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Last stage only: ``[N, H]`` normalized hidden -> ``[N, vocab]`` float32 logits."""
+        local = self.lm_head(hidden)  # [N, Vp/TP]
+        tp = self.info.layout.tp
+        if tp > 1:
+            parts = [torch.empty_like(local) for _ in range(tp)]
+            dist.all_gather(parts, local.contiguous(), group=self.info.tp_group)
+            local = torch.cat(parts, dim=-1)  # [N, Vp]
+        return local[:, : self.cfg.vocab_size].float().contiguous()
+
+    def load_shard(self, shard: dict[str, torch.Tensor]) -> None:
+        """Copies a loader shard (see ``loader.load_shard``) into the parameters."""
+        missing, unexpected = self.load_state_dict(shard, strict=False)
+        missing = [m for m in missing if not m.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"shard mismatch: missing={missing} unexpected={unexpected}")

@@ -1,0 +1,156 @@
+"""Process-group state: torch.distributed start-up and megatron-core ``parallel_state`` layouts.
+
+This is the only module that holds global mutable state (the active layout), mirroring
+megatron-core's own ``parallel_state``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from seesaw_mcore.config import ParallelConfig, check_world
+
+_ACTIVE: "RankInfo | None" = None
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this rank sits in the active layout."""
+
+    layout: ParallelConfig
+    rank: int
+    dp_rank: int
+    tp_rank: int
+    pp_rank: int
+    tp_group: object  # torch ProcessGroup of this rank's TP peers
+    prev_rank: int | None  # global rank of the previous pipeline stage (None on the first)
+    next_rank: int | None  # global rank of the next pipeline stage (None on the last)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    @property
+    def tp_is_world(self) -> bool:
+        """True when the TP group spans every rank (DeepSpeed's shm all-reduce is then valid)."""
+        return self.layout.tp == self.layout.world_size
+
+
+def accelerator():
+    """DeepSpeed's accelerator abstraction (CPU here, CUDA on GPUs)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator()
+
+
+def device() -> torch.device:
+    """The device this rank computes on."""
+    acc = accelerator()
+    if acc.device_name() == "cpu":
+        return torch.device("cpu")
+    return torch.device(acc.device_name(acc.current_device()))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
+    """Starts torch.distributed (via DeepSpeed) once; works under the deepspeed launcher,
+    torchrun, srun-style env vars, or a plain single ``python`` process.
+
+    Args:
+        timeout_s: collective timeout; a rank that dies makes the others fail after this.
+
+    Returns:
+        ``(rank, world_size)``.
+    """
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # plain `python`: a world of one
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        import deepspeed
+
+        acc = accelerator()
+        if acc.device_name() != "cpu":
+            acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        deepspeed.init_distributed(
+            dist_backend=acc.communication_backend_name(),
+            timeout=datetime.timedelta(seconds=timeout_s),
+            verbose=False,
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def activate(layout: ParallelConfig) -> RankInfo:
+    """Makes ``layout`` the active megatron-core ``parallel_state``.
+
+    Args:
+        layout: the parallel layout; DP x TP x PP must equal the world size.
+
+    Returns:
+        This rank's place in it.
+    """
+    global _ACTIVE
+    from megatron.core import parallel_state as ps
+
+    check_world(layout, dist.get_world_size())
+    if _ACTIVE is not None and _ACTIVE.layout == layout:
+        return _ACTIVE
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        create_gloo_process_groups=False,
+    )
+    rank = dist.get_rank()
+    dp_rank, tp_rank, pp_rank = layout.coords(rank)
+    assert ps.get_tensor_model_parallel_rank() == tp_rank
+    assert ps.get_pipeline_model_parallel_rank() == pp_rank
+    prev_rank = layout.rank_of(dp_rank, tp_rank, pp_rank - 1) if pp_rank > 0 else None
+    last = layout.pp - 1
+    next_rank = layout.rank_of(dp_rank, tp_rank, pp_rank + 1) if pp_rank < last else None
+    _ACTIVE = RankInfo(
+        layout=layout,
+        rank=rank,
+        dp_rank=dp_rank,
+        tp_rank=tp_rank,
+        pp_rank=pp_rank,
+        tp_group=ps.get_tensor_model_parallel_group(),
+        prev_rank=prev_rank,
+        next_rank=next_rank,
+    )
+    return _ACTIVE
+
+
+def active() -> RankInfo:
+    """The active layout's ``RankInfo``; raises if none was activated."""
+    if _ACTIVE is None:
+        raise RuntimeError("no parallel layout is active; call groups.activate(layout) first")
+    return _ACTIVE
+
+
+def shutdown() -> None:
+    """Destroys megatron-core groups and the default process group."""
+    global _ACTIVE
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    _ACTIVE = None
+    if dist.is_initialized():
+        dist.destroy_process_group()

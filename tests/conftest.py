@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny checkpoints built locally, and a launcher for multi-rank runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VENV_BIN = os.path.dirname(sys.executable)
+
+# name -> build_random kwargs: GQA everywhere; layer counts PP splits unevenly.
+MODELS = {
+    "llama": dict(arch="llama", num_layers=3, vocab=250, seed=1),
+    "qwen2": dict(arch="qwen2", num_layers=3, vocab=301, tie=True, seed=2),
+    "llama3": dict(
+        arch="llama", num_layers=5, vocab=260, seed=3, max_shard_size="100KB",
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    ),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, str]:
+    """Builds each test checkpoint once per session; returns name -> folder."""
+    from seesaw_mcore.tools.make_tiny import build_random
+
+    root = tmp_path_factory.mktemp("models")
+    return {name: build_random(str(root / name), **kw) for name, kw in MODELS.items()}
+
+
+def launch(nprocs: int, args: list[str], timeout: float = 300.0) -> subprocess.CompletedProcess:
+    """Runs ``python -m <args>`` on ``nprocs`` ranks under the deepspeed launcher (plain
+    ``python`` for one rank). A hang fails the test after ``timeout`` seconds."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    if nprocs == 1:
+        cmd = [sys.executable, "-m", *args]
+    else:
+        cmd = [os.path.join(VENV_BIN, "deepspeed"), "--no_local_rank", "--num_gpus", str(nprocs),
+               "--master_port", str(_free_port()), "--module", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    """The ``error: ...`` lines a run printed (launcher prefixes stripped)."""
+    text = proc.stdout + proc.stderr
+    return [line[line.index("error: "):] for line in text.splitlines() if "error: " in line
+            and "[ERROR]" not in line]
