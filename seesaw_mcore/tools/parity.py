@@ -105,7 +105,10 @@ def compare(ours: dict, ref: dict) -> dict:
 def tokenize_prompts(model_path: str, texts: list[str]) -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path)
+    except (OSError, ValueError):
+        raise SeesawError(f"no usable tokenizer in {model_path}; pass --prompt-ids") from None
     return [tok(t)["input_ids"] for t in texts]
 
 
@@ -127,9 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         layouts = [ParallelConfig.parse(s) for s in args.layouts]
         rank, world = groups.init_distributed()
         for lay in layouts:
-            check_world(lay, world)
             for cfg in cfgs:
                 cfg.check_layout(lay)
+            check_world(lay, world)
         for path, cfg in zip(args.model, cfgs):
             prompts = (json.loads(args.prompt_ids) if args.prompt_ids
                        else tokenize_prompts(path, DEFAULT_PROMPTS))
