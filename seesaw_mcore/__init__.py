@@ -1,0 +1,16 @@
+"""seesaw_mcore: offline LLM inference with dynamic re-sharding on megatron-core + DeepSpeed."""
+
+from seesaw_mcore.engine.request import CompletionOutput, RequestOutput
+from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):  # LLM pulls in torch/megatron: import it lazily
+    if name == "LLM":
+        from seesaw_mcore.llm import LLM
+
+        return LLM
+    raise AttributeError(name)
+
+
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "SeesawError"]

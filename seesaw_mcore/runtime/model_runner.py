@@ -11,10 +11,12 @@ import torch
 import torch.distributed as dist
 
 from seesaw_mcore.config import ModelConfig, ParallelConfig
+from seesaw_mcore.engine.outputs import RunnerOutput, SampledToken, SchedulerOutput
 from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
 from seesaw_mcore.model.loader import Checkpoint, ShardSpec, load_shard
 from seesaw_mcore.runtime import groups
+from seesaw_mcore.runtime.sampler import sample
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +34,17 @@ def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
     if name not in _DTYPES:
         raise SeesawError(f"dtype {name!r} is not one of auto, {', '.join(_DTYPES)}")
     return _DTYPES[name]
+
+
+def kv_bytes_per_block(
+    cfg: ModelConfig, layout: ParallelConfig, block_size: int, dtype: torch.dtype
+) -> int:
+    """KV bytes one block costs on the rank with the most layers (first stage)."""
+    from seesaw_mcore.config import split_layers
+
+    start, end = split_layers(cfg.num_layers, layout.pp)[0]
+    hkv = cfg.num_kv_heads // layout.tp
+    return 2 * (end - start) * block_size * hkv * cfg.head_dim * dtype.itemsize
 
 
 class ModelRunner:
@@ -82,7 +95,7 @@ class ModelRunner:
         block_tables: list[list[int]],
         logits_indices: list[int],
     ) -> torch.Tensor | None:
-        """Runs one step through every pipeline stage.
+        """Runs one batch through every pipeline stage and returns chosen logits.
 
         Args:
             input_ids: flat new tokens of all sequences ``[T]``.
@@ -95,6 +108,46 @@ class ModelRunner:
         Returns:
             ``[N, vocab]`` float32 logits on the last stage's ranks, ``None`` elsewhere.
         """
+        sends: list = []
+        hidden = self._stage(input_ids, positions, query_lens, context_lens, block_tables, sends)
+        for work, _buf in sends:
+            work.wait()
+        if hidden is None:
+            return None
+        idx = torch.tensor(logits_indices, dtype=torch.long, device=self.device)
+        return self.model.logits(hidden[idx])  # [N, V]
+
+    @torch.inference_mode()
+    def execute(self, step: SchedulerOutput) -> RunnerOutput | None:
+        """Runs a scheduled step; micro-batches flow through the stages back to back, so
+        stage ``s`` computes micro-batch ``m`` while stage ``s+1`` computes ``m-1``.
+
+        Returns:
+            The sampled tokens on the last stage's TP rank 0, ``None`` on other ranks.
+        """
+        sends: list = []
+        sampled: list[SampledToken] = []
+        for mb in step.micro_batches:
+            ids = [t for s in mb for t in s.token_ids]
+            qlens = [len(s.token_ids) for s in mb]
+            ctx = [s.start_pos + len(s.token_ids) for s in mb]
+            pos = [p for s in mb for p in range(s.start_pos, s.start_pos + len(s.token_ids))]
+            hidden = self._stage(ids, pos, qlens, ctx, [s.block_table for s in mb], sends)
+            if hidden is None:
+                continue
+            last = torch.tensor(qlens, device=self.device).cumsum(0) - 1  # [B]
+            logits = self.model.logits(hidden[last])  # [B, V]
+            if self.info.tp_rank == 0:
+                sampled += sample(logits, [s.seq_id for s in mb], [s.sampling for s in mb])
+        for work, _buf in sends:
+            work.wait()
+        if self.info.is_last_stage and self.info.tp_rank == 0:
+            return RunnerOutput(sampled)
+        return None
+
+    def _stage(self, input_ids, positions, query_lens, context_lens, block_tables, sends):
+        """This rank's stage on one micro-batch; returns hidden ``[T, H]`` on the last stage,
+        else queues an async send of it to the next stage and returns ``None``."""
         info, dev = self.info, self.device
         meta = AttentionMetadata.build(query_lens, context_lens, block_tables, self.block_size, dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
@@ -104,11 +157,11 @@ class ModelRunner:
             x = torch.empty(len(input_ids), self.cfg.hidden_size, dtype=self.dtype, device=dev)
             dist.recv(x, src=info.prev_rank)  # [T, H]
         hidden = self.model(x, pos, self.kv_cache, meta)  # [T, H]
-        if not info.is_last_stage:
-            dist.send(hidden.contiguous(), dst=info.next_rank)
-            return None
-        idx = torch.tensor(logits_indices, dtype=torch.long, device=dev)
-        return self.model.logits(hidden[idx])  # [N, V]
+        if info.is_last_stage:
+            return hidden
+        hidden = hidden.contiguous()
+        sends.append((dist.isend(hidden, dst=info.next_rank), hidden))
+        return None
 
     def last_stage_rank(self) -> int:
         """Global rank of TP rank 0 of the last stage in this rank's DP replica."""

@@ -1,0 +1,76 @@
+"""The only contract between scheduler and runtime: plain dataclasses, no tensors."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Phase(str, enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """What the last stage needs to sample one sequence's next token."""
+
+    temperature: float  # 0 = greedy
+    top_k: int  # <= 0: off
+    top_p: float  # 1.0: off
+    seed: int  # with ``step``, fixes the random draw
+    step: int  # index of the token being sampled in the completion
+    logprobs: int | None  # top-k alternatives to return, None: no logprobs
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """One sequence's share of a step."""
+
+    seq_id: int
+    token_ids: list[int]  # tokens fed this step (whole prompt in prefill, last token in decode)
+    start_pos: int  # position of token_ids[0]; KV of positions < start_pos is cached
+    block_table: list[int]  # device blocks, enough for start_pos + len(token_ids)
+    sampling: SamplingSpec
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    """One replica's step: all-prefill or all-decode, split into PP micro-batches."""
+
+    phase: Phase
+    micro_batches: list[list[ScheduledSeq]]  # len <= PP; each runs through every stage
+
+    @property
+    def seqs(self) -> list[ScheduledSeq]:
+        return [s for mb in self.micro_batches for s in mb]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """What rank 0 broadcasts each step: one ``SchedulerOutput`` (or None) per DP replica."""
+
+    replicas: list[SchedulerOutput | None]
+    stop: bool = False  # end of this run: workers return
+    error: str | None = None  # with stop: rank 0 failed; workers raise this
+
+
+@dataclass
+class SampledToken:
+    """A sampled token and, if asked, its logprob and the top alternatives."""
+
+    seq_id: int
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class RunnerOutput:
+    """One replica's step result, sent from its last stage to rank 0."""
+
+    tokens: list[SampledToken]

@@ -1,0 +1,74 @@
+"""Sequences: one completion of one prompt, with its token accounting."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from seesaw_mcore.sampling_params import SamplingParams
+
+
+class SeqStatus(str, enum.Enum):
+    """Where a sequence is in its life."""
+
+    WAITING = "waiting"  # needs (re)prefill: no KV on the device
+    RUNNING = "running"  # KV on the device, decoding
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One completion (``sample_index`` of ``n``) of the prompt at ``request_index``."""
+
+    seq_id: int
+    request_index: int  # position of the prompt in the input (output order)
+    sample_index: int  # 0 .. n-1
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seed: int  # resolved sampling seed of this completion
+    max_tokens: int  # resolved: never past the model context
+    replica: int = 0  # DP replica that owns it
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens whose KV is in the device cache
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    stop_text_len: int | None = None  # text cut here when a stop string matched
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SeqStatus.FINISHED
+
+
+@dataclass
+class CompletionOutput:
+    """One completion, shaped like vLLM's."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None  # "stop" (EOS, stop token or stop string) or "length"
+    logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}, if asked
+    num_preemptions: int = 0
+
+
+@dataclass
+class RequestOutput:
+    """All completions of one prompt, shaped like vLLM's."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool = True
+    latency_s: float = 0.0  # from generate() start to this request's last token

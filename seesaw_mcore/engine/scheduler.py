@@ -1,0 +1,143 @@
+"""Continuous batching for one DP replica: all-prefill or all-decode steps.
+
+Prefill packs waiting sequences up to ``max_prefill_tokens`` / ``max_num_seqs`` while device
+blocks allow; otherwise every running sequence decodes one token. When blocks run out in
+decode, the newest running sequence is preempted: its blocks are freed and it is recomputed
+(prefill over prompt + generated tokens) later. Holds no tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from seesaw_mcore.engine.outputs import (
+    Phase,
+    SamplingSpec,
+    ScheduledSeq,
+    SchedulerOutput,
+)
+from seesaw_mcore.engine.request import Sequence, SeqStatus
+from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.kv.block_pool import BlockPool
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Batching budgets.
+
+    Attributes:
+        max_num_seqs: most sequences in one step.
+        max_prefill_tokens: most prompt tokens in one prefill step (a longer single prompt
+            still runs, alone).
+    """
+
+    max_num_seqs: int = 256
+    max_prefill_tokens: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise SeesawError(f"scheduler.max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        if self.max_prefill_tokens < 1:
+            raise SeesawError(
+                f"scheduler.max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+
+
+class Scheduler:
+    """Queues and block tables of one replica.
+
+    Args:
+        config: batching budgets.
+        pool: the replica's device block pool.
+        pp: pipeline stages (micro-batches per step).
+    """
+
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, pp: int) -> None:
+        self.config, self.pool, self.pp = config, pool, pp
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput | None:
+        """Picks the next step, or ``None`` when there is nothing to run."""
+        batch = self._schedule_prefill()
+        if batch:
+            return SchedulerOutput(Phase.PREFILL, self._split(batch, by_tokens=True))
+        batch = self._schedule_decode()
+        if batch:
+            return SchedulerOutput(Phase.DECODE, self._split(batch, by_tokens=False))
+        return None
+
+    def _schedule_prefill(self) -> list[ScheduledSeq]:
+        batch: list[ScheduledSeq] = []
+        tokens = 0
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = seq.num_tokens
+            if batch and tokens + n > self.config.max_prefill_tokens:
+                break
+            if not self.pool.can_allocate(seq.block_table, n):
+                break
+            self.waiting.popleft()
+            self.pool.allocate(seq.block_table, n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.append(_scheduled(seq, seq.all_token_ids, 0))
+            tokens += n
+        return batch
+
+    def _schedule_decode(self) -> list[ScheduledSeq]:
+        i = 0
+        while i < len(self.running):
+            seq = self.running[i]
+            if self.pool.can_allocate(seq.block_table, seq.num_tokens):
+                self.pool.allocate(seq.block_table, seq.num_tokens)
+                i += 1
+            else:  # preempt the newest running sequence (maybe this one)
+                self._preempt(self.running.pop())
+        return [_scheduled(s, s.output_token_ids[-1:], s.num_tokens - 1) for s in self.running]
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_table)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes a finished sequence and frees its blocks."""
+        seq.status = SeqStatus.FINISHED
+        self.pool.free(seq.block_table)
+        self.running.remove(seq)
+
+    def _split(self, batch: list[ScheduledSeq], by_tokens: bool) -> list[list[ScheduledSeq]]:
+        """Splits a step into at most ``pp`` micro-batches of balanced size."""
+        parts = min(self.pp, len(batch))
+        if parts <= 1:
+            return [batch]
+        weights = [len(s.token_ids) if by_tokens else 1 for s in batch]
+        target = sum(weights) / parts
+        out: list[list[ScheduledSeq]] = [[]]
+        acc = 0.0
+        for s, w in zip(batch, weights):
+            if out[-1] and acc >= target * len(out) and len(out) < parts:
+                out.append([])
+            out[-1].append(s)
+            acc += w
+        return out
+
+
+def _scheduled(seq: Sequence, token_ids: list[int], start: int) -> ScheduledSeq:
+    p = seq.params
+    spec = SamplingSpec(
+        temperature=float(p.temperature), top_k=int(p.top_k), top_p=float(p.top_p),
+        seed=seq.seed, step=len(seq.output_token_ids), logprobs=p.logprobs,
+    )
+    return ScheduledSeq(seq.seq_id, list(token_ids), start, list(seq.block_table), spec)

@@ -1,0 +1,79 @@
+"""``SamplingParams`` with vLLM's names and meanings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from seesaw_mcore.errors import SeesawError
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request's completions.
+
+    Attributes:
+        n: completions per prompt.
+        temperature: 0 means greedy; otherwise logits are divided by it.
+        top_k: keep the k most likely tokens (-1 or 0: all).
+        top_p: keep the smallest set with cumulative probability >= top_p (1.0: all).
+        seed: per-request seed; the same seed gives the same tokens across runs and across
+            parallel layouts. ``None``: derived from the engine seed and the request index.
+        max_tokens: most tokens to generate per completion.
+        stop: strings that end a completion (not included in the text).
+        stop_token_ids: token ids that end a completion (kept in ``token_ids``).
+        ignore_eos: keep generating past EOS.
+        logprobs: if set, return the logprob of each sampled token and the top ``logprobs``
+            alternatives.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 1.0
+    seed: int | None = None
+    max_tokens: int | None = 16
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    logprobs: int | None = None
+    _checked: bool = field(default=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        _require(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
+        _require(_is_num(self.temperature) and self.temperature >= 0, "temperature",
+                 self.temperature, "a number >= 0")
+        _require(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0), "top_k",
+                 self.top_k, "-1, 0 or a positive integer")
+        _require(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
+                 "a number in (0, 1]")
+        _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
+        _require(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+                 "max_tokens", self.max_tokens, "an integer >= 1")
+        _require(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
+                 "a list of non-empty strings")
+        _require(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids",
+                 self.stop_token_ids, "a list of token ids >= 0")
+        _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "a bool")
+        _require(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
+                 "logprobs", self.logprobs, "an integer >= 0 or None")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x
+
+
+def _require(ok: bool, name: str, value, what: str) -> None:
+    if not ok:
+        raise SeesawError(f"SamplingParams.{name} must be {what}, got {value!r}")
