@@ -28,6 +28,8 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
+	$(PY) launch/infer.py data.output=outputs/demo.jsonl
+	@$(PY) -c "import json; [print(f'  {r[\"id\"]:>7}: {(r[\"prompt\"] or \"<chat>\")!r} -> {r[\"text\"]!r}') for r in map(json.loads, open('outputs/demo.jsonl'))]"
 	$(VENV)/bin/deepspeed --no_local_rank --num_gpus $(NPROC) --module seesaw_mcore.tools.parity \
 		--model models/tiny-llama --layouts T2 P2 --check
 

@@ -32,10 +32,11 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {name: build_random(str(root / name), **kw) for name, kw in MODELS.items()}
 
 
-def launch(nprocs: int, args: list[str], timeout: float = 300.0) -> subprocess.CompletedProcess:
+def launch(nprocs: int, args: list[str], timeout: float = 300.0,
+           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs ``python -m <args>`` on ``nprocs`` ranks under the deepspeed launcher (plain
     ``python`` for one rank). A hang fails the test after ``timeout`` seconds."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
     if nprocs == 1:
         cmd = [sys.executable, "-m", *args]
     else:

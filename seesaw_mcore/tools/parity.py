@@ -64,7 +64,10 @@ def run_layout(
         return None
     tokens = torch.stack(generated, dim=1)  # [B, max_new]
     splits = all_logits.split(lens)
-    return {"logits": [s.tolist() for s in splits], "tokens": tokens.tolist()}
+    layer = runner.model.layers[0]
+    route = "none" if layout.tp == 1 else ("shm" if layer.o_proj.reduce.fast else "gloo")
+    return {"logits": [s.tolist() for s in splits], "tokens": tokens.tolist(),
+            "tp_allreduce": route}
 
 
 def _bcast(t: torch.Tensor | None, shape: tuple[int, int], src: int) -> torch.Tensor:

@@ -62,3 +62,22 @@ def test_fixture_margins_are_clear(references):
         for logits in ref["logits"]:
             top2 = torch.tensor(logits).topk(2, dim=-1).values
             assert (top2[:, 0] - top2[:, 1]).min().item() > 100 * LOGIT_TOL
+
+
+def test_tp_allreduce_route(reports, tiny_models):
+    """DeepSpeed's shm all-reduce ignores its group: used only when TP spans the world."""
+    assert reports[2][tiny_models["llama"]]["layouts"]["T2"]["tp_allreduce"] == "shm"
+    assert reports[4][tiny_models["llama3"]]["layouts"]["T2P2"]["tp_allreduce"] == "gloo"
+
+
+def test_shm_allreduce_matches_gloo(reports, tiny_models, tmp_path):
+    file = tmp_path / "gloo.json"
+    proc = launch(2, ["seesaw_mcore.tools.parity", "--model", tiny_models["llama"], "--layouts",
+                      "T2", "--prompt-ids", json.dumps(PROMPTS), "--max-new", str(MAX_NEW),
+                      "--out", str(file)], env={"SEESAW_DISABLE_SHM_ALLREDUCE": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gloo = json.loads(file.read_text())[tiny_models["llama"]]["layouts"]["T2"]
+    shm = reports[2][tiny_models["llama"]]["layouts"]["T2"]
+    assert gloo["tp_allreduce"] == "gloo"
+    assert gloo["tokens"] == shm["tokens"]
+    assert compare(gloo, shm)["max_abs_logit_diff"] < 1e-5

@@ -1,0 +1,111 @@
+"""launch/infer.py end to end on the bundled tokenizer model: greedy parity with HF generate
+under the launcher, output written per request, and every bad input -> one clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.conftest import REPO, error_lines, launch
+
+TINY = os.path.join(REPO, "models", "tiny-llama")
+TEXTS = ["Return the number of", "This module provides a", "If the file does not exist, the",
+         "Create a new", "The default value is the number of bytes in the buffer", "Convert"]
+
+
+def infer(world: int, *overrides: str, timeout: float = 300):
+    return launch(world, ["launch.infer", *overrides], timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cli") / "in.jsonl"
+    lines = [json.dumps({"id": f"p{i}", "prompt": t}) for i, t in enumerate(TEXTS)]
+    lines.insert(2, '{"id": "broken", "prompt": ')  # line 3: malformed
+    lines.insert(5, json.dumps({"id": "empty", "prompt": ""}))  # line 6: empty prompt
+    lines.append(json.dumps({"id": "chat", "messages": [{"role": "user", "content": "Hi"}]}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def t2_run(prompts_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "out.jsonl"
+    proc = infer(2, "plan=t2", f"data.input={prompts_file}", f"data.output={out}",
+                 "sampling.max_tokens=16", "cache.num_blocks=10", "cache.block_size=4")
+    return proc, out
+
+
+def test_bad_lines_reported_valid_lines_kept(t2_run, prompts_file):
+    proc, out = t2_run
+    assert proc.returncode == 1
+    errs = error_lines(proc)
+    assert len(errs) == 2
+    assert errs[0].startswith(f"error: {prompts_file}:3: invalid JSON")
+    assert errs[1] == f"error: {prompts_file}:6: 'prompt' is empty"
+    ids = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert sorted(ids) == sorted([f"p{i}" for i in range(len(TEXTS))] + ["chat"])
+    assert "generated" in proc.stdout and "requests" in proc.stderr  # report + tqdm bar
+
+
+def test_greedy_matches_hf_generate(t2_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, out = t2_run
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    tok = AutoTokenizer.from_pretrained(TINY)
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+    for i, text in enumerate(TEXTS):
+        ids = torch.tensor([tok(text)["input_ids"]])
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=16)[0, ids.shape[1]:].tolist()
+        row = rows[f"p{i}"]
+        assert row["token_ids"] == ref, text
+        assert row["text"] == tok.decode(ref, skip_special_tokens=True)
+        assert row["finish_reason"] == ("stop" if ref[-1] == tok.eos_token_id else "length")
+
+
+def test_chat_record_uses_template(t2_run):
+    from transformers import AutoTokenizer
+
+    _, out = t2_run
+    row = next(r for r in map(json.loads, out.read_text().splitlines()) if r["id"] == "chat")
+    tok = AutoTokenizer.from_pretrained(TINY)
+    want = tok.apply_chat_template([{"role": "user", "content": "Hi"}],
+                                   add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if not isinstance(want, list) else want
+    assert row["prompt_token_ids"] == list(want)
+
+
+def test_demo_defaults_single_process(tmp_path):
+    out = tmp_path / "demo.jsonl"
+    proc = infer(1, f"data.output={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(out.read_text().splitlines()) == 12
+    assert "seesaw_mcore run report (T1, 12 requests" in proc.stdout
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["sampling.max_tokens=0"], "error: SamplingParams.max_tokens must be an integer >= 1, got 0"),
+    (["model.max_model_len=4"], "error: prompt 0 has 4 tokens; the model's context is 4 "
+                                "(prompt + at least one generated token must fit)"),
+    (["cache.num_blocks=1", "cache.block_size=4"],
+     "error: prompt 0 needs up to 68 tokens of KV cache (prompt 4 + max_tokens 64) but the "
+     "cache holds 4; raise cache.num_blocks / cache.kv_cache_gib or lower max_tokens"),
+    (["plan=t2"], "error: layout T2 needs DP x TP x PP = 1 x 2 x 1 = 2 ranks, but the world "
+                  "size is 1"),
+    (["data.input=/nonexistent.jsonl"], "error: data.input '/nonexistent.jsonl' does not exist"),
+])
+def test_errors(overrides, message, tmp_path):
+    proc = infer(1, f"data.output={tmp_path / 'o.jsonl'}", *overrides, timeout=120)
+    assert proc.returncode == 1
+    assert error_lines(proc) == [message]
+
+
+def test_unknown_hydra_key():
+    proc = infer(1, "sampling.temprature=0", timeout=60)
+    assert proc.returncode != 0
+    assert "Could not override 'sampling.temprature'" in proc.stderr
