@@ -1,0 +1,27 @@
+"""SamplingParams validation: each bad value names its field."""
+
+from __future__ import annotations
+
+import pytest
+
+from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.sampling_params import SamplingParams
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"n": 0}, "n"), ({"temperature": -0.1}, "temperature"), ({"top_k": -2}, "top_k"),
+    ({"top_p": 0.0}, "top_p"), ({"top_p": 1.5}, "top_p"), ({"seed": 1.5}, "seed"),
+    ({"max_tokens": 0}, "max_tokens"), ({"stop": [""]}, "stop"),
+    ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"ignore_eos": 1}, "ignore_eos"),
+    ({"logprobs": -1}, "logprobs"), ({"n": True}, "n"), ({"temperature": float("nan")},
+                                                         "temperature"),
+])
+def test_invalid_values_name_the_field(kwargs, field):
+    with pytest.raises(SeesawError, match=rf"^SamplingParams\.{field} must be "):
+        SamplingParams(**kwargs)
+
+
+def test_defaults_and_normalization():
+    p = SamplingParams(stop="###", temperature=0)
+    assert p.stop == ["###"] and p.stop_token_ids == [] and p.greedy
+    assert SamplingParams().max_tokens == 16 and not SamplingParams().greedy
