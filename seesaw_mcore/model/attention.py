@@ -1,9 +1,8 @@
 """Paged attention on PyTorch SDPA.
 
 The device KV cache is split into fixed-size blocks; each sequence owns a block table. New
-keys/values are scattered into their slots, then attention gathers the sequence's context
-through its block table. Prefill of fresh sequences attends to its own new K/V directly
-(causal SDPA per sequence); decode batches every sequence into one padded SDPA call.
+keys/values are scattered into their slots, then each sequence attends over its context read
+through its block table (one SDPA call per sequence; fresh prefills attend to their own new K/V).
 """
 
 from __future__ import annotations
@@ -24,17 +23,12 @@ class AttentionMetadata:
     query_lens: list[int]  # new tokens per sequence (prompt length in prefill, 1 in decode)
     context_lens: list[int]  # tokens in each sequence's cache after this step
     slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) per new token
-    gather_slots: torch.Tensor | None  # [B, max_ctx] slots to read per sequence (non-fresh seqs)
-    gather_mask: torch.Tensor | None  # [B, 1, Q, max_ctx] bool, True = attend
+    block_ids: list[torch.Tensor | None]  # per seq: [nb] blocks to read; None: fresh prefill
+    masks: list[torch.Tensor | None]  # per seq: [q, ctx] bool (True = attend) when q > 1
 
     @property
     def num_tokens(self) -> int:
         return sum(self.query_lens)
-
-    @property
-    def all_fresh(self) -> bool:
-        """Every sequence is a prefill from position 0: no cached context to read."""
-        return all(q == c for q, c in zip(self.query_lens, self.context_lens))
 
     @classmethod
     def build(
@@ -45,7 +39,7 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device,
     ) -> "AttentionMetadata":
-        """Computes slot indices for writes and, for non-fresh batches, padded gathers.
+        """Computes slot indices for writes and per-sequence block lists for reads.
 
         Args:
             query_lens: new tokens per sequence.
@@ -55,26 +49,22 @@ class AttentionMetadata:
             device: where the index tensors live.
         """
         slots: list[int] = []
+        block_ids: list[torch.Tensor | None] = []
+        masks: list[torch.Tensor | None] = []
         for q, c, table in zip(query_lens, context_lens, block_tables):
             for pos in range(c - q, c):
                 slots.append(table[pos // block_size] * block_size + pos % block_size)
+            fresh = q == c
+            nb = -(-c // block_size)
+            block_ids.append(None if fresh else torch.tensor(table[:nb], dtype=torch.long,
+                                                             device=device))
+            mask = None
+            if not fresh and q > 1:
+                qpos = torch.arange(c - q, c, device=device).unsqueeze(1)  # [q, 1]
+                mask = torch.arange(c, device=device).unsqueeze(0) <= qpos  # [q, c]
+            masks.append(mask)
         slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)  # [T]
-        gather_slots = gather_mask = None
-        if any(q != c for q, c in zip(query_lens, context_lens)):
-            max_ctx, max_q = max(context_lens), max(query_lens)
-            b = len(query_lens)
-            pos = torch.arange(max_ctx)  # [C]
-            gs = torch.zeros(b, max_ctx, dtype=torch.long)  # [B, C]
-            mask = torch.zeros(b, 1, max_q, max_ctx, dtype=torch.bool)  # [B, 1, Q, C]
-            for i, (q, c, table) in enumerate(zip(query_lens, context_lens, block_tables)):
-                blocks = torch.tensor(table, dtype=torch.long)
-                p = pos[:c]
-                gs[i, :c] = blocks[p // block_size] * block_size + p % block_size
-                qpos = torch.arange(c - q, c).unsqueeze(1)  # [q, 1]
-                mask[i, 0, :q, :c] = p.unsqueeze(0) <= qpos
-                mask[i, 0, q:, 0] = True  # padded query rows attend somewhere (no NaN)
-            gather_slots, gather_mask = gs.to(device), mask.to(device)
-        return cls(list(query_lens), list(context_lens), slot_mapping, gather_slots, gather_mask)
+        return cls(list(query_lens), list(context_lens), slot_mapping, block_ids, masks)
 
 
 def paged_attention(
@@ -85,7 +75,11 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """Writes new K/V into the cache and attends.
+    """Writes new K/V into the cache and attends, one SDPA call per sequence.
+
+    A fresh prefill attends to its own new K/V (causal); any other sequence reads its context
+    through its block list (``index_select`` of whole blocks), which on CPU costs ~4x less
+    than one padded gather + masked batch SDPA for mixed lengths.
 
     Args:
         q: ``[T, Hq, D]`` queries (RoPE applied).
@@ -98,53 +92,25 @@ def paged_attention(
     Returns:
         ``[T, Hq, D]`` attention output.
     """
-    hkv, d = k.shape[1], k.shape[2]
-    k_flat = k_cache.view(-1, hkv, d)  # [slots, Hkv, D]
-    v_flat = v_cache.view(-1, hkv, d)  # [slots, Hkv, D]
-    k_flat.index_copy_(0, meta.slot_mapping, k)
-    v_flat.index_copy_(0, meta.slot_mapping, v)
-    if meta.gather_slots is None:
-        return _fresh_prefill(q, k, v, meta.query_lens)
-    kc = k_flat[meta.gather_slots].transpose(1, 2)  # [B, Hkv, C, D]
-    vc = v_flat[meta.gather_slots].transpose(1, 2)  # [B, Hkv, C, D]
-    qb = _pad_queries(q, meta.query_lens)  # [B, Hq, Q, D]
-    out = F.scaled_dot_product_attention(qb, kc, vc, attn_mask=meta.gather_mask, enable_gqa=True)
-    return _unpad(out, meta.query_lens)  # [T, Hq, D]
-
-
-def _fresh_prefill(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_lens: list[int]
-) -> torch.Tensor:
+    hq, hkv, d = q.shape[1], k.shape[1], k.shape[2]
+    k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)  # [T, Hq, D]
     start = 0
-    for n in query_lens:
+    for n, c, blocks, mask in zip(meta.query_lens, meta.context_lens, meta.block_ids,
+                                  meta.masks):
         sl = slice(start, start + n)
-        o = F.scaled_dot_product_attention(
-            q[sl].transpose(0, 1).unsqueeze(0),  # [1, Hq, n, D]
-            k[sl].transpose(0, 1).unsqueeze(0),  # [1, Hkv, n, D]
-            v[sl].transpose(0, 1).unsqueeze(0),
-            is_causal=True,
-            enable_gqa=True,
-        )
+        qi = q[sl].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
+        if blocks is None:  # fresh prefill: K/V are this step's
+            ki = k[sl].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, D]
+            vi = v[sl].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
+        else:
+            ki = k_cache.index_select(0, blocks).view(-1, hkv, d)[:c]  # [c, Hkv, D]
+            vi = v_cache.index_select(0, blocks).view(-1, hkv, d)[:c]
+            o = F.scaled_dot_product_attention(
+                qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0),
+                attn_mask=mask, enable_gqa=True)  # [1, Hq, n, D]
         out[sl] = o[0].transpose(0, 1)
         start += n
     return out
-
-
-def _pad_queries(q: torch.Tensor, query_lens: list[int]) -> torch.Tensor:
-    if all(n == 1 for n in query_lens):
-        return q.unsqueeze(2)  # [B, Hq, 1, D]
-    b, max_q = len(query_lens), max(query_lens)
-    qb = q.new_zeros(b, max_q, q.shape[1], q.shape[2])  # [B, Q, Hq, D]
-    start = 0
-    for i, n in enumerate(query_lens):
-        qb[i, :n] = q[start : start + n]
-        start += n
-    return qb.transpose(1, 2)  # [B, Hq, Q, D]
-
-
-def _unpad(out: torch.Tensor, query_lens: list[int]) -> torch.Tensor:
-    if all(n == 1 for n in query_lens):
-        return out[:, :, 0]  # [B, Hq, D]
-    out = out.transpose(1, 2)  # [B, Q, Hq, D]
-    return torch.cat([out[i, :n] for i, n in enumerate(query_lens)], dim=0)  # [T, Hq, D]
