@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 import torch.distributed as dist
 
 from seesaw_mcore.config import ModelConfig, ParallelConfig, check_world
@@ -97,13 +98,14 @@ class Engine:
         self.max_model_len = min(max_model_len or ctx, ctx)
         ckpt = Checkpoint(self.model_cfg)
         self.dtype = resolve_dtype(dtype, self.model_cfg)
-        num_blocks = self._num_blocks()
-        self.runner = ModelRunner(self.model_cfg, self.layout, self.dtype, num_blocks,
+        self.runner = ModelRunner(self.model_cfg, self.layout, self.dtype, None,
                                   self.cache.block_size, ckpt)
-        self.num_blocks = num_blocks
+        self.num_blocks = self._num_blocks()  # after the weights: free memory is known
+        self.runner.allocate_kv(self.num_blocks)
         self.stats = EngineStats()
 
     def _num_blocks(self) -> int:
+        """Blocks per rank, the same on every rank: the config's, or what memory allows."""
         if self.cache.num_blocks is not None:
             return self.cache.num_blocks
         per_block = kv_bytes_per_block(self.model_cfg, self.layout, self.cache.block_size,
@@ -111,14 +113,13 @@ class Engine:
         acc = groups.accelerator()
         if acc.device_name() == "cpu":
             budget = self.cache.kv_cache_gib * 2**30
-        else:
-            free, total = acc.mem_get_info() if hasattr(acc, "mem_get_info") else (0, 0)
-            weights = 2 * per_block  # rough reserve; refined by the min-reduce below
-            budget = max(free - (1 - self.cache.gpu_memory_utilization) * total - weights, 0)
-        import torch
-
-        n = torch.tensor([max(int(budget // per_block), 1)])
-        dist.all_reduce(n, op=dist.ReduceOp.MIN)
+            if self.cache.num_blocks is None:
+                _check_host_memory(budget)
+        else:  # free memory after the weights, keeping (1 - utilization) of the card spare
+            total = acc.total_memory()
+            budget = acc.available_memory() - (1 - self.cache.gpu_memory_utilization) * total
+        n = torch.tensor([max(int(budget // per_block), 1)], device=groups.device())
+        dist.all_reduce(n, op=dist.ReduceOp.MIN)  # every rank of every replica agrees
         return int(n.item())
 
     @property
@@ -220,3 +221,18 @@ class Engine:
 
     def shutdown(self) -> None:
         groups.shutdown()
+
+
+def _check_host_memory(per_rank_bytes: float) -> None:
+    """CPU ranks share the host: refuse a KV budget the node cannot hold."""
+    import os
+
+    import psutil
+
+    ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    avail = psutil.virtual_memory().available
+    if per_rank_bytes * ranks > 0.9 * avail:
+        raise SeesawError(
+            f"cache.kv_cache_gib={per_rank_bytes / 2**30:g} x {ranks} ranks needs "
+            f"{per_rank_bytes * ranks / 2**30:.1f} GiB but the node has "
+            f"{avail / 2**30:.1f} GiB available; lower cache.kv_cache_gib")

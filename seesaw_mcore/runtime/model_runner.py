@@ -54,7 +54,8 @@ class ModelRunner:
         cfg: model architecture.
         layout: the parallel layout to run.
         dtype: parameter and KV dtype.
-        num_blocks: paged KV cache blocks per layer.
+        num_blocks: paged KV cache blocks per layer; ``None``: call ``allocate_kv`` later
+            (after the weights are on the device, so free memory can size the cache).
         block_size: tokens per block.
         ckpt: an opened checkpoint (opened here when omitted).
     """
@@ -64,7 +65,7 @@ class ModelRunner:
         cfg: ModelConfig,
         layout: ParallelConfig,
         dtype: torch.dtype,
-        num_blocks: int,
+        num_blocks: int | None,
         block_size: int,
         ckpt: Checkpoint | None = None,
     ) -> None:
@@ -77,11 +78,17 @@ class ModelRunner:
         self.model = LlamaStage(cfg, self.info, dtype)
         self.model.load_shard(load_shard(ckpt, spec, dtype))
         self.model.to(self.device)
-        hkv = cfg.num_kv_heads // layout.tp
-        shape = (num_blocks, block_size, hkv, cfg.head_dim)  # [NB, BS, Hkv/TP, D]
+        self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if num_blocks is not None:
+            self.allocate_kv(num_blocks)
+
+    def allocate_kv(self, num_blocks: int) -> None:
+        """Allocates the paged cache: per local layer, K and V ``[NB, BS, Hkv/TP, D]``."""
+        hkv = self.cfg.num_kv_heads // self.info.layout.tp
+        shape = (num_blocks, self.block_size, hkv, self.cfg.head_dim)
         self.kv_cache = [
-            (torch.zeros(shape, dtype=dtype, device=self.device),
-             torch.zeros(shape, dtype=dtype, device=self.device))
+            (torch.zeros(shape, dtype=self.dtype, device=self.device),
+             torch.zeros(shape, dtype=self.dtype, device=self.device))
             for _ in self.model.layers
         ]
 

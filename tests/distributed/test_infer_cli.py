@@ -109,3 +109,13 @@ def test_unknown_hydra_key():
     proc = infer(1, "sampling.temprature=0", timeout=60)
     assert proc.returncode != 0
     assert "Could not override 'sampling.temprature'" in proc.stderr
+
+
+def test_kv_budget_larger_than_memory(tmp_path):
+    proc = infer(1, f"data.output={tmp_path / 'o.jsonl'}", "cache.kv_cache_gib=100000",
+                 timeout=120)
+    assert proc.returncode == 1
+    [line] = error_lines(proc)
+    assert line.startswith("error: cache.kv_cache_gib=100000 x 1 ranks needs 100000.0 GiB but "
+                           "the node has ")
+    assert line.endswith("GiB available; lower cache.kv_cache_gib")
