@@ -21,9 +21,11 @@ import time
 
 import torch
 
+# The demo model only ever saw docstrings: its "chat" template is the messages as paragraphs,
+# which it continues like documentation. Real chat models ship their own template.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+    "{% for m in messages %}{{ m['content'] }}{% if not loop.last %}\n\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}\n\n{% endif %}"
 )
 
 

@@ -119,3 +119,26 @@ def test_kv_budget_larger_than_memory(tmp_path):
     assert line.startswith("error: cache.kv_cache_gib=100000 x 1 ranks needs 100000.0 GiB but "
                            "the node has ")
     assert line.endswith("GiB available; lower cache.kv_cache_gib")
+
+
+def test_stop_strings_and_n_samples(tmp_path):
+    from transformers import AutoTokenizer
+
+    out = tmp_path / "o.jsonl"
+    proc = infer(1, f"data.output={out}", "sampling=random", "sampling.n=3", "sampling.seed=5",
+                 'sampling.stop=["."]', "sampling.max_tokens=24", timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    tok = AutoTokenizer.from_pretrained(TINY)
+    stopped, distinct = 0, 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    for row in rows:
+        assert row["n"] == 3 and len(row["outputs"]) == 3
+        distinct += len({tuple(o["token_ids"]) for o in row["outputs"]}) > 1
+        for o in row["outputs"]:
+            full = tok.decode(o["token_ids"], skip_special_tokens=True)
+            assert "." not in o["text"]
+            if o["finish_reason"] == "stop" and "." in full:
+                stopped += 1
+                assert o["text"] == full[: full.index(".")]
+    assert stopped > 0
+    assert distinct > len(rows) // 2  # the n samples are separate draws
