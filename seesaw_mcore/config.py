@@ -206,3 +206,38 @@ def check_world(layout: ParallelConfig, world_size: int) -> None:
             f"layout {layout} needs DP x TP x PP = {layout.dp} x {layout.tp} x {layout.pp} = "
             f"{layout.world_size} ranks, but the world size is {world_size}"
         )
+
+
+@dataclass(frozen=True)
+class PhasePlan:
+    """The prefill layout and the decode layout, on the same ranks (``P2 -> T2``).
+
+    A static plan has ``prefill == decode``; then no switch ever happens.
+    """
+
+    prefill: ParallelConfig
+    decode: ParallelConfig
+
+    def __post_init__(self) -> None:
+        if self.prefill.world_size != self.decode.world_size:
+            raise SeesawError(
+                f"plan {self}: prefill uses {self.prefill.world_size} ranks but decode uses "
+                f"{self.decode.world_size}; both phases run on the same ranks")
+
+    @classmethod
+    def parse(cls, prefill: str, decode: str | None = None) -> "PhasePlan":
+        """``PhasePlan.parse("P2", "T2")``; ``decode=None`` gives the static plan."""
+        p = ParallelConfig.parse(prefill)
+        return cls(p, p if decode is None else ParallelConfig.parse(decode))
+
+    @property
+    def is_static(self) -> bool:
+        return self.prefill == self.decode
+
+    def check_model(self, model: ModelConfig) -> None:
+        """Raises if either phase's layout cannot shard ``model``."""
+        model.check_layout(self.prefill)
+        model.check_layout(self.decode)
+
+    def __str__(self) -> str:
+        return str(self.prefill) if self.is_static else f"{self.prefill} -> {self.decode}"

@@ -1,0 +1,138 @@
+"""Host KV tier: one shared-memory buffer per node, ``[layers, 2, kv_heads, slots, head_dim]``
+(heads-major, so a TP rank's heads are contiguous), and the scheduler-side first-fit
+allocator of contiguous slot ranges.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from dataclasses import dataclass
+
+import torch
+
+from seesaw_mcore.errors import SeesawError
+
+
+@dataclass(frozen=True)
+class SlotRange:
+    """``[start, start + length)`` token slots of one sequence in the host tier."""
+
+    start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+class SlotAllocator:
+    """First-fit allocator of contiguous slot ranges; frees merge with their neighbours.
+
+    Args:
+        num_slots: token slots in the buffer.
+    """
+
+    def __init__(self, num_slots: int) -> None:
+        if num_slots < 1:
+            raise ValueError(f"num_slots must be >= 1, got {num_slots}")
+        self.num_slots = num_slots
+        self._free: list[tuple[int, int]] = [(0, num_slots)]  # sorted (start, length)
+        self.used = 0
+
+    @property
+    def usage(self) -> float:
+        """Fraction of slots in use."""
+        return self.used / self.num_slots
+
+    def can_allocate(self, length: int) -> bool:
+        return any(n >= length for _, n in self._free)
+
+    def allocate(self, length: int) -> SlotRange:
+        """The first free range that fits ``length`` slots.
+
+        Raises:
+            RuntimeError: if no free range is long enough (call ``can_allocate`` first).
+        """
+        if length < 1:
+            raise ValueError(f"length must be >= 1, got {length}")
+        for i, (start, n) in enumerate(self._free):
+            if n >= length:
+                if n == length:
+                    del self._free[i]
+                else:
+                    self._free[i] = (start + length, n - length)
+                self.used += length
+                return SlotRange(start, length)
+        raise RuntimeError(f"host tier has no free range of {length} slots")
+
+    def free(self, r: SlotRange) -> None:
+        """Returns a range; adjacent free ranges merge."""
+        i = bisect.bisect_left(self._free, (r.start, 0))
+        start, n = r.start, r.length
+        if i < len(self._free) and self._free[i][0] == r.end:  # merge right
+            n += self._free.pop(i)[1]
+        if i > 0 and sum(self._free[i - 1]) == start:  # merge left
+            start, left = self._free[i - 1]
+            n += left
+            self._free[i - 1] = (start, n)
+        else:
+            self._free.insert(i, (start, n))
+        self.used -= r.length
+
+
+class HostKVBuffer:
+    """The node's shared ``[L, 2, H_kv, S, D]`` buffer, a file in ``/dev/shm`` mapped by every
+    local rank. Created owner-only by the creator; ``close()`` unmaps and (creator) unlinks.
+
+    Args:
+        name: file name under ``shm_dir``; every local rank must use the same one.
+        shape: ``(layers, 2, kv_heads, slots, head_dim)``.
+        dtype: element type.
+        create: True on exactly one local rank (it must run before the others attach).
+        shm_dir: where the file lives.
+    """
+
+    def __init__(self, name: str, shape: tuple[int, int, int, int, int], dtype: torch.dtype,
+                 create: bool, shm_dir: str = "/dev/shm") -> None:
+        self.path = os.path.join(shm_dir, name)
+        self.shape, self.dtype, self.creator = shape, dtype, create
+        nbytes = dtype.itemsize
+        for dim in shape:
+            nbytes *= dim
+        self.nbytes = nbytes
+        if create:
+            _check_fits(nbytes, shm_dir)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.ftruncate(fd, nbytes)
+            finally:
+                os.close(fd)
+        elif not os.path.exists(self.path):
+            raise RuntimeError(f"host KV buffer {self.path} does not exist (creator not ready?)")
+        storage = torch.UntypedStorage.from_file(self.path, shared=True, nbytes=nbytes)
+        self.tensor = torch.empty(0, dtype=dtype).set_(storage).view(shape)  # [L, 2, H, S, D]
+
+    def write(self, layers: tuple[int, int], heads: tuple[int, int], slots: SlotRange,
+              kv: torch.Tensor) -> None:
+        """Stores ``kv`` ``[l, 2, h, n, D]`` at the given layers, heads and slots."""
+        self.tensor[layers[0]:layers[1], :, heads[0]:heads[1], slots.start:slots.end] = kv
+
+    def read(self, layers: tuple[int, int], heads: tuple[int, int],
+             slots: SlotRange) -> torch.Tensor:
+        """A view ``[l, 2, h, n, D]`` of the given layers, heads and slots."""
+        return self.tensor[layers[0]:layers[1], :, heads[0]:heads[1], slots.start:slots.end]
+
+    def close(self) -> None:
+        self.tensor = None
+        if self.creator and os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def _check_fits(nbytes: int, shm_dir: str) -> None:
+    st = os.statvfs(shm_dir)
+    free = st.f_bavail * st.f_frsize
+    if nbytes > 0.9 * free:
+        raise SeesawError(
+            f"host KV tier needs {nbytes / 2**30:.2f} GiB but {shm_dir} has "
+            f"{free / 2**30:.2f} GiB free; lower cache.host_kv_tokens")

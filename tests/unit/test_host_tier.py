@@ -1,0 +1,68 @@
+"""Host KV tier: first-fit slot allocator, shared buffer with owner-only file, TP/PP slices
+through KVShardLayout, and PhasePlan validation."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+
+from seesaw_mcore.config import ParallelConfig, PhasePlan
+from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.kv.host_tier import HostKVBuffer, SlotAllocator, SlotRange
+from seesaw_mcore.kv.layout import KVShardLayout, plan_transfers
+
+
+def test_first_fit_and_merge():
+    a = SlotAllocator(10)
+    r1, r2, r3 = a.allocate(3), a.allocate(3), a.allocate(3)
+    assert (r1.start, r2.start, r3.start) == (0, 3, 6) and a.usage == 0.9
+    assert not a.can_allocate(2)
+    a.free(r2)
+    assert a.allocate(2) == SlotRange(3, 2)  # first fit reuses the hole
+    a.free(SlotRange(3, 2))
+    a.free(r1)
+    a.free(r3)
+    assert a._free == [(0, 10)] and a.used == 0  # everything merged back
+    with pytest.raises(RuntimeError, match="no free range of 11 slots"):
+        a.allocate(11)
+
+
+def test_buffer_shared_owner_only_and_unlinked(tmp_path):
+    shape = (5, 2, 4, 32, 8)  # [L, 2, H, S, D]
+    owner = HostKVBuffer("kv-test", shape, torch.float32, create=True, shm_dir=str(tmp_path))
+    peer = HostKVBuffer("kv-test", shape, torch.float32, create=False, shm_dir=str(tmp_path))
+    assert stat.S_IMODE(os.stat(owner.path).st_mode) == 0o600
+    # Prefill under P2 writes [its layers, all heads]; decode under T2 reads [all layers, its heads].
+    p2, t2 = (KVShardLayout(ParallelConfig.parse(x), 5, 4) for x in ("P2", "T2"))
+    slots = SlotRange(7, 6)
+    full = torch.randn(5, 2, 4, 6, 8)
+    for rank, buf in ((0, owner), (1, peer)):
+        lo, hi = p2.layer_range(rank)
+        buf.write((lo, hi), p2.head_range(rank), slots, full[lo:hi])
+    for rank, buf in ((0, peer), (1, owner)):
+        got = buf.read(t2.layer_range(rank), t2.head_range(rank), slots)
+        h0, h1 = t2.head_range(rank)
+        assert torch.equal(got, full[:, :, h0:h1])
+    assert len(plan_transfers(p2, t2)) == 4
+    peer.close()
+    owner.close()
+    assert not os.path.exists(owner.path)
+
+
+def test_buffer_too_big_for_shm(tmp_path):
+    with pytest.raises(SeesawError, match=r"^host KV tier needs .* GiB but .* GiB free; lower "
+                       r"cache.host_kv_tokens$"):
+        HostKVBuffer("huge", (80, 2, 8, 2**30, 128), torch.float16, True, str(tmp_path))
+
+
+def test_phase_plan():
+    plan = PhasePlan.parse("P2", "T2")
+    assert str(plan) == "P2 -> T2" and not plan.is_static
+    assert PhasePlan.parse("T2").is_static and str(PhasePlan.parse("T2")) == "T2"
+    assert str(PhasePlan.parse("P4", "T2P2")) == "P4 -> T2P2"
+    with pytest.raises(SeesawError, match=r"^plan P4 -> T2: prefill uses 4 ranks but decode "
+                       r"uses 2; both phases run on the same ranks$"):
+        PhasePlan.parse("P4", "T2")
