@@ -1,0 +1,69 @@
+"""Host shard store: one rank's weight shards for both phases of a ``PhasePlan``, cut from
+the safetensors checkpoint once at start and kept in pinned host memory.
+
+A tensor that is the same in both layouts (replicated norms, a layer the rank holds whole
+in both, everything when the plan is static) is stored once and shared by both shards.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from seesaw_mcore.config import ParallelConfig, PhasePlan, split_layers
+from seesaw_mcore.model.loader import Checkpoint, ShardSpec, load_shard
+
+
+def shard_spec(layout: ParallelConfig, rank: int) -> ShardSpec:
+    """The shard ``rank`` needs under ``layout``."""
+    _, tp_rank, pp_rank = layout.coords(rank)
+    return ShardSpec(layout.tp, tp_rank, layout.pp, pp_rank)
+
+
+class ShardStore:
+    """Both phases' shards of one rank, in pinned host memory.
+
+    Args:
+        ckpt: the opened checkpoint.
+        plan: prefill and decode layouts.
+        rank: this rank.
+        dtype: parameter dtype.
+    """
+
+    def __init__(self, ckpt: Checkpoint, plan: PhasePlan, rank: int, dtype: torch.dtype) -> None:
+        from deepspeed.accelerator import get_accelerator
+
+        pin = get_accelerator().pin_memory
+        self.plan = plan
+        self.shards: dict[str, dict[str, torch.Tensor]] = {}
+        by_identity: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
+        self.unique_bytes = 0
+        for layout in (plan.prefill, plan.decode):
+            key = str(layout)
+            if key in self.shards:
+                continue
+            spec = shard_spec(layout, rank)
+            first_layer = split_layers(ckpt.cfg.num_layers, layout.pp)[spec.pp_rank][0]
+            shard = {}
+            for name, t in load_shard(ckpt, spec, dtype).items():
+                ident = (_global_name(name, first_layer), tuple(t.shape))
+                prev = by_identity.get(ident)
+                if prev is not None and torch.equal(prev, t):
+                    shard[name] = prev  # same tensor in both layouts: stored once
+                    continue
+                pinned = pin(t)
+                by_identity[ident] = pinned
+                shard[name] = pinned
+                self.unique_bytes += pinned.numel() * pinned.element_size()
+            self.shards[key] = shard
+
+    def shard(self, layout: ParallelConfig) -> dict[str, torch.Tensor]:
+        """The state dict of ``layout``'s shard (keys as ``LlamaStage`` parameters)."""
+        return self.shards[str(layout)]
+
+
+def _global_name(local: str, first_layer: int) -> str:
+    """``layers.{j}.x`` (stage-local) -> ``layers.{first_layer + j}.x``."""
+    parts = local.split(".")
+    if parts[0] == "layers":
+        parts[1] = str(first_layer + int(parts[1]))
+    return ".".join(parts)
