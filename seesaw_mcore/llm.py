@@ -102,17 +102,17 @@ class LLM:
         seqs, token_lists = self._make_sequences(prompts, params)
         start = time.perf_counter()
         results: dict[int, RequestOutput] = {}
-        pending = {i: p.n for i, p in enumerate(params)}
+        samples: list[list[Sequence]] = [[] for _ in prompts]  # per request, in sample order
+        for s in seqs:
+            samples[s.request_index].append(s)
         bar = _progress(len(prompts), use_tqdm)
 
         def after_token(seq: Sequence) -> bool:
             if not self._check_stop(seq):
                 return False
             i = seq.request_index
-            pending[i] -= 1
-            if pending[i] == 0:
-                out = self._request_output(ids[i], prompts[i], token_lists[i],
-                                           [s for s in seqs if s.request_index == i], start)
+            if all(s.finish_reason is not None for s in samples[i]):
+                out = self._request_output(ids[i], prompts[i], token_lists[i], samples[i], start)
                 results[i] = out
                 bar.update(1)
                 if on_output is not None:
@@ -190,7 +190,7 @@ class LLM:
 
     def _request_output(self, rid, prompt, toks, seqs, start) -> RequestOutput:
         outs = []
-        for s in sorted(seqs, key=lambda s: s.sample_index):
+        for s in seqs:
             text = ""
             if self.tokenizer is not None:
                 text = self.tokenizer.decode(s.output_token_ids, skip_special_tokens=True)

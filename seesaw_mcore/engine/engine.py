@@ -6,10 +6,9 @@ its stage; the last stage of each replica sends sampled tokens back to rank 0.
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -23,9 +22,6 @@ from seesaw_mcore.kv.block_pool import BlockPool
 from seesaw_mcore.model.loader import Checkpoint
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.runtime.model_runner import ModelRunner, kv_bytes_per_block, resolve_dtype
-
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -60,10 +56,7 @@ class EngineStats:
     decode_s: float = 0.0
     prefill_steps: int = 0
     decode_steps: int = 0
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
     preemptions: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class Engine:
@@ -113,8 +106,7 @@ class Engine:
         acc = groups.accelerator()
         if acc.device_name() == "cpu":
             budget = self.cache.kv_cache_gib * 2**30
-            if self.cache.num_blocks is None:
-                _check_host_memory(budget)
+            _check_host_memory(budget)
         else:  # free memory after the weights, keeping (1 - utilization) of the card spare
             total = acc.total_memory()
             budget = acc.available_memory() - (1 - self.cache.gpu_memory_utilization) * total
@@ -129,24 +121,25 @@ class Engine:
     def capacity_tokens(self) -> int:
         return self.num_blocks * self.cache.block_size
 
-    def run(self, seqs: list[Sequence], on_finish: Callable[[Sequence], None]) -> None:
+    def run(self, seqs: list[Sequence], after_token: Callable[[Sequence], bool]) -> None:
         """Generates every sequence to completion (SPMD: call on every rank).
 
         Args:
             seqs: sequences (rank 0's list is used; other ranks may pass ``[]``).
-            on_finish: called on rank 0 with each sequence when it finishes.
+            after_token: called on rank 0 after each sampled token; returns True when the
+                sequence is finished (its blocks are then freed).
         """
         if not self.is_driver:
             self._work()
             return
         try:
-            self._drive(seqs, on_finish)
+            self._drive(seqs, after_token)
         except BaseException as e:
             dist.broadcast_object_list([StepPlan([], stop=True, error=str(e))], src=0)
             raise
         dist.broadcast_object_list([StepPlan([], stop=True)], src=0)
 
-    def _drive(self, seqs: list[Sequence], on_finish: Callable[[Sequence], None]) -> None:
+    def _drive(self, seqs: list[Sequence], after_token: Callable[[Sequence], bool]) -> None:
         lay = self.layout
         scheds = [Scheduler(self.sched_cfg, BlockPool(self.num_blocks, self.cache.block_size),
                             lay.pp) for _ in range(lay.dp)]
@@ -161,27 +154,24 @@ class Engine:
             t0 = time.perf_counter()
             outputs = self._execute_and_collect(plans)
             dt = time.perf_counter() - t0
-            is_prefill = any(p is not None and p.phase == Phase.PREFILL for p in plans)
-            self._account(plans, dt, is_prefill)
+            self._account(dt, any(p is not None and p.phase == Phase.PREFILL for p in plans))
             for r, out in enumerate(outputs):
                 if out is None:
                     continue
                 for tok in out.tokens:
                     seq = by_id[tok.seq_id]
-                    seq.num_computed = seq.num_tokens
                     seq.output_token_ids.append(tok.token_id)
                     if seq.params.logprobs is not None:
                         seq.logprobs.append({tok.token_id: tok.logprob, **tok.top_logprobs})
-                    if on_finish(seq):
+                    if after_token(seq):
                         scheds[r].finish(seq)
         self.stats.preemptions += sum(s.num_preemptions for s in scheds)
 
-    def _account(self, plans, dt: float, is_prefill: bool) -> None:
+    def _account(self, dt: float, is_prefill: bool) -> None:
         st = self.stats
         if is_prefill:
             st.prefill_s += dt
             st.prefill_steps += 1
-            st.prompt_tokens += sum(p.num_tokens for p in plans if p)
         else:
             st.decode_s += dt
             st.decode_steps += 1
@@ -225,11 +215,9 @@ class Engine:
 
 def _check_host_memory(per_rank_bytes: float) -> None:
     """CPU ranks share the host: refuse a KV budget the node cannot hold."""
-    import os
-
     import psutil
 
-    ranks = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    ranks = groups.local_world_size()
     avail = psutil.virtual_memory().available
     if per_rank_bytes * ranks > 0.9 * avail:
         raise SeesawError(

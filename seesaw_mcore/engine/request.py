@@ -31,7 +31,6 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens whose KV is in the device cache
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_text_len: int | None = None  # text cut here when a stop string matched
@@ -44,10 +43,6 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
-
-    @property
-    def is_finished(self) -> bool:
-        return self.status == SeqStatus.FINISHED
 
 
 @dataclass

@@ -105,7 +105,6 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.pool.free(seq.block_table)
-        seq.num_computed = 0
         seq.status = SeqStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1

@@ -26,10 +26,6 @@ class AttentionMetadata:
     block_ids: list[torch.Tensor | None]  # per seq: [nb] blocks to read; None: fresh prefill
     masks: list[torch.Tensor | None]  # per seq: [q, ctx] bool (True = attend) when q > 1
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.query_lens)
-
     @classmethod
     def build(
         cls,
@@ -92,7 +88,7 @@ def paged_attention(
     Returns:
         ``[T, Hq, D]`` attention output.
     """
-    hq, hkv, d = q.shape[1], k.shape[1], k.shape[2]
+    hkv, d = k.shape[1], k.shape[2]
     k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)  # [T, Hq, D]

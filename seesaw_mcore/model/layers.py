@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from torch import nn
 
+from seesaw_mcore.runtime.groups import local_world_size
+
 
 def _fast_all_reduce_allowed(group) -> bool:
     """DeepSpeed's shm all-reduce ignores its ``group``: use it only when the group is the
@@ -26,8 +28,7 @@ def _fast_all_reduce_allowed(group) -> bool:
     if dist.get_backend(group) != "gloo":
         return False
     world = dist.get_world_size()
-    local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
-    return dist.get_world_size(group) == world and local == world
+    return dist.get_world_size(group) == world and local_world_size() == world
 
 
 class TPAllReduce:
@@ -58,7 +59,8 @@ class ColumnLinear(tensor_parallel.ColumnParallelLinear):
 
 
 class RowLinear(tensor_parallel.RowParallelLinear):
-    """``RowParallelLinear`` with an inference forward: ``[T, in/TP] -> [T, out]`` summed over TP."""
+    """``RowParallelLinear`` with an inference forward: ``[T, in/TP] -> [T, out]``, summed
+    over TP."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)

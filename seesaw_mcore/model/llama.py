@@ -57,7 +57,8 @@ class DecoderLayer(nn.Module):
             skip_bias_add=False, **common,
         )
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.gate_up = ColumnLinear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, **common)
+        self.gate_up = ColumnLinear(
+            cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, **common)
         self.down = RowLinear(
             cfg.intermediate_size, cfg.hidden_size, bias=False, input_is_parallel=True,
             skip_bias_add=False, **common,

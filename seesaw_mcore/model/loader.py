@@ -83,7 +83,8 @@ class Checkpoint:
             if self.fused_gate_up:
                 shapes[p + "mlp.gate_up_proj.weight"] = (2 * i, h)
             else:
-                shapes.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h)})
+                shapes.update({p + "mlp.gate_proj.weight": (i, h),
+                               p + "mlp.up_proj.weight": (i, h)})
             shapes[p + "mlp.down_proj.weight"] = (h, i)
             shapes[p + "input_layernorm.weight"] = (h,)
             shapes[p + "post_attention_layernorm.weight"] = (h,)
@@ -95,7 +96,8 @@ class Checkpoint:
     def _validate(self) -> None:
         for name, shape in self._expected().items():
             if name not in self.where:
-                raise SeesawError(f"tensor {name} is missing from the checkpoint in {self.cfg.path}")
+                raise SeesawError(
+                    f"tensor {name} is missing from the checkpoint in {self.cfg.path}")
             sl = self._handles[self.where[name]].get_slice(name)
             got = tuple(sl.get_shape())
             if got != shape:

@@ -61,6 +61,11 @@ def device() -> torch.device:
     return torch.device(acc.device_name(acc.current_device()))
 
 
+def local_world_size() -> int:
+    """Ranks on this node, from the launcher's environment (1 when not launched)."""
+    return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,28 +5,23 @@ Every rank calls ``forward`` with the same step description; each runs its own s
 
 from __future__ import annotations
 
-import logging
-
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore.config import ModelConfig, ParallelConfig
+from seesaw_mcore.config import ModelConfig, ParallelConfig, split_layers
 from seesaw_mcore.engine.outputs import RunnerOutput, SampledToken, SchedulerOutput
+from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
 from seesaw_mcore.model.loader import Checkpoint, ShardSpec, load_shard
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.runtime.sampler import sample
 
-log = logging.getLogger(__name__)
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
     """``auto`` -> float32 on CPU ranks (fast, exact), the checkpoint's dtype on GPUs."""
-    from seesaw_mcore.errors import SeesawError
-
     if name == "auto":
         if groups.device().type == "cpu":
             return torch.float32
@@ -40,8 +35,6 @@ def kv_bytes_per_block(
     cfg: ModelConfig, layout: ParallelConfig, block_size: int, dtype: torch.dtype
 ) -> int:
     """KV bytes one block costs on the rank with the most layers (first stage)."""
-    from seesaw_mcore.config import split_layers
-
     start, end = split_layers(cfg.num_layers, layout.pp)[0]
     hkv = cfg.num_kv_heads // layout.tp
     return 2 * (end - start) * block_size * hkv * cfg.head_dim * dtype.itemsize

@@ -13,7 +13,9 @@ from seesaw_mcore.engine.outputs import SampledToken, SamplingSpec
 _MASK = float("-inf")
 
 
-def sample(logits: torch.Tensor, seq_ids: list[int], specs: list[SamplingSpec]) -> list[SampledToken]:
+def sample(
+    logits: torch.Tensor, seq_ids: list[int], specs: list[SamplingSpec]
+) -> list[SampledToken]:
     """Samples one token per row.
 
     Args:

@@ -37,7 +37,8 @@ def test_prefill_then_decode_then_multi_token_through_blocks():
 
     step(lens, lens)  # fresh prefill (no gather)
     step([1, 1, 1], [n + 1 for n in lens])  # batched decode through the block tables
-    step([3, 1, 2], [n + 1 + q for n, q in zip(lens, [3, 1, 2])])  # multi-token continuation with cached context
+    # multi-token continuation over cached context
+    step([3, 1, 2], [n + 1 + q for n, q in zip(lens, [3, 1, 2])])
 
 
 def test_slot_mapping():

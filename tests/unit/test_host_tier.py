@@ -35,7 +35,8 @@ def test_buffer_shared_owner_only_and_unlinked(tmp_path):
     owner = HostKVBuffer("kv-test", shape, torch.float32, create=True, shm_dir=str(tmp_path))
     peer = HostKVBuffer("kv-test", shape, torch.float32, create=False, shm_dir=str(tmp_path))
     assert stat.S_IMODE(os.stat(owner.path).st_mode) == 0o600
-    # Prefill under P2 writes [its layers, all heads]; decode under T2 reads [all layers, its heads].
+    # Prefill under P2 writes [its layers, all heads];
+    # decode under T2 reads [all layers, its heads].
     p2, t2 = (KVShardLayout(ParallelConfig.parse(x), 5, 4) for x in ("P2", "T2"))
     slots = SlotRange(7, 6)
     full = torch.randn(5, 2, 4, 6, 8)
