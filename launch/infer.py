@@ -42,7 +42,8 @@ def run(cfg: DictConfig) -> int:
         _resolve(cfg.model.path), prefill=str(cfg.plan.prefill),
         decode=None if cfg.plan.decode is None else str(cfg.plan.decode), dtype=cfg.dtype,
         seed=cfg.seed, block_size=cfg.cache.block_size, num_blocks=cfg.cache.num_blocks,
-        kv_cache_gib=cfg.cache.kv_cache_gib, max_num_seqs=cfg.scheduler.max_num_seqs,
+        kv_cache_gib=cfg.cache.kv_cache_gib, host_kv_tokens=cfg.cache.host_kv_tokens,
+        host_kv_gib=cfg.cache.host_kv_gib, max_num_seqs=cfg.scheduler.max_num_seqs,
         max_prefill_tokens=cfg.scheduler.max_prefill_tokens,
         max_model_len=cfg.model.max_model_len,
     )
@@ -80,12 +81,16 @@ def _report(llm, outs, elapsed: float, cfg: DictConfig) -> None:
     st = llm.engine.stats
     gen = sum(len(o.token_ids) for r in outs for o in r.outputs)
     prompt = sum(len(r.prompt_token_ids) for r in outs)
-    print(f"\n== seesaw_mcore run report ({llm.engine.layout}, {len(outs)} requests, "
+    print(f"\n== seesaw_mcore run report ({llm.engine.plan}, {len(outs)} requests, "
           f"output {cfg.data.output}) ==")
     print(f"  wall {elapsed:.2f}s | {len(outs) / elapsed:.2f} req/s | prompt {prompt / elapsed:.1f}"
           f" tok/s | generated {gen / elapsed:.1f} tok/s")
     print(f"  prefill {st.prefill_s:.2f}s ({st.prefill_steps} steps) | decode {st.decode_s:.2f}s "
           f"({st.decode_steps} steps) | preemptions {st.preemptions}")
+    if not llm.engine.plan.is_static:
+        print(f"  switches {st.switches} ({st.switch_s * 1e3:.1f} ms) | host tier (rank 0): out "
+              f"{st.swap_out_bytes / 1e6:.1f} MB in {st.swap_out_s:.2f}s, in "
+              f"{st.swap_in_bytes / 1e6:.1f} MB in {st.swap_in_s:.2f}s")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="infer")

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable, Sequence as Seq
 
+from seesaw_mcore.config import PhasePlan
 from seesaw_mcore.engine.engine import CacheConfig, Engine
 from seesaw_mcore.engine.request import CompletionOutput, RequestOutput, Sequence
 from seesaw_mcore.engine.scheduler import SchedulerConfig
@@ -27,11 +28,13 @@ class LLM:
     Args:
         model: local HF model folder (safetensors).
         prefill: parallel layout for prefill, e.g. ``"T2"``, ``"P2"``, ``"D2"``.
-        decode: layout for decode; ``None`` or equal to ``prefill`` means a static plan.
+        decode: layout for decode (``prefill="P2", decode="T2"`` re-shards between the
+            phases on the same ranks); ``None`` or equal to ``prefill``: a static plan.
         dtype: ``auto`` (float32 on CPU ranks, checkpoint dtype on GPUs), ``float32``,
             ``bfloat16`` or ``float16``.
         seed: engine seed, used for requests whose ``SamplingParams.seed`` is ``None``.
         block_size / num_blocks / kv_cache_gib: device KV cache (see ``CacheConfig``).
+        host_kv_tokens / host_kv_gib: host KV tier of a re-sharding plan (see ``CacheConfig``).
         max_num_seqs / max_prefill_tokens: batching budgets (see ``SchedulerConfig``).
         max_model_len: longest prompt + output; default: the model's context.
     """
@@ -46,20 +49,18 @@ class LLM:
         block_size: int = 16,
         num_blocks: int | None = None,
         kv_cache_gib: float = 1.0,
+        host_kv_tokens: int | None = None,
+        host_kv_gib: float = 1.0,
         max_num_seqs: int = 256,
         max_prefill_tokens: int = 4096,
         max_model_len: int | None = None,
     ) -> None:
-        if decode is not None and decode.strip().upper() != prefill.strip().upper():
-            raise SeesawError(
-                f"prefill={prefill} != decode={decode}: dynamic re-sharding is not available "
-                "in this build; use one static layout (decode=None)"
-            )
         self.seed = seed
         self.engine = Engine(
-            model, prefill, dtype=dtype,
+            model, PhasePlan.parse(prefill, decode), dtype=dtype,
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
-                              kv_cache_gib=kv_cache_gib),
+                              kv_cache_gib=kv_cache_gib, host_kv_tokens=host_kv_tokens,
+                              host_kv_gib=host_kv_gib),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_prefill_tokens=max_prefill_tokens),
             max_model_len=max_model_len,
@@ -141,13 +142,20 @@ class LLM:
                     f"prompt {i} needs up to {len(toks) + max_tokens} tokens of KV cache "
                     f"(prompt {len(toks)} + max_tokens {max_tokens}) but the cache holds {cap}; "
                     "raise cache.num_blocks / cache.kv_cache_gib or lower max_tokens")
+            host = eng.host_slots
+            if host and len(toks) + max_tokens - 1 > host:
+                raise SeesawError(
+                    f"prompt {i} needs up to {len(toks) + max_tokens - 1} token slots of the "
+                    f"host KV tier (prompt {len(toks)} + max_tokens {max_tokens} - 1, if "
+                    f"preempted) but it holds {host}; raise cache.host_kv_tokens / "
+                    "cache.host_kv_gib or lower max_tokens")
             token_lists.append(toks)
             base = p.seed if p.seed is not None else self.seed * 1_000_003 + i
             for k in range(p.n):
                 seqs.append(Sequence(
                     seq_id=len(seqs), request_index=i, sample_index=k, prompt_token_ids=toks,
                     params=p, seed=base + 7919 * k, max_tokens=max_tokens,
-                    replica=i % eng.layout.dp))
+                    replica=i % eng.plan.prefill.dp))
         return seqs, token_lists
 
     def _tokens(self, i: int, prompt: PromptType) -> list[int]:
@@ -206,8 +214,14 @@ class LLM:
             prompt_token_ids=toks, outputs=outs, latency_s=time.perf_counter() - start)
 
     def shutdown(self) -> None:
-        """Destroys the process groups (the job can then exit cleanly)."""
+        """Releases the host tier and destroys the process groups (the job can then exit
+        cleanly)."""
         self.engine.shutdown()
+
+    def close(self) -> None:
+        """Releases the host tier but keeps the process groups, for another ``LLM`` in the
+        same job."""
+        self.engine.close()
 
 
 def _per_prompt(sp, n: int) -> list[SamplingParams]:

@@ -6,22 +6,27 @@ its stage; the last stage of each replica sends sampled tokens back to rank 0.
 
 from __future__ import annotations
 
+import os
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore.config import ModelConfig, ParallelConfig, check_world
+from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan, check_world
 from seesaw_mcore.engine.outputs import Phase, RunnerOutput, StepPlan
+from seesaw_mcore.engine.phase_scheduler import PhaseScheduler
 from seesaw_mcore.engine.request import Sequence
-from seesaw_mcore.engine.scheduler import Scheduler, SchedulerConfig
+from seesaw_mcore.engine.scheduler import ReplicaSchedulers, SchedulerConfig
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.kv.block_pool import BlockPool
+from seesaw_mcore.kv.host_tier import HostKVBuffer
 from seesaw_mcore.model.loader import Checkpoint
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.runtime.model_runner import ModelRunner, kv_bytes_per_block, resolve_dtype
+from seesaw_mcore.runtime.reshard import Resharder
+from seesaw_mcore.runtime.weights import ShardStore
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -32,12 +37,18 @@ class CacheConfig:
         num_blocks: blocks per rank; ``None``: from ``kv_cache_gib`` (CPU) or free memory (GPU).
         kv_cache_gib: KV budget per rank on CPU ranks when ``num_blocks`` is unset.
         gpu_memory_utilization: fraction of GPU memory the engine may use (GPU ranks).
+        host_kv_tokens: token slots of the host KV tier (Seesaw plans); ``None``: from
+            ``host_kv_gib``.
+        host_kv_gib: size of the host KV tier (one shared buffer per node) when
+            ``host_kv_tokens`` is unset.
     """
 
     block_size: int = 16
     num_blocks: int | None = None
     kv_cache_gib: float = 1.0
     gpu_memory_utilization: float = 0.9
+    host_kv_tokens: int | None = None
+    host_kv_gib: float = 1.0
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -46,6 +57,10 @@ class CacheConfig:
             raise SeesawError(f"cache.num_blocks must be >= 1, got {self.num_blocks}")
         if self.kv_cache_gib <= 0:
             raise SeesawError(f"cache.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
+        if self.host_kv_tokens is not None and self.host_kv_tokens < 1:
+            raise SeesawError(f"cache.host_kv_tokens must be >= 1, got {self.host_kv_tokens}")
+        if self.host_kv_gib <= 0:
+            raise SeesawError(f"cache.host_kv_gib must be > 0, got {self.host_kv_gib}")
 
 
 @dataclass
@@ -57,6 +72,12 @@ class EngineStats:
     prefill_steps: int = 0
     decode_steps: int = 0
     preemptions: int = 0
+    switches: int = 0
+    switch_s: float = 0.0
+    swap_out_bytes: int = 0  # rank 0's host-tier traffic
+    swap_out_s: float = 0.0
+    swap_in_bytes: int = 0
+    swap_in_s: float = 0.0
 
 
 class Engine:
@@ -64,9 +85,9 @@ class Engine:
 
     Args:
         model: HF model folder.
-        layout: parallel layout (``"T2"``, ``"P2"``, ``"D2"``...).
+        plan: a ``PhasePlan`` or one layout string (``"T2"``: a static plan).
         dtype: ``auto``, ``float32``, ``bfloat16`` or ``float16``.
-        cache: device KV cache settings.
+        cache: device KV cache and host tier settings.
         scheduler: batching budgets.
         max_model_len: longest sequence (prompt + output); default: the model's context.
     """
@@ -74,52 +95,98 @@ class Engine:
     def __init__(
         self,
         model: str,
-        layout: str | ParallelConfig = "T1",
+        plan: str | PhasePlan = "T1",
         dtype: str = "auto",
         cache: CacheConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         max_model_len: int | None = None,
     ) -> None:
         self.model_cfg = ModelConfig.from_pretrained(model)
-        self.layout = layout if isinstance(layout, ParallelConfig) else ParallelConfig.parse(layout)
-        self.model_cfg.check_layout(self.layout)
+        self.plan = plan if isinstance(plan, PhasePlan) else PhasePlan.parse(plan)
+        self.plan.check_model(self.model_cfg)
         self.cache = cache or CacheConfig()
         self.sched_cfg = scheduler or SchedulerConfig()
         self.rank, world = groups.init_distributed()
-        check_world(self.layout, world)
+        check_world(self.plan.prefill, world)
+        if not self.plan.is_static and groups.local_world_size() != world:
+            raise SeesawError(
+                f"plan {self.plan}: the host KV tier is per node, so a plan that re-shards "
+                f"must run all {world} ranks on one node (this node has "
+                f"{groups.local_world_size()}); use a static plan across nodes")
         ctx = self.model_cfg.max_position_embeddings
         self.max_model_len = min(max_model_len or ctx, ctx)
-        ckpt = Checkpoint(self.model_cfg)
         self.dtype = resolve_dtype(dtype, self.model_cfg)
-        self.runner = ModelRunner(self.model_cfg, self.layout, self.dtype, None,
-                                  self.cache.block_size, ckpt)
+        store = ShardStore(Checkpoint(self.model_cfg), self.plan, self.rank, self.dtype)
+        self.runner = ModelRunner(self.model_cfg, self.plan, self.dtype, self.cache.block_size,
+                                  store)
         self.num_blocks = self._num_blocks()  # after the weights: free memory is known
         self.runner.allocate_kv(self.num_blocks)
+        self.host_slots = 0
+        if not self.plan.is_static:
+            self.runner.host = self._open_host_tier()
+            self.host_slots = self.runner.host.shape[3]
+        self.phase = Phase.PREFILL
+        self.resharder = Resharder(self.runner, self.plan)
         self.stats = EngineStats()
 
-    def _num_blocks(self) -> int:
-        """Blocks per rank, the same on every rank: the config's, or what memory allows."""
+    @property
+    def layout(self) -> ParallelConfig:
+        """The active layout."""
+        return self.runner.info.layout
+
+    def _num_blocks(self) -> dict[ParallelConfig, int]:
+        """Blocks per rank under each layout, the same on every rank: the config's, or what
+        memory allows."""
+        layouts = {self.plan.prefill, self.plan.decode}
         if self.cache.num_blocks is not None:
-            return self.cache.num_blocks
-        per_block = kv_bytes_per_block(self.model_cfg, self.layout, self.cache.block_size,
-                                       self.dtype)
+            return {lay: self.cache.num_blocks for lay in layouts}
         acc = groups.accelerator()
         if acc.device_name() == "cpu":
             budget = self.cache.kv_cache_gib * 2**30
             _check_host_memory(budget)
-        else:  # free memory after the weights, keeping (1 - utilization) of the card spare
+        else:  # free memory after the weights, keeping (1 - utilization) of the card spare,
+            # and room for the larger of the two layouts' weights
             total = acc.total_memory()
-            budget = acc.available_memory() - (1 - self.cache.gpu_memory_utilization) * total
-        n = torch.tensor([max(int(budget // per_block), 1)], device=groups.device())
+            store = self.runner.store
+            extra = max(store.nbytes(lay) for lay in layouts) - store.nbytes(self.layout)
+            budget = (acc.available_memory() - (1 - self.cache.gpu_memory_utilization) * total
+                      - extra)
+        n = torch.tensor([max(int(budget), 1)], dtype=torch.int64, device=groups.device())
         dist.all_reduce(n, op=dist.ReduceOp.MIN)  # every rank of every replica agrees
-        return int(n.item())
+        return {lay: max(int(n.item()) // kv_bytes_per_block(
+            self.model_cfg, lay, self.cache.block_size, self.dtype), 1) for lay in layouts}
+
+    def _open_host_tier(self) -> HostKVBuffer:
+        """Rank 0 creates the node's shared buffer, every rank maps it, then the file is
+        unlinked (the mappings stay), so nothing is left in /dev/shm even after a crash."""
+        cfg = self.model_cfg
+        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        slots = self.cache.host_kv_tokens or int(self.cache.host_kv_gib * 2**30 // per_token)
+        shape = (cfg.num_layers, 2, cfg.num_kv_heads, max(slots, 1), cfg.head_dim)
+        box: list = [None, None]
+        buf = None
+        if self.rank == 0:
+            box[0] = f"seesaw_kv_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+            try:
+                buf = HostKVBuffer(box[0], shape, self.dtype, create=True)
+            except SeesawError as e:
+                box[1] = str(e)
+        dist.broadcast_object_list(box, src=0)
+        if box[1] is not None:
+            raise SeesawError(box[1])
+        if buf is None:
+            buf = HostKVBuffer(box[0], shape, self.dtype, create=False)
+        dist.barrier()  # every rank has it mapped
+        buf.unlink()
+        return buf
 
     @property
     def is_driver(self) -> bool:
         return self.rank == 0
 
     def capacity_tokens(self) -> int:
-        return self.num_blocks * self.cache.block_size
+        """Longest sequence the device cache holds under every layout."""
+        return min(self.num_blocks.values()) * self.cache.block_size
 
     def run(self, seqs: list[Sequence], after_token: Callable[[Sequence], bool]) -> None:
         """Generates every sequence to completion (SPMD: call on every rank).
@@ -127,11 +194,19 @@ class Engine:
         Args:
             seqs: sequences (rank 0's list is used; other ranks may pass ``[]``).
             after_token: called on rank 0 after each sampled token; returns True when the
-                sequence is finished (its blocks are then freed).
+                sequence is finished (its KV is then freed).
         """
-        if not self.is_driver:
-            self._work()
-            return
+        try:
+            if self.is_driver:
+                self._drive_and_stop(seqs, after_token)
+            else:
+                self._work()
+        finally:
+            self._sync_stats()
+        if not self.plan.is_static:
+            dist.barrier()  # no rank still touches the host tier when the next run starts
+
+    def _drive_and_stop(self, seqs: list[Sequence], after_token) -> None:
         try:
             self._drive(seqs, after_token)
         except BaseException as e:
@@ -139,42 +214,60 @@ class Engine:
             raise
         dist.broadcast_object_list([StepPlan([], stop=True)], src=0)
 
+    def _schedulers(self):
+        if self.plan.is_static:
+            lay = self.plan.prefill
+            return ReplicaSchedulers(self.sched_cfg, lay.dp, lay.pp, self.num_blocks[lay],
+                                     self.cache.block_size)
+        return PhaseScheduler(self.sched_cfg, self.plan, self.num_blocks[self.plan.prefill],
+                              self.num_blocks[self.plan.decode], self.cache.block_size,
+                              self.host_slots, self.phase)
+
     def _drive(self, seqs: list[Sequence], after_token: Callable[[Sequence], bool]) -> None:
-        lay = self.layout
-        scheds = [Scheduler(self.sched_cfg, BlockPool(self.num_blocks, self.cache.block_size),
-                            lay.pp) for _ in range(lay.dp)]
+        sched = self._schedulers()
         by_id = {s.seq_id: s for s in seqs}
         for s in seqs:
-            scheds[s.replica].add(s)
-        while any(s.has_work() for s in scheds):
-            plans = [s.schedule() for s in scheds]
-            if not any(plans):
-                raise RuntimeError("scheduler stalled with work left (a bug)")
-            dist.broadcast_object_list([StepPlan(plans)], src=0)
-            t0 = time.perf_counter()
-            outputs = self._execute_and_collect(plans)
-            dt = time.perf_counter() - t0
-            self._account(dt, any(p is not None and p.phase == Phase.PREFILL for p in plans))
-            for r, out in enumerate(outputs):
-                if out is None:
+            sched.add(s)
+        try:
+            while sched.has_work():
+                step = sched.schedule()
+                dist.broadcast_object_list([step], src=0)
+                if step.switch_to is not None:
+                    self._switch(step.switch_to)
                     continue
-                for tok in out.tokens:
-                    seq = by_id[tok.seq_id]
-                    seq.output_token_ids.append(tok.token_id)
-                    if seq.params.logprobs is not None:
-                        seq.logprobs.append({tok.token_id: tok.logprob, **tok.top_logprobs})
-                    if after_token(seq):
-                        scheds[r].finish(seq)
-        self.stats.preemptions += sum(s.num_preemptions for s in scheds)
+                t0 = time.perf_counter()
+                outputs = self._execute_and_collect(step.replicas)
+                self._account(time.perf_counter() - t0, step)
+                for out in outputs:
+                    for tok in out.tokens if out is not None else ():
+                        seq = by_id[tok.seq_id]
+                        seq.output_token_ids.append(tok.token_id)
+                        if seq.params.logprobs is not None:
+                            seq.logprobs.append({tok.token_id: tok.logprob, **tok.top_logprobs})
+                        if after_token(seq):
+                            sched.finish(seq)
+        finally:
+            self.stats.preemptions += sched.num_preemptions
 
-    def _account(self, dt: float, is_prefill: bool) -> None:
+    def _switch(self, phase: Phase) -> None:
+        rec = self.resharder.switch(phase)
+        self.phase = phase
+        self.stats.switches += 1
+        self.stats.switch_s += rec.seconds
+
+    def _account(self, dt: float, step: StepPlan) -> None:
         st = self.stats
-        if is_prefill:
+        if any(p is not None and p.phase == Phase.PREFILL for p in step.replicas):
             st.prefill_s += dt
             st.prefill_steps += 1
         else:
             st.decode_s += dt
             st.decode_steps += 1
+
+    def _sync_stats(self) -> None:
+        sw, st = self.runner.swap, self.stats
+        st.swap_out_bytes, st.swap_out_s = sw.out_bytes, sw.out_s
+        st.swap_in_bytes, st.swap_in_s = sw.in_bytes, sw.in_s
 
     def _execute_and_collect(self, plans) -> list[RunnerOutput | None]:
         lay = self.layout
@@ -193,7 +286,6 @@ class Engine:
         return outputs
 
     def _work(self) -> None:
-        info = self.runner.info
         while True:
             box = [None]
             dist.broadcast_object_list(box, src=0)
@@ -202,7 +294,10 @@ class Engine:
                 if plan.error:
                     raise SeesawError(f"rank 0 failed: {plan.error}")
                 return
-            mine = plan.replicas[info.dp_rank]
+            if plan.switch_to is not None:
+                self._switch(plan.switch_to)
+                continue
+            mine = plan.replicas[self.runner.info.dp_rank]
             if mine is None:
                 continue
             out = self.runner.execute(mine)
@@ -210,7 +305,15 @@ class Engine:
                 dist.send_object_list([out], dst=0)
 
     def shutdown(self) -> None:
+        """Unmaps the host tier and destroys the process groups."""
+        self.close()
         groups.shutdown()
+
+    def close(self) -> None:
+        """Releases the host tier (the process groups stay up for another engine)."""
+        if self.runner.host is not None:
+            self.runner.host.close()
+            self.runner.host = None
 
 
 def _check_host_memory(per_rank_bytes: float) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from seesaw_mcore.kv.host_tier import SlotRange
+
 
 class Phase(str, enum.Enum):
     PREFILL = "prefill"
@@ -35,11 +37,25 @@ class ScheduledSeq:
 
 
 @dataclass(frozen=True)
+class KVMove:
+    """One sequence's KV between its host-tier slots and its device blocks.
+
+    Every rank of the replica moves its own ``[layers, heads]`` part (``KVShardLayout``).
+    """
+
+    seq_id: int
+    slots: SlotRange  # host-tier token slots; ``slots.length`` tokens move
+    block_table: list[int]  # device blocks holding (or receiving) those tokens, in order
+
+
+@dataclass(frozen=True)
 class SchedulerOutput:
     """One replica's step: all-prefill or all-decode, split into PP micro-batches."""
 
     phase: Phase
     micro_batches: list[list[ScheduledSeq]]  # len <= PP; each runs through every stage
+    swap_in: list[KVMove] = field(default_factory=list)  # host -> device, before the forward
+    swap_out: list[KVMove] = field(default_factory=list)  # device -> host, after the forward
 
     @property
     def seqs(self) -> list[ScheduledSeq]:
@@ -55,6 +71,7 @@ class StepPlan:
     """What rank 0 broadcasts each step: one ``SchedulerOutput`` (or None) per DP replica."""
 
     replicas: list[SchedulerOutput | None]
+    switch_to: Phase | None = None  # instead of a step: every rank re-shards to this phase
     stop: bool = False  # end of this run: workers return
     error: str | None = None  # with stop: rank 0 failed; workers raise this
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from seesaw_mcore.kv.host_tier import SlotRange
 from seesaw_mcore.sampling_params import SamplingParams
 
 
@@ -13,6 +14,7 @@ class SeqStatus(str, enum.Enum):
 
     WAITING = "waiting"  # needs (re)prefill: no KV on the device
     RUNNING = "running"  # KV on the device, decoding
+    SWAPPED = "swapped"  # prefilled; KV in the host tier, waiting to be admitted to decode
     FINISHED = "finished"
 
 
@@ -32,6 +34,7 @@ class Sequence:
     logprobs: list[dict[int, float]] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
+    host_slots: SlotRange | None = None  # host-tier slots holding its KV (SWAPPED)
     finish_reason: str | None = None
     stop_text_len: int | None = None  # text cut here when a stop string matched
     num_preemptions: int = 0

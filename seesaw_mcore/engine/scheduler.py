@@ -16,6 +16,7 @@ from seesaw_mcore.engine.outputs import (
     SamplingSpec,
     ScheduledSeq,
     SchedulerOutput,
+    StepPlan,
 )
 from seesaw_mcore.engine.request import Sequence, SeqStatus
 from seesaw_mcore.errors import SeesawError
@@ -88,7 +89,7 @@ class Scheduler:
             self.pool.allocate(seq.block_table, n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            batch.append(_scheduled(seq, seq.all_token_ids, 0))
+            batch.append(scheduled(seq, seq.all_token_ids, 0))
             tokens += n
         return batch
 
@@ -101,7 +102,7 @@ class Scheduler:
                 i += 1
             else:  # preempt the newest running sequence (maybe this one)
                 self._preempt(self.running.pop())
-        return [_scheduled(s, s.output_token_ids[-1:], s.num_tokens - 1) for s in self.running]
+        return [scheduled(s, s.output_token_ids[-1:], s.num_tokens - 1) for s in self.running]
 
     def _preempt(self, seq: Sequence) -> None:
         self.pool.free(seq.block_table)
@@ -117,26 +118,73 @@ class Scheduler:
         self.running.remove(seq)
 
     def _split(self, batch: list[ScheduledSeq], by_tokens: bool) -> list[list[ScheduledSeq]]:
-        """Splits a step into at most ``pp`` micro-batches of balanced size."""
-        parts = min(self.pp, len(batch))
-        if parts <= 1:
-            return [batch]
-        weights = [len(s.token_ids) if by_tokens else 1 for s in batch]
-        target = sum(weights) / parts
-        out: list[list[ScheduledSeq]] = [[]]
-        acc = 0.0
-        for s, w in zip(batch, weights):
-            if out[-1] and acc >= target * len(out) and len(out) < parts:
-                out.append([])
-            out[-1].append(s)
-            acc += w
-        return out
+        return split_micro_batches(batch, self.pp, by_tokens)
 
 
-def _scheduled(seq: Sequence, token_ids: list[int], start: int) -> ScheduledSeq:
+class ReplicaSchedulers:
+    """A static plan's schedulers, one per DP replica; a sequence stays on its replica.
+
+    Args:
+        config: batching budgets.
+        dp: DP replicas.
+        pp: pipeline stages.
+        num_blocks: device blocks per rank.
+        block_size: tokens per block.
+    """
+
+    def __init__(self, config: SchedulerConfig, dp: int, pp: int, num_blocks: int,
+                 block_size: int) -> None:
+        self.replicas = [Scheduler(config, BlockPool(num_blocks, block_size), pp)
+                         for _ in range(dp)]
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(s.num_preemptions for s in self.replicas)
+
+    def add(self, seq: Sequence) -> None:
+        self.replicas[seq.replica].add(seq)
+
+    def has_work(self) -> bool:
+        return any(s.has_work() for s in self.replicas)
+
+    def schedule(self) -> StepPlan:
+        """Every replica's next step."""
+        plans = [s.schedule() for s in self.replicas]
+        if not any(plans):
+            raise RuntimeError("scheduler stalled with work left (a bug)")
+        return StepPlan(plans)
+
+    def finish(self, seq: Sequence) -> None:
+        self.replicas[seq.replica].finish(seq)
+
+
+def split_micro_batches(batch: list[ScheduledSeq], pp: int,
+                        by_tokens: bool) -> list[list[ScheduledSeq]]:
+    """Splits a step into at most ``pp`` micro-batches of balanced size (tokens in prefill,
+    sequences in decode)."""
+    parts = min(pp, len(batch))
+    if parts <= 1:
+        return [batch]
+    weights = [len(s.token_ids) if by_tokens else 1 for s in batch]
+    target = sum(weights) / parts
+    out: list[list[ScheduledSeq]] = [[]]
+    acc = 0.0
+    for s, w in zip(batch, weights):
+        if out[-1] and acc >= target * len(out) and len(out) < parts:
+            out.append([])
+        out[-1].append(s)
+        acc += w
+    return out
+
+
+def scheduled(seq: Sequence, token_ids: list[int], start: int,
+              block_table: list[int] | None = None) -> ScheduledSeq:
+    """The step entry of ``seq``: feed ``token_ids`` at ``start`` (its own block table by
+    default)."""
     p = seq.params
     spec = SamplingSpec(
         temperature=float(p.temperature), top_k=int(p.top_k), top_p=float(p.top_p),
         seed=seq.seed, step=len(seq.output_token_ids), logprobs=p.logprobs,
     )
-    return ScheduledSeq(seq.seq_id, list(token_ids), start, list(seq.block_table), spec)
+    table = seq.block_table if block_table is None else block_table
+    return ScheduledSeq(seq.seq_id, list(token_ids), start, list(table), spec)

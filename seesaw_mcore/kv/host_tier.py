@@ -123,16 +123,26 @@ class HostKVBuffer:
         """A view ``[l, 2, h, n, D]`` of the given layers, heads and slots."""
         return self.tensor[layers[0]:layers[1], :, heads[0]:heads[1], slots.start:slots.end]
 
-    def close(self) -> None:
-        self.tensor = None
+    def unlink(self) -> None:
+        """Removes the file (creator only); mappings stay valid until ``close``. Call once
+        every local rank has mapped it."""
         if self.creator and os.path.exists(self.path):
             os.unlink(self.path)
 
+    def close(self) -> None:
+        """Unmaps (once nothing else references the tensor) and unlinks if still there."""
+        self.tensor = None
+        self.unlink()
+
 
 def _check_fits(nbytes: int, shm_dir: str) -> None:
+    """The buffer lives in RAM: refuse one larger than the free space of ``shm_dir`` or the
+    node's available memory."""
+    import psutil
+
     st = os.statvfs(shm_dir)
-    free = st.f_bavail * st.f_frsize
+    free = min(st.f_bavail * st.f_frsize, psutil.virtual_memory().available)
     if nbytes > 0.9 * free:
         raise SeesawError(
-            f"host KV tier needs {nbytes / 2**30:.2f} GiB but {shm_dir} has "
-            f"{free / 2**30:.2f} GiB free; lower cache.host_kv_tokens")
+            f"host KV tier needs {nbytes / 2**30:.2f} GiB but only {free / 2**30:.2f} GiB is "
+            f"free (memory, {shm_dir}); lower cache.host_kv_tokens or cache.host_kv_gib")

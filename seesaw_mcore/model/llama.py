@@ -164,9 +164,26 @@ class LlamaStage(nn.Module):
             local = torch.cat(parts, dim=-1)  # [N, Vp]
         return local[:, : self.cfg.vocab_size].float().contiguous()
 
-    def load_shard(self, shard: dict[str, torch.Tensor]) -> None:
-        """Copies a loader shard (see ``loader.load_shard``) into the parameters."""
-        missing, unexpected = self.load_state_dict(shard, strict=False)
-        missing = [m for m in missing if not m.endswith("_extra_state")]
+    def bind_shard(self, shard: dict[str, torch.Tensor], device: torch.device) -> int:
+        """Makes a host shard (see ``loader.load_shard``) the parameters: tensors already on
+        ``device`` are used as they are (a view, no copy), others are copied there.
+
+        Returns:
+            Bytes copied.
+        """
+        params = dict(self.named_parameters())
+        missing, unexpected = sorted(set(params) - set(shard)), sorted(set(shard) - set(params))
         if missing or unexpected:
             raise RuntimeError(f"shard mismatch: missing={missing} unexpected={unexpected}")
+        copied = 0
+        for name, p in params.items():
+            t = shard[name]
+            if t.shape != p.shape or t.dtype != p.dtype:
+                raise RuntimeError(f"shard tensor {name} is {tuple(t.shape)} {t.dtype}, the "
+                                   f"stage expects {tuple(p.shape)} {p.dtype}")
+            if t.device != device:
+                t = t.to(device, non_blocking=True)
+                copied += t.numel() * t.element_size()
+            p.data = t
+        self.to(device)  # buffers (rotary tables)
+        return copied

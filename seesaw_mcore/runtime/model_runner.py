@@ -5,17 +5,24 @@ Every rank calls ``forward`` with the same step description; each runs its own s
 
 from __future__ import annotations
 
+import math
+import time
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore.config import ModelConfig, ParallelConfig, split_layers
-from seesaw_mcore.engine.outputs import RunnerOutput, SampledToken, SchedulerOutput
+from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan, split_layers
+from seesaw_mcore.engine.outputs import KVMove, RunnerOutput, SampledToken, SchedulerOutput
 from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.kv.host_tier import HostKVBuffer
+from seesaw_mcore.kv.layout import KVShardLayout
 from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
-from seesaw_mcore.model.loader import Checkpoint, ShardSpec, load_shard
+from seesaw_mcore.model.loader import Checkpoint
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.runtime.sampler import sample
+from seesaw_mcore.runtime.weights import ShardStore
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -40,50 +47,104 @@ def kv_bytes_per_block(
     return 2 * (end - start) * block_size * hkv * cfg.head_dim * dtype.itemsize
 
 
+@dataclass
+class SwapCounters:
+    """This rank's KV traffic with the host tier."""
+
+    out_bytes: int = 0
+    out_s: float = 0.0
+    in_bytes: int = 0
+    in_s: float = 0.0
+
+    def add(self, to_host: bool, nbytes: int, seconds: float) -> None:
+        if to_host:
+            self.out_bytes += nbytes
+            self.out_s += seconds
+        else:
+            self.in_bytes += nbytes
+            self.in_s += seconds
+
+
 class ModelRunner:
-    """Holds this rank's stage and its paged KV cache for one layout.
+    """Holds this rank's stage and its paged KV cache under the active layout of a plan.
+
+    Weights come from the ``ShardStore`` (both phases' shards in pinned host memory): on
+    CPU ranks the stage's parameters are views of the stored tensors (no copy at a switch),
+    on GPU ranks they are copied to the device. The paged KV cache is one flat buffer viewed
+    per layout as ``[local layers, 2, NB, BS, Hkv/TP, D]``.
 
     Args:
         cfg: model architecture.
-        layout: the parallel layout to run.
+        plan: the layouts to run (a ``ParallelConfig`` means a static plan).
         dtype: parameter and KV dtype.
-        num_blocks: paged KV cache blocks per layer; ``None``: call ``allocate_kv`` later
-            (after the weights are on the device, so free memory can size the cache).
-        block_size: tokens per block.
-        ckpt: an opened checkpoint (opened here when omitted).
+        block_size: tokens per KV block.
+        store: both phases' shards of this rank (built from the checkpoint when omitted).
     """
 
     def __init__(
         self,
         cfg: ModelConfig,
-        layout: ParallelConfig,
+        plan: PhasePlan | ParallelConfig,
         dtype: torch.dtype,
-        num_blocks: int | None,
         block_size: int,
-        ckpt: Checkpoint | None = None,
+        store: ShardStore | None = None,
     ) -> None:
-        self.cfg, self.dtype, self.block_size = cfg, dtype, block_size
-        cfg.check_layout(layout)
-        self.info = groups.activate(layout)
+        if isinstance(plan, ParallelConfig):
+            plan = PhasePlan(plan, plan)
+        plan.check_model(cfg)
+        self.cfg, self.plan, self.dtype, self.block_size = cfg, plan, dtype, block_size
+        groups.prepare([plan.prefill, plan.decode])
         self.device = groups.device()
-        ckpt = ckpt or Checkpoint(cfg)
-        spec = ShardSpec(layout.tp, self.info.tp_rank, layout.pp, self.info.pp_rank)
-        self.model = LlamaStage(cfg, self.info, dtype)
-        self.model.load_shard(load_shard(ckpt, spec, dtype))
-        self.model.to(self.device)
+        self.store = store or ShardStore(Checkpoint(cfg), plan, dist.get_rank(), dtype)
+        self.kv_layouts = {lay: KVShardLayout(lay, cfg.num_layers, cfg.num_kv_heads)
+                           for lay in (plan.prefill, plan.decode)}
+        self.num_blocks: dict[ParallelConfig, int] = {}
+        self._kv_flat: torch.Tensor | None = None
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        if num_blocks is not None:
-            self.allocate_kv(num_blocks)
+        self.host: HostKVBuffer | None = None  # the node's host KV tier (Seesaw plans)
+        self.swap = SwapCounters()
+        self.model: LlamaStage | None = None
+        self.use(plan.prefill)
 
-    def allocate_kv(self, num_blocks: int) -> None:
-        """Allocates the paged cache: per local layer, K and V ``[NB, BS, Hkv/TP, D]``."""
-        hkv = self.cfg.num_kv_heads // self.info.layout.tp
-        shape = (num_blocks, self.block_size, hkv, self.cfg.head_dim)
-        self.kv_cache = [
-            (torch.zeros(shape, dtype=self.dtype, device=self.device),
-             torch.zeros(shape, dtype=self.dtype, device=self.device))
-            for _ in self.model.layers
-        ]
+    def use(self, layout: ParallelConfig) -> int:
+        """Activates ``layout``: its process groups, its stage rebuilt from the host shards
+        and its view of the KV buffer.
+
+        Returns:
+            Weight bytes copied host -> device (0 on CPU ranks: the stage views the store).
+        """
+        self.info = groups.activate(layout)
+        self.model = None  # release the old stage's device weights first
+        model = LlamaStage(self.cfg, self.info, self.dtype)
+        copied = model.bind_shard(self.store.shard(layout), self.device)
+        if copied:
+            groups.accelerator().synchronize()  # non-blocking copies from pinned memory
+        self.model = model
+        if self.num_blocks:
+            self._view_kv()
+        return copied
+
+    def allocate_kv(self, num_blocks: int | dict[ParallelConfig, int]) -> None:
+        """Allocates the paged cache: ``num_blocks`` blocks under each layout of the plan
+        (one number: the same for every layout), in one buffer sized for the largest."""
+        if isinstance(num_blocks, int):
+            num_blocks = {lay: num_blocks for lay in self.kv_layouts}
+        self.num_blocks = dict(num_blocks)
+        nbytes = max(n * kv_bytes_per_block(self.cfg, lay, self.block_size, self.dtype)
+                     for lay, n in self.num_blocks.items())
+        self._kv_flat = None
+        self._kv_flat = torch.zeros(nbytes // self.dtype.itemsize, dtype=self.dtype,
+                                    device=self.device)
+        self._view_kv()
+
+    def _view_kv(self) -> None:
+        """Per local layer, K and V ``[NB, BS, Hkv/TP, D]`` views of the flat buffer."""
+        layout = self.info.layout
+        nb, n = self.num_blocks[layout], len(self.model.layers)
+        hkv = self.cfg.num_kv_heads // layout.tp
+        shape = (n, 2, nb, self.block_size, hkv, self.cfg.head_dim)
+        kv = self._kv_flat[: math.prod(shape)].view(shape)
+        self.kv_cache = [(kv[i, 0], kv[i, 1]) for i in range(n)]
 
     @torch.inference_mode()
     def forward(
@@ -125,6 +186,8 @@ class ModelRunner:
         Returns:
             The sampled tokens on the last stage's TP rank 0, ``None`` on other ranks.
         """
+        if step.swap_in:
+            self._swap(step.swap_in, to_host=False)
         sends: list = []
         sampled: list[SampledToken] = []
         for mb in step.micro_batches:
@@ -141,9 +204,41 @@ class ModelRunner:
                 sampled += sample(logits, [s.seq_id for s in mb], [s.sampling for s in mb])
         for work, _buf in sends:
             work.wait()
+        if step.swap_out:
+            self._swap(step.swap_out, to_host=True)
         if self.info.is_last_stage and self.info.tp_rank == 0:
             return RunnerOutput(sampled)
         return None
+
+    def _swap(self, moves: list[KVMove], to_host: bool) -> None:
+        """Moves this rank's ``[its layers, k/v, its heads]`` part of each sequence's KV
+        between its device blocks and its host-tier slots."""
+        t0 = time.perf_counter()
+        kvl, rank = self.kv_layouts[self.info.layout], self.info.rank
+        l0, _ = kvl.layer_range(rank)
+        h0, h1 = kvl.head_range(rank)
+        host = self.host.tensor  # [L, 2, H, S, D]
+        nbytes = 0
+        for mv in moves:
+            s0, s1 = mv.slots.start, mv.slots.end
+            idx = self._token_index(mv.block_table, mv.slots.length)  # [n]
+            for i, (k, v) in enumerate(self.kv_cache):
+                dst = host[l0 + i, :, h0:h1, s0:s1]  # [2, h, n, D]
+                for j, paged in enumerate((k, v)):
+                    flat = paged.view(-1, *paged.shape[2:])  # [NB * BS, h, D]
+                    if to_host:
+                        dst[j].copy_(flat.index_select(0, idx).transpose(0, 1))
+                    else:
+                        flat.index_copy_(0, idx, dst[j].transpose(0, 1).to(self.device))
+                nbytes += dst.numel() * dst.element_size()
+        self.swap.add(to_host, nbytes, time.perf_counter() - t0)
+
+    def _token_index(self, block_table: list[int], n: int) -> torch.Tensor:
+        """Flat ``[NB * BS]`` cache rows of token positions ``0 .. n-1`` (``[n]``)."""
+        blocks = torch.tensor(block_table, dtype=torch.long, device=self.device)  # [nb]
+        rows = blocks[:, None] * self.block_size + torch.arange(self.block_size,
+                                                                 device=self.device)
+        return rows.reshape(-1)[:n]
 
     def _stage(self, input_ids, positions, query_lens, context_lens, block_tables, sends):
         """This rank's stage on one micro-batch; returns hidden ``[T, H]`` on the last stage,

@@ -56,6 +56,10 @@ class ShardStore:
                 self.unique_bytes += pinned.numel() * pinned.element_size()
             self.shards[key] = shard
 
+    def nbytes(self, layout: ParallelConfig) -> int:
+        """Bytes of ``layout``'s shard."""
+        return sum(t.numel() * t.element_size() for t in self.shard(layout).values())
+
     def shard(self, layout: ParallelConfig) -> dict[str, torch.Tensor]:
         """The state dict of ``layout``'s shard (keys as ``LlamaStage`` parameters)."""
         return self.shards[str(layout)]

@@ -43,7 +43,8 @@ def run_layout(
     block_size = 16
     lens = [len(p) for p in prompts]
     per_seq = -(-(max(lens) + max_new) // block_size)
-    runner = ModelRunner(cfg, layout, dtype, per_seq * len(prompts), block_size)
+    runner = ModelRunner(cfg, layout, dtype, block_size)
+    runner.allocate_kv(per_seq * len(prompts))
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
     src = runner.last_stage_rank()
     flat = [t for p in prompts for t in p]

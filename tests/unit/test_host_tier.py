@@ -54,8 +54,8 @@ def test_buffer_shared_owner_only_and_unlinked(tmp_path):
 
 
 def test_buffer_too_big_for_shm(tmp_path):
-    with pytest.raises(SeesawError, match=r"^host KV tier needs .* GiB but .* GiB free; lower "
-                       r"cache.host_kv_tokens$"):
+    with pytest.raises(SeesawError, match=r"^host KV tier needs .* GiB but only .* GiB is free "
+                       r"\(memory, .*\); lower cache.host_kv_tokens or cache.host_kv_gib$"):
         HostKVBuffer("huge", (80, 2, 8, 2**30, 128), torch.float16, True, str(tmp_path))
 
 

@@ -1,0 +1,179 @@
+"""Seesaw scheduling for a plan whose prefill and decode layouts differ (``P2 -> T2``).
+
+Prefill runs under the prefill layout: each step packs waiting prompts, the device cache is
+only scratch for that step, and every prefilled sequence's KV goes to the node's host tier.
+Decode runs under the decode layout: host-tier sequences are admitted into device blocks
+(swap-in) and decoded with continuous batching. The policy here is the simple one: prefill
+while the host tier has room, then decode everything resident, then switch back. Holds no
+tensors; one instance drives every DP replica of both layouts (their DP degrees may differ:
+the host tier is shared by the node, so any replica can decode any sequence).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from seesaw_mcore.config import PhasePlan
+from seesaw_mcore.engine.outputs import KVMove, Phase, SchedulerOutput, StepPlan
+from seesaw_mcore.engine.request import Sequence, SeqStatus
+from seesaw_mcore.engine.scheduler import SchedulerConfig, scheduled, split_micro_batches
+from seesaw_mcore.kv.block_pool import BlockPool
+from seesaw_mcore.kv.host_tier import SlotAllocator, SlotRange
+
+
+class PhaseScheduler:
+    """Queues, device block pools of both layouts, and host-tier slots.
+
+    Args:
+        config: batching budgets.
+        plan: the prefill and decode layouts.
+        prefill_blocks: device blocks per rank under the prefill layout.
+        decode_blocks: device blocks per rank under the decode layout.
+        block_size: tokens per block.
+        host_slots: token slots of the host KV tier.
+        phase: the phase the ranks are in now.
+    """
+
+    def __init__(self, config: SchedulerConfig, plan: PhasePlan, prefill_blocks: int,
+                 decode_blocks: int, block_size: int, host_slots: int,
+                 phase: Phase = Phase.PREFILL) -> None:
+        self.config, self.plan, self.phase = config, plan, phase
+        self.prefill_pools = [BlockPool(prefill_blocks, block_size)
+                              for _ in range(plan.prefill.dp)]
+        self.decode_pools = [BlockPool(decode_blocks, block_size) for _ in range(plan.decode.dp)]
+        self.host = SlotAllocator(host_slots)
+        self.waiting: deque[Sequence] = deque()  # need prefill (new or preempted)
+        self.swapped: deque[Sequence] = deque()  # KV in the host tier, in prefill order
+        self.running: list[list[Sequence]] = [[] for _ in range(plan.decode.dp)]
+        # Slots no longer needed; reused only after the next switch, whose barrier ensures
+        # no rank still reads or writes them.
+        self._dead_slots: list[SlotRange] = []
+        self.num_switches = 0
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.swapped or any(self.running))
+
+    def schedule(self) -> StepPlan:
+        """The next step for every replica, or a switch to the other phase."""
+        if self.phase == Phase.PREFILL:
+            replicas = self._schedule_prefill()
+            if any(replicas):
+                return StepPlan(replicas)
+            if self.swapped or any(self.running) or self._dead_slots:
+                return self._switch(Phase.DECODE)
+        else:
+            replicas = self._schedule_decode()
+            if any(replicas):
+                return StepPlan(replicas)
+            if self.waiting:
+                return self._switch(Phase.PREFILL)
+        raise RuntimeError("scheduler stalled with work left (a bug)")
+
+    def _switch(self, phase: Phase) -> StepPlan:
+        self.phase = phase
+        self.num_switches += 1
+        for r in self._dead_slots:
+            self.host.free(r)
+        self._dead_slots.clear()
+        return StepPlan([], switch_to=phase)
+
+    def _schedule_prefill(self) -> list[SchedulerOutput | None]:
+        """Packs waiting prompts into the replica with the fewest tokens so far, while the
+        host tier, the budgets and the replica's scratch blocks allow."""
+        dp, cfg = self.plan.prefill.dp, self.config
+        batches: list[list] = [[] for _ in range(dp)]
+        moves: list[list[KVMove]] = [[] for _ in range(dp)]
+        tables: list[list[list[int]]] = [[] for _ in range(dp)]
+        tokens = [0] * dp
+        while self.waiting:
+            seq = self.waiting[0]
+            n = seq.num_tokens
+            if not self.host.can_allocate(n):
+                break
+            r = next((r for r in sorted(range(dp), key=tokens.__getitem__)
+                      if (not batches[r] or tokens[r] + n <= cfg.max_prefill_tokens)
+                      and len(batches[r]) < cfg.max_num_seqs
+                      and self.prefill_pools[r].can_allocate([], n)), None)
+            if r is None:
+                break
+            self.waiting.popleft()
+            table: list[int] = []
+            self.prefill_pools[r].allocate(table, n)
+            seq.host_slots = self.host.allocate(n)
+            seq.status, seq.replica = SeqStatus.SWAPPED, r
+            self.swapped.append(seq)
+            batches[r].append(scheduled(seq, seq.all_token_ids, 0, table))
+            moves[r].append(KVMove(seq.seq_id, seq.host_slots, list(table)))
+            tables[r].append(table)
+            tokens[r] += n
+        for r in range(dp):  # scratch only: the KV leaves for the host tier within the step
+            for table in tables[r]:
+                self.prefill_pools[r].free(table)
+        return [SchedulerOutput(Phase.PREFILL, split_micro_batches(b, self.plan.prefill.pp, True),
+                                swap_out=m) if b else None for b, m in zip(batches, moves)]
+
+    def _schedule_decode(self) -> list[SchedulerOutput | None]:
+        """Grows every running sequence by one token (preempting the newest on shortage),
+        then admits host-tier sequences where blocks remain."""
+        out: list[SchedulerOutput | None] = []
+        admitted: list[list[KVMove]] = [[] for _ in self.running]
+        for r, running in enumerate(self.running):
+            self._grow(r, running)
+        while self.swapped:
+            r = self._replica_for(self.swapped[0])
+            if r is None:
+                break
+            seq = self.swapped.popleft()
+            self.decode_pools[r].allocate(seq.block_table, seq.num_tokens)
+            admitted[r].append(KVMove(seq.seq_id, seq.host_slots, list(seq.block_table)))
+            self._dead_slots.append(seq.host_slots)
+            seq.host_slots, seq.status, seq.replica = None, SeqStatus.RUNNING, r
+            self.running[r].append(seq)
+        for r, running in enumerate(self.running):
+            batch = [scheduled(s, s.output_token_ids[-1:], s.num_tokens - 1) for s in running]
+            out.append(SchedulerOutput(
+                Phase.DECODE, split_micro_batches(batch, self.plan.decode.pp, False),
+                swap_in=admitted[r]) if batch else None)
+        return out
+
+    def _grow(self, r: int, running: list[Sequence]) -> None:
+        pool, i = self.decode_pools[r], 0
+        while i < len(running):
+            seq = running[i]
+            if pool.can_allocate(seq.block_table, seq.num_tokens):
+                pool.allocate(seq.block_table, seq.num_tokens)
+                i += 1
+            else:  # recompute the newest: it goes back to prefill with its tokens so far
+                victim = running.pop()
+                pool.free(victim.block_table)
+                victim.status = SeqStatus.WAITING
+                victim.num_preemptions += 1
+                self.num_preemptions += 1
+                self.waiting.appendleft(victim)
+
+    def _replica_for(self, seq: Sequence) -> int | None:
+        """The least-loaded decode replica that can take ``seq`` and still grow every
+        running sequence by one block."""
+        for r in sorted(range(len(self.running)), key=lambda r: len(self.running[r])):
+            pool, running = self.decode_pools[r], self.running[r]
+            if len(running) >= self.config.max_num_seqs:
+                continue
+            need = pool.blocks_for(seq.num_tokens)
+            if need <= pool.num_free and (not running or pool.num_free - need > len(running)):
+                return r
+        return None
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes a finished sequence and frees what it holds."""
+        if seq.status == SeqStatus.SWAPPED:  # finished by its first token
+            self.swapped.remove(seq)
+            self._dead_slots.append(seq.host_slots)
+            seq.host_slots = None
+        else:
+            self.decode_pools[seq.replica].free(seq.block_table)
+            self.running[seq.replica].remove(seq)
+        seq.status = SeqStatus.FINISHED

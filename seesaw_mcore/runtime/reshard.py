@@ -1,0 +1,73 @@
+"""The phase switch as one object: drain -> groups -> model -> KV hand-over.
+
+KV moves through the node's host tier: prefill ranks wrote their ``[layers, all heads]``
+slices there during their steps; decode ranks read their ``[layers, heads]`` slices when the
+scheduler admits a sequence. The switch's part of the hand-over is the barrier that makes
+every rank's writes complete before any rank reads.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+from seesaw_mcore.config import PhasePlan
+from seesaw_mcore.engine.outputs import Phase
+from seesaw_mcore.runtime import groups
+from seesaw_mcore.runtime.model_runner import ModelRunner
+
+log = logging.getLogger("seesaw_mcore")
+
+
+@dataclass(frozen=True)
+class SwitchRecord:
+    """One switch, as measured on this rank."""
+
+    phase: Phase  # the phase switched to
+    src: str  # layout before
+    dst: str  # layout after
+    drain_s: float  # waiting for every rank to finish the previous phase (barrier)
+    rebuild_s: float  # groups + stage rebuilt from the host shards + KV view
+    weight_bytes: int  # bytes of the new stage's weights
+    copied_bytes: int  # of those, bytes copied host -> device (0 on CPU ranks: views)
+
+    @property
+    def seconds(self) -> float:
+        return self.drain_s + self.rebuild_s
+
+
+class Resharder:
+    """Switches a ``ModelRunner`` between the two layouts of a plan.
+
+    Args:
+        runner: this rank's runner.
+        plan: the prefill and decode layouts.
+    """
+
+    def __init__(self, runner: ModelRunner, plan: PhasePlan) -> None:
+        self.runner, self.plan = runner, plan
+        self.records: list[SwitchRecord] = []
+
+    def switch(self, phase: Phase) -> SwitchRecord:
+        """Every rank calls this at the same step; returns when this rank runs ``phase``."""
+        src = self.runner.info.layout
+        dst = self.plan.prefill if phase == Phase.PREFILL else self.plan.decode
+        t0 = time.perf_counter()
+        dist.barrier()  # drain: every rank's steps, host-tier writes included, are done
+        t1 = time.perf_counter()
+        copied = self.runner.use(dst)
+        groups.accelerator().synchronize()
+        t2 = time.perf_counter()
+        shard = self.runner.store.shard(dst)
+        rec = SwitchRecord(phase, str(src), str(dst), t1 - t0, t2 - t1,
+                           sum(t.numel() * t.element_size() for t in shard.values()), copied)
+        self.records.append(rec)
+        if dist.get_rank() == 0:
+            log.info("switch %s -> %s (%s): %.2f ms (drain %.2f, rebuild %.2f), weights "
+                     "%.1f MB, copied %.1f MB", src, dst, phase.value, rec.seconds * 1e3,
+                     rec.drain_s * 1e3, rec.rebuild_s * 1e3, rec.weight_bytes / 1e6,
+                     copied / 1e6)
+        return rec
