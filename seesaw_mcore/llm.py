@@ -100,7 +100,11 @@ class LLM:
         if not self.is_driver:
             self.engine.run([], lambda s: False)
             return []
-        seqs, token_lists = self._make_sequences(prompts, params)
+        try:
+            seqs, token_lists = self._make_sequences(prompts, params)
+        except SeesawError as e:
+            self.engine.abort(str(e))
+            raise
         start = time.perf_counter()
         results: dict[int, RequestOutput] = {}
         samples: list[list[Sequence]] = [[] for _ in prompts]  # per request, in sample order

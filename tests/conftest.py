@@ -20,6 +20,8 @@ MODELS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
     ),
+    # T4 and P4: 4 KV heads, 4 layers.
+    "llama4": dict(arch="llama", num_layers=4, heads=8, kv_heads=4, vocab=250, seed=4),
 }
 
 
@@ -30,6 +32,22 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
 
     root = tmp_path_factory.mktemp("models")
     return {name: build_random(str(root / name), **kw) for name, kw in MODELS.items()}
+
+
+def hf_greedy(model_path: str, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+    """HF ``generate`` greedy continuations (no EOS stop), the parity reference."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=max_new, eos_token_id=None, pad_token_id=0)
+            outs.append(g[0, len(p):].tolist())
+    return outs
 
 
 def launch(nprocs: int, args: list[str], timeout: float = 300.0,

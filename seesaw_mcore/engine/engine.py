@@ -210,9 +210,14 @@ class Engine:
         try:
             self._drive(seqs, after_token)
         except BaseException as e:
-            dist.broadcast_object_list([StepPlan([], stop=True, error=str(e))], src=0)
+            self.abort(str(e))
             raise
         dist.broadcast_object_list([StepPlan([], stop=True)], src=0)
+
+    def abort(self, message: str) -> None:
+        """Rank 0, instead of or during ``run``: makes the workers' ``run`` raise
+        ``message`` (so no rank waits for a step that never comes)."""
+        dist.broadcast_object_list([StepPlan([], stop=True, error=message)], src=0)
 
     def _schedulers(self):
         if self.plan.is_static:

@@ -7,9 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from tests.conftest import launch
+from tests.conftest import hf_greedy, launch
 from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
 
 WORLDS = {1: ["T1"], 2: ["T2", "P2", "D2"]}
@@ -28,23 +27,13 @@ def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(tiny_models) -> list[list[int]]:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32)
-    outs = []
-    with torch.no_grad():
-        for p in PROMPTS:
-            ids = torch.tensor([p])
-            g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=MAX_TOKENS, eos_token_id=None, pad_token_id=0)
-            outs.append(g[0, len(p):].tolist())
-    return outs
+def hf_ref(tiny_models) -> list[list[int]]:
+    return hf_greedy(tiny_models["llama"], PROMPTS, MAX_TOKENS)
 
 
 @pytest.mark.parametrize("layout", ["T1", "T2", "P2", "D2"])
-def test_greedy_matches_hf_with_preemption(results, hf_greedy, layout):
-    assert results[layout]["greedy"] == hf_greedy
+def test_greedy_matches_hf_with_preemption(results, hf_ref, layout):
+    assert results[layout]["greedy"] == hf_ref
     assert results[layout]["preemptions"] > 0
 
 

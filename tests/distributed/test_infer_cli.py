@@ -98,6 +98,14 @@ def test_demo_defaults_single_process(tmp_path):
     (["plan=t2"], "error: layout T2 needs DP x TP x PP = 1 x 2 x 1 = 2 ranks, but the world "
                   "size is 1"),
     (["data.input=/nonexistent.jsonl"], "error: data.input '/nonexistent.jsonl' does not exist"),
+    (["plan=p2_t2"], "error: layout P2 needs DP x TP x PP = 1 x 1 x 2 = 2 ranks, but the world "
+                     "size is 1"),
+    (["plan.prefill=P2", "plan.decode=T4"], "error: plan P2 -> T4: prefill uses 2 ranks but "
+                                            "decode uses 4; both phases run on the same ranks"),
+    (["plan.prefill=P4", "plan.decode=T4"], "error: layout T4: TP=4 does not divide "
+                                            "num_key_value_heads=2"),
+    (["plan.prefill=P8", "plan.decode=T8"], "error: layout P8: PP=8 is greater than "
+                                            "num_hidden_layers=5"),
 ])
 def test_errors(overrides, message, tmp_path):
     proc = infer(1, f"data.output={tmp_path / 'o.jsonl'}", *overrides, timeout=120)
@@ -142,3 +150,35 @@ def test_stop_strings_and_n_samples(tmp_path):
                 assert o["text"] == full[: full.index(".")]
     assert stopped > 0
     assert distinct > len(rows) // 2  # the n samples are separate draws
+
+
+@pytest.fixture(scope="module")
+def seesaw_run(prompts_file, tmp_path_factory):
+    """P2 -> T2 with a host tier of 26 tokens: the prompts need several prefill phases."""
+    out = tmp_path_factory.mktemp("cli") / "out.jsonl"
+    proc = infer(2, "plan=p2_t2", f"data.input={prompts_file}", f"data.output={out}",
+                 "sampling.max_tokens=16", "cache.num_blocks=10", "cache.block_size=4",
+                 "cache.host_kv_tokens=26")
+    return proc, out
+
+
+def test_seesaw_plan_same_outputs_as_static(seesaw_run, t2_run):
+    proc, out = seesaw_run
+    assert proc.returncode == 1  # the two bad input lines, as under T2
+    assert "seesaw_mcore run report (P2 -> T2, 7 requests" in proc.stdout
+    switches = int(proc.stdout.split("  switches ")[1].split()[0])
+    assert switches >= 3
+    assert "switch P2 -> T2 (decode)" in proc.stdout  # each switch is logged
+    rows = {r["id"]: r["outputs"] for r in map(json.loads, out.read_text().splitlines())}
+    static = {r["id"]: r["outputs"] for r in map(json.loads, t2_run[1].read_text().splitlines())}
+    assert rows == static
+
+
+def test_host_tier_too_small_two_ranks(tmp_path):
+    proc = infer(2, "plan=p2_t2", f"data.output={tmp_path / 'o.jsonl'}",
+                 "cache.host_kv_tokens=8", "sampling.max_tokens=8", timeout=180)
+    assert proc.returncode == 1
+    assert error_lines(proc) == [
+        "error: prompt 0 needs up to 11 token slots of the host KV tier (prompt 4 + max_tokens "
+        "8 - 1, if preempted) but it holds 8; raise cache.host_kv_tokens / cache.host_kv_gib "
+        "or lower max_tokens"]

@@ -1,0 +1,80 @@
+"""Seesaw job run by tests under the launcher: for each plan, greedy and seeded sampling
+through ``LLM.generate`` with a host tier far smaller than the prompts (so prefill and
+decode alternate several times); optionally a leak check over 50+ switches. Rank 0 writes
+JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import psutil
+import torch.distributed as dist
+
+from seesaw_mcore import LLM, SamplingParams
+from seesaw_mcore.runtime import groups
+
+from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
+
+# PROMPTS have 58 tokens; the host tier holds 40 (the longest prompt + max_tokens - 1 = 39
+# fits), the device cache 48, so the run switches several times and decode preempts.
+HOST_TOKENS = 40
+
+
+def run_plan(model: str, prefill: str, decode: str | None) -> dict:
+    llm = LLM(model, prefill=prefill, decode=decode, num_blocks=12, block_size=4,
+              max_num_seqs=8, host_kv_tokens=HOST_TOKENS)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                                  ignore_eos=True), use_tqdm=False)
+    stats = llm.engine.stats
+    switches, preemptions = stats.switches, stats.preemptions
+    params = [SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=100 + i, n=2,
+                             max_tokens=MAX_TOKENS, ignore_eos=True) for i in range(len(PROMPTS))]
+    sampled = llm.generate(prompts, params, use_tqdm=False)
+    llm.close()
+    return {"greedy": [o.outputs[0].token_ids for o in greedy], "switches": switches,
+            "preemptions": preemptions,
+            "sampled": [[c.token_ids for c in o.outputs] for o in sampled]}
+
+
+def leak_check(model: str) -> dict:
+    """Two runs of 25 one-prompt prefill phases each (~50 switches per run): process groups
+    and RSS after the first run vs after the second."""
+    llm = LLM(model, prefill="P2", decode="T2", num_blocks=16, block_size=4,
+              host_kv_tokens=11)
+    prompts = [{"prompt_token_ids": [1 + i] + [5] * 7} for i in range(25)]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    marks = []
+    for _ in range(3):
+        llm.generate(prompts, params, use_tqdm=False)
+        rss = psutil.Process().memory_info().rss
+        box = [None] * dist.get_world_size()
+        dist.all_gather_object(box, rss)
+        marks.append({"switches": llm.engine.stats.switches, "rss": box,
+                      "process_groups": groups.num_process_groups()})
+    llm.close()
+    return {"marks": marks}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("out")
+    ap.add_argument("plans", nargs="+", help="PREFILL:DECODE, or a static layout")
+    ap.add_argument("--leak", action="store_true")
+    args = ap.parse_args()
+    report = {}
+    for plan in args.plans:
+        prefill, _, decode = plan.partition(":")
+        report[plan] = run_plan(args.model, prefill, decode or None)
+    if args.leak:
+        report["leak"] = leak_check(args.model)
+    if dist.get_rank() == 0:
+        with open(args.out, "w") as f:
+            json.dump(report, f)
+    groups.shutdown()
+
+
+if __name__ == "__main__":
+    main()

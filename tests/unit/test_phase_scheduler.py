@@ -1,0 +1,99 @@
+"""PhaseScheduler: prefill into the host tier, switch, admit with swap-in, dead slots reused
+only after a switch, recompute preemption, DP degree changing between the phases."""
+
+from __future__ import annotations
+
+from seesaw_mcore.config import PhasePlan
+from seesaw_mcore.engine.outputs import Phase
+from seesaw_mcore.engine.phase_scheduler import PhaseScheduler
+from seesaw_mcore.engine.request import SeqStatus
+from seesaw_mcore.engine.scheduler import SchedulerConfig
+from tests.unit.test_scheduler import create_requests
+
+
+def create_scheduler(prefill="P2", decode="T2", prefill_blocks=16, decode_blocks=16,
+                     host_slots=20, **cfg) -> PhaseScheduler:
+    return PhaseScheduler(SchedulerConfig(**cfg), PhasePlan.parse(prefill, decode),
+                          prefill_blocks, decode_blocks, 4, host_slots)
+
+
+def _sample(sched: PhaseScheduler, step) -> None:
+    """Pretend the runner sampled token 7 for every scheduled sequence."""
+    by_id = {s.seq_id: s for s in [*sched.swapped, *[q for r in sched.running for q in r]]}
+    for rep in step.replicas:
+        for s in rep.seqs if rep else ():
+            by_id[s.seq_id].output_token_ids.append(7)
+
+
+def test_prefill_until_host_full_then_switch_and_admit():
+    sched = create_scheduler(host_slots=20)
+    seqs = create_requests([8, 8, 8])
+    for s in seqs:
+        sched.add(s)
+    step = sched.schedule()
+    [rep] = step.replicas
+    assert rep.phase == Phase.PREFILL and [s.seq_id for s in rep.seqs] == [0, 1]
+    assert [m.slots.length for m in rep.swap_out] == [8, 8]  # all prompt KV to the host
+    assert rep.swap_out[0].block_table != rep.swap_out[1].block_table
+    assert sched.prefill_pools[0].num_free == 16  # device blocks were scratch only
+    _sample(sched, step)
+    assert sched.schedule().switch_to == Phase.DECODE  # the third prompt does not fit
+    step = sched.schedule()
+    [rep] = step.replicas
+    assert rep.phase == Phase.DECODE and [m.seq_id for m in rep.swap_in] == [0, 1]
+    assert [s.start_pos for s in rep.seqs] == [8, 8] and [s.token_ids for s in rep.seqs] == [
+        [7], [7]]
+    assert sched.host.used == 16  # freed only at the next switch (ranks may still read)
+    _sample(sched, step)
+    for s in seqs[:2]:
+        sched.finish(s)
+    assert sched.schedule().switch_to == Phase.PREFILL and sched.host.used == 0
+    assert [s.seq_id for s in sched.schedule().replicas[0].seqs] == [2]
+    assert sched.num_switches == 2
+
+
+def test_finished_at_first_token_frees_its_slots_at_the_switch():
+    sched = create_scheduler(host_slots=8)
+    a, b = create_requests([8, 8])
+    sched.add(a)
+    sched.add(b)
+    _sample(sched, sched.schedule())
+    sched.finish(a)  # EOS as its first token
+    assert a.status == SeqStatus.FINISHED and not sched.swapped
+    assert sched.schedule().switch_to == Phase.DECODE  # to release the dead slots
+    assert sched.schedule().switch_to == Phase.PREFILL  # nothing to decode
+    assert [s.seq_id for s in sched.schedule().replicas[0].seqs] == [1]
+
+
+def test_dp_changes_between_phases():
+    sched = create_scheduler(prefill="D2", decode="T2", host_slots=64)
+    seqs = create_requests([4, 4, 4, 4])
+    for s in seqs:
+        sched.add(s)
+    step = sched.schedule()
+    assert [len(r.seqs) for r in step.replicas] == [2, 2]  # balanced over both replicas
+    _sample(sched, step)
+    assert sched.schedule().switch_to == Phase.DECODE
+    [rep] = sched.schedule().replicas  # one decode replica takes all four
+    assert len(rep.swap_in) == 4 and len(rep.seqs) == 4
+
+
+def test_decode_preempts_newest_for_recompute():
+    sched = create_scheduler(decode_blocks=6, host_slots=64)
+    seqs = create_requests([7, 7])
+    for s in seqs:
+        sched.add(s)
+    _sample(sched, sched.schedule())
+    sched.schedule()  # switch
+    step = sched.schedule()
+    assert len(step.replicas[0].seqs) == 2  # 2 + 2 blocks, two spare for growth
+    steps = 0
+    while not sched.waiting:
+        _sample(sched, step)
+        step = sched.schedule()
+        steps += 1
+    # at 13 tokens each needs 4 blocks: the newest goes back to prefill with its tokens
+    assert steps == 5 and [s.seq_id for s in step.replicas[0].seqs] == [0]
+    assert sched.waiting[0] is seqs[1] and seqs[1].num_preemptions == 1
+    assert seqs[1].status == SeqStatus.WAITING and not seqs[1].block_table
+    assert len(seqs[0].block_table) == 4
