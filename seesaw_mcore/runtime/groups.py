@@ -99,6 +99,7 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
             timeout=datetime.timedelta(seconds=timeout_s),
             verbose=False,
         )
+        _unlink_deepspeed_shm()
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -145,6 +146,19 @@ def prepare(layouts: list[ParallelConfig]) -> None:
         check_world(layout, dist.get_world_size())
         if layout not in _PREPARED:
             _PREPARED[layout] = _build(layout)
+
+
+def _unlink_deepspeed_shm() -> None:
+    """DeepSpeed's CPU shm all-reduce (set up inside ``init_distributed`` when every rank is
+    local) leaves a ~69 MB file per rank in /dev/shm forever. Every rank maps every peer's
+    file before ``init_distributed`` returns, so after a barrier each rank can unlink its
+    own: the mappings stay valid and nothing is left behind, even after a crash."""
+    path = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_"
+            f"{os.environ.get('MASTER_ADDR')}_{os.environ.get('MASTER_PORT')}_{dist.get_rank()}")
+    if dist.get_world_size() > 1:
+        dist.barrier()
+    if os.path.exists(path):
+        os.unlink(path)
 
 
 def activate(layout: ParallelConfig) -> RankInfo:

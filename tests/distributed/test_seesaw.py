@@ -20,7 +20,7 @@ SEESAW = [p for _, plans in PLANS.values() for p in plans if ":" in p]
 
 @pytest.fixture(scope="module")
 def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
-    before = set(glob.glob("/dev/shm/seesaw_kv_*"))
+    before = _shm_files()
     merged: dict[str, dict] = {}
     for world, (model, plans) in PLANS.items():
         out = tmp_path_factory.mktemp("seesaw") / f"w{world}.json"
@@ -30,8 +30,13 @@ def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         for plan, rep in json.loads(out.read_text()).items():
             merged[plan] = dict(rep, model=model)
-    merged["shm_residue"] = sorted(set(glob.glob("/dev/shm/seesaw_kv_*")) - before)
+    merged["shm_residue"] = sorted(_shm_files() - before)
     return merged
+
+
+def _shm_files() -> set[str]:
+    """Our host tiers and DeepSpeed's shm all-reduce buffers."""
+    return set(glob.glob("/dev/shm/seesaw_kv_*") + glob.glob("/dev/shm/deepspeed_allreduce_*"))
 
 
 @pytest.fixture(scope="module")
