@@ -45,6 +45,7 @@ def run(cfg: DictConfig) -> int:
         kv_cache_gib=cfg.cache.kv_cache_gib, host_kv_tokens=cfg.cache.host_kv_tokens,
         host_kv_gib=cfg.cache.host_kv_gib, max_num_seqs=cfg.scheduler.max_num_seqs,
         max_prefill_tokens=cfg.scheduler.max_prefill_tokens,
+        prefill_micro_batches=cfg.scheduler.prefill_micro_batches,
         max_model_len=cfg.model.max_model_len,
     )
     records, bad, failure = [], [], None

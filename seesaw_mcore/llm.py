@@ -35,7 +35,8 @@ class LLM:
         seed: engine seed, used for requests whose ``SamplingParams.seed`` is ``None``.
         block_size / num_blocks / kv_cache_gib: device KV cache (see ``CacheConfig``).
         host_kv_tokens / host_kv_gib: host KV tier of a re-sharding plan (see ``CacheConfig``).
-        max_num_seqs / max_prefill_tokens: batching budgets (see ``SchedulerConfig``).
+        max_num_seqs / max_prefill_tokens / prefill_micro_batches: batching (see
+            ``SchedulerConfig``).
         max_model_len: longest prompt + output; default: the model's context.
     """
 
@@ -53,6 +54,7 @@ class LLM:
         host_kv_gib: float = 1.0,
         max_num_seqs: int = 256,
         max_prefill_tokens: int = 4096,
+        prefill_micro_batches: int = 4,
         max_model_len: int | None = None,
     ) -> None:
         self.seed = seed
@@ -62,7 +64,8 @@ class LLM:
                               kv_cache_gib=kv_cache_gib, host_kv_tokens=host_kv_tokens,
                               host_kv_gib=host_kv_gib),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                      max_prefill_tokens=max_prefill_tokens),
+                                      max_prefill_tokens=max_prefill_tokens,
+                                      prefill_micro_batches=prefill_micro_batches),
             max_model_len=max_model_len,
         )
         self.tokenizer = _load_tokenizer(model)

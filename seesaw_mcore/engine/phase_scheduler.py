@@ -113,8 +113,10 @@ class PhaseScheduler:
         for r in range(dp):  # scratch only: the KV leaves for the host tier within the step
             for table in tables[r]:
                 self.prefill_pools[r].free(table)
-        return [SchedulerOutput(Phase.PREFILL, split_micro_batches(b, self.plan.prefill.pp, True),
-                                swap_out=m) if b else None for b, m in zip(batches, moves)]
+        pp = self.plan.prefill.pp
+        parts = pp * cfg.prefill_micro_batches if pp > 1 else 1
+        return [SchedulerOutput(Phase.PREFILL, split_micro_batches(b, parts, True), swap_out=m)
+                if b else None for b, m in zip(batches, moves)]
 
     def _schedule_decode(self) -> list[SchedulerOutput | None]:
         """Grows every running sequence by one token (preempting the newest on shortage),

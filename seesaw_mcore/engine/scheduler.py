@@ -31,10 +31,14 @@ class SchedulerConfig:
         max_num_seqs: most sequences in one step.
         max_prefill_tokens: most prompt tokens in one prefill step (a longer single prompt
             still runs, alone).
+        prefill_micro_batches: micro-batches per pipeline stage in a prefill step (PP > 1).
+            More shrink the pipeline bubble (efficiency m / (m + PP - 1) for m micro-batches);
+            decode always uses PP micro-batches, so each stage reads its weights PP times.
     """
 
     max_num_seqs: int = 256
     max_prefill_tokens: int = 4096
+    prefill_micro_batches: int = 4
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -42,6 +46,9 @@ class SchedulerConfig:
         if self.max_prefill_tokens < 1:
             raise SeesawError(
                 f"scheduler.max_prefill_tokens must be >= 1, got {self.max_prefill_tokens}")
+        if self.prefill_micro_batches < 1:
+            raise SeesawError(f"scheduler.prefill_micro_batches must be >= 1, got "
+                              f"{self.prefill_micro_batches}")
 
 
 class Scheduler:
@@ -118,7 +125,8 @@ class Scheduler:
         self.running.remove(seq)
 
     def _split(self, batch: list[ScheduledSeq], by_tokens: bool) -> list[list[ScheduledSeq]]:
-        return split_micro_batches(batch, self.pp, by_tokens)
+        parts = self.pp * self.config.prefill_micro_batches if by_tokens and self.pp > 1 else self.pp
+        return split_micro_batches(batch, parts, by_tokens)
 
 
 class ReplicaSchedulers:
@@ -158,11 +166,11 @@ class ReplicaSchedulers:
         self.replicas[seq.replica].finish(seq)
 
 
-def split_micro_batches(batch: list[ScheduledSeq], pp: int,
+def split_micro_batches(batch: list[ScheduledSeq], parts: int,
                         by_tokens: bool) -> list[list[ScheduledSeq]]:
-    """Splits a step into at most ``pp`` micro-batches of balanced size (tokens in prefill,
-    sequences in decode)."""
-    parts = min(pp, len(batch))
+    """Splits a step into at most ``parts`` micro-batches of balanced size (tokens in
+    prefill, sequences in decode)."""
+    parts = min(parts, len(batch))
     if parts <= 1:
         return [batch]
     weights = [len(s.token_ids) if by_tokens else 1 for s in batch]

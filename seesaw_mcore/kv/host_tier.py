@@ -112,6 +112,7 @@ class HostKVBuffer:
             raise RuntimeError(f"host KV buffer {self.path} does not exist (creator not ready?)")
         storage = torch.UntypedStorage.from_file(self.path, shared=True, nbytes=nbytes)
         self.tensor = torch.empty(0, dtype=dtype).set_(storage).view(shape)  # [L, 2, H, S, D]
+        _touch_pages(self.tensor)  # every rank attaches before anything is written
 
     def write(self, layers: tuple[int, int], heads: tuple[int, int], slots: SlotRange,
               kv: torch.Tensor) -> None:
@@ -133,6 +134,15 @@ class HostKVBuffer:
         """Unmaps (once nothing else references the tensor) and unlinks if still there."""
         self.tensor = None
         self.unlink()
+
+
+def _touch_pages(t: torch.Tensor) -> None:
+    """Writes one zero per page of a fresh (all-zero) mapping: the node commits the memory
+    now (a node short of it fails at start, not mid-run) and this process's page tables are
+    filled, so swaps run without page faults."""
+    flat = t.view(-1)
+    step = max(os.sysconf("SC_PAGE_SIZE") // t.element_size(), 1)
+    flat[::step] = 0
 
 
 def _check_fits(nbytes: int, shm_dir: str) -> None:

@@ -65,6 +65,26 @@ class SwapCounters:
             self.in_s += seconds
 
 
+def _copy_runs(moves: list[KVMove], block_size: int) -> list[tuple[int, int, int]]:
+    """Token runs contiguous in both the host slots and the flat ``[NB * BS]`` cache rows:
+    ``(slot start, row start, length)``. Fresh block tables are mostly ascending, so a
+    prefill step's moves usually collapse into a few runs."""
+    runs: list[list[int]] = []
+    for m in sorted(moves, key=lambda m: m.slots.start):
+        slot, left = m.slots.start, m.slots.length
+        for b in m.block_table:
+            n = min(block_size, left)
+            if n <= 0:
+                break
+            row = b * block_size
+            if runs and runs[-1][0] + runs[-1][2] == slot and runs[-1][1] + runs[-1][2] == row:
+                runs[-1][2] += n
+            else:
+                runs.append([slot, row, n])
+            slot, left = slot + n, left - n
+    return [tuple(r) for r in runs]
+
+
 class ModelRunner:
     """Holds this rank's stage and its paged KV cache under the active layout of a plan.
 
@@ -104,6 +124,7 @@ class ModelRunner:
         self.host: HostKVBuffer | None = None  # the node's host KV tier (Seesaw plans)
         self.swap = SwapCounters()
         self.model: LlamaStage | None = None
+        self._resident: dict[ParallelConfig, LlamaStage] = {}  # stages that cost no memory
         self.use(plan.prefill)
 
     def use(self, layout: ParallelConfig) -> int:
@@ -114,12 +135,18 @@ class ModelRunner:
             Weight bytes copied host -> device (0 on CPU ranks: the stage views the store).
         """
         self.info = groups.activate(layout)
-        self.model = None  # release the old stage's device weights first
-        model = LlamaStage(self.cfg, self.info, self.dtype)
-        copied = model.bind_shard(self.store.shard(layout), self.device)
-        if copied:
-            groups.accelerator().synchronize()  # non-blocking copies from pinned memory
-        self.model = model
+        copied = 0
+        if layout in self._resident:  # its weights are views of the store: reuse the stage
+            self.model = self._resident[layout]
+        else:
+            self.model = None  # release the old stage's device weights first
+            model = LlamaStage(self.cfg, self.info, self.dtype)
+            copied = model.bind_shard(self.store.shard(layout), self.device)
+            if copied:
+                groups.accelerator().synchronize()  # non-blocking copies from pinned memory
+            else:
+                self._resident[layout] = model
+            self.model = model
         if self.num_blocks:
             self._view_kv()
         return copied
@@ -212,33 +239,27 @@ class ModelRunner:
 
     def _swap(self, moves: list[KVMove], to_host: bool) -> None:
         """Moves this rank's ``[its layers, k/v, its heads]`` part of each sequence's KV
-        between its device blocks and its host-tier slots."""
+        between its device blocks and its host-tier slots: one strided copy per layer, K/V
+        and run of tokens contiguous on both sides (adjacent slots and adjacent blocks)."""
         t0 = time.perf_counter()
         kvl, rank = self.kv_layouts[self.info.layout], self.info.rank
         l0, _ = kvl.layer_range(rank)
         h0, h1 = kvl.head_range(rank)
         host = self.host.tensor  # [L, 2, H, S, D]
-        nbytes = 0
-        for mv in moves:
-            s0, s1 = mv.slots.start, mv.slots.end
-            idx = self._token_index(mv.block_table, mv.slots.length)  # [n]
-            for i, (k, v) in enumerate(self.kv_cache):
-                dst = host[l0 + i, :, h0:h1, s0:s1]  # [2, h, n, D]
-                for j, paged in enumerate((k, v)):
-                    flat = paged.view(-1, *paged.shape[2:])  # [NB * BS, h, D]
+        runs = _copy_runs(moves, self.block_size)  # (slot start, cache row start, tokens)
+        for i, (k, v) in enumerate(self.kv_cache):
+            for j, paged in enumerate((k, v)):
+                flat = paged.view(-1, *paged.shape[2:])  # [NB * BS, h, D]
+                side = host[l0 + i, j, h0:h1]  # [h, S, D]
+                for slot, row, n in runs:
+                    dev, hst = flat[row:row + n], side[:, slot:slot + n]  # [n, h, D], [h, n, D]
                     if to_host:
-                        dst[j].copy_(flat.index_select(0, idx).transpose(0, 1))
+                        hst.copy_(dev.transpose(0, 1))
                     else:
-                        flat.index_copy_(0, idx, dst[j].transpose(0, 1).to(self.device))
-                nbytes += dst.numel() * dst.element_size()
-        self.swap.add(to_host, nbytes, time.perf_counter() - t0)
-
-    def _token_index(self, block_table: list[int], n: int) -> torch.Tensor:
-        """Flat ``[NB * BS]`` cache rows of token positions ``0 .. n-1`` (``[n]``)."""
-        blocks = torch.tensor(block_table, dtype=torch.long, device=self.device)  # [nb]
-        rows = blocks[:, None] * self.block_size + torch.arange(self.block_size,
-                                                                 device=self.device)
-        return rows.reshape(-1)[:n]
+                        dev.copy_(hst.transpose(0, 1), non_blocking=True)
+        tokens = sum(m.slots.length for m in moves)
+        nbytes = 2 * len(self.kv_cache) * tokens * (h1 - h0) * self.cfg.head_dim
+        self.swap.add(to_host, nbytes * self.dtype.itemsize, time.perf_counter() - t0)
 
     def _stage(self, input_ids, positions, query_lens, context_lens, block_tables, sends):
         """This rank's stage on one micro-batch; returns hidden ``[T, H]`` on the last stage,

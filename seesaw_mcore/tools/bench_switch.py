@@ -89,11 +89,16 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(kv_cache_gib=1.0, max_prefill_tokens=2048)
     static = LLM(path, prefill=args.static, **common)
     _run(static, prompts[:2], 2)  # warm-up
+    st = static.engine.stats
+    b0 = (st.prefill_s, st.decode_s)
     static_s = _run(static, prompts, args.max_tokens)
+    static_phases = {"prefill_s": round(st.prefill_s - b0[0], 3),
+                     "decode_s": round(st.decode_s - b0[1], 3)}
     static.close()
     llm = LLM(path, prefill=prefill, decode=decode, host_kv_tokens=args.host_kv_tokens, **common)
     _run(llm, prompts[:2], 2)
     eng = llm.engine
+    p0 = (eng.stats.prefill_s, eng.stats.decode_s)
     base = (eng.stats.switches, eng.stats.switch_s, eng.runner.swap.out_bytes,
             eng.runner.swap.out_s, eng.runner.swap.in_bytes, eng.runner.swap.in_s,
             len(eng.resharder.records))
@@ -132,6 +137,9 @@ def main(argv: list[str] | None = None) -> int:
             "cost_over_floor": round(cost_s / max(floor_s, 1e-9), 2),
             "switch_share_of_run": round((cost_s + worst["drain_s"]) / wall, 4),
             "seesaw_tok_s": round(gen / wall, 1), "static_tok_s": round(gen / static_s, 1),
+            "seesaw_phases": {"prefill_s": round(eng.stats.prefill_s - p0[0], 3),
+                              "decode_s": round(eng.stats.decode_s - p0[1], 3)},
+            "static_phases": static_phases,
         }
         res["seesaw_over_static"] = round(res["seesaw_tok_s"] / res["static_tok_s"], 3)
         print(json.dumps(res, indent=2))

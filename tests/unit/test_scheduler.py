@@ -69,10 +69,12 @@ def test_max_num_seqs():
 
 
 def test_decode_micro_batches_split_running_over_pp():
-    sched = create_scheduler(num_blocks=64, pp=2)
+    sched = create_scheduler(num_blocks=64, pp=2, prefill_micro_batches=2)
     for s in create_requests([3] * 5):
         sched.add(s)
     out = sched.schedule()
+    # prefill: PP x prefill_micro_batches micro-batches (smaller pipeline bubble)
+    assert out.phase == Phase.PREFILL and [len(mb) for mb in out.micro_batches] == [2, 1, 1, 1]
     _feed(sched, out)
     out = sched.schedule()
     assert out.phase == Phase.DECODE and [len(mb) for mb in out.micro_batches] == [3, 2]
