@@ -16,7 +16,12 @@ from collections import deque
 from seesaw_mcore.config import PhasePlan
 from seesaw_mcore.engine.outputs import KVMove, Phase, SchedulerOutput, StepPlan
 from seesaw_mcore.engine.request import Sequence, SeqStatus
-from seesaw_mcore.engine.scheduler import SchedulerConfig, scheduled, split_micro_batches
+from seesaw_mcore.engine.scheduler import (
+    SchedulerConfig,
+    prefill_parts,
+    scheduled,
+    split_micro_batches,
+)
 from seesaw_mcore.kv.block_pool import BlockPool
 from seesaw_mcore.kv.host_tier import SlotAllocator, SlotRange
 
@@ -113,8 +118,7 @@ class PhaseScheduler:
         for r in range(dp):  # scratch only: the KV leaves for the host tier within the step
             for table in tables[r]:
                 self.prefill_pools[r].free(table)
-        pp = self.plan.prefill.pp
-        parts = pp * cfg.prefill_micro_batches if pp > 1 else 1
+        parts = prefill_parts(cfg, self.plan.prefill.pp)
         return [SchedulerOutput(Phase.PREFILL, split_micro_batches(b, parts, True), swap_out=m)
                 if b else None for b, m in zip(batches, moves)]
 

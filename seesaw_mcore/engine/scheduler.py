@@ -125,7 +125,7 @@ class Scheduler:
         self.running.remove(seq)
 
     def _split(self, batch: list[ScheduledSeq], by_tokens: bool) -> list[list[ScheduledSeq]]:
-        parts = self.pp * self.config.prefill_micro_batches if by_tokens and self.pp > 1 else self.pp
+        parts = prefill_parts(self.config, self.pp) if by_tokens else self.pp
         return split_micro_batches(batch, parts, by_tokens)
 
 
@@ -164,6 +164,11 @@ class ReplicaSchedulers:
 
     def finish(self, seq: Sequence) -> None:
         self.replicas[seq.replica].finish(seq)
+
+
+def prefill_parts(config: SchedulerConfig, pp: int) -> int:
+    """Micro-batches of a prefill step: ``prefill_micro_batches`` per stage under PP."""
+    return pp * config.prefill_micro_batches if pp > 1 else 1
 
 
 def split_micro_batches(batch: list[ScheduledSeq], parts: int,

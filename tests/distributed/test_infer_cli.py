@@ -174,11 +174,17 @@ def test_seesaw_plan_same_outputs_as_static(seesaw_run, t2_run):
     assert rows == static
 
 
-def test_host_tier_too_small_two_ranks(tmp_path):
-    proc = infer(2, "plan=p2_t2", f"data.output={tmp_path / 'o.jsonl'}",
-                 "cache.host_kv_tokens=8", "sampling.max_tokens=8", timeout=180)
+@pytest.mark.parametrize("overrides,message", [
+    (["cache.host_kv_tokens=8", "sampling.max_tokens=8"],
+     "error: prompt 0 needs up to 11 token slots of the host KV tier (prompt 4 + max_tokens 8 - 1, "
+     "if preempted) but it holds 8; raise cache.host_kv_tokens / cache.host_kv_gib or lower "
+     "max_tokens"),
+    (["cache.host_kv_gib=100000"], "error: host KV tier needs 100000.00 GiB but only "),
+])
+def test_host_tier_errors_two_ranks(overrides, message, tmp_path):
+    proc = infer(2, "plan=p2_t2", f"data.output={tmp_path / 'o.jsonl'}", *overrides, timeout=180)
     assert proc.returncode == 1
-    assert error_lines(proc) == [
-        "error: prompt 0 needs up to 11 token slots of the host KV tier (prompt 4 + max_tokens "
-        "8 - 1, if preempted) but it holds 8; raise cache.host_kv_tokens / cache.host_kv_gib "
-        "or lower max_tokens"]
+    [line] = error_lines(proc)
+    assert line.startswith(message)
+    if "100000" in message:
+        assert line.endswith("; lower cache.host_kv_tokens or cache.host_kv_gib")
