@@ -87,7 +87,8 @@ def _report(llm, outs, elapsed: float, cfg: DictConfig) -> None:
     print(f"  wall {elapsed:.2f}s | {len(outs) / elapsed:.2f} req/s | prompt {prompt / elapsed:.1f}"
           f" tok/s | generated {gen / elapsed:.1f} tok/s")
     print(f"  prefill {st.prefill_s:.2f}s ({st.prefill_steps} steps) | decode {st.decode_s:.2f}s "
-          f"({st.decode_steps} steps) | preemptions {st.preemptions}")
+          f"({st.decode_steps} steps) | preemptions {st.preemptions} "
+          f"({st.swap_preemptions} swapped)")
     if not llm.engine.plan.is_static:
         print(f"  switches {st.switches} ({st.switch_s * 1e3:.1f} ms) | host tier (rank 0): out "
               f"{st.swap_out_bytes / 1e6:.1f} MB in {st.swap_out_s:.2f}s, in "

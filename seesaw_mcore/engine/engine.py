@@ -71,7 +71,8 @@ class EngineStats:
     decode_s: float = 0.0
     prefill_steps: int = 0
     decode_steps: int = 0
-    preemptions: int = 0
+    preemptions: int = 0  # recompute and swap
+    swap_preemptions: int = 0  # of those, KV swapped out to the host tier and back
     switches: int = 0
     switch_s: float = 0.0
     swap_out_bytes: int = 0  # rank 0's host-tier traffic
@@ -253,6 +254,7 @@ class Engine:
                             sched.finish(seq)
         finally:
             self.stats.preemptions += sched.num_preemptions
+            self.stats.swap_preemptions += sched.num_swap_preemptions
 
     def _switch(self, phase: Phase) -> None:
         rec = self.resharder.switch(phase)

@@ -54,6 +54,7 @@ class SchedulerOutput:
 
     phase: Phase
     micro_batches: list[list[ScheduledSeq]]  # len <= PP; each runs through every stage
+    evict: list[KVMove] = field(default_factory=list)  # preempted: device -> host, first
     swap_in: list[KVMove] = field(default_factory=list)  # host -> device, before the forward
     swap_out: list[KVMove] = field(default_factory=list)  # device -> host, after the forward
 

@@ -3,7 +3,9 @@
 Prefill runs under the prefill layout: each step packs waiting prompts, the device cache is
 only scratch for that step, and every prefilled sequence's KV goes to the node's host tier.
 Decode runs under the decode layout: host-tier sequences are admitted into device blocks
-(swap-in) and decoded with continuous batching. The policy here is the simple one: prefill
+(swap-in) and decoded with continuous batching; when blocks run out, the newest sequence's KV
+is swapped back out to the host tier (recomputed instead when the tier is full). The policy
+here is the simple one: prefill
 while the host tier has room, then decode everything resident, then switch back. Holds no
 tensors; one instance drives every DP replica of both layouts (their DP degrees may differ:
 the host tier is shared by the node, so any replica can decode any sequence).
@@ -53,14 +55,16 @@ class PhaseScheduler:
         # Slots no longer needed; reused only after the next switch, whose barrier ensures
         # no rank still reads or writes them.
         self._dead_slots: list[SlotRange] = []
+        self._evicted: list[Sequence] = []  # swapped out this step: admissible from the next
         self.num_switches = 0
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # recompute and swap
+        self.num_swap_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.swapped or any(self.running))
+        return bool(self.waiting or self.swapped or self._evicted or any(self.running))
 
     def schedule(self) -> StepPlan:
         """The next step for every replica, or a switch to the other phase."""
@@ -124,13 +128,18 @@ class PhaseScheduler:
 
     def _schedule_decode(self) -> list[SchedulerOutput | None]:
         """Grows every running sequence by one token (preempting the newest on shortage),
-        then admits host-tier sequences where blocks remain."""
-        out: list[SchedulerOutput | None] = []
+        then admits host-tier sequences where blocks remain (not into a replica that just
+        preempted, and not a sequence evicted in this very step: its KV is written during
+        the step)."""
+        for seq in reversed(self._evicted):
+            self.swapped.appendleft(seq)  # written by now: first in line to come back
+        self._evicted = []
+        evicted: list[list[KVMove]] = [[] for _ in self.running]
         admitted: list[list[KVMove]] = [[] for _ in self.running]
         for r, running in enumerate(self.running):
-            self._grow(r, running)
+            self._grow(r, running, evicted[r])
         while self.swapped:
-            r = self._replica_for(self.swapped[0])
+            r = self._replica_for(self.swapped[0], [bool(e) for e in evicted])
             if r is None:
                 break
             seq = self.swapped.popleft()
@@ -139,34 +148,48 @@ class PhaseScheduler:
             self._dead_slots.append(seq.host_slots)
             seq.host_slots, seq.status, seq.replica = None, SeqStatus.RUNNING, r
             self.running[r].append(seq)
+        out: list[SchedulerOutput | None] = []
         for r, running in enumerate(self.running):
             batch = [scheduled(s, s.output_token_ids[-1:], s.num_tokens - 1) for s in running]
             out.append(SchedulerOutput(
                 Phase.DECODE, split_micro_batches(batch, self.plan.decode.pp, False),
-                swap_in=admitted[r]) if batch else None)
+                evict=evicted[r], swap_in=admitted[r]) if batch or evicted[r] else None)
         return out
 
-    def _grow(self, r: int, running: list[Sequence]) -> None:
+    def _grow(self, r: int, running: list[Sequence], evicted: list[KVMove]) -> None:
         pool, i = self.decode_pools[r], 0
         while i < len(running):
             seq = running[i]
             if pool.can_allocate(seq.block_table, seq.num_tokens):
                 pool.allocate(seq.block_table, seq.num_tokens)
                 i += 1
-            else:  # recompute the newest: it goes back to prefill with its tokens so far
-                victim = running.pop()
-                pool.free(victim.block_table)
-                victim.status = SeqStatus.WAITING
-                victim.num_preemptions += 1
-                self.num_preemptions += 1
-                self.waiting.appendleft(victim)
+            else:
+                self._preempt(running.pop(), evicted)  # the newest (maybe this one)
 
-    def _replica_for(self, seq: Sequence) -> int | None:
+    def _preempt(self, victim: Sequence, evicted: list[KVMove]) -> None:
+        """Swaps the victim's KV out to the host tier when it has room (it comes back in
+        this decode phase), else frees it for recompute in the next prefill phase."""
+        pool = self.decode_pools[victim.replica]
+        victim.num_preemptions += 1
+        self.num_preemptions += 1
+        n = victim.num_tokens - 1  # KV of every token but the last sampled one
+        if self.host.can_allocate(n):
+            victim.host_slots = self.host.allocate(n)
+            evicted.append(KVMove(victim.seq_id, victim.host_slots, list(victim.block_table)))
+            victim.status = SeqStatus.SWAPPED
+            self._evicted.append(victim)
+            self.num_swap_preemptions += 1
+        else:
+            victim.status = SeqStatus.WAITING
+            self.waiting.appendleft(victim)
+        pool.free(victim.block_table)
+
+    def _replica_for(self, seq: Sequence, preempting: list[bool]) -> int | None:
         """The least-loaded decode replica that can take ``seq`` and still grow every
-        running sequence by one block."""
+        running sequence by one block (skipping replicas that are preempting)."""
         for r in sorted(range(len(self.running)), key=lambda r: len(self.running[r])):
             pool, running = self.decode_pools[r], self.running[r]
-            if len(running) >= self.config.max_num_seqs:
+            if preempting[r] or len(running) >= self.config.max_num_seqs:
                 continue
             need = pool.blocks_for(seq.num_tokens)
             if need <= pool.num_free and (not running or pool.num_free - need > len(running)):
@@ -175,7 +198,7 @@ class PhaseScheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Removes a finished sequence and frees what it holds."""
-        if seq.status == SeqStatus.SWAPPED:  # finished by its first token
+        if seq.status == SeqStatus.SWAPPED:  # finished by its first token (prefill)
             self.swapped.remove(seq)
             self._dead_slots.append(seq.host_slots)
             seq.host_slots = None

@@ -149,6 +149,8 @@ class ReplicaSchedulers:
     def num_preemptions(self) -> int:
         return sum(s.num_preemptions for s in self.replicas)
 
+    num_swap_preemptions = 0  # static plans have no host tier: preemption recomputes
+
     def add(self, seq: Sequence) -> None:
         self.replicas[seq.replica].add(seq)
 

@@ -213,6 +213,8 @@ class ModelRunner:
         Returns:
             The sampled tokens on the last stage's TP rank 0, ``None`` on other ranks.
         """
+        if step.evict:  # before anything reuses the victims' blocks
+            self._swap(step.evict, to_host=True)
         if step.swap_in:
             self._swap(step.swap_in, to_host=False)
         sends: list = []

@@ -28,13 +28,23 @@ def run_plan(model: str, prefill: str, decode: str | None) -> dict:
     greedy = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
                                                   ignore_eos=True), use_tqdm=False)
     stats = llm.engine.stats
-    switches, preemptions = stats.switches, stats.preemptions
+    switches, preemptions, swapped = stats.switches, stats.preemptions, stats.swap_preemptions
     params = [SamplingParams(temperature=0.9, top_k=40, top_p=0.9, seed=100 + i, n=2,
                              max_tokens=MAX_TOKENS, ignore_eos=True) for i in range(len(PROMPTS))]
     sampled = llm.generate(prompts, params, use_tqdm=False)
     llm.close()
-    return {"greedy": [o.outputs[0].token_ids for o in greedy], "switches": switches,
-            "preemptions": preemptions,
+    swap = {}
+    if decode:  # a roomy host tier: decode preempts by swapping KV out and back in
+        llm = LLM(model, prefill=prefill, decode=decode, num_blocks=12, block_size=4,
+                  max_num_seqs=8, host_kv_tokens=400)
+        outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                                    ignore_eos=True), use_tqdm=False)
+        swap = {"greedy_swap": [o.outputs[0].token_ids for o in outs],
+                "swap_run_preemptions": [llm.engine.stats.preemptions,
+                                         llm.engine.stats.swap_preemptions]}
+        llm.close()
+    return {**swap, "greedy": [o.outputs[0].token_ids for o in greedy], "switches": switches,
+            "preemptions": preemptions, "swap_preemptions": swapped,
             "sampled": [[c.token_ids for c in o.outputs] for o in sampled]}
 
 

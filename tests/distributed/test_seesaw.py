@@ -1,7 +1,8 @@
 """Seesaw plans end to end: greedy parity with HF ``generate`` for P2->T2, T2->P2, D2->T2,
 P2->D2 (2 ranks) and P4->T4, P4->T2P2, D2P2->D2T2 (4 ranks) on workloads whose prompts
-overflow the host tier (>= 3 prefill/decode switches); seeded sampling identical to static
-T2; no process-group or memory growth over 50 switches; no /dev/shm residue."""
+overflow the host tier (>= 3 prefill/decode switches, recompute preemption) and with a roomy
+host tier and a tiny device cache (swap preemption); seeded sampling identical to static T2;
+no process-group or memory growth over 50 switches; no /dev/shm residue."""
 
 from __future__ import annotations
 
@@ -50,6 +51,14 @@ def test_greedy_matches_hf_across_switches(results, hf_ref, plan):
     assert rep["greedy"] == hf_ref[rep["model"]]
     assert rep["switches"] >= 3  # prefill -> decode -> prefill -> decode at least
     assert rep["preemptions"] > 0  # decode ran out of device blocks and recomputed
+
+
+@pytest.mark.parametrize("plan", SEESAW)
+def test_greedy_matches_hf_with_swap_preemption(results, hf_ref, plan):
+    rep = results[plan]
+    assert rep["greedy_swap"] == hf_ref[rep["model"]]
+    preemptions, swapped = rep["swap_run_preemptions"]
+    assert swapped > 0 and swapped == preemptions  # KV went to the host tier and back
 
 
 @pytest.mark.parametrize("plan", [p for p in SEESAW if p.endswith(":T2")])

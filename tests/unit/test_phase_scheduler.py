@@ -78,8 +78,8 @@ def test_dp_changes_between_phases():
     assert len(rep.swap_in) == 4 and len(rep.seqs) == 4
 
 
-def test_decode_preempts_newest_for_recompute():
-    sched = create_scheduler(decode_blocks=6, host_slots=64)
+def _decode_until_preempted(host_slots: int):
+    sched = create_scheduler(decode_blocks=6, host_slots=host_slots)
     seqs = create_requests([7, 7])
     for s in seqs:
         sched.add(s)
@@ -88,12 +88,31 @@ def test_decode_preempts_newest_for_recompute():
     step = sched.schedule()
     assert len(step.replicas[0].seqs) == 2  # 2 + 2 blocks, two spare for growth
     steps = 0
-    while not sched.waiting:
+    while sched.num_preemptions == 0:
         _sample(sched, step)
         step = sched.schedule()
         steps += 1
-    # at 13 tokens each needs 4 blocks: the newest goes back to prefill with its tokens
+    # at 13 tokens each needs 4 blocks: the newest is preempted
     assert steps == 5 and [s.seq_id for s in step.replicas[0].seqs] == [0]
-    assert sched.waiting[0] is seqs[1] and seqs[1].num_preemptions == 1
-    assert seqs[1].status == SeqStatus.WAITING and not seqs[1].block_table
+    assert seqs[1].num_preemptions == 1 and not seqs[1].block_table
     assert len(seqs[0].block_table) == 4
+    return sched, seqs, step
+
+
+def test_decode_preempts_newest_by_swapping_out():
+    sched, (a, b), step = _decode_until_preempted(host_slots=64)
+    [move] = step.replicas[0].evict  # its 12 tokens of KV go to the host tier first
+    assert move.seq_id == 1 and move.slots.length == 12 and len(move.block_table) == 3
+    assert step.replicas[0].swap_in == []  # never back in the step that evicts it
+    assert b.status == SeqStatus.SWAPPED and sched.num_swap_preemptions == 1
+    sched.finish(a)
+    step = sched.schedule()  # next step: back from the host tier, no recompute
+    [back] = step.replicas[0].swap_in
+    assert back.seq_id == 1 and back.slots == move.slots and not sched.waiting
+    assert [s.start_pos for s in step.replicas[0].seqs] == [12]
+
+
+def test_decode_preempts_for_recompute_when_host_tier_full():
+    sched, (a, b), step = _decode_until_preempted(host_slots=14)
+    assert step.replicas[0].evict == [] and sched.num_swap_preemptions == 0
+    assert sched.waiting[0] is b and b.status == SeqStatus.WAITING
