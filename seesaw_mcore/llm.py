@@ -34,7 +34,8 @@ class LLM:
             ``bfloat16`` or ``float16``.
         seed: engine seed, used for requests whose ``SamplingParams.seed`` is ``None``.
         block_size / num_blocks / kv_cache_gib: device KV cache (see ``CacheConfig``).
-        host_kv_tokens / host_kv_gib: host KV tier of a re-sharding plan (see ``CacheConfig``).
+        host_kv_tokens / host_kv_gib / prefetch_watermark: host KV tier of a re-sharding plan
+            (see ``CacheConfig``).
         max_num_seqs / max_prefill_tokens / prefill_micro_batches: batching (see
             ``SchedulerConfig``).
         max_model_len: longest prompt + output; default: the model's context.
@@ -52,6 +53,7 @@ class LLM:
         kv_cache_gib: float = 1.0,
         host_kv_tokens: int | None = None,
         host_kv_gib: float = 1.0,
+        prefetch_watermark: float = 0.01,
         max_num_seqs: int = 256,
         max_prefill_tokens: int = 4096,
         prefill_micro_batches: int = 4,
@@ -62,7 +64,8 @@ class LLM:
             model, PhasePlan.parse(prefill, decode), dtype=dtype,
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                               kv_cache_gib=kv_cache_gib, host_kv_tokens=host_kv_tokens,
-                              host_kv_gib=host_kv_gib),
+                              host_kv_gib=host_kv_gib,
+                              prefetch_watermark=prefetch_watermark),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_prefill_tokens=max_prefill_tokens,
                                       prefill_micro_batches=prefill_micro_batches),

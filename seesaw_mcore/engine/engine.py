@@ -41,6 +41,8 @@ class CacheConfig:
             ``host_kv_gib``.
         host_kv_gib: size of the host KV tier (one shared buffer per node) when
             ``host_kv_tokens`` is unset.
+        prefetch_watermark: fraction of device blocks that admitting a sequence from the
+            host tier must leave free (room for running sequences to grow).
     """
 
     block_size: int = 16
@@ -49,6 +51,7 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.9
     host_kv_tokens: int | None = None
     host_kv_gib: float = 1.0
+    prefetch_watermark: float = 0.01
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -61,6 +64,9 @@ class CacheConfig:
             raise SeesawError(f"cache.host_kv_tokens must be >= 1, got {self.host_kv_tokens}")
         if self.host_kv_gib <= 0:
             raise SeesawError(f"cache.host_kv_gib must be > 0, got {self.host_kv_gib}")
+        if not 0 <= self.prefetch_watermark < 1:
+            raise SeesawError(
+                f"cache.prefetch_watermark must be in [0, 1), got {self.prefetch_watermark}")
 
 
 @dataclass
@@ -225,9 +231,10 @@ class Engine:
             lay = self.plan.prefill
             return ReplicaSchedulers(self.sched_cfg, lay.dp, lay.pp, self.num_blocks[lay],
                                      self.cache.block_size)
+        decode_blocks = self.num_blocks[self.plan.decode]
         return PhaseScheduler(self.sched_cfg, self.plan, self.num_blocks[self.plan.prefill],
-                              self.num_blocks[self.plan.decode], self.cache.block_size,
-                              self.host_slots, self.phase)
+                              decode_blocks, self.cache.block_size, self.host_slots, self.phase,
+                              int(self.cache.prefetch_watermark * decode_blocks))
 
     def _drive(self, seqs: list[Sequence], after_token: Callable[[Sequence], bool]) -> None:
         sched = self._schedulers()

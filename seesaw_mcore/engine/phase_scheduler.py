@@ -39,12 +39,14 @@ class PhaseScheduler:
         block_size: tokens per block.
         host_slots: token slots of the host KV tier.
         phase: the phase the ranks are in now.
+        watermark_blocks: free decode blocks an admission from the host tier must leave.
     """
 
     def __init__(self, config: SchedulerConfig, plan: PhasePlan, prefill_blocks: int,
                  decode_blocks: int, block_size: int, host_slots: int,
-                 phase: Phase = Phase.PREFILL) -> None:
+                 phase: Phase = Phase.PREFILL, watermark_blocks: int = 0) -> None:
         self.config, self.plan, self.phase = config, plan, phase
+        self.watermark_blocks = watermark_blocks
         self.prefill_pools = [BlockPool(prefill_blocks, block_size)
                               for _ in range(plan.prefill.dp)]
         self.decode_pools = [BlockPool(decode_blocks, block_size) for _ in range(plan.decode.dp)]
@@ -185,14 +187,15 @@ class PhaseScheduler:
         pool.free(victim.block_table)
 
     def _replica_for(self, seq: Sequence, preempting: list[bool]) -> int | None:
-        """The least-loaded decode replica that can take ``seq`` and still grow every
-        running sequence by one block (skipping replicas that are preempting)."""
+        """The least-loaded decode replica that can take ``seq``, keep the watermark and
+        still grow every running sequence by one block (skipping replicas that preempt)."""
         for r in sorted(range(len(self.running)), key=lambda r: len(self.running[r])):
             pool, running = self.decode_pools[r], self.running[r]
             if preempting[r] or len(running) >= self.config.max_num_seqs:
                 continue
             need = pool.blocks_for(seq.num_tokens)
-            if need <= pool.num_free and (not running or pool.num_free - need > len(running)):
+            left = pool.num_free - need
+            if left >= self.watermark_blocks and (not running or left > len(running)):
                 return r
         return None
 

@@ -102,3 +102,18 @@ def test_reads_hf_fields(tiny_models):
     assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim) == (4, 2, 16)
     l3 = ModelConfig.from_pretrained(tiny_models["llama3"])
     assert l3.rope_parameters["rope_type"] == "llama3"
+
+
+@pytest.mark.parametrize("kwargs,msg", [
+    ({"block_size": 0}, "cache.block_size must be >= 1, got 0"),
+    ({"num_blocks": 0}, "cache.num_blocks must be >= 1, got 0"),
+    ({"kv_cache_gib": 0}, "cache.kv_cache_gib must be > 0, got 0"),
+    ({"host_kv_tokens": 0}, "cache.host_kv_tokens must be >= 1, got 0"),
+    ({"host_kv_gib": -1}, "cache.host_kv_gib must be > 0, got -1"),
+    ({"prefetch_watermark": 1.0}, r"cache.prefetch_watermark must be in \[0, 1\), got 1.0"),
+])
+def test_cache_config_errors(kwargs, msg):
+    from seesaw_mcore.engine.engine import CacheConfig
+
+    with pytest.raises(SeesawError, match="^" + msg + "$"):
+        CacheConfig(**kwargs)

@@ -12,9 +12,10 @@ from tests.unit.test_scheduler import create_requests
 
 
 def create_scheduler(prefill="P2", decode="T2", prefill_blocks=16, decode_blocks=16,
-                     host_slots=20, **cfg) -> PhaseScheduler:
+                     host_slots=20, watermark_blocks=0, **cfg) -> PhaseScheduler:
     return PhaseScheduler(SchedulerConfig(**cfg), PhasePlan.parse(prefill, decode),
-                          prefill_blocks, decode_blocks, 4, host_slots)
+                          prefill_blocks, decode_blocks, 4, host_slots,
+                          watermark_blocks=watermark_blocks)
 
 
 def _sample(sched: PhaseScheduler, step) -> None:
@@ -116,3 +117,18 @@ def test_decode_preempts_for_recompute_when_host_tier_full():
     sched, (a, b), step = _decode_until_preempted(host_slots=14)
     assert step.replicas[0].evict == [] and sched.num_swap_preemptions == 0
     assert sched.waiting[0] is b and b.status == SeqStatus.WAITING
+
+
+def test_admission_keeps_the_watermark():
+    sched = create_scheduler(decode_blocks=8, host_slots=64, watermark_blocks=4)
+    seqs = create_requests([7, 7, 7])
+    for s in seqs:
+        sched.add(s)
+    _sample(sched, sched.schedule())
+    sched.schedule()  # switch
+    step = sched.schedule()
+    # each needs 2 blocks; the second would leave 4 free, the third only 2 (< watermark)
+    assert [m.seq_id for m in step.replicas[0].swap_in] == [0, 1]
+    assert [s.seq_id for s in sched.swapped] == [2]
+    sched.finish(seqs[0])
+    assert [m.seq_id for m in sched.schedule().replicas[0].swap_in] == [2]
