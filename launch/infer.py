@@ -92,8 +92,8 @@ def _report(llm, outs, elapsed: float, cfg: DictConfig) -> None:
           f"({st.swap_preemptions} swapped)")
     if not llm.engine.plan.is_static:
         print(f"  switches {st.switches} ({st.switch_s * 1e3:.1f} ms) | host tier (rank 0): out "
-              f"{st.swap_out_bytes / 1e6:.1f} MB in {st.swap_out_s:.2f}s, in "
-              f"{st.swap_in_bytes / 1e6:.1f} MB in {st.swap_in_s:.2f}s")
+              f"{st.swap.out_bytes / 1e6:.1f} MB in {st.swap.out_s:.2f}s, in "
+              f"{st.swap.in_bytes / 1e6:.1f} MB in {st.swap.in_s:.2f}s")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="infer")

@@ -10,7 +10,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -24,7 +24,12 @@ from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.host_tier import HostKVBuffer
 from seesaw_mcore.model.loader import Checkpoint
 from seesaw_mcore.runtime import groups
-from seesaw_mcore.runtime.model_runner import ModelRunner, kv_bytes_per_block, resolve_dtype
+from seesaw_mcore.runtime.model_runner import (
+    ModelRunner,
+    SwapCounters,
+    kv_bytes_per_block,
+    resolve_dtype,
+)
 from seesaw_mcore.runtime.reshard import Resharder
 from seesaw_mcore.runtime.weights import ShardStore
 
@@ -81,10 +86,7 @@ class EngineStats:
     swap_preemptions: int = 0  # of those, KV swapped out to the host tier and back
     switches: int = 0
     switch_s: float = 0.0
-    swap_out_bytes: int = 0  # rank 0's host-tier traffic
-    swap_out_s: float = 0.0
-    swap_in_bytes: int = 0
-    swap_in_s: float = 0.0
+    swap: SwapCounters = field(default_factory=SwapCounters)  # this rank's host-tier traffic
 
 
 class Engine:
@@ -134,7 +136,7 @@ class Engine:
             self.host_slots = self.runner.host.shape[3]
         self.phase = Phase.PREFILL
         self.resharder = Resharder(self.runner, self.plan)
-        self.stats = EngineStats()
+        self.stats = EngineStats(swap=self.runner.swap)
 
     @property
     def layout(self) -> ParallelConfig:
@@ -203,13 +205,10 @@ class Engine:
             after_token: called on rank 0 after each sampled token; returns True when the
                 sequence is finished (its KV is then freed).
         """
-        try:
-            if self.is_driver:
-                self._drive_and_stop(seqs, after_token)
-            else:
-                self._work()
-        finally:
-            self._sync_stats()
+        if self.is_driver:
+            self._drive_and_stop(seqs, after_token)
+        else:
+            self._work()
         if not self.plan.is_static:
             dist.barrier()  # no rank still touches the host tier when the next run starts
 
@@ -277,11 +276,6 @@ class Engine:
         else:
             st.decode_s += dt
             st.decode_steps += 1
-
-    def _sync_stats(self) -> None:
-        sw, st = self.runner.swap, self.stats
-        st.swap_out_bytes, st.swap_out_s = sw.out_bytes, sw.out_s
-        st.swap_in_bytes, st.swap_in_s = sw.in_bytes, sw.in_s
 
     def _execute_and_collect(self, plans) -> list[RunnerOutput | None]:
         lay = self.layout

@@ -20,6 +20,7 @@ from seesaw_mcore.engine.outputs import KVMove, Phase, SchedulerOutput, StepPlan
 from seesaw_mcore.engine.request import Sequence, SeqStatus
 from seesaw_mcore.engine.scheduler import (
     SchedulerConfig,
+    grow_running,
     prefill_parts,
     scheduled,
     split_micro_batches,
@@ -139,7 +140,8 @@ class PhaseScheduler:
         evicted: list[list[KVMove]] = [[] for _ in self.running]
         admitted: list[list[KVMove]] = [[] for _ in self.running]
         for r, running in enumerate(self.running):
-            self._grow(r, running, evicted[r])
+            grow_running(self.decode_pools[r], running,
+                         lambda victim, out=evicted[r]: self._preempt(victim, out))
         while self.swapped:
             r = self._replica_for(self.swapped[0], [bool(e) for e in evicted])
             if r is None:
@@ -157,16 +159,6 @@ class PhaseScheduler:
                 Phase.DECODE, split_micro_batches(batch, self.plan.decode.pp, False),
                 evict=evicted[r], swap_in=admitted[r]) if batch or evicted[r] else None)
         return out
-
-    def _grow(self, r: int, running: list[Sequence], evicted: list[KVMove]) -> None:
-        pool, i = self.decode_pools[r], 0
-        while i < len(running):
-            seq = running[i]
-            if pool.can_allocate(seq.block_table, seq.num_tokens):
-                pool.allocate(seq.block_table, seq.num_tokens)
-                i += 1
-            else:
-                self._preempt(running.pop(), evicted)  # the newest (maybe this one)
 
     def _preempt(self, victim: Sequence, evicted: list[KVMove]) -> None:
         """Swaps the victim's KV out to the host tier when it has room (it comes back in

@@ -9,6 +9,7 @@ decode, the newest running sequence is preempted: its blocks are freed and it is
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from seesaw_mcore.engine.outputs import (
@@ -101,14 +102,7 @@ class Scheduler:
         return batch
 
     def _schedule_decode(self) -> list[ScheduledSeq]:
-        i = 0
-        while i < len(self.running):
-            seq = self.running[i]
-            if self.pool.can_allocate(seq.block_table, seq.num_tokens):
-                self.pool.allocate(seq.block_table, seq.num_tokens)
-                i += 1
-            else:  # preempt the newest running sequence (maybe this one)
-                self._preempt(self.running.pop())
+        grow_running(self.pool, self.running, self._preempt)
         return [scheduled(s, s.output_token_ids[-1:], s.num_tokens - 1) for s in self.running]
 
     def _preempt(self, seq: Sequence) -> None:
@@ -166,6 +160,21 @@ class ReplicaSchedulers:
 
     def finish(self, seq: Sequence) -> None:
         self.replicas[seq.replica].finish(seq)
+
+
+def grow_running(pool: BlockPool, running: list[Sequence],
+                 preempt: Callable[[Sequence], None]) -> None:
+    """Gives every running sequence the blocks for one more token; when they run out, the
+    newest running sequence (maybe the one being grown) is removed and passed to
+    ``preempt``, which must free its blocks."""
+    i = 0
+    while i < len(running):
+        seq = running[i]
+        if pool.can_allocate(seq.block_table, seq.num_tokens):
+            pool.allocate(seq.block_table, seq.num_tokens)
+            i += 1
+        else:
+            preempt(running.pop())
 
 
 def prefill_parts(config: SchedulerConfig, pp: int) -> int:

@@ -114,16 +114,6 @@ class HostKVBuffer:
         self.tensor = torch.empty(0, dtype=dtype).set_(storage).view(shape)  # [L, 2, H, S, D]
         _touch_pages(self.tensor)  # every rank attaches before anything is written
 
-    def write(self, layers: tuple[int, int], heads: tuple[int, int], slots: SlotRange,
-              kv: torch.Tensor) -> None:
-        """Stores ``kv`` ``[l, 2, h, n, D]`` at the given layers, heads and slots."""
-        self.tensor[layers[0]:layers[1], :, heads[0]:heads[1], slots.start:slots.end] = kv
-
-    def read(self, layers: tuple[int, int], heads: tuple[int, int],
-             slots: SlotRange) -> torch.Tensor:
-        """A view ``[l, 2, h, n, D]`` of the given layers, heads and slots."""
-        return self.tensor[layers[0]:layers[1], :, heads[0]:heads[1], slots.start:slots.end]
-
     def unlink(self) -> None:
         """Removes the file (creator only); mappings stay valid until ``close``. Call once
         every local rank has mapped it."""

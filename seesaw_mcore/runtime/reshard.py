@@ -61,9 +61,8 @@ class Resharder:
         copied = self.runner.use(dst)
         groups.accelerator().synchronize()
         t2 = time.perf_counter()
-        shard = self.runner.store.shard(dst)
         rec = SwitchRecord(phase, str(src), str(dst), t1 - t0, t2 - t1,
-                           sum(t.numel() * t.element_size() for t in shard.values()), copied)
+                           self.runner.store.nbytes(dst), copied)
         self.records.append(rec)
         if dist.get_rank() == 0:
             log.info("switch %s -> %s (%s): %.2f ms (drain %.2f, rebuild %.2f), weights "

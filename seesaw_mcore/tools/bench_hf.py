@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -20,6 +19,8 @@ import tempfile
 import time
 
 import torch
+
+from seesaw_mcore.tools.results import emit, machine
 
 
 def _hf_run(model, prompts: list[list[int]], max_tokens: int, batch: int) -> float:
@@ -83,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         eng_t.append(_engine_run(llm, prompts, args.max_tokens))
     gen = args.num_prompts * args.max_tokens
     res = {
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, "
-                   "1 thread each",
+        "machine": machine("1 thread each"),
         "model": path, "params_m": round(sum(p.numel() for p in hf.parameters()) / 1e6, 1),
         "num_prompts": args.num_prompts, "prompt_len": [args.min_len, args.max_len],
         "max_tokens": args.max_tokens, "hf_batch": args.hf_batch,
@@ -92,10 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine_tok_s": round(gen / statistics.median(eng_t), 1),
     }
     res["ratio"] = round(res["engine_tok_s"] / res["hf_tok_s"], 2)
-    print(json.dumps(res, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=2)
+    emit(res, args.json)
     llm.shutdown()
     return 0
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import tempfile
@@ -22,6 +21,8 @@ import time
 
 import torch
 import torch.distributed as dist
+
+from seesaw_mcore.tools.results import emit, machine
 
 
 def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
@@ -38,15 +39,32 @@ def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def _run(llm, prompts, max_tokens: int) -> float:
+def _counters(eng) -> dict[str, float]:
+    st, sw = eng.stats, eng.runner.swap
+    return {"prefill_s": st.prefill_s, "decode_s": st.decode_s, "switches": st.switches,
+            "out_bytes": sw.out_bytes, "out_s": sw.out_s, "in_bytes": sw.in_bytes,
+            "in_s": sw.in_s}
+
+
+def _run(llm, prompts, max_tokens: int) -> tuple[float, dict[str, float], list]:
+    """One greedy ``generate``: wall seconds, what it added to this rank's engine counters,
+    and its switch records."""
     from seesaw_mcore import SamplingParams
 
+    eng = llm.engine
+    before, n0 = _counters(eng), len(eng.resharder.records)
     sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     dist.barrier()
     t0 = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     dist.barrier()
-    return time.perf_counter() - t0
+    wall = time.perf_counter() - t0
+    added = {k: v - before[k] for k, v in _counters(eng).items()}
+    return wall, added, eng.resharder.records[n0:]
+
+
+def _phases(added: dict[str, float]) -> dict[str, float]:
+    return {k: round(added[k], 3) for k in ("prefill_s", "decode_s")}
 
 
 def _gather(value) -> list:
@@ -89,29 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     common = dict(kv_cache_gib=1.0, max_prefill_tokens=2048)
     static = LLM(path, prefill=args.static, **common)
     _run(static, prompts[:2], 2)  # warm-up
-    st = static.engine.stats
-    b0 = (st.prefill_s, st.decode_s)
-    static_s = _run(static, prompts, args.max_tokens)
-    static_phases = {"prefill_s": round(st.prefill_s - b0[0], 3),
-                     "decode_s": round(st.decode_s - b0[1], 3)}
+    static_s, static_added, _ = _run(static, prompts, args.max_tokens)
     static.close()
     llm = LLM(path, prefill=prefill, decode=decode, host_kv_tokens=args.host_kv_tokens, **common)
     _run(llm, prompts[:2], 2)
-    eng = llm.engine
-    p0 = (eng.stats.prefill_s, eng.stats.decode_s)
-    base = (eng.stats.switches, eng.stats.switch_s, eng.runner.swap.out_bytes,
-            eng.runner.swap.out_s, eng.runner.swap.in_bytes, eng.runner.swap.in_s,
-            len(eng.resharder.records))
-    wall = _run(llm, prompts, args.max_tokens)
-    sw = eng.runner.swap
-    recs = eng.resharder.records[base[6]:]
-    mine = {
-        "switches": eng.stats.switches - base[0], "switch_s": eng.stats.switch_s - base[1],
-        "rebuild_s": sum(r.rebuild_s for r in recs), "drain_s": sum(r.drain_s for r in recs),
-        "copied_bytes": sum(r.copied_bytes for r in recs),
-        "out_bytes": sw.out_bytes - base[2], "out_s": sw.out_s - base[3],
-        "in_bytes": sw.in_bytes - base[4], "in_s": sw.in_s - base[5],
-    }
+    wall, mine, recs = _run(llm, prompts, args.max_tokens)
+    mine.update(rebuild_s=sum(r.rebuild_s for r in recs), drain_s=sum(r.drain_s for r in recs),
+                copied_bytes=sum(r.copied_bytes for r in recs))
     ranks = _gather(mine)
     if rank == 0:
         worst = max(ranks, key=lambda r: r["out_s"] + r["in_s"] + r["rebuild_s"])
@@ -121,8 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         n = max(worst["switches"], 1)
         gen = args.num_prompts * args.max_tokens
         res = {
-            "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}"
-                       f", {world} CPU ranks x 1 thread",
+            "machine": machine(f"{world} CPU ranks x 1 thread"),
             "model": path, "plan": f"{prefill} -> {decode}", "static": args.static,
             "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
             "max_tokens": args.max_tokens, "host_kv_tokens": args.host_kv_tokens,
@@ -137,15 +138,10 @@ def main(argv: list[str] | None = None) -> int:
             "cost_over_floor": round(cost_s / max(floor_s, 1e-9), 2),
             "switch_share_of_run": round((cost_s + worst["drain_s"]) / wall, 4),
             "seesaw_tok_s": round(gen / wall, 1), "static_tok_s": round(gen / static_s, 1),
-            "seesaw_phases": {"prefill_s": round(eng.stats.prefill_s - p0[0], 3),
-                              "decode_s": round(eng.stats.decode_s - p0[1], 3)},
-            "static_phases": static_phases,
+            "seesaw_phases": _phases(mine), "static_phases": _phases(static_added),
         }
         res["seesaw_over_static"] = round(res["seesaw_tok_s"] / res["static_tok_s"], 3)
-        print(json.dumps(res, indent=2))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(res, f, indent=2)
+        emit(res, args.json)
     llm.shutdown()
     return 0
 
