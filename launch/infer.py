@@ -44,6 +44,8 @@ def run(cfg: DictConfig) -> int:
         seed=cfg.seed, block_size=cfg.cache.block_size, num_blocks=cfg.cache.num_blocks,
         kv_cache_gib=cfg.cache.kv_cache_gib, host_kv_tokens=cfg.cache.host_kv_tokens,
         host_kv_gib=cfg.cache.host_kv_gib, prefetch_watermark=cfg.cache.prefetch_watermark,
+        disk_path=cfg.cache.disk_path, disk_kv_tokens=cfg.cache.disk_kv_tokens,
+        disk_kv_gib=cfg.cache.disk_kv_gib, async_swap=cfg.cache.async_swap,
         max_num_seqs=cfg.scheduler.max_num_seqs,
         max_prefill_tokens=cfg.scheduler.max_prefill_tokens,
         prefill_micro_batches=cfg.scheduler.prefill_micro_batches,
@@ -91,9 +93,13 @@ def _report(llm, outs, elapsed: float, cfg: DictConfig) -> None:
           f"({st.decode_steps} steps) | preemptions {st.preemptions} "
           f"({st.swap_preemptions} swapped)")
     if not llm.engine.plan.is_static:
-        print(f"  switches {st.switches} ({st.switch_s * 1e3:.1f} ms) | host tier (rank 0): out "
-              f"{st.swap.out_bytes / 1e6:.1f} MB in {st.swap.out_s:.2f}s, in "
-              f"{st.swap.in_bytes / 1e6:.1f} MB in {st.swap.in_s:.2f}s")
+        sw = st.swap
+        print(f"  switches {st.switches} ({st.switch_s * 1e3:.1f} ms) | tier copies (rank 0) "
+              f"{sw.busy_s:.2f}s, {sw.overlap:.0%} hidden behind compute")
+        for name, t in sw.tiers.items():
+            if t.out_bytes or t.in_bytes:
+                print(f"  {name} tier (rank 0): out {t.out_bytes / 1e6:.1f} MB in "
+                      f"{t.out_s:.2f}s, in {t.in_bytes / 1e6:.1f} MB in {t.in_s:.2f}s")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="infer")

@@ -36,6 +36,8 @@ class LLM:
         block_size / num_blocks / kv_cache_gib: device KV cache (see ``CacheConfig``).
         host_kv_tokens / host_kv_gib / prefetch_watermark: host KV tier of a re-sharding plan
             (see ``CacheConfig``).
+        disk_path / disk_kv_tokens / disk_kv_gib: the optional disk KV tier (DeepSpeed AIO)
+            behind the host tier; ``async_swap``: tier copies overlap compute.
         max_num_seqs / max_prefill_tokens / prefill_micro_batches: batching (see
             ``SchedulerConfig``).
         max_model_len: longest prompt + output; default: the model's context.
@@ -54,6 +56,10 @@ class LLM:
         host_kv_tokens: int | None = None,
         host_kv_gib: float = 1.0,
         prefetch_watermark: float = 0.01,
+        disk_path: str | None = None,
+        disk_kv_tokens: int | None = None,
+        disk_kv_gib: float = 8.0,
+        async_swap: bool = True,
         max_num_seqs: int = 256,
         max_prefill_tokens: int = 4096,
         prefill_micro_batches: int = 4,
@@ -65,7 +71,9 @@ class LLM:
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
                               kv_cache_gib=kv_cache_gib, host_kv_tokens=host_kv_tokens,
                               host_kv_gib=host_kv_gib,
-                              prefetch_watermark=prefetch_watermark),
+                              prefetch_watermark=prefetch_watermark, disk_path=disk_path,
+                              disk_kv_tokens=disk_kv_tokens, disk_kv_gib=disk_kv_gib,
+                              async_swap=async_swap),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_prefill_tokens=max_prefill_tokens,
                                       prefill_micro_batches=prefill_micro_batches),
@@ -152,12 +160,13 @@ class LLM:
                     f"prompt {i} needs up to {len(toks) + max_tokens} tokens of KV cache "
                     f"(prompt {len(toks)} + max_tokens {max_tokens}) but the cache holds {cap}; "
                     "raise cache.num_blocks / cache.kv_cache_gib or lower max_tokens")
-            host = eng.host_slots
-            if host and len(toks) + max_tokens - 1 > host:
+            host, disk = eng.host_slots, eng.disk_slots
+            if host and len(toks) + max_tokens - 1 > max(host, disk):
+                holds = f"it holds {host}" + (f" and the disk tier {disk}" if disk else "")
                 raise SeesawError(
                     f"prompt {i} needs up to {len(toks) + max_tokens - 1} token slots of the "
                     f"host KV tier (prompt {len(toks)} + max_tokens {max_tokens} - 1, if "
-                    f"preempted) but it holds {host}; raise cache.host_kv_tokens / "
+                    f"preempted) but {holds}; raise cache.host_kv_tokens / "
                     "cache.host_kv_gib or lower max_tokens")
             token_lists.append(toks)
             base = p.seed if p.seed is not None else self.seed * 1_000_003 + i

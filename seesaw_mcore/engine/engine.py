@@ -21,15 +21,12 @@ from seesaw_mcore.engine.phase_scheduler import PhaseScheduler
 from seesaw_mcore.engine.request import Sequence
 from seesaw_mcore.engine.scheduler import ReplicaSchedulers, SchedulerConfig
 from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.kv.disk_tier import DiskKVTier, check_disk_path, load_aio, page_tokens
 from seesaw_mcore.kv.host_tier import HostKVBuffer
+from seesaw_mcore.kv.transfer import TransferStats
 from seesaw_mcore.model.loader import Checkpoint
 from seesaw_mcore.runtime import groups
-from seesaw_mcore.runtime.model_runner import (
-    ModelRunner,
-    SwapCounters,
-    kv_bytes_per_block,
-    resolve_dtype,
-)
+from seesaw_mcore.runtime.model_runner import ModelRunner, kv_bytes_per_block, resolve_dtype
 from seesaw_mcore.runtime.reshard import Resharder
 from seesaw_mcore.runtime.weights import ShardStore
 
@@ -46,8 +43,14 @@ class CacheConfig:
             ``host_kv_gib``.
         host_kv_gib: size of the host KV tier (one shared buffer per node) when
             ``host_kv_tokens`` is unset.
-        prefetch_watermark: fraction of device blocks that admitting a sequence from the
-            host tier must leave free (room for running sequences to grow).
+        prefetch_watermark: fraction of device blocks that admitting a sequence from a
+            tier must leave free (room for running sequences to grow).
+        disk_path: a directory for the disk KV tier (DeepSpeed AIO), used when the host
+            tier is full; ``None``: no disk tier.
+        disk_kv_tokens: token slots of the disk tier; ``None``: from ``disk_kv_gib``.
+        disk_kv_gib: size of the disk tier (one file per node) when ``disk_kv_tokens`` is
+            unset.
+        async_swap: tier copies run on a background thread, overlapping compute.
     """
 
     block_size: int = 16
@@ -57,6 +60,10 @@ class CacheConfig:
     host_kv_tokens: int | None = None
     host_kv_gib: float = 1.0
     prefetch_watermark: float = 0.01
+    disk_path: str | None = None
+    disk_kv_tokens: int | None = None
+    disk_kv_gib: float = 8.0
+    async_swap: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -72,6 +79,10 @@ class CacheConfig:
         if not 0 <= self.prefetch_watermark < 1:
             raise SeesawError(
                 f"cache.prefetch_watermark must be in [0, 1), got {self.prefetch_watermark}")
+        if self.disk_kv_tokens is not None and self.disk_kv_tokens < 1:
+            raise SeesawError(f"cache.disk_kv_tokens must be >= 1, got {self.disk_kv_tokens}")
+        if self.disk_kv_gib <= 0:
+            raise SeesawError(f"cache.disk_kv_gib must be > 0, got {self.disk_kv_gib}")
 
 
 @dataclass
@@ -86,7 +97,7 @@ class EngineStats:
     swap_preemptions: int = 0  # of those, KV swapped out to the host tier and back
     switches: int = 0
     switch_s: float = 0.0
-    swap: SwapCounters = field(default_factory=SwapCounters)  # this rank's host-tier traffic
+    swap: TransferStats = field(default_factory=TransferStats)  # this rank's tier traffic
 
 
 class Engine:
@@ -117,6 +128,9 @@ class Engine:
         self.sched_cfg = scheduler or SchedulerConfig()
         self.rank, world = groups.init_distributed()
         check_world(self.plan.prefill, world)
+        if self.cache.disk_path and self.plan.is_static:
+            raise SeesawError(f"cache.disk_path needs a re-sharding plan; plan {self.plan} is "
+                              f"static (its KV stays on the device)")
         if not self.plan.is_static and groups.local_world_size() != world:
             raise SeesawError(
                 f"plan {self.plan}: the host KV tier is per node, so a plan that re-shards "
@@ -127,16 +141,19 @@ class Engine:
         self.dtype = resolve_dtype(dtype, self.model_cfg)
         store = ShardStore(Checkpoint(self.model_cfg), self.plan, self.rank, self.dtype)
         self.runner = ModelRunner(self.model_cfg, self.plan, self.dtype, self.cache.block_size,
-                                  store)
+                                  store, self.cache.async_swap)
         self.num_blocks = self._num_blocks()  # after the weights: free memory is known
         self.runner.allocate_kv(self.num_blocks)
-        self.host_slots = 0
+        self.host_slots = self.disk_slots = 0
         if not self.plan.is_static:
             self.runner.host = self._open_host_tier()
             self.host_slots = self.runner.host.shape[3]
+        if self.cache.disk_path:
+            self.runner.disk = self._open_disk_tier()
+            self.disk_slots = self.runner.disk.num_slots
         self.phase = Phase.PREFILL
         self.resharder = Resharder(self.runner, self.plan)
-        self.stats = EngineStats(swap=self.runner.swap)
+        self.stats = EngineStats(swap=self.runner.transfer.stats)
 
     @property
     def layout(self) -> ParallelConfig:
@@ -165,29 +182,62 @@ class Engine:
         return {lay: max(int(n.item()) // kv_bytes_per_block(
             self.model_cfg, lay, self.cache.block_size, self.dtype), 1) for lay in layouts}
 
-    def _open_host_tier(self) -> HostKVBuffer:
-        """Rank 0 creates the node's shared buffer, every rank maps it, then the file is
-        unlinked (the mappings stay), so nothing is left in /dev/shm even after a crash."""
+    def _kv_token_bytes(self) -> int:
+        """Bytes of one token's KV over every layer and KV head."""
         cfg = self.model_cfg
-        per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
-        slots = self.cache.host_kv_tokens or int(self.cache.host_kv_gib * 2**30 // per_token)
+        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+
+    def _open_host_tier(self) -> HostKVBuffer:
+        """The node's shared ``/dev/shm`` buffer; nothing is left there even after a crash."""
+        cfg = self.model_cfg
+        slots = self.cache.host_kv_tokens or int(
+            self.cache.host_kv_gib * 2**30 // self._kv_token_bytes())
         shape = (cfg.num_layers, 2, cfg.num_kv_heads, max(slots, 1), cfg.head_dim)
+        return self._open_node_file(
+            lambda name, create: HostKVBuffer(name, shape, self.dtype, create))
+
+    def _open_disk_tier(self) -> DiskKVTier:
+        """The node's disk-tier file under ``cache.disk_path`` (DeepSpeed AIO); every rank
+        keeps it open by descriptor, so nothing is left on disk even after a crash."""
+        cfg, path = self.model_cfg, self.cache.disk_path
+        page = page_tokens(cfg.head_dim, self.dtype)
+        slots = self.cache.disk_kv_tokens or int(
+            self.cache.disk_kv_gib * 2**30 // self._kv_token_bytes())
+        slots -= slots % page
+        if slots < page:
+            raise SeesawError(f"the disk KV tier needs at least one page of {page} tokens; "
+                              f"raise cache.disk_kv_tokens or cache.disk_kv_gib")
+        dims = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim)
+
+        def make(name: str, create: bool) -> DiskKVTier:
+            if create:
+                check_disk_path(path, slots * self._kv_token_bytes())
+            aio = load_aio()  # the creator builds the op first; the others load it
+            return DiskKVTier(os.path.join(path, name + ".bin"), slots, dims, self.dtype,
+                              create, aio)
+
+        return self._open_node_file(make)
+
+    def _open_node_file(self, make: Callable):
+        """Rank 0 makes a node-shared tier file (``make(name, create=True)``) and broadcasts
+        its name or its error; every rank attaches (``make(name, False)``); once all have,
+        the name is unlinked (each rank keeps its mapping or descriptor)."""
         box: list = [None, None]
-        buf = None
+        tier = None
         if self.rank == 0:
             box[0] = f"seesaw_kv_{os.getpid()}_{uuid.uuid4().hex[:8]}"
             try:
-                buf = HostKVBuffer(box[0], shape, self.dtype, create=True)
+                tier = make(box[0], True)
             except SeesawError as e:
                 box[1] = str(e)
         dist.broadcast_object_list(box, src=0)
         if box[1] is not None:
             raise SeesawError(box[1])
-        if buf is None:
-            buf = HostKVBuffer(box[0], shape, self.dtype, create=False)
-        dist.barrier()  # every rank has it mapped
-        buf.unlink()
-        return buf
+        if tier is None:
+            tier = make(box[0], False)
+        dist.barrier()  # every rank has it open
+        tier.unlink()
+        return tier
 
     @property
     def is_driver(self) -> bool:
@@ -209,8 +259,9 @@ class Engine:
             self._drive_and_stop(seqs, after_token)
         else:
             self._work()
+        self.runner.drain()
         if not self.plan.is_static:
-            dist.barrier()  # no rank still touches the host tier when the next run starts
+            dist.barrier()  # no rank still touches a tier when the next run starts
 
     def _drive_and_stop(self, seqs: list[Sequence], after_token) -> None:
         try:
@@ -231,9 +282,11 @@ class Engine:
             return ReplicaSchedulers(self.sched_cfg, lay.dp, lay.pp, self.num_blocks[lay],
                                      self.cache.block_size)
         decode_blocks = self.num_blocks[self.plan.decode]
+        disk = self.runner.disk
         return PhaseScheduler(self.sched_cfg, self.plan, self.num_blocks[self.plan.prefill],
                               decode_blocks, self.cache.block_size, self.host_slots, self.phase,
-                              int(self.cache.prefetch_watermark * decode_blocks))
+                              int(self.cache.prefetch_watermark * decode_blocks),
+                              self.disk_slots, disk.page if disk else 1)
 
     def _drive(self, seqs: list[Sequence], after_token: Callable[[Sequence], bool]) -> None:
         sched = self._schedulers()
@@ -318,10 +371,16 @@ class Engine:
         groups.shutdown()
 
     def close(self) -> None:
-        """Releases the host tier (the process groups stay up for another engine)."""
-        if self.runner.host is not None:
-            self.runner.host.close()
-            self.runner.host = None
+        """Stops the copy thread and releases the tiers (the process groups stay up for
+        another engine)."""
+        runner = self.runner
+        try:
+            runner.transfer.close()
+        finally:
+            for tier in (runner.host, runner.disk):
+                if tier is not None:
+                    tier.close()
+            runner.host = runner.disk = None
 
 
 def _check_host_memory(per_rank_bytes: float) -> None:

@@ -2,9 +2,11 @@
 
 Prefill runs under the prefill layout: each step packs waiting prompts, the device cache is
 only scratch for that step, and every prefilled sequence's KV goes to the node's host tier.
-Decode runs under the decode layout: host-tier sequences are admitted into device blocks
-(swap-in) and decoded with continuous batching; when blocks run out, the newest sequence's KV
-is swapped back out to the host tier (recomputed instead when the tier is full). The policy
+When the host tier is full, prefill goes on into the disk tier if one is configured.
+Decode runs under the decode layout: tier sequences are admitted into device blocks (swap-in,
+prefetched while the step before their first one runs) and decoded with continuous batching;
+when blocks run out, the newest sequence's KV is swapped back out to a tier (recomputed
+instead when no tier has room). The policy
 here is the simple one: prefill
 while the host tier has room, then decode everything resident, then switch back. Holds no
 tensors; one instance drives every DP replica of both layouts (their DP degrees may differ:
@@ -26,7 +28,7 @@ from seesaw_mcore.engine.scheduler import (
     split_micro_batches,
 )
 from seesaw_mcore.kv.block_pool import BlockPool
-from seesaw_mcore.kv.host_tier import SlotAllocator, SlotRange
+from seesaw_mcore.kv.host_tier import DISK, HOST, SlotAllocator, SlotRange
 
 
 class PhaseScheduler:
@@ -40,21 +42,28 @@ class PhaseScheduler:
         block_size: tokens per block.
         host_slots: token slots of the host KV tier.
         phase: the phase the ranks are in now.
-        watermark_blocks: free decode blocks an admission from the host tier must leave.
+        watermark_blocks: free decode blocks an admission from a tier must leave.
+        disk_slots: token slots of the disk tier (0: none).
+        disk_align: the disk tier's slot granularity (its page, in tokens).
     """
 
     def __init__(self, config: SchedulerConfig, plan: PhasePlan, prefill_blocks: int,
                  decode_blocks: int, block_size: int, host_slots: int,
-                 phase: Phase = Phase.PREFILL, watermark_blocks: int = 0) -> None:
+                 phase: Phase = Phase.PREFILL, watermark_blocks: int = 0,
+                 disk_slots: int = 0, disk_align: int = 1) -> None:
         self.config, self.plan, self.phase = config, plan, phase
         self.watermark_blocks = watermark_blocks
         self.prefill_pools = [BlockPool(prefill_blocks, block_size)
                               for _ in range(plan.prefill.dp)]
         self.decode_pools = [BlockPool(decode_blocks, block_size) for _ in range(plan.decode.dp)]
-        self.host = SlotAllocator(host_slots)
+        self.tiers = {HOST: SlotAllocator(host_slots, HOST)}  # filled in this order
+        if disk_slots:
+            self.tiers[DISK] = SlotAllocator(disk_slots, DISK, disk_align)
         self.waiting: deque[Sequence] = deque()  # need prefill (new or preempted)
-        self.swapped: deque[Sequence] = deque()  # KV in the host tier, in prefill order
+        self.swapped: deque[Sequence] = deque()  # KV in a tier, in prefill order
         self.running: list[list[Sequence]] = [[] for _ in range(plan.decode.dp)]
+        # admitted last step, KV prefetched during it: they join ``running`` this step
+        self.arriving: list[list[Sequence]] = [[] for _ in range(plan.decode.dp)]
         # Slots no longer needed; reused only after the next switch, whose barrier ensures
         # no rank still reads or writes them.
         self._dead_slots: list[SlotRange] = []
@@ -67,7 +76,19 @@ class PhaseScheduler:
         self.waiting.append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.swapped or self._evicted or any(self.running))
+        return bool(self.waiting or self.swapped or self._evicted or any(self.running)
+                    or any(self.arriving))
+
+    @property
+    def host(self) -> SlotAllocator:
+        return self.tiers[HOST]
+
+    def _allocate_slots(self, n: int) -> SlotRange | None:
+        """Slots for ``n`` tokens in the first tier with room (host, then disk)."""
+        for tier in self.tiers.values():
+            if tier.can_allocate(n):
+                return tier.allocate(n)
+        return None
 
     def schedule(self) -> StepPlan:
         """The next step for every replica, or a switch to the other phase."""
@@ -89,13 +110,13 @@ class PhaseScheduler:
         self.phase = phase
         self.num_switches += 1
         for r in self._dead_slots:
-            self.host.free(r)
+            self.tiers[r.tier].free(r)
         self._dead_slots.clear()
         return StepPlan([], switch_to=phase)
 
     def _schedule_prefill(self) -> list[SchedulerOutput | None]:
-        """Packs waiting prompts into the replica with the fewest tokens so far, while the
-        host tier, the budgets and the replica's scratch blocks allow."""
+        """Packs waiting prompts into the replica with the fewest tokens so far, while a
+        tier, the budgets and the replica's scratch blocks allow."""
         dp, cfg = self.plan.prefill.dp, self.config
         batches: list[list] = [[] for _ in range(dp)]
         moves: list[list[KVMove]] = [[] for _ in range(dp)]
@@ -104,7 +125,7 @@ class PhaseScheduler:
         while self.waiting:
             seq = self.waiting[0]
             n = seq.num_tokens
-            if not self.host.can_allocate(n):
+            if not any(t.can_allocate(n) for t in self.tiers.values()):
                 break
             r = next((r for r in sorted(range(dp), key=tokens.__getitem__)
                       if (not batches[r] or tokens[r] + n <= cfg.max_prefill_tokens)
@@ -115,7 +136,7 @@ class PhaseScheduler:
             self.waiting.popleft()
             table: list[int] = []
             self.prefill_pools[r].allocate(table, n)
-            seq.host_slots = self.host.allocate(n)
+            seq.host_slots = self._allocate_slots(n)
             seq.status, seq.replica = SeqStatus.SWAPPED, r
             self.swapped.append(seq)
             batches[r].append(scheduled(seq, seq.all_token_ids, 0, table))
@@ -130,10 +151,14 @@ class PhaseScheduler:
                 if b else None for b, m in zip(batches, moves)]
 
     def _schedule_decode(self) -> list[SchedulerOutput | None]:
-        """Grows every running sequence by one token (preempting the newest on shortage),
-        then admits host-tier sequences where blocks remain (not into a replica that just
-        preempted, and not a sequence evicted in this very step: its KV is written during
-        the step)."""
+        """Last step's admissions join the batch; grows every running sequence by one token
+        (preempting the newest on shortage), then admits tier sequences where blocks remain
+        (not into a replica that just preempted, and not a sequence evicted in this very
+        step: its KV is written during the step). Admitted sequences' KV is prefetched
+        during this step; they decode from the next."""
+        for r, arrived in enumerate(self.arriving):
+            self.running[r] += arrived
+            arrived.clear()
         for seq in reversed(self._evicted):
             self.swapped.appendleft(seq)  # written by now: first in line to come back
         self._evicted = []
@@ -151,24 +176,25 @@ class PhaseScheduler:
             admitted[r].append(KVMove(seq.seq_id, seq.host_slots, list(seq.block_table)))
             self._dead_slots.append(seq.host_slots)
             seq.host_slots, seq.status, seq.replica = None, SeqStatus.RUNNING, r
-            self.running[r].append(seq)
+            self.arriving[r].append(seq)
         out: list[SchedulerOutput | None] = []
         for r, running in enumerate(self.running):
             batch = [scheduled(s, s.output_token_ids[-1:], s.num_tokens - 1) for s in running]
-            out.append(SchedulerOutput(
-                Phase.DECODE, split_micro_batches(batch, self.plan.decode.pp, False),
-                evict=evicted[r], swap_in=admitted[r]) if batch or evicted[r] else None)
+            busy = batch or evicted[r] or admitted[r]
+            mbs = split_micro_batches(batch, self.plan.decode.pp, False) if batch else []
+            out.append(SchedulerOutput(Phase.DECODE, mbs, evict=evicted[r],
+                                       swap_in=admitted[r]) if busy else None)
         return out
 
     def _preempt(self, victim: Sequence, evicted: list[KVMove]) -> None:
-        """Swaps the victim's KV out to the host tier when it has room (it comes back in
-        this decode phase), else frees it for recompute in the next prefill phase."""
+        """Swaps the victim's KV out to a tier with room (it comes back in this decode
+        phase), else frees it for recompute in the next prefill phase."""
         pool = self.decode_pools[victim.replica]
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        n = victim.num_tokens - 1  # KV of every token but the last sampled one
-        if self.host.can_allocate(n):
-            victim.host_slots = self.host.allocate(n)
+        slots = self._allocate_slots(victim.num_tokens - 1)  # all but the last token's KV
+        if slots is not None:
+            victim.host_slots = slots
             evicted.append(KVMove(victim.seq_id, victim.host_slots, list(victim.block_table)))
             victim.status = SeqStatus.SWAPPED
             self._evicted.append(victim)
@@ -180,9 +206,13 @@ class PhaseScheduler:
 
     def _replica_for(self, seq: Sequence, preempting: list[bool]) -> int | None:
         """The least-loaded decode replica that can take ``seq``, keep the watermark and
-        still grow every running sequence by one block (skipping replicas that preempt)."""
-        for r in sorted(range(len(self.running)), key=lambda r: len(self.running[r])):
-            pool, running = self.decode_pools[r], self.running[r]
+        still grow every running (or arriving) sequence by one block (skipping replicas
+        that preempt)."""
+        def load(r: int) -> int:
+            return len(self.running[r]) + len(self.arriving[r])
+
+        for r in sorted(range(len(self.running)), key=load):
+            pool, running = self.decode_pools[r], self.running[r] + self.arriving[r]
             if preempting[r] or len(running) >= self.config.max_num_seqs:
                 continue
             need = pool.blocks_for(seq.num_tokens)

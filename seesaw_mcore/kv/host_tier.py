@@ -14,12 +14,16 @@ import torch
 from seesaw_mcore.errors import SeesawError
 
 
+HOST, DISK = "host", "disk"  # the KV tiers below the device cache
+
+
 @dataclass(frozen=True)
 class SlotRange:
-    """``[start, start + length)`` token slots of one sequence in the host tier."""
+    """``[start, start + length)`` token slots of one sequence in a KV tier."""
 
     start: int
     length: int
+    tier: str = HOST
 
     @property
     def end(self) -> int:
@@ -30,15 +34,22 @@ class SlotAllocator:
     """First-fit allocator of contiguous slot ranges; frees merge with their neighbours.
 
     Args:
-        num_slots: token slots in the buffer.
+        num_slots: token slots in the tier.
+        tier: the tier the ranges belong to (``HOST`` or ``DISK``).
+        align: every range starts at a multiple of ``align`` and reserves a multiple of it
+            (the disk tier's aligned records); the returned length is the one asked for.
     """
 
-    def __init__(self, num_slots: int) -> None:
+    def __init__(self, num_slots: int, tier: str = HOST, align: int = 1) -> None:
         if num_slots < 1:
             raise ValueError(f"num_slots must be >= 1, got {num_slots}")
-        self.num_slots = num_slots
-        self._free: list[tuple[int, int]] = [(0, num_slots)]  # sorted (start, length)
+        self.num_slots, self.tier, self.align = num_slots - num_slots % align, tier, align
+        self._free: list[tuple[int, int]] = [(0, self.num_slots)] if self.num_slots else []
         self.used = 0
+
+    def reserved(self, length: int) -> int:
+        """Slots a range of ``length`` tokens takes (rounded up to ``align``)."""
+        return -(-length // self.align) * self.align
 
     @property
     def usage(self) -> float:
@@ -46,7 +57,8 @@ class SlotAllocator:
         return self.used / self.num_slots
 
     def can_allocate(self, length: int) -> bool:
-        return any(n >= length for _, n in self._free)
+        need = self.reserved(length)
+        return any(n >= need for _, n in self._free)
 
     def allocate(self, length: int) -> SlotRange:
         """The first free range that fits ``length`` slots.
@@ -56,21 +68,23 @@ class SlotAllocator:
         """
         if length < 1:
             raise ValueError(f"length must be >= 1, got {length}")
+        need = self.reserved(length)
         for i, (start, n) in enumerate(self._free):
-            if n >= length:
-                if n == length:
+            if n >= need:
+                if n == need:
                     del self._free[i]
                 else:
-                    self._free[i] = (start + length, n - length)
-                self.used += length
-                return SlotRange(start, length)
-        raise RuntimeError(f"host tier has no free range of {length} slots")
+                    self._free[i] = (start + need, n - need)
+                self.used += need
+                return SlotRange(start, length, self.tier)
+        raise RuntimeError(f"{self.tier} tier has no free range of {length} slots")
 
     def free(self, r: SlotRange) -> None:
         """Returns a range; adjacent free ranges merge."""
         i = bisect.bisect_left(self._free, (r.start, 0))
-        start, n = r.start, r.length
-        if i < len(self._free) and self._free[i][0] == r.end:  # merge right
+        start, n = r.start, self.reserved(r.length)
+        end = start + n
+        if i < len(self._free) and self._free[i][0] == end:  # merge right
             n += self._free.pop(i)[1]
         if i > 0 and sum(self._free[i - 1]) == start:  # merge left
             start, left = self._free[i - 1]
@@ -78,7 +92,7 @@ class SlotAllocator:
             self._free[i - 1] = (start, n)
         else:
             self._free.insert(i, (start, n))
-        self.used -= r.length
+        self.used -= self.reserved(r.length)
 
 
 class HostKVBuffer:

@@ -8,6 +8,9 @@ is the model runner's job.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -71,8 +74,10 @@ class DecoderLayer(nn.Module):
         rotary: Rotary,
         kv: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        after_attention: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """``x`` ``[T, H]`` -> ``[T, H]``; writes this step's K/V into ``kv``."""
+        """``x`` ``[T, H]`` -> ``[T, H]``; writes this step's K/V into ``kv`` and then calls
+        ``after_attention`` (the KV may leave while the MLP runs)."""
         t = x.shape[0]
         h = self.input_norm(x)
         qkv = self.qkv(h)  # [T, (hq + 2 hkv) D]
@@ -82,6 +87,8 @@ class DecoderLayer(nn.Module):
         v = v.view(t, self.hkv, self.d)  # [T, hkv, D]
         q, k = rotary(q, k, positions)
         attn = paged_attention(q, k, v.contiguous(), kv[0], kv[1], meta)  # [T, hq, D]
+        if after_attention is not None:
+            after_attention()
         x = x + self.o_proj(attn.reshape(t, self.hq * self.d))
         gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)  # [T, I/TP] each
         return x + self.down(F.silu(gate) * up)
@@ -134,6 +141,7 @@ class LlamaStage(nn.Module):
         positions: torch.Tensor,
         kv_cache: list[tuple[torch.Tensor, torch.Tensor]],
         meta: AttentionMetadata,
+        after_attention: Callable[[int], None] | None = None,
     ) -> torch.Tensor:
         """Runs this stage.
 
@@ -142,14 +150,17 @@ class LlamaStage(nn.Module):
             positions: ``[T]`` position of each token in its sequence.
             kv_cache: per local layer, ``(k_blocks, v_blocks)``.
             meta: the step's attention metadata.
+            after_attention: called with the local layer index once that layer has written
+                its KV (async swap-out hooks in here).
 
         Returns:
             Hidden states ``[T, H]`` (normalized on the last stage).
         """
         if self.embed is not None:
             x = self.embed(x)  # [T, H]
-        for layer, kv in zip(self.layers, kv_cache):
-            x = layer(x, positions, self.rotary, kv, meta)
+        for i, (layer, kv) in enumerate(zip(self.layers, kv_cache)):
+            hook = None if after_attention is None else partial(after_attention, i)
+            x = layer(x, positions, self.rotary, kv, meta, hook)
         if self.norm is not None:
             x = self.norm(x)
         return x

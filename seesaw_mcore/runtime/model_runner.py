@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -15,8 +14,10 @@ import torch.distributed as dist
 from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan, split_layers
 from seesaw_mcore.engine.outputs import KVMove, RunnerOutput, SampledToken, SchedulerOutput
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.kv.host_tier import HostKVBuffer
+from seesaw_mcore.kv.disk_tier import DiskKVTier
+from seesaw_mcore.kv.host_tier import DISK, HOST, HostKVBuffer, SlotRange
 from seesaw_mcore.kv.layout import KVShardLayout
+from seesaw_mcore.kv.transfer import KVTransfer
 from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
 from seesaw_mcore.model.loader import Checkpoint
@@ -45,24 +46,6 @@ def kv_bytes_per_block(
     start, end = split_layers(cfg.num_layers, layout.pp)[0]
     hkv = cfg.num_kv_heads // layout.tp
     return 2 * (end - start) * block_size * hkv * cfg.head_dim * dtype.itemsize
-
-
-@dataclass
-class SwapCounters:
-    """This rank's KV traffic with the host tier."""
-
-    out_bytes: int = 0
-    out_s: float = 0.0
-    in_bytes: int = 0
-    in_s: float = 0.0
-
-    def add(self, to_host: bool, nbytes: int, seconds: float) -> None:
-        if to_host:
-            self.out_bytes += nbytes
-            self.out_s += seconds
-        else:
-            self.in_bytes += nbytes
-            self.in_s += seconds
 
 
 def _copy_runs(moves: list[KVMove], block_size: int) -> list[tuple[int, int, int]]:
@@ -99,6 +82,7 @@ class ModelRunner:
         dtype: parameter and KV dtype.
         block_size: tokens per KV block.
         store: both phases' shards of this rank (built from the checkpoint when omitted).
+        async_swap: tier copies overlap compute on a background thread (False: inline).
     """
 
     def __init__(
@@ -108,6 +92,7 @@ class ModelRunner:
         dtype: torch.dtype,
         block_size: int,
         store: ShardStore | None = None,
+        async_swap: bool = True,
     ) -> None:
         if isinstance(plan, ParallelConfig):
             plan = PhasePlan(plan, plan)
@@ -122,7 +107,8 @@ class ModelRunner:
         self._kv_flat: torch.Tensor | None = None
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.host: HostKVBuffer | None = None  # the node's host KV tier (Seesaw plans)
-        self.swap = SwapCounters()
+        self.disk: DiskKVTier | None = None  # the node's disk KV tier (optional)
+        self.transfer = KVTransfer(groups.accelerator(), async_swap)
         self.model: LlamaStage | None = None
         self._resident: dict[ParallelConfig, LlamaStage] = {}  # stages that cost no memory
         self.use(plan.prefill)
@@ -134,6 +120,7 @@ class ModelRunner:
         Returns:
             Weight bytes copied host -> device (0 on CPU ranks: the stage views the store).
         """
+        self.transfer.drain()  # tier copies address the KV view of the old layout
         self.info = groups.activate(layout)
         copied = 0
         if layout in self._resident:  # its weights are views of the store: reuse the stage
@@ -210,13 +197,22 @@ class ModelRunner:
         """Runs a scheduled step; micro-batches flow through the stages back to back, so
         stage ``s`` computes micro-batch ``m`` while stage ``s+1`` computes ``m-1``.
 
+        Tier copies: the last step's must be done before anything reuses blocks; victims
+        leave before the forward (their blocks are reused by it); admissions (``swap_in``)
+        come in behind the forward, for sequences that join the next step; each prefill
+        layer's new KV leaves for the host tier right after its attention, while the next
+        layers compute (disk records after the micro-batch).
+
         Returns:
             The sampled tokens on the last stage's TP rank 0, ``None`` on other ranks.
         """
-        if step.evict:  # before anything reuses the victims' blocks
-            self._swap(step.evict, to_host=True)
+        self.transfer.drain()
+        if step.evict:
+            self.transfer.submit(lambda: self._swap(step.evict, to_tier=True))
+            self.transfer.drain()
         if step.swap_in:
-            self._swap(step.swap_in, to_host=False)
+            self.transfer.submit(lambda: self._swap(step.swap_in, to_tier=False))
+        outgoing = {m.seq_id: m for m in step.swap_out}
         sends: list = []
         sampled: list[SampledToken] = []
         for mb in step.micro_batches:
@@ -224,7 +220,15 @@ class ModelRunner:
             qlens = [len(s.token_ids) for s in mb]
             ctx = [s.start_pos + len(s.token_ids) for s in mb]
             pos = [p for s in mb for p in range(s.start_pos, s.start_pos + len(s.token_ids))]
-            hidden = self._stage(ids, pos, qlens, ctx, [s.block_table for s in mb], sends)
+            out = [outgoing[s.seq_id] for s in mb if s.seq_id in outgoing]
+            host = [m for m in out if m.slots.tier == HOST]
+            stash = (lambda i, moves=host: self.transfer.submit(
+                lambda: self._swap(moves, to_tier=True, layers=[i]))) if host else None
+            hidden = self._stage(ids, pos, qlens, ctx, [s.block_table for s in mb], sends,
+                                 stash)
+            disk = [m for m in out if m.slots.tier == DISK]
+            if disk:
+                self.transfer.submit(lambda moves=disk: self._swap(moves, to_tier=True))
             if hidden is None:
                 continue
             last = torch.tensor(qlens, device=self.device).cumsum(0) - 1  # [B]
@@ -233,39 +237,75 @@ class ModelRunner:
                 sampled += sample(logits, [s.seq_id for s in mb], [s.sampling for s in mb])
         for work, _buf in sends:
             work.wait()
-        if step.swap_out:
-            self._swap(step.swap_out, to_host=True)
         if self.info.is_last_stage and self.info.tp_rank == 0:
             return RunnerOutput(sampled)
         return None
 
-    def _swap(self, moves: list[KVMove], to_host: bool) -> None:
+    def drain(self) -> None:
+        """Waits for this rank's queued tier copies (before the host tier changes hands)."""
+        self.transfer.drain()
+
+    def _swap(self, moves: list[KVMove], to_tier: bool, layers: list[int] | None = None
+              ) -> None:
         """Moves this rank's ``[its layers, k/v, its heads]`` part of each sequence's KV
-        between its device blocks and its host-tier slots: one strided copy per layer, K/V
-        and run of tokens contiguous on both sides (adjacent slots and adjacent blocks)."""
-        t0 = time.perf_counter()
+        between its device blocks and its tier slots (``layers``: only these local layers).
+        Host tier: one strided copy per layer, K/V and run of tokens contiguous on both
+        sides (adjacent slots and adjacent blocks). Disk tier: per sequence, through a
+        page-locked staging record and AIO."""
         kvl, rank = self.kv_layouts[self.info.layout], self.info.rank
         l0, _ = kvl.layer_range(rank)
         h0, h1 = kvl.head_range(rank)
-        host = self.host.tensor  # [L, 2, H, S, D]
-        runs = _copy_runs(moves, self.block_size)  # (slot start, cache row start, tokens)
-        for i, (k, v) in enumerate(self.kv_cache):
-            for j, paged in enumerate((k, v)):
-                flat = paged.view(-1, *paged.shape[2:])  # [NB * BS, h, D]
-                side = host[l0 + i, j, h0:h1]  # [h, S, D]
-                for slot, row, n in runs:
-                    dev, hst = flat[row:row + n], side[:, slot:slot + n]  # [n, h, D], [h, n, D]
-                    if to_host:
-                        hst.copy_(dev.transpose(0, 1))
-                    else:
-                        dev.copy_(hst.transpose(0, 1), non_blocking=True)
-        tokens = sum(m.slots.length for m in moves)
-        nbytes = 2 * len(self.kv_cache) * tokens * (h1 - h0) * self.cfg.head_dim
-        self.swap.add(to_host, nbytes * self.dtype.itemsize, time.perf_counter() - t0)
+        layers = range(len(self.kv_cache)) if layers is None else layers
+        for tier in (HOST, DISK):
+            mine = [m for m in moves if m.slots.tier == tier]
+            if not mine:
+                continue
+            t0 = time.perf_counter()
+            if tier == HOST:
+                self._copy(self.host.tensor[:, :, h0:h1], _copy_runs(mine, self.block_size),
+                           layers, l0, to_tier)
+            else:
+                for m in mine:  # whole records: every local layer
+                    self._disk_record(m, l0, h0, h1, to_tier)
+            tokens = sum(m.slots.length for m in mine)
+            nbytes = 2 * len(layers) * tokens * (h1 - h0) * self.cfg.head_dim
+            self.transfer.stats.tiers[tier].add(to_tier, nbytes * self.dtype.itemsize,
+                                                time.perf_counter() - t0)
 
-    def _stage(self, input_ids, positions, query_lens, context_lens, block_tables, sends):
+    def _copy(self, side: torch.Tensor, runs, layers, l0: int, to_tier: bool) -> None:
+        """Copies token runs ``(slot, cache row, n)`` between the paged cache and ``side``
+        ``[layers, 2, h, slots, D]`` (this rank's heads; local layer ``i`` is ``side``'s
+        layer ``l0 + i``)."""
+        for i in layers:
+            for j, paged in enumerate(self.kv_cache[i]):
+                flat = paged.view(-1, *paged.shape[2:])  # [NB * BS, h, D]
+                part = side[l0 + i, j]  # [h, S, D]
+                for slot, row, n in runs:
+                    dev, tier = flat[row:row + n], part[:, slot:slot + n]  # [n, h, D], [h, n, D]
+                    if to_tier:
+                        tier.copy_(dev.transpose(0, 1))
+                    else:
+                        dev.copy_(tier.transpose(0, 1), non_blocking=True)
+
+    def _disk_record(self, move: KVMove, l0: int, h0: int, h1: int, to_tier: bool) -> None:
+        """One sequence's part (every local layer) between its blocks and its disk record,
+        through the page-locked staging record."""
+        staging = self.disk.staging(len(self.kv_cache), h1 - h0, move.slots)  # [l,2,h,R,D]
+        local = KVMove(move.seq_id, SlotRange(0, move.slots.length), move.block_table)
+        runs = _copy_runs([local], self.block_size)  # slots relative to the record
+        layers = range(len(self.kv_cache))
+        if to_tier:
+            self._copy(staging, runs, layers, 0, True)
+            self.disk.transfer(staging, l0, h0, move.slots, write=True)
+        else:
+            self.disk.transfer(staging, l0, h0, move.slots, write=False)
+            self._copy(staging, runs, layers, 0, False)
+
+    def _stage(self, input_ids, positions, query_lens, context_lens, block_tables, sends,
+               after_attention=None):
         """This rank's stage on one micro-batch; returns hidden ``[T, H]`` on the last stage,
-        else queues an async send of it to the next stage and returns ``None``."""
+        else queues an async send of it to the next stage and returns ``None``.
+        ``after_attention(i)`` runs once local layer ``i`` has written its KV."""
         info, dev = self.info, self.device
         meta = AttentionMetadata.build(query_lens, context_lens, block_tables, self.block_size, dev)
         pos = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
@@ -274,7 +314,7 @@ class ModelRunner:
         else:
             x = torch.empty(len(input_ids), self.cfg.hidden_size, dtype=self.dtype, device=dev)
             dist.recv(x, src=info.prev_rank)  # [T, H]
-        hidden = self.model(x, pos, self.kv_cache, meta)  # [T, H]
+        hidden = self.model(x, pos, self.kv_cache, meta, after_attention)  # [T, H]
         if info.is_last_stage:
             return hidden
         hidden = hidden.contiguous()

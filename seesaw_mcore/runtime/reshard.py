@@ -29,7 +29,7 @@ class SwitchRecord:
     phase: Phase  # the phase switched to
     src: str  # layout before
     dst: str  # layout after
-    drain_s: float  # waiting for every rank to finish the previous phase (barrier)
+    drain_s: float  # waiting for the last tier copies and every rank (barrier)
     rebuild_s: float  # groups + stage rebuilt from the host shards + KV view
     weight_bytes: int  # bytes of the new stage's weights
     copied_bytes: int  # of those, bytes copied host -> device (0 on CPU ranks: views)
@@ -56,7 +56,8 @@ class Resharder:
         src = self.runner.info.layout
         dst = self.plan.prefill if phase == Phase.PREFILL else self.plan.decode
         t0 = time.perf_counter()
-        dist.barrier()  # drain: every rank's steps, host-tier writes included, are done
+        self.runner.drain()  # this rank's tier copies (async swap-out / prefetch) are done
+        dist.barrier()  # drain: every rank's steps, tier writes included, are done
         t1 = time.perf_counter()
         copied = self.runner.use(dst)
         groups.accelerator().synchronize()

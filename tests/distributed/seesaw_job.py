@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import psutil
 import torch.distributed as dist
@@ -48,6 +49,60 @@ def run_plan(model: str, prefill: str, decode: str | None) -> dict:
             "sampled": [[c.token_ids for c in o.outputs] for o in sampled]}
 
 
+def disk_runs(model: str, prefill: str, decode: str, disk_dir: str) -> dict:
+    """Greedy runs with the disk tier behind a host tier too small for the workload: with a
+    roomy device cache, with a tiny one (swap preemption into the tiers), and the latter
+    with inline (not async) copies. Records rank 0's disk traffic and what ``disk_dir``
+    holds while the tier is open."""
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    report = {}
+    for name, blocks, async_swap in (("disk", 64, True), ("disk_swap", 12, True),
+                                     ("disk_sync", 12, False)):
+        llm = LLM(model, prefill=prefill, decode=decode, num_blocks=blocks, block_size=4,
+                  max_num_seqs=8, host_kv_tokens=HOST_TOKENS, disk_path=disk_dir,
+                  disk_kv_tokens=2048, async_swap=async_swap)
+        listed = os.listdir(disk_dir)
+        outs = llm.generate(prompts, greedy, use_tqdm=False)
+        st = llm.engine.stats
+        disk = st.swap.tiers["disk"]
+        report[name] = {"greedy": [o.outputs[0].token_ids for o in outs],
+                        "listed": listed, "disk_out": disk.out_bytes, "disk_in": disk.in_bytes,
+                        "switches": st.switches, "preemptions": st.preemptions,
+                        "swap_preemptions": st.swap_preemptions}
+        llm.close()
+    report["listed_after"] = os.listdir(disk_dir)
+    return report
+
+
+def disk_abort(model: str, prefill: str, decode: str, disk_dir: str) -> dict:
+    """An exception in the engine on rank 0 mid-run (the workers are told and raise too):
+    what is left in ``disk_dir`` afterwards."""
+    llm = LLM(model, prefill=prefill, decode=decode, num_blocks=12, block_size=4,
+              max_num_seqs=8, host_kv_tokens=HOST_TOKENS, disk_path=disk_dir,
+              disk_kv_tokens=2048)
+    steps = [0]
+    account = llm.engine._account
+
+    def failing_account(dt, step):  # rank 0, between steps: every rank is idle
+        steps[0] += 1
+        if steps[0] == 6:
+            raise RuntimeError("injected failure")
+        account(dt, step)
+
+    llm.engine._account = failing_account
+    error = None
+    try:
+        llm.generate([{"prompt_token_ids": p} for p in PROMPTS],
+                     SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                     use_tqdm=False)
+    except Exception as e:  # noqa: BLE001 - the report says what was raised
+        error = str(e)
+    llm.close()
+    return {"error": error, "disk_out": llm.engine.stats.swap.tiers["disk"].out_bytes,
+            "listed_after": os.listdir(disk_dir)}
+
+
 def leak_check(model: str) -> dict:
     """Two runs of 25 one-prompt prefill phases each (~50 switches per run): process groups
     and RSS after the first run vs after the second."""
@@ -73,11 +128,20 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("plans", nargs="+", help="PREFILL:DECODE, or a static layout")
     ap.add_argument("--leak", action="store_true")
+    ap.add_argument("--disk", nargs=2, metavar=("DIR", "PLANS"),
+                    help="disk-tier runs in DIR (empty) for comma-separated PLANS")
     args = ap.parse_args()
     report = {}
     for plan in args.plans:
         prefill, _, decode = plan.partition(":")
         report[plan] = run_plan(args.model, prefill, decode or None)
+    if args.disk:
+        disk_dir, plans = args.disk
+        for i, plan in enumerate(plans.split(",")):
+            prefill, _, decode = plan.partition(":")
+            report[plan].update(disk_runs(args.model, prefill, decode, disk_dir))
+            if i == 0:
+                report[plan]["abort"] = disk_abort(args.model, prefill, decode, disk_dir)
     if args.leak:
         report["leak"] = leak_check(args.model)
     if dist.get_rank() == 0:

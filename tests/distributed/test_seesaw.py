@@ -1,8 +1,10 @@
 """Seesaw plans end to end: greedy parity with HF ``generate`` for P2->T2, T2->P2, D2->T2,
 P2->D2 (2 ranks) and P4->T4, P4->T2P2, D2P2->D2T2 (4 ranks) on workloads whose prompts
 overflow the host tier (>= 3 prefill/decode switches, recompute preemption) and with a roomy
-host tier and a tiny device cache (swap preemption); seeded sampling identical to static T2;
-no process-group or memory growth over 50 switches; no /dev/shm residue."""
+host tier and a tiny device cache (swap preemption); the disk tier (DeepSpeed AIO) behind a
+too-small host tier, with a roomy and a tiny device cache, async and inline copies; nothing
+left on disk while running, after exit and after an exception; seeded sampling identical to
+static T2; no process-group or memory growth over 50 switches; no /dev/shm residue."""
 
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
 PLANS = {2: ("llama", ["T2", "P2:T2", "T2:P2", "D2:T2", "P2:D2"]),
          4: ("llama4", ["P4:T4", "P4:T2P2", "D2P2:D2T2"])}
 SEESAW = [p for _, plans in PLANS.values() for p in plans if ":" in p]
+DISK = {2: ["P2:T2", "D2:T2"], 4: ["P4:T2P2"]}  # the first of each world also aborts
+DISK_RUNS = ["disk", "disk_swap", "disk_sync"]
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +29,9 @@ def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
     merged: dict[str, dict] = {}
     for world, (model, plans) in PLANS.items():
         out = tmp_path_factory.mktemp("seesaw") / f"w{world}.json"
-        extra = ["--leak"] if world == 2 else []
+        disk_dir = tmp_path_factory.mktemp("disk_tier")
+        extra = ["--disk", str(disk_dir), ",".join(DISK[world])]
+        extra += ["--leak"] if world == 2 else []
         proc = launch(world, ["tests.distributed.seesaw_job", tiny_models[model], str(out),
                               *plans, *extra], timeout=500)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -59,6 +65,27 @@ def test_greedy_matches_hf_with_swap_preemption(results, hf_ref, plan):
     assert rep["greedy_swap"] == hf_ref[rep["model"]]
     preemptions, swapped = rep["swap_run_preemptions"]
     assert swapped > 0 and swapped == preemptions  # KV went to the host tier and back
+
+
+@pytest.mark.parametrize("run", DISK_RUNS)
+@pytest.mark.parametrize("plan", [p for plans in DISK.values() for p in plans])
+def test_greedy_matches_hf_through_the_disk_tier(results, hf_ref, plan, run):
+    rep = results[plan][run]
+    assert rep["greedy"] == hf_ref[results[plan]["model"]]
+    # the host tier overflowed to disk: rank 0 (T2 rank, every replica) read records back
+    # (under D2 prefill the records it wrote may all have gone through the other replica)
+    assert rep["disk_in"] > 0
+    if run != "disk":  # tiny device cache: victims swapped out to the tiers, none recomputed
+        assert rep["swap_preemptions"] > 0 and rep["swap_preemptions"] == rep["preemptions"]
+    assert rep["listed"] == []  # the open tier file has no name on disk
+
+
+@pytest.mark.parametrize("plan", [plans[0] for plans in DISK.values()])
+def test_disk_tier_leaves_no_file_after_exit_or_exception(results, plan):
+    rep = results[plan]
+    assert rep["listed_after"] == []
+    assert rep["abort"]["error"].endswith("injected failure")  # rank 0's, or the workers'
+    assert rep["abort"]["listed_after"] == []
 
 
 @pytest.mark.parametrize("plan", [p for p in SEESAW if p.endswith(":T2")])

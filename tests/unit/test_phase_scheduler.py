@@ -1,5 +1,6 @@
-"""PhaseScheduler: prefill into the host tier, switch, admit with swap-in, dead slots reused
-only after a switch, recompute preemption, DP degree changing between the phases."""
+"""PhaseScheduler: prefill into the host tier (then the disk tier), switch, admit with a
+prefetching swap-in, dead slots reused only after a switch, swap and recompute preemption,
+DP degree changing between the phases."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ from seesaw_mcore.engine.outputs import Phase
 from seesaw_mcore.engine.phase_scheduler import PhaseScheduler
 from seesaw_mcore.engine.request import SeqStatus
 from seesaw_mcore.engine.scheduler import SchedulerConfig
+from seesaw_mcore.kv.host_tier import DISK, HOST
 from tests.unit.test_scheduler import create_requests
 
 
 def create_scheduler(prefill="P2", decode="T2", prefill_blocks=16, decode_blocks=16,
-                     host_slots=20, watermark_blocks=0, **cfg) -> PhaseScheduler:
+                     host_slots=20, watermark_blocks=0, disk_slots=0, disk_align=1,
+                     **cfg) -> PhaseScheduler:
     return PhaseScheduler(SchedulerConfig(**cfg), PhasePlan.parse(prefill, decode),
                           prefill_blocks, decode_blocks, 4, host_slots,
-                          watermark_blocks=watermark_blocks)
+                          watermark_blocks=watermark_blocks, disk_slots=disk_slots,
+                          disk_align=disk_align)
 
 
 def _sample(sched: PhaseScheduler, step) -> None:
@@ -39,11 +43,13 @@ def test_prefill_until_host_full_then_switch_and_admit():
     assert sched.prefill_pools[0].num_free == 16  # device blocks were scratch only
     _sample(sched, step)
     assert sched.schedule().switch_to == Phase.DECODE  # the third prompt does not fit
+    [rep] = sched.schedule().replicas
+    assert rep.phase == Phase.DECODE and [m.seq_id for m in rep.swap_in] == [0, 1]
+    assert rep.seqs == []  # their KV is prefetched during this step; they decode from the next
     step = sched.schedule()
     [rep] = step.replicas
-    assert rep.phase == Phase.DECODE and [m.seq_id for m in rep.swap_in] == [0, 1]
-    assert [s.start_pos for s in rep.seqs] == [8, 8] and [s.token_ids for s in rep.seqs] == [
-        [7], [7]]
+    assert rep.swap_in == [] and [s.start_pos for s in rep.seqs] == [8, 8]
+    assert [s.token_ids for s in rep.seqs] == [[7], [7]]
     assert sched.host.used == 16  # freed only at the next switch (ranks may still read)
     _sample(sched, step)
     for s in seqs[:2]:
@@ -76,16 +82,18 @@ def test_dp_changes_between_phases():
     _sample(sched, step)
     assert sched.schedule().switch_to == Phase.DECODE
     [rep] = sched.schedule().replicas  # one decode replica takes all four
-    assert len(rep.swap_in) == 4 and len(rep.seqs) == 4
+    assert len(rep.swap_in) == 4 and rep.seqs == []
+    assert len(sched.schedule().replicas[0].seqs) == 4
 
 
-def _decode_until_preempted(host_slots: int):
-    sched = create_scheduler(decode_blocks=6, host_slots=host_slots)
+def _decode_until_preempted(host_slots: int, **tiers):
+    sched = create_scheduler(decode_blocks=6, host_slots=host_slots, **tiers)
     seqs = create_requests([7, 7])
     for s in seqs:
         sched.add(s)
     _sample(sched, sched.schedule())
     sched.schedule()  # switch
+    sched.schedule()  # admission (prefetch)
     step = sched.schedule()
     assert len(step.replicas[0].seqs) == 2  # 2 + 2 blocks, two spare for growth
     steps = 0
@@ -110,7 +118,8 @@ def test_decode_preempts_newest_by_swapping_out():
     step = sched.schedule()  # next step: back from the host tier, no recompute
     [back] = step.replicas[0].swap_in
     assert back.seq_id == 1 and back.slots == move.slots and not sched.waiting
-    assert [s.start_pos for s in step.replicas[0].seqs] == [12]
+    assert step.replicas[0].seqs == []
+    assert [s.start_pos for s in sched.schedule().replicas[0].seqs] == [12]
 
 
 def test_decode_preempts_for_recompute_when_host_tier_full():
@@ -130,5 +139,44 @@ def test_admission_keeps_the_watermark():
     # each needs 2 blocks; the second would leave 4 free, the third only 2 (< watermark)
     assert [m.seq_id for m in step.replicas[0].swap_in] == [0, 1]
     assert [s.seq_id for s in sched.swapped] == [2]
+    step = sched.schedule()  # 0 and 1 decode; 2 still does not fit
+    assert len(step.replicas[0].seqs) == 2 and step.replicas[0].swap_in == []
     sched.finish(seqs[0])
     assert [m.seq_id for m in sched.schedule().replicas[0].swap_in] == [2]
+
+
+def test_prefill_spills_into_the_disk_tier_and_decodes_from_it():
+    sched = create_scheduler(host_slots=16, disk_slots=40, disk_align=8)
+    seqs = create_requests([8, 8, 5, 8])
+    for s in seqs:
+        sched.add(s)
+    step = sched.schedule()
+    [rep] = step.replicas
+    tiers = [(m.slots.tier, m.slots.start, m.slots.length) for m in rep.swap_out]
+    # host full after two; the disk tier takes records rounded up to its 8-token pages
+    assert tiers == [(HOST, 0, 8), (HOST, 8, 8), (DISK, 0, 5), (DISK, 8, 8)]
+    assert sched.tiers[DISK].used == 16
+    _sample(sched, step)
+    assert sched.schedule().switch_to == Phase.DECODE
+    [rep] = sched.schedule().replicas
+    assert [(m.seq_id, m.slots.tier) for m in rep.swap_in] == [
+        (0, HOST), (1, HOST), (2, DISK), (3, DISK)]
+    _sample(sched, sched.schedule())
+    for s in seqs:
+        sched.finish(s)
+    sched.add(create_requests([30])[0])
+    assert sched.schedule().switch_to == Phase.PREFILL
+    assert sched.tiers[DISK].used == 0 and sched.host.used == 0
+    [move] = sched.schedule().replicas[0].swap_out  # too long for the host: the disk tier
+    assert move.slots.tier == DISK and move.slots.length == 30
+    assert sched.tiers[DISK].used == 32
+
+
+def test_swap_preemption_falls_back_to_the_disk_tier():
+    sched, (a, b), step = _decode_until_preempted(host_slots=14, disk_slots=64, disk_align=4)
+    [move] = step.replicas[0].evict  # the host tier is full: its 12 tokens go to disk
+    assert move.seq_id == 1 and move.slots.tier == DISK and move.slots.length == 12
+    assert sched.num_swap_preemptions == 1 and not sched.waiting
+    sched.finish(a)
+    [back] = sched.schedule().replicas[0].swap_in
+    assert back.slots == move.slots
