@@ -7,6 +7,8 @@ STAMP  := $(VENV)/.installed
 NPROC  ?= 2
 # Optional extra index for torch's CPU wheels on machines that do not keep them locally.
 TORCH_INDEX ?=
+# apt-get needs root: sudo when not root.
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
@@ -25,6 +27,12 @@ $(STAMP): pyproject.toml
 		$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)); \
 	fi
 	$(PY) -m pip install -q -e '.[test]'
+	@# The disk KV tier uses DeepSpeed AIO: libaio headers (Debian libaio-dev), op built once.
+	@test -e /usr/include/libaio.h || $(SUDO) apt-get install -y -q libaio-dev >/dev/null \
+		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q libaio-dev >/dev/null) \
+		|| echo "warning: could not install libaio-dev; the disk KV tier (cache.disk_path) will be unavailable"
+	@$(PY) -c "from deepspeed.ops.op_builder import AsyncIOBuilder as B; b = B(); \
+		b.is_compatible(False) and b.load(verbose=False)" 2>&1 | grep -v "WARNING\|^$$" || true
 	@touch $(STAMP)
 
 # The main job: Seesaw P2 -> T2 on two ranks; a small host KV tier makes it switch a few times.

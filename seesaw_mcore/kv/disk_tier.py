@@ -24,6 +24,8 @@ from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.host_tier import SlotRange
 
 ALIGN_BYTES = 4096  # O_DIRECT: buffer address, size and file offset multiples of this
+AIO_BLOCK = 128 * 1024  # an op is split into requests of this size, up to
+AIO_QUEUE_DEPTH = 32  # this many in flight
 
 
 def load_aio():
@@ -88,7 +90,7 @@ class DiskKVTier:
         else:
             fd = os.open(file, os.O_RDWR)
         self._fd: int | None = fd
-        self._io = aio.aio_handle(1024 * 1024, 32, False, False, 1)
+        self._io = aio.aio_handle(AIO_BLOCK, AIO_QUEUE_DEPTH, False, False, 1)
         self._staging: torch.Tensor | None = None  # page-locked, grown on demand
 
     @property
@@ -113,32 +115,52 @@ class DiskKVTier:
         """``R``: the record's token dimension (its length rounded up to a page)."""
         return -(-slots.length // self.page) * self.page
 
-    def staging(self, layers: int, heads: int, slots: SlotRange) -> torch.Tensor:
-        """A page-locked ``[layers, 2, heads, R, D]`` buffer for one rank's part of a record
-        (valid until the next call)."""
-        shape = (layers, 2, heads, self.record_len(slots), self.head_dim)
-        n = math.prod(shape)
-        if self._staging is None or self._staging.numel() < n:
+    def staging(self, layers: int, heads: int, records: list[SlotRange]) -> list[torch.Tensor]:
+        """Page-locked ``[layers, 2, heads, R, D]`` buffers, one per record, for one rank's
+        parts (valid until the next call)."""
+        shapes = [(layers, 2, heads, self.record_len(r), self.head_dim) for r in records]
+        sizes = [math.prod(sh) for sh in shapes]
+        total = sum(sizes)
+        if self._staging is None or self._staging.numel() < total:
             self._staging = None
-            self._staging = self._io.new_cpu_locked_tensor(n, torch.empty(0, dtype=self.dtype))
-        return self._staging[:n].view(shape)
+            self._staging = self._io.new_cpu_locked_tensor(total, torch.empty(0, dtype=self.dtype))
+        views, start = [], 0
+        for shape, n in zip(shapes, sizes):  # each a whole number of pages: stays aligned
+            views.append(self._staging[start:start + n].view(shape))
+            start += n
+        return views
 
     def _offset(self, layer: int, kv: int, head: int, slots: SlotRange) -> int:
         run = self.record_len(slots) * self.head_dim * self.dtype.itemsize
         return slots.start * self.token_bytes + ((layer * 2 + kv) * self.heads + head) * run
 
-    def transfer(self, part: torch.Tensor, layer0: int, head0: int, slots: SlotRange,
-                 write: bool) -> None:
-        """Writes (or reads) a rank's part ``[l, 2, h, R, D]`` of the record at ``slots``,
-        starting at model layer ``layer0`` and KV head ``head0``; returns when done."""
-        for i in range(part.shape[0]):
-            for j in range(2):
-                off = self._offset(layer0 + i, j, head0, slots)
-                op = self._io.async_pwrite if write else self._io.async_pread
-                if op(part[i, j], self.fd_path, off) != 0:
-                    raise RuntimeError(f"disk KV tier: AIO {'write' if write else 'read'} at "
-                                       f"offset {off} of {self.path} failed to start")
+    def transfer(self, parts: list[torch.Tensor], records: list[SlotRange], layer0: int,
+                 head0: int, write: bool) -> None:
+        """Writes (or reads) a rank's parts ``[l, 2, h, R, D]`` (from ``staging``) of the
+        records, starting at model layer ``layer0`` and KV head ``head0``. Chunks adjacent
+        both in staging and in the file go as one op (a rank with every head moves each
+        record's part in one piece; a rank with every layer too, runs of records); every op
+        is submitted before one wait."""
+        item, base = self.dtype.itemsize, self._staging.data_ptr()
+        segments: list[list[int]] = []  # [staging element, file byte offset, elements]
+        for part, slots in zip(parts, records):
+            for i in range(part.shape[0]):
+                for j in range(2):
+                    chunk = part[i, j]  # [h, R, D], contiguous
+                    start = (chunk.data_ptr() - base) // item
+                    off, n = self._offset(layer0 + i, j, head0, slots), chunk.numel()
+                    last = segments[-1] if segments else None
+                    if last and last[0] + last[2] == start and last[1] + last[2] * item == off:
+                        last[2] += n
+                    else:
+                        segments.append([start, off, n])
+        op = self._io.async_pwrite if write else self._io.async_pread
+        for start, off, n in segments:
+            if op(self._staging[start:start + n], self.fd_path, off) != 0:
+                self._io.wait()
+                raise RuntimeError(f"disk KV tier: AIO {'write' if write else 'read'} at "
+                                   f"offset {off} of {self.path} failed to start")
         done = self._io.wait()
-        if done != 2 * part.shape[0]:
-            raise RuntimeError(f"disk KV tier: {done} of {2 * part.shape[0]} AIO ops on "
+        if done != len(segments):
+            raise RuntimeError(f"disk KV tier: {done} of {len(segments)} AIO ops on "
                                f"{self.path} completed")

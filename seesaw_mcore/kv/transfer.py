@@ -78,6 +78,10 @@ class KVTransfer:
         self._stream = accelerator.Stream() if gpu and async_ else None
         self._pending: list[Future] = []
 
+    @property
+    def is_async(self) -> bool:
+        return self._pool is not None
+
     def submit(self, copy: Callable[[], None]) -> None:
         """Queues ``copy`` behind the earlier ones (runs it now when not async)."""
         if self._pool is None:

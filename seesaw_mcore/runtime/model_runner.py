@@ -159,6 +159,7 @@ class ModelRunner:
         shape = (n, 2, nb, self.block_size, hkv, self.cfg.head_dim)
         kv = self._kv_flat[: math.prod(shape)].view(shape)
         self.kv_cache = [(kv[i, 0], kv[i, 1]) for i in range(n)]
+        self._kv_rows = kv.flatten(2, 3)  # [n, 2, NB * BS, Hkv/TP, D]: tier copies
 
     @torch.inference_mode()
     def forward(
@@ -201,7 +202,8 @@ class ModelRunner:
         leave before the forward (their blocks are reused by it); admissions (``swap_in``)
         come in behind the forward, for sequences that join the next step; each prefill
         layer's new KV leaves for the host tier right after its attention, while the next
-        layers compute (disk records after the micro-batch).
+        layers compute (disk records, and everything when copies are inline, after the
+        micro-batch).
 
         Returns:
             The sampled tokens on the last stage's TP rank 0, ``None`` on other ranks.
@@ -221,14 +223,16 @@ class ModelRunner:
             ctx = [s.start_pos + len(s.token_ids) for s in mb]
             pos = [p for s in mb for p in range(s.start_pos, s.start_pos + len(s.token_ids))]
             out = [outgoing[s.seq_id] for s in mb if s.seq_id in outgoing]
-            host = [m for m in out if m.slots.tier == HOST]
-            stash = (lambda i, moves=host: self.transfer.submit(
-                lambda: self._swap(moves, to_tier=True, layers=[i]))) if host else None
+            # async: host-tier KV leaves layer by layer; else (and disk records) after the stage
+            by_layer = [m for m in out if m.slots.tier == HOST] if self.transfer.is_async else []
+            after = [m for m in out if m not in by_layer]
+            stash = (lambda i, moves=by_layer: self.transfer.submit(
+                lambda: self._swap(moves, to_tier=True, layers=range(i, i + 1)))
+            ) if by_layer else None
             hidden = self._stage(ids, pos, qlens, ctx, [s.block_table for s in mb], sends,
                                  stash)
-            disk = [m for m in out if m.slots.tier == DISK]
-            if disk:
-                self.transfer.submit(lambda moves=disk: self._swap(moves, to_tier=True))
+            if after:
+                self.transfer.submit(lambda moves=after: self._swap(moves, to_tier=True))
             if hidden is None:
                 continue
             last = torch.tensor(qlens, device=self.device).cumsum(0) - 1  # [B]
@@ -245,8 +249,7 @@ class ModelRunner:
         """Waits for this rank's queued tier copies (before the host tier changes hands)."""
         self.transfer.drain()
 
-    def _swap(self, moves: list[KVMove], to_tier: bool, layers: list[int] | None = None
-              ) -> None:
+    def _swap(self, moves: list[KVMove], to_tier: bool, layers: range | None = None) -> None:
         """Moves this rank's ``[its layers, k/v, its heads]`` part of each sequence's KV
         between its device blocks and its tier slots (``layers``: only these local layers).
         Host tier: one strided copy per layer, K/V and run of tokens contiguous on both
@@ -264,42 +267,42 @@ class ModelRunner:
             if tier == HOST:
                 self._copy(self.host.tensor[:, :, h0:h1], _copy_runs(mine, self.block_size),
                            layers, l0, to_tier)
-            else:
-                for m in mine:  # whole records: every local layer
-                    self._disk_record(m, l0, h0, h1, to_tier)
+            else:  # whole records: every local layer
+                self._disk_records(mine, l0, h0, h1, to_tier)
             tokens = sum(m.slots.length for m in mine)
             nbytes = 2 * len(layers) * tokens * (h1 - h0) * self.cfg.head_dim
             self.transfer.stats.tiers[tier].add(to_tier, nbytes * self.dtype.itemsize,
                                                 time.perf_counter() - t0)
 
-    def _copy(self, side: torch.Tensor, runs, layers, l0: int, to_tier: bool) -> None:
-        """Copies token runs ``(slot, cache row, n)`` between the paged cache and ``side``
-        ``[layers, 2, h, slots, D]`` (this rank's heads; local layer ``i`` is ``side``'s
-        layer ``l0 + i``)."""
-        for i in layers:
-            for j, paged in enumerate(self.kv_cache[i]):
-                flat = paged.view(-1, *paged.shape[2:])  # [NB * BS, h, D]
-                part = side[l0 + i, j]  # [h, S, D]
-                for slot, row, n in runs:
-                    dev, tier = flat[row:row + n], part[:, slot:slot + n]  # [n, h, D], [h, n, D]
-                    if to_tier:
-                        tier.copy_(dev.transpose(0, 1))
-                    else:
-                        dev.copy_(tier.transpose(0, 1), non_blocking=True)
+    def _copy(self, side: torch.Tensor, runs, layers: range, l0: int, to_tier: bool) -> None:
+        """Copies token runs ``(slot, cache row, n)`` of local ``layers`` between the paged
+        cache and ``side`` ``[layers, 2, h, slots, D]`` (this rank's heads; local layer ``i``
+        is ``side``'s layer ``l0 + i``): one strided copy per run, K and V of every layer
+        at once."""
+        cache = self._kv_rows[layers.start:layers.stop]  # [l, 2, NB * BS, h, D]
+        part = side[l0 + layers.start:l0 + layers.stop]  # [l, 2, h, S, D]
+        for slot, row, n in runs:
+            dev = cache[:, :, row:row + n].transpose(2, 3)  # [l, 2, h, n, D]
+            tier = part[:, :, :, slot:slot + n]  # [l, 2, h, n, D]
+            if to_tier:
+                tier.copy_(dev)
+            else:
+                dev.copy_(tier, non_blocking=True)
 
-    def _disk_record(self, move: KVMove, l0: int, h0: int, h1: int, to_tier: bool) -> None:
-        """One sequence's part (every local layer) between its blocks and its disk record,
-        through the page-locked staging record."""
-        staging = self.disk.staging(len(self.kv_cache), h1 - h0, move.slots)  # [l,2,h,R,D]
-        local = KVMove(move.seq_id, SlotRange(0, move.slots.length), move.block_table)
-        runs = _copy_runs([local], self.block_size)  # slots relative to the record
+    def _disk_records(self, moves: list[KVMove], l0: int, h0: int, h1: int,
+                      to_tier: bool) -> None:
+        """Sequences' parts (every local layer) between their blocks and their disk records,
+        through page-locked staging; all of a step's AIO ops are in flight at once."""
+        records = [m.slots for m in moves]
         layers = range(len(self.kv_cache))
+        staging = self.disk.staging(len(layers), h1 - h0, records)  # each [l, 2, h, R, D]
+        if not to_tier:
+            self.disk.transfer(staging, records, l0, h0, write=False)
+        for m, part in zip(moves, staging):
+            local = KVMove(m.seq_id, SlotRange(0, m.slots.length), m.block_table)
+            self._copy(part, _copy_runs([local], self.block_size), layers, 0, to_tier)
         if to_tier:
-            self._copy(staging, runs, layers, 0, True)
-            self.disk.transfer(staging, l0, h0, move.slots, write=True)
-        else:
-            self.disk.transfer(staging, l0, h0, move.slots, write=False)
-            self._copy(staging, runs, layers, 0, False)
+            self.disk.transfer(staging, records, l0, h0, write=True)
 
     def _stage(self, input_ids, positions, query_lens, context_lens, block_tables, sends,
                after_attention=None):

@@ -12,65 +12,40 @@ memcpy bandwidth measured on every rank at once in the same run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import random
 import sys
-import tempfile
-import time
 
 import torch
-import torch.distributed as dist
 
-from seesaw_mcore.tools.results import emit, machine
-
-
-def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
-    """Best-of-``repeats`` copy bandwidth of one rank while every rank copies (GB/s)."""
-    src = torch.ones(nbytes // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    dist.barrier()
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t0)
-    dist.barrier()
-    return nbytes / best / 1e9
+from seesaw_mcore.tools.results import (
+    bench_model,
+    emit,
+    gather,
+    machine,
+    memcpy_gbps,
+    random_prompts,
+    timed_generate,
+)
 
 
 def _counters(eng) -> dict[str, float]:
-    st, sw = eng.stats, eng.runner.swap
+    st, host = eng.stats, eng.stats.swap.tiers["host"]
     return {"prefill_s": st.prefill_s, "decode_s": st.decode_s, "switches": st.switches,
-            "out_bytes": sw.out_bytes, "out_s": sw.out_s, "in_bytes": sw.in_bytes,
-            "in_s": sw.in_s}
+            "out_bytes": host.out_bytes, "out_s": host.out_s, "in_bytes": host.in_bytes,
+            "in_s": host.in_s}
 
 
 def _run(llm, prompts, max_tokens: int) -> tuple[float, dict[str, float], list]:
     """One greedy ``generate``: wall seconds, what it added to this rank's engine counters,
     and its switch records."""
-    from seesaw_mcore import SamplingParams
-
     eng = llm.engine
     before, n0 = _counters(eng), len(eng.resharder.records)
-    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    dist.barrier()
-    t0 = time.perf_counter()
-    llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-    dist.barrier()
-    wall = time.perf_counter() - t0
+    wall = timed_generate(llm, prompts, max_tokens)
     added = {k: v - before[k] for k, v in _counters(eng).items()}
     return wall, added, eng.resharder.records[n0:]
 
 
 def _phases(added: dict[str, float]) -> dict[str, float]:
     return {k: round(added[k], 3) for k in ("prefill_s", "decode_s")}
-
-
-def _gather(value) -> list:
-    box = [None] * dist.get_world_size()
-    dist.all_gather_object(box, value)
-    return box
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -89,21 +64,10 @@ def main(argv: list[str] | None = None) -> int:
     from seesaw_mcore.runtime import groups
 
     rank, world = groups.init_distributed()
-    box = [args.model]
-    if rank == 0 and args.model is None:
-        from seesaw_mcore.tools.make_tiny import build_random
-
-        box[0] = build_random(os.path.join(tempfile.mkdtemp(), "bench-llama"), num_layers=6,
-                              hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=8000,
-                              init_std=0.02)
-    dist.broadcast_object_list(box, src=0)
-    path = box[0]
-    vocab = json.load(open(os.path.join(path, "config.json")))["vocab_size"]
-    rng = random.Random(0)
-    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(*args.prompt_len))]
-               for _ in range(args.num_prompts)]
+    path = bench_model(args.model)
+    prompts = random_prompts(path, args.num_prompts, args.prompt_len)
     prefill, _, decode = args.plan.partition(":")
-    bw = min(_gather(memcpy_gbps()))
+    bw = min(gather(memcpy_gbps()))
     common = dict(kv_cache_gib=1.0, max_prefill_tokens=2048)
     static = LLM(path, prefill=args.static, **common)
     _run(static, prompts[:2], 2)  # warm-up
@@ -114,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     wall, mine, recs = _run(llm, prompts, args.max_tokens)
     mine.update(rebuild_s=sum(r.rebuild_s for r in recs), drain_s=sum(r.drain_s for r in recs),
                 copied_bytes=sum(r.copied_bytes for r in recs))
-    ranks = _gather(mine)
+    ranks = gather(mine)
     if rank == 0:
         worst = max(ranks, key=lambda r: r["out_s"] + r["in_s"] + r["rebuild_s"])
         moved = worst["out_bytes"] + worst["in_bytes"] + worst["copied_bytes"]

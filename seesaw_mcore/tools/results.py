@@ -1,12 +1,17 @@
-"""What the benchmark tools share: the machine line and how results are reported."""
+"""What the benchmark tools share: the machine line, the bench model and workload, timed
+runs, and how results are reported. Run under the launcher (every rank calls these)."""
 
 from __future__ import annotations
 
 import json
 import os
 import platform
+import random
+import tempfile
+import time
 
 import torch
+import torch.distributed as dist
 
 
 def machine(threads: str) -> str:
@@ -20,3 +25,57 @@ def emit(results: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             json.dump(results, f, indent=2)
+
+
+def gather(value) -> list:
+    """``value`` from every rank, in rank order."""
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, value)
+    return box
+
+
+def bench_model(path: str | None) -> str:
+    """``path``, or (rank 0 builds, all agree) a ~25M-parameter random Llama in a temp dir."""
+    box = [path]
+    if dist.get_rank() == 0 and path is None:
+        from seesaw_mcore.tools.make_tiny import build_random
+
+        box[0] = build_random(os.path.join(tempfile.mkdtemp(), "bench-llama"), num_layers=6,
+                              hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=8000,
+                              init_std=0.02)
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def random_prompts(model: str, n: int, lengths: tuple[int, int], seed: int = 0
+                   ) -> list[list[int]]:
+    """``n`` prompts of random token ids, lengths uniform in ``lengths``."""
+    vocab = json.load(open(os.path.join(model, "config.json")))["vocab_size"]
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(rng.randint(*lengths))] for _ in range(n)]
+
+
+def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
+    """Best-of-``repeats`` copy bandwidth of one rank while every rank copies (GB/s)."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    dist.barrier()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    dist.barrier()
+    return nbytes / best / 1e9
+
+
+def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> float:
+    """Wall seconds of one greedy ``generate`` of ``prompts`` over every rank."""
+    from seesaw_mcore import SamplingParams
+
+    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    dist.barrier()
+    t0 = time.perf_counter()
+    llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    dist.barrier()
+    return time.perf_counter() - t0

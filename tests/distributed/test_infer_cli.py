@@ -106,6 +106,8 @@ def test_demo_defaults_single_process(tmp_path):
                                             "num_key_value_heads=2"),
     (["plan.prefill=P8", "plan.decode=T8"], "error: layout P8: PP=8 is greater than "
                                             "num_hidden_layers=5"),
+    (["cache.disk_path=/tmp"], "error: cache.disk_path needs a re-sharding plan; plan T1 is "
+                               "static (its KV stays on the device)"),
 ])
 def test_errors(overrides, message, tmp_path):
     proc = infer(1, f"data.output={tmp_path / 'o.jsonl'}", *overrides, timeout=120)
@@ -180,11 +182,19 @@ def test_seesaw_plan_same_outputs_as_static(seesaw_run, t2_run):
      "if preempted) but it holds 8; raise cache.host_kv_tokens / cache.host_kv_gib or lower "
      "max_tokens"),
     (["cache.host_kv_gib=100000"], "error: host KV tier needs 100000.00 GiB but only "),
+    (["cache.disk_path=/nonexistent/dir"],
+     "error: cache.disk_path '/nonexistent/dir' is not a directory"),
+    (["cache.disk_path=TMP", "cache.disk_kv_gib=100000"],
+     "error: disk KV tier needs 100000.00 GiB but TMP has only "),
 ])
-def test_host_tier_errors_two_ranks(overrides, message, tmp_path):
+def test_tier_errors_two_ranks(overrides, message, tmp_path):
+    overrides = [o.replace("TMP", str(tmp_path)) for o in overrides]
+    message = message.replace("TMP", str(tmp_path))
     proc = infer(2, "plan=p2_t2", f"data.output={tmp_path / 'o.jsonl'}", *overrides, timeout=180)
     assert proc.returncode == 1
     [line] = error_lines(proc)
     assert line.startswith(message)
     if "100000" in message:
-        assert line.endswith("; lower cache.host_kv_tokens or cache.host_kv_gib")
+        tier = "disk" if "disk" in message else "host"
+        assert line.endswith(f"; lower cache.{tier}_kv_tokens or cache.{tier}_kv_gib")
+    assert list(tmp_path.glob("seesaw_kv_*")) == []

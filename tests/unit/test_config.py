@@ -111,6 +111,8 @@ def test_reads_hf_fields(tiny_models):
     ({"host_kv_tokens": 0}, "cache.host_kv_tokens must be >= 1, got 0"),
     ({"host_kv_gib": -1}, "cache.host_kv_gib must be > 0, got -1"),
     ({"prefetch_watermark": 1.0}, r"cache.prefetch_watermark must be in \[0, 1\), got 1.0"),
+    ({"disk_kv_tokens": 0}, "cache.disk_kv_tokens must be >= 1, got 0"),
+    ({"disk_kv_gib": 0}, "cache.disk_kv_gib must be > 0, got 0"),
 ])
 def test_cache_config_errors(kwargs, msg):
     from seesaw_mcore.engine.engine import CacheConfig
