@@ -49,6 +49,7 @@ def run(cfg: DictConfig) -> int:
         max_num_seqs=cfg.scheduler.max_num_seqs,
         max_prefill_tokens=cfg.scheduler.max_prefill_tokens,
         prefill_micro_batches=cfg.scheduler.prefill_micro_batches,
+        policy=cfg.scheduler.policy, refill_threshold=cfg.scheduler.refill_threshold,
         max_model_len=cfg.model.max_model_len,
     )
     records, bad, failure = [], [], None
@@ -91,7 +92,8 @@ def _report(llm, outs, elapsed: float, cfg: DictConfig) -> None:
           f" tok/s | generated {gen / elapsed:.1f} tok/s")
     print(f"  prefill {st.prefill_s:.2f}s ({st.prefill_steps} steps) | decode {st.decode_s:.2f}s "
           f"({st.decode_steps} steps) | preemptions {st.preemptions} "
-          f"({st.swap_preemptions} swapped)")
+          f"({st.swap_preemptions} swapped)"
+          + (f" | handed back to a tier for prefill {st.handed_back}" if st.handed_back else ""))
     if not llm.engine.plan.is_static:
         sw = st.swap
         print(f"  switches {st.switches} ({st.switch_s * 1e3:.1f} ms) | tier copies (rank 0) "

@@ -38,8 +38,8 @@ class LLM:
             (see ``CacheConfig``).
         disk_path / disk_kv_tokens / disk_kv_gib: the optional disk KV tier (DeepSpeed AIO)
             behind the host tier; ``async_swap``: tier copies overlap compute.
-        max_num_seqs / max_prefill_tokens / prefill_micro_batches: batching (see
-            ``SchedulerConfig``).
+        max_num_seqs / max_prefill_tokens / prefill_micro_batches / policy /
+            refill_threshold: batching and the phase-switch policy (see ``SchedulerConfig``).
         max_model_len: longest prompt + output; default: the model's context.
     """
 
@@ -63,6 +63,8 @@ class LLM:
         max_num_seqs: int = 256,
         max_prefill_tokens: int = 4096,
         prefill_micro_batches: int = 4,
+        policy: str = "transition_minimizing",
+        refill_threshold: float = 0.2,
         max_model_len: int | None = None,
     ) -> None:
         self.seed = seed
@@ -76,7 +78,8 @@ class LLM:
                               async_swap=async_swap),
             scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
                                       max_prefill_tokens=max_prefill_tokens,
-                                      prefill_micro_batches=prefill_micro_batches),
+                                      prefill_micro_batches=prefill_micro_batches,
+                                      policy=policy, refill_threshold=refill_threshold),
             max_model_len=max_model_len,
         )
         self.tokenizer = _load_tokenizer(model)

@@ -94,7 +94,8 @@ class EngineStats:
     prefill_steps: int = 0
     decode_steps: int = 0
     preemptions: int = 0  # recompute and swap
-    swap_preemptions: int = 0  # of those, KV swapped out to the host tier and back
+    swap_preemptions: int = 0  # of those, KV swapped out to a tier and back
+    handed_back: int = 0  # sequences swapped out mid-decode for a prefill phase (policy)
     switches: int = 0
     switch_s: float = 0.0
     swap: TransferStats = field(default_factory=TransferStats)  # this rank's tier traffic
@@ -298,7 +299,7 @@ class Engine:
                 step = sched.schedule()
                 dist.broadcast_object_list([step], src=0)
                 if step.switch_to is not None:
-                    self._switch(step.switch_to)
+                    self._switch(step)
                     continue
                 t0 = time.perf_counter()
                 outputs = self._execute_and_collect(step.replicas)
@@ -314,10 +315,15 @@ class Engine:
         finally:
             self.stats.preemptions += sched.num_preemptions
             self.stats.swap_preemptions += sched.num_swap_preemptions
+            self.stats.handed_back += getattr(sched, "num_handed_back", 0)
 
-    def _switch(self, phase: Phase) -> None:
-        rec = self.resharder.switch(phase)
-        self.phase = phase
+    def _switch(self, step: StepPlan) -> None:
+        """Re-shards to ``step.switch_to``; a hand-back's swap-outs (the step's replicas,
+        under the old layout) run after the barrier."""
+        dp = self.runner.info.dp_rank
+        mine = step.replicas[dp] if dp < len(step.replicas) else None
+        rec = self.resharder.switch(step.switch_to, mine)
+        self.phase = step.switch_to
         self.stats.switches += 1
         self.stats.switch_s += rec.seconds
 
@@ -356,7 +362,7 @@ class Engine:
                     raise SeesawError(f"rank 0 failed: {plan.error}")
                 return
             if plan.switch_to is not None:
-                self._switch(plan.switch_to)
+                self._switch(plan)
                 continue
             mine = plan.replicas[self.runner.info.dp_rank]
             if mine is None:

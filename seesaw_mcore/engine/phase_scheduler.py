@@ -15,6 +15,7 @@ the host tier is shared by the node, so any replica can decode any sequence).
 
 from __future__ import annotations
 
+import copy
 from collections import deque
 
 from seesaw_mcore.config import PhasePlan
@@ -68,9 +69,11 @@ class PhaseScheduler:
         # no rank still reads or writes them.
         self._dead_slots: list[SlotRange] = []
         self._evicted: list[Sequence] = []  # swapped out this step: admissible from the next
+        self._dead_reserved = 0  # tier slots the dead ranges take
         self.num_switches = 0
         self.num_preemptions = 0  # recompute and swap
         self.num_swap_preemptions = 0
+        self.num_handed_back = 0  # sequences swapped out mid-decode for a prefill phase
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -96,9 +99,11 @@ class PhaseScheduler:
             replicas = self._schedule_prefill()
             if any(replicas):
                 return StepPlan(replicas)
-            if self.swapped or any(self.running) or self._dead_slots:
+            if self.swapped or self._evicted or any(self.running) or self._dead_slots:
                 return self._switch(Phase.DECODE)
         else:
+            if self._refill_due():
+                return self._switch(Phase.PREFILL)
             replicas = self._schedule_decode()
             if any(replicas):
                 return StepPlan(replicas)
@@ -107,12 +112,69 @@ class PhaseScheduler:
         raise RuntimeError("scheduler stalled with work left (a bug)")
 
     def _switch(self, phase: Phase) -> StepPlan:
+        """Past the switch's barrier no rank touches dead slots, and every swap-out is
+        written: dead slots are freed, swapped-out sequences are first in line. Sequences
+        still on the device (a hand-back to prefill) are swapped out to the tiers right
+        after the barrier, under the decode layout (the plan's ``replicas``)."""
         self.phase = phase
         self.num_switches += 1
         for r in self._dead_slots:
             self.tiers[r.tier].free(r)
         self._dead_slots.clear()
-        return StepPlan([], switch_to=phase)
+        self._dead_reserved = 0
+        hand_back = self._hand_back() if self._on_device() else []
+        self.swapped.extendleft(reversed(self._evicted))
+        self._evicted = []
+        return StepPlan(hand_back, switch_to=phase)
+
+    def _kill_slots(self, r: SlotRange) -> None:
+        """``r`` is no longer needed; it is freed at the next switch."""
+        self._dead_slots.append(r)
+        self._dead_reserved += self.tiers[r.tier].reserved(r.length)
+
+    def tier_usage(self) -> float:
+        """Fraction of the tiers' slots holding KV still needed (dead ranges excluded)."""
+        total = sum(t.num_slots for t in self.tiers.values())
+        return (sum(t.used for t in self.tiers.values()) - self._dead_reserved) / total
+
+    def _on_device(self) -> list[Sequence]:
+        return [s for r in range(len(self.running)) for s in self.running[r] + self.arriving[r]]
+
+    def _refill_due(self) -> bool:
+        """Whether decode hands back to prefill now, per the policy: only if the sequences
+        on the device can all be swapped out to the tiers and the next prompt then fits
+        (so the prefill phase makes progress)."""
+        policy = self.config.policy
+        if not self.waiting or policy == "decode_first":
+            return False  # decode_first: the phase ends when nothing is left to decode
+        if policy == "transition_minimizing" and self.tier_usage() >= self.config.refill_threshold:
+            return False
+        tiers = copy.deepcopy(self.tiers)  # the switch, then the hand-back, on a copy
+        for r in self._dead_slots:
+            tiers[r.tier].free(r)
+        for seq in self._on_device():
+            tier = next((t for t in tiers.values() if t.can_allocate(seq.num_tokens - 1)), None)
+            if tier is None:
+                return False
+            tier.allocate(seq.num_tokens - 1)
+        return any(t.can_allocate(self.waiting[0].num_tokens) for t in tiers.values())
+
+    def _hand_back(self) -> list[SchedulerOutput | None]:
+        """Swaps every running and arriving sequence out to a tier (``_refill_due`` checked
+        that they fit)."""
+        out: list[SchedulerOutput | None] = []
+        for r in range(len(self.running)):
+            moves = []
+            for seq in self.running[r] + self.arriving[r]:
+                seq.host_slots = self._allocate_slots(seq.num_tokens - 1)
+                moves.append(KVMove(seq.seq_id, seq.host_slots, list(seq.block_table)))
+                self.decode_pools[r].free(seq.block_table)
+                seq.status = SeqStatus.SWAPPED
+                self._evicted.append(seq)
+                self.num_handed_back += 1
+            self.running[r], self.arriving[r] = [], []
+            out.append(SchedulerOutput(Phase.DECODE, [], evict=moves) if moves else None)
+        return out
 
     def _schedule_prefill(self) -> list[SchedulerOutput | None]:
         """Packs waiting prompts into the replica with the fewest tokens so far, while a
@@ -174,7 +236,7 @@ class PhaseScheduler:
             seq = self.swapped.popleft()
             self.decode_pools[r].allocate(seq.block_table, seq.num_tokens)
             admitted[r].append(KVMove(seq.seq_id, seq.host_slots, list(seq.block_table)))
-            self._dead_slots.append(seq.host_slots)
+            self._kill_slots(seq.host_slots)
             seq.host_slots, seq.status, seq.replica = None, SeqStatus.RUNNING, r
             self.arriving[r].append(seq)
         out: list[SchedulerOutput | None] = []
@@ -225,7 +287,7 @@ class PhaseScheduler:
         """Removes a finished sequence and frees what it holds."""
         if seq.status == SeqStatus.SWAPPED:  # finished by its first token (prefill)
             self.swapped.remove(seq)
-            self._dead_slots.append(seq.host_slots)
+            self._kill_slots(seq.host_slots)
             seq.host_slots = None
         else:
             self.decode_pools[seq.replica].free(seq.block_table)

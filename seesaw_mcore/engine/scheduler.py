@@ -24,6 +24,9 @@ from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.block_pool import BlockPool
 
 
+POLICIES = ("transition_minimizing", "prefill_first", "decode_first")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Batching budgets.
@@ -35,11 +38,23 @@ class SchedulerConfig:
         prefill_micro_batches: micro-batches per pipeline stage in a prefill step (PP > 1).
             More shrink the pipeline bubble (efficiency m / (m + PP - 1) for m micro-batches);
             decode always uses PP micro-batches, so each stage reads its weights PP times.
+        policy: when a re-sharding plan switches decode -> prefill (prefill -> decode is
+            always: when no tier can take the next prompt, or nothing waits).
+            ``transition_minimizing`` (the paper's): once the KV tiers have drained below
+            ``refill_threshold`` and prompts wait. ``prefill_first``: as soon as a waiting
+            prompt fits the tiers (many switches, small decode batches). ``decode_first``:
+            only once nothing is left to decode.
+        refill_threshold: with ``transition_minimizing``, the fraction of the tiers' token
+            slots still holding KV under which decode hands back to prefill. Sequences still
+            decoding then have their KV swapped out to a tier, to resume after the prefill
+            phase.
     """
 
     max_num_seqs: int = 256
     max_prefill_tokens: int = 4096
     prefill_micro_batches: int = 4
+    policy: str = "transition_minimizing"
+    refill_threshold: float = 0.2
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -50,6 +65,12 @@ class SchedulerConfig:
         if self.prefill_micro_batches < 1:
             raise SeesawError(f"scheduler.prefill_micro_batches must be >= 1, got "
                               f"{self.prefill_micro_batches}")
+        if self.policy not in POLICIES:
+            raise SeesawError(f"scheduler.policy must be one of {', '.join(POLICIES)}, got "
+                              f"{self.policy!r}")
+        if not 0 <= self.refill_threshold <= 1:
+            raise SeesawError(f"scheduler.refill_threshold must be in [0, 1], got "
+                              f"{self.refill_threshold}")
 
 
 class Scheduler:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from seesaw_mcore.config import PhasePlan
-from seesaw_mcore.engine.outputs import Phase
+from seesaw_mcore.engine.outputs import Phase, SchedulerOutput
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.runtime.model_runner import ModelRunner
 
@@ -29,7 +29,7 @@ class SwitchRecord:
     phase: Phase  # the phase switched to
     src: str  # layout before
     dst: str  # layout after
-    drain_s: float  # waiting for the last tier copies and every rank (barrier)
+    drain_s: float  # the last tier copies, every rank (barrier) and any hand-back swap-out
     rebuild_s: float  # groups + stage rebuilt from the host shards + KV view
     weight_bytes: int  # bytes of the new stage's weights
     copied_bytes: int  # of those, bytes copied host -> device (0 on CPU ranks: views)
@@ -51,13 +51,22 @@ class Resharder:
         self.runner, self.plan = runner, plan
         self.records: list[SwitchRecord] = []
 
-    def switch(self, phase: Phase) -> SwitchRecord:
-        """Every rank calls this at the same step; returns when this rank runs ``phase``."""
+    def switch(self, phase: Phase, hand_back: SchedulerOutput | None = None) -> SwitchRecord:
+        """Every rank calls this at the same step; returns when this rank runs ``phase``.
+
+        Args:
+            phase: the phase to run next.
+            hand_back: this rank's replica's swap-outs of sequences still on the device
+                (decode handing back to prefill), run after the barrier under the old layout.
+        """
         src = self.runner.info.layout
         dst = self.plan.prefill if phase == Phase.PREFILL else self.plan.decode
         t0 = time.perf_counter()
         self.runner.drain()  # this rank's tier copies (async swap-out / prefetch) are done
         dist.barrier()  # drain: every rank's steps, tier writes included, are done
+        if hand_back is not None:  # into slots the barrier just released
+            self.runner.execute(hand_back)
+            self.runner.drain()
         t1 = time.perf_counter()
         copied = self.runner.use(dst)
         groups.accelerator().synchronize()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 
 import psutil
 import torch.distributed as dist
@@ -16,6 +17,14 @@ from seesaw_mcore import LLM, SamplingParams
 from seesaw_mcore.runtime import groups
 
 from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
+
+# Policy runs: 24 prompts of 6-16 tokens (~260 tokens) through a host tier of 90 token slots
+# (about 3 fills) and a device cache of ~4 sequences.
+_rng = random.Random(7)
+POLICY_PROMPTS = [[1] + [_rng.randrange(4, 250) for _ in range(_rng.randint(5, 15))]
+                  for _ in range(24)]
+POLICY_MAX_TOKENS = 10
+POLICY_HOST_TOKENS = 90
 
 # PROMPTS have 58 tokens; the host tier holds 40 (the longest prompt + max_tokens - 1 = 39
 # fits), the device cache 48, so the run switches several times and decode preempts.
@@ -103,6 +112,22 @@ def disk_abort(model: str, prefill: str, decode: str, disk_dir: str) -> dict:
             "listed_after": os.listdir(disk_dir)}
 
 
+def policy_runs(model: str, prefill: str, decode: str) -> dict:
+    """Greedy outputs, switches and hand-backs under each phase-switch policy."""
+    report = {}
+    for policy in ("transition_minimizing", "prefill_first", "decode_first"):
+        llm = LLM(model, prefill=prefill, decode=decode, num_blocks=16, block_size=4,
+                  max_num_seqs=8, host_kv_tokens=POLICY_HOST_TOKENS, policy=policy)
+        outs = llm.generate([{"prompt_token_ids": p} for p in POLICY_PROMPTS],
+                            SamplingParams(temperature=0, max_tokens=POLICY_MAX_TOKENS,
+                                           ignore_eos=True), use_tqdm=False)
+        st = llm.engine.stats
+        report[policy] = {"greedy": [o.outputs[0].token_ids for o in outs],
+                          "switches": st.switches, "handed_back": st.handed_back}
+        llm.close()
+    return report
+
+
 def leak_check(model: str) -> dict:
     """Two runs of 25 one-prompt prefill phases each (~50 switches per run): process groups
     and RSS after the first run vs after the second."""
@@ -128,6 +153,7 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("plans", nargs="+", help="PREFILL:DECODE, or a static layout")
     ap.add_argument("--leak", action="store_true")
+    ap.add_argument("--policies", help="policy runs for this PREFILL:DECODE plan")
     ap.add_argument("--disk", nargs=2, metavar=("DIR", "PLANS"),
                     help="disk-tier runs in DIR (empty) for comma-separated PLANS")
     args = ap.parse_args()
@@ -142,6 +168,9 @@ def main() -> None:
             report[plan].update(disk_runs(args.model, prefill, decode, disk_dir))
             if i == 0:
                 report[plan]["abort"] = disk_abort(args.model, prefill, decode, disk_dir)
+    if args.policies:
+        prefill, _, decode = args.policies.partition(":")
+        report["policies"] = policy_runs(args.model, prefill, decode)
     if args.leak:
         report["leak"] = leak_check(args.model)
     if dist.get_rank() == 0:

@@ -15,6 +15,7 @@ import pytest
 
 from tests.conftest import hf_greedy, launch
 from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
+from tests.distributed.seesaw_job import POLICY_MAX_TOKENS, POLICY_PROMPTS
 
 PLANS = {2: ("llama", ["T2", "P2:T2", "T2:P2", "D2:T2", "P2:D2"]),
          4: ("llama4", ["P4:T4", "P4:T2P2", "D2P2:D2T2"])}
@@ -31,7 +32,7 @@ def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
         out = tmp_path_factory.mktemp("seesaw") / f"w{world}.json"
         disk_dir = tmp_path_factory.mktemp("disk_tier")
         extra = ["--disk", str(disk_dir), ",".join(DISK[world])]
-        extra += ["--leak"] if world == 2 else []
+        extra += ["--leak", "--policies", "P2:T2"] if world == 2 else []
         proc = launch(world, ["tests.distributed.seesaw_job", tiny_models[model], str(out),
                               *plans, *extra], timeout=500)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -92,6 +93,19 @@ def test_disk_tier_leaves_no_file_after_exit_or_exception(results, plan):
 def test_seeded_sampling_same_as_static_t2(results, plan):
     assert results[plan]["sampled"] == results["T2"]["sampled"]
     assert any(a != b for a, b in results["T2"]["sampled"])  # real random draws
+
+
+@pytest.mark.parametrize("policy", ["transition_minimizing", "prefill_first", "decode_first"])
+def test_every_policy_matches_hf(results, tiny_models, policy):
+    ref = hf_greedy(tiny_models["llama"], POLICY_PROMPTS, POLICY_MAX_TOKENS)
+    assert results["policies"][policy]["greedy"] == ref
+
+
+def test_policies_switch_as_designed(results):
+    runs = results["policies"]
+    tm, pf, df = (runs[p] for p in ("transition_minimizing", "prefill_first", "decode_first"))
+    assert df["handed_back"] == 0 and tm["handed_back"] > 0  # TM hands the tail back
+    assert df["switches"] < tm["switches"] <= pf["switches"]
 
 
 def test_no_leak_over_50_switches(results):

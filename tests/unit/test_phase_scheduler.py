@@ -180,3 +180,54 @@ def test_swap_preemption_falls_back_to_the_disk_tier():
     sched.finish(a)
     [back] = sched.schedule().replicas[0].swap_in
     assert back.slots == move.slots
+
+
+def _run_policy(policy: str, num_prompts: int = 80, host_slots: int = 160, max_out: int = 8):
+    """Drives the scheduler as the engine would (every scheduled sequence samples token 7,
+    finishing at ``max_out``); returns (prefill -> decode switches, the outputs, handed back)."""
+    sched = create_scheduler(prefill_blocks=64, decode_blocks=16, host_slots=host_slots,
+                             policy=policy)
+    seqs = create_requests([8] * num_prompts)
+    for s in seqs:
+        sched.add(s)
+    to_decode, steps = 0, 0
+    while sched.has_work():
+        step = sched.schedule()
+        steps += 1
+        assert steps < 10_000, "no progress"
+        to_decode += step.switch_to == Phase.DECODE
+        if step.switch_to is not None:
+            continue
+        for rep in step.replicas:
+            for s in rep.seqs if rep else ():
+                seq = seqs[s.seq_id]
+                assert s.start_pos == seq.num_tokens - len(s.token_ids)  # KV of the rest cached
+                seq.output_token_ids.append(7)
+                if len(seq.output_token_ids) == max_out:
+                    sched.finish(seq)
+    assert all(s.status == SeqStatus.FINISHED for s in seqs)
+    return to_decode, [s.output_token_ids for s in seqs], sched.num_handed_back
+
+
+def test_transition_minimizing_switches_about_once_per_tier_fill():
+    # 80 prompts of 8 tokens = 4 host tiers of 160 slots; the device decodes ~4 at a time
+    tm, out_tm, handed_tm = _run_policy("transition_minimizing")
+    pf, out_pf, _ = _run_policy("prefill_first")
+    df, out_df, handed_df = _run_policy("decode_first")
+    assert 4 <= tm <= 6 and df == 4  # about k = 4 fills
+    assert pf >= 2 * tm  # prefill as soon as a prompt fits: many more switches
+    assert handed_df == 0 and handed_tm > 0  # TM hands the last running ones back to a tier
+    assert out_tm == out_pf == out_df == [[7] * 8] * 80
+
+
+def test_policy_errors():
+    import pytest
+
+    from seesaw_mcore.errors import SeesawError
+
+    with pytest.raises(SeesawError, match="^scheduler.policy must be one of transition_minimizing"
+                                          ", prefill_first, decode_first, got 'fifo'$"):
+        SchedulerConfig(policy="fifo")
+    with pytest.raises(SeesawError, match=r"^scheduler.refill_threshold must be in \[0, 1\], "
+                                          r"got 1.5$"):
+        SchedulerConfig(refill_threshold=1.5)
