@@ -50,7 +50,7 @@ def run(cfg: DictConfig) -> int:
         max_prefill_tokens=cfg.scheduler.max_prefill_tokens,
         prefill_micro_batches=cfg.scheduler.prefill_micro_batches,
         policy=cfg.scheduler.policy, refill_threshold=cfg.scheduler.refill_threshold,
-        max_model_len=cfg.model.max_model_len,
+        max_model_len=cfg.model.max_model_len, workload=cfg.plan.get("workload", "sharegpt"),
     )
     records, bad, failure = [], [], None
     if llm.is_driver:

@@ -149,26 +149,10 @@ class ModelConfig:
 
     def check_layout(self, layout: ParallelConfig) -> None:
         """Raises ``SeesawError`` if ``layout`` cannot shard this model."""
-        if self.num_heads % layout.tp:
-            raise SeesawError(
-                f"layout {layout}: TP={layout.tp} does not divide "
-                f"num_attention_heads={self.num_heads}"
-            )
-        if self.num_kv_heads % layout.tp:
-            raise SeesawError(
-                f"layout {layout}: TP={layout.tp} does not divide "
-                f"num_key_value_heads={self.num_kv_heads}"
-            )
-        if self.intermediate_size % layout.tp:
-            raise SeesawError(
-                f"layout {layout}: TP={layout.tp} does not divide "
-                f"intermediate_size={self.intermediate_size}"
-            )
-        if layout.pp > self.num_layers:
-            raise SeesawError(
-                f"layout {layout}: PP={layout.pp} is greater than num_hidden_layers="
-                f"{self.num_layers}"
-            )
+        error = layout_error(layout, self.num_heads, self.num_kv_heads, self.intermediate_size,
+                             self.num_layers)
+        if error:
+            raise SeesawError(error)
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 64) -> int:
@@ -183,6 +167,18 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 64) -> int:
         raise SeesawError(f"vocab padding multiple must be >= 1, got {multiple}")
     step = multiple * tp
     return -(-vocab_size // step) * step
+
+
+def layout_error(layout: ParallelConfig, num_heads: int, num_kv_heads: int,
+                 intermediate_size: int, num_layers: int) -> str | None:
+    """Why ``layout`` cannot shard a model of these dimensions, or ``None``."""
+    for name, value in (("num_attention_heads", num_heads), ("num_key_value_heads", num_kv_heads),
+                        ("intermediate_size", intermediate_size)):
+        if value % layout.tp:
+            return f"layout {layout}: TP={layout.tp} does not divide {name}={value}"
+    if layout.pp > num_layers:
+        return f"layout {layout}: PP={layout.pp} is greater than num_hidden_layers={num_layers}"
+    return None
 
 
 def split_layers(num_layers: int, pp: int) -> list[tuple[int, int]]:

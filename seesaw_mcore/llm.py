@@ -27,7 +27,8 @@ class LLM:
 
     Args:
         model: local HF model folder (safetensors).
-        prefill: parallel layout for prefill, e.g. ``"T2"``, ``"P2"``, ``"D2"``.
+        prefill: parallel layout for prefill, e.g. ``"T2"``, ``"P2"``, ``"D2"``; ``"auto"``:
+            the planner's best plan for this job's ranks (measured profile) and ``workload``.
         decode: layout for decode (``prefill="P2", decode="T2"`` re-shards between the
             phases on the same ranks); ``None`` or equal to ``prefill``: a static plan.
         dtype: ``auto`` (float32 on CPU ranks, checkpoint dtype on GPUs), ``float32``,
@@ -41,6 +42,7 @@ class LLM:
         max_num_seqs / max_prefill_tokens / prefill_micro_batches / policy /
             refill_threshold: batching and the phase-switch policy (see ``SchedulerConfig``).
         max_model_len: longest prompt + output; default: the model's context.
+        workload: with ``prefill="auto"``, the planner's workload preset.
     """
 
     def __init__(
@@ -66,8 +68,13 @@ class LLM:
         policy: str = "transition_minimizing",
         refill_threshold: float = 0.2,
         max_model_len: int | None = None,
+        workload: str = "sharegpt",
     ) -> None:
         self.seed = seed
+        if prefill == "auto":
+            from seesaw_mcore.planner import choose_plan
+
+            prefill, decode = choose_plan(model, workload)
         self.engine = Engine(
             model, PhasePlan.parse(prefill, decode), dtype=dtype,
             cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,

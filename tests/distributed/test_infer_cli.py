@@ -198,3 +198,25 @@ def test_tier_errors_two_ranks(overrides, message, tmp_path):
         tier = "disk" if "disk" in message else "host"
         assert line.endswith(f"; lower cache.{tier}_kv_tokens or cache.{tier}_kv_gib")
     assert list(tmp_path.glob("seesaw_kv_*")) == []
+
+
+def test_plan_auto_measures_once_logs_and_runs(tmp_path):
+    cache = tmp_path / "cache"
+    out = tmp_path / "o.jsonl"
+    runs = []
+    for _ in range(2):  # the first measures this machine and caches it; the second reuses it
+        proc = launch(2, ["launch.infer", "plan=auto", "sampling.max_tokens=16",
+                          "cache.num_blocks=10", "cache.block_size=4", f"data.output={out}"],
+                      timeout=240, env={"SEESAW_CACHE_DIR": str(cache)})
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        runs.append(proc.stdout + proc.stderr)
+    [profile] = cache.iterdir()
+    fields = json.loads(profile.read_text())
+    assert fields["name"] == "measured (2 cpu ranks)" and fields["tflops"] > 0
+    assert fields["allreduce_gbs"] > 0 and fields["p2p_gbs"] > 0
+    for text in runs:
+        [line] = [x for x in text.splitlines() if "plan=auto (measured (2 cpu ranks), workload "
+                  "sharegpt): " in x]
+        assert "predicted" in line and "runner-up" in line
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["text"] for r in rows)
