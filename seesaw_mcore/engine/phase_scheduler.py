@@ -133,9 +133,12 @@ class PhaseScheduler:
         self._dead_reserved += self.tiers[r.tier].reserved(r.length)
 
     def tier_usage(self) -> float:
-        """Fraction of the tiers' slots holding KV still needed (dead ranges excluded)."""
+        """The tiers' load: KV still to decode, as a fraction of their slots - what waits in
+        them (dead ranges excluded) plus what is decoding on the device, whose home they
+        are (it goes back there at a hand-back). Falls only as sequences finish."""
         total = sum(t.num_slots for t in self.tiers.values())
-        return (sum(t.used for t in self.tiers.values()) - self._dead_reserved) / total
+        held = sum(t.used for t in self.tiers.values()) - self._dead_reserved
+        return (held + sum(s.num_tokens for s in self._on_device())) / total
 
     def _on_device(self) -> list[Sequence]:
         return [s for r in range(len(self.running)) for s in self.running[r] + self.arriving[r]]
