@@ -101,6 +101,18 @@ class EngineStats:
     swap: TransferStats = field(default_factory=TransferStats)  # this rank's tier traffic
 
 
+@dataclass(frozen=True)
+class TraceEvent:
+    """One step (or switch) as rank 0 saw it, for timelines."""
+
+    t: float  # seconds since ``run`` started, at the end of the step
+    phase: str  # the phase the step ran in (a switch: the phase switched to)
+    switch: bool
+    num_seqs: int  # sequences in the step
+    num_tokens: int  # tokens fed in the step
+    tier_usage: float | None  # KV tiers' load (Seesaw plans), see ``PhaseScheduler``
+
+
 class Engine:
     """Model shards on every rank; schedulers on rank 0.
 
@@ -155,6 +167,8 @@ class Engine:
         self.phase = Phase.PREFILL
         self.resharder = Resharder(self.runner, self.plan)
         self.stats = EngineStats(swap=self.runner.transfer.stats)
+        # Set to a list to record, on rank 0, one ``TraceEvent`` per step and switch.
+        self.trace: list[TraceEvent] | None = None
 
     @property
     def layout(self) -> ParallelConfig:
@@ -294,16 +308,19 @@ class Engine:
         by_id = {s.seq_id: s for s in seqs}
         for s in seqs:
             sched.add(s)
+        start = time.perf_counter()
         try:
             while sched.has_work():
                 step = sched.schedule()
                 dist.broadcast_object_list([step], src=0)
                 if step.switch_to is not None:
                     self._switch(step)
+                    self._record(start, step, sched)
                     continue
                 t0 = time.perf_counter()
                 outputs = self._execute_and_collect(step.replicas)
                 self._account(time.perf_counter() - t0, step)
+                self._record(start, step, sched)
                 for out in outputs:
                     for tok in out.tokens if out is not None else ():
                         seq = by_id[tok.seq_id]
@@ -326,6 +343,16 @@ class Engine:
         self.phase = step.switch_to
         self.stats.switches += 1
         self.stats.switch_s += rec.seconds
+
+    def _record(self, start: float, step: StepPlan, sched) -> None:
+        if self.trace is None:
+            return
+        reps = [r for r in step.replicas if r is not None]
+        phase = step.switch_to or (reps[0].phase if reps else self.phase)
+        usage = sched.tier_usage() if isinstance(sched, PhaseScheduler) else None
+        self.trace.append(TraceEvent(
+            time.perf_counter() - start, phase.value, step.switch_to is not None,
+            sum(len(r.seqs) for r in reps), sum(r.num_tokens for r in reps), usage))
 
     def _account(self, dt: float, step: StepPlan) -> None:
         st = self.stats

@@ -1,0 +1,429 @@
+"""Benchmark suite: every static plan of the world size, Seesaw plans, ``plan=auto`` and HF
+``transformers`` ``generate`` on identical seeded requests, in one run (Hydra, ``conf/bench.yaml``;
+under the launcher).
+
+    deepspeed --no_local_rank --num_gpus 2 --module seesaw_mcore.bench model.size=medium
+
+Writes ``results.json``, ``throughput.png`` (per plan per workload, best static marked),
+``timeline.png`` (one Seesaw run: phase, tier load and batch size over time) and
+``sweep.png`` (throughput vs output:input ratio) to ``output_dir``, and prints each plan's
+ratio to the best static plan. Runs are interleaved (round -> workload -> plan) so drift hits
+every plan alike; each plan's best round is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import hydra
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from seesaw_mcore.errors import SeesawError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZES = {  # random-weight Llamas: (layers, hidden, heads, kv heads, MLP, vocab)
+    "small": dict(num_layers=6, hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=8000),
+    "medium": dict(num_layers=12, hidden=768, heads=12, kv_heads=4, intermediate=2048,
+                   vocab=32000),
+    "large": dict(num_layers=24, hidden=1024, heads=16, kv_heads=8, intermediate=2816,
+                  vocab=32000),
+}
+# mean prompt / output tokens: see seesaw_mcore.planner.WORKLOADS for the sources
+SHAPES = {"sharegpt": (161.31, 337.99, 0.8), "arxiv": (3806.0, 290.0, 0.15)}  # + spread
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: list[int]
+    max_tokens: int
+
+
+def _model(cfg: DictConfig) -> str:
+    """The model folder: ``model.path``, the bundled tiny one, or a random Llama built once
+    (rank 0) under ``output_dir/models``."""
+    if cfg.model.path:
+        return str(cfg.model.path)
+    if cfg.model.size == "tiny":
+        return os.path.join(REPO, "models", "tiny-llama")
+    if cfg.model.size not in SIZES:
+        raise SeesawError(f"model.size must be one of tiny, {', '.join(SIZES)}, got "
+                          f"{cfg.model.size!r}")
+    path = os.path.abspath(os.path.join(cfg.output_dir, "models", f"llama-{cfg.model.size}"))
+    box: list = [None]
+    if dist.get_rank() == 0 and not os.path.isfile(os.path.join(path, "config.json")):
+        from seesaw_mcore.tools.make_tiny import build_random
+
+        build_random(path, init_std=0.02, **SIZES[cfg.model.size])
+    dist.broadcast_object_list(box, src=0)
+    return path
+
+
+def workload(name: str, n: int, scale: float, vocab: int, max_len: int, seed: int
+             ) -> list[Request]:
+    """``n`` seeded requests shaped like a preset: log-normal lengths around its means
+    (times ``scale``), prompt + output within ``max_len``."""
+    mean_p, mean_o, sigma = SHAPES[name]
+    rng = random.Random(f"{name}-{seed}")
+
+    def draw(mean: float) -> int:  # log-normal with this mean
+        return max(int(rng.lognormvariate(math.log(mean * scale) - sigma**2 / 2, sigma)), 1)
+
+    out = []
+    for _ in range(n):
+        p = min(max(draw(mean_p), 4), max_len - 2)
+        o = min(draw(mean_o), max_len - p)
+        out.append(Request([rng.randrange(3, vocab) for _ in range(p)], o))
+    return out
+
+
+def sweep_workload(input_len: int, ratio: float, n: int, vocab: int, seed: int
+                   ) -> list[Request]:
+    """Fixed-length requests: ``input_len`` prompt tokens, ``ratio x input_len`` outputs."""
+    rng = random.Random(f"sweep-{seed}")
+    out = max(int(round(ratio * input_len)), 1)
+    return [Request([rng.randrange(3, vocab) for _ in range(input_len)], out) for _ in range(n)]
+
+
+class PeakRSS:
+    """Samples this process's RSS every 10 ms between ``start`` and ``stop``."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._proc, self.peak, self._stop = psutil.Process(), 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(0.01)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def _gather(value) -> list:
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, value)
+    return box
+
+
+def run_engine(path: str, prefill: str, decode: str, reqs: list[Request], cfg: DictConfig,
+               trace: bool = False) -> dict:
+    """One plan on ``reqs`` (fresh engine, warmed up); metrics on rank 0."""
+    from seesaw_mcore import LLM, SamplingParams
+
+    kw = {} if prefill == decode or cfg.host_kv_tokens is None else {
+        "host_kv_tokens": int(cfg.host_kv_tokens)}
+    llm = LLM(path, prefill=prefill, decode=decode, kv_cache_gib=cfg.kv_cache_gib,
+              max_prefill_tokens=cfg.max_prefill_tokens, **kw)
+    prompts = [{"prompt_token_ids": r.prompt} for r in reqs]
+    params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
+              for r in reqs]
+    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    eng = llm.engine
+    st = eng.stats
+    before = asdict(st)
+    busy0, wait0 = st.swap.busy_s, st.swap.wait_s
+    eng.trace = [] if trace else None
+    dist.barrier()
+    with PeakRSS() as rss:
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        dist.barrier()
+        wall = time.perf_counter() - t0
+    after = asdict(st)
+    peaks = _gather(rss.peak)
+    events = [asdict(e) for e in eng.trace] if eng.trace is not None else None
+    llm.close()
+    if dist.get_rank() != 0:
+        return {}
+    gen = sum(len(o.outputs[0].token_ids) for o in outs)
+    prompt = sum(len(r.prompt) for r in reqs)
+    res = {
+        "wall_s": wall, "requests_per_s": len(reqs) / wall, "output_tokens_per_s": gen / wall,
+        "total_tokens_per_s": (prompt + gen) / wall,
+        **{k: after[k] - before[k] for k in ("prefill_s", "decode_s", "switch_s", "switches",
+                                             "preemptions")},
+        "tier_copy_s": st.swap.busy_s - busy0, "tier_wait_s": st.swap.wait_s - wait0,
+        "peak_rss_mb": [round(p / 2**20, 1) for p in peaks],
+    }
+    if events is not None:
+        res["timeline"] = events
+    return res
+
+
+def run_hf(path: str, reqs: list[Request], batch: int = 16) -> dict:
+    """HF ``generate`` on rank 0 (one rank; the others wait): greedy, batches of requests
+    sorted by output length (left-padded), each batch to its longest output; only requested
+    tokens are counted."""
+    res: dict = {}
+    if dist.get_rank() == 0:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        order = sorted(reqs, key=lambda r: r.max_tokens)
+
+        def generate(rs: list[Request]) -> None:
+            for i in range(0, len(rs), batch):
+                chunk = rs[i:i + batch]
+                width = max(len(r.prompt) for r in chunk)
+                ids = torch.tensor([[0] * (width - len(r.prompt)) + r.prompt for r in chunk])
+                mask = (torch.arange(width)[None] >= torch.tensor(
+                    [width - len(r.prompt) for r in chunk])[:, None]).long()
+                n = max(r.max_tokens for r in chunk)
+                with torch.no_grad():
+                    model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=n,
+                                   min_new_tokens=n, eos_token_id=None, pad_token_id=0)
+
+        generate(order[:2])  # warm-up
+        with PeakRSS() as rss:
+            t0 = time.perf_counter()
+            generate(order)
+            wall = time.perf_counter() - t0
+        gen = sum(r.max_tokens for r in reqs)
+        prompt = sum(len(r.prompt) for r in reqs)
+        res = {"wall_s": wall, "requests_per_s": len(reqs) / wall,
+               "output_tokens_per_s": gen / wall, "total_tokens_per_s": (prompt + gen) / wall,
+               "peak_rss_mb": [round(rss.peak / 2**20, 1)]}
+    dist.barrier()
+    return res
+
+
+def _plans(cfg: DictConfig, path: str, world: int) -> list[tuple[str, str, str]]:
+    """``(label, prefill, decode)`` of every plan to run, static ones first."""
+    from seesaw_mcore.config import ModelConfig, PhasePlan
+    from seesaw_mcore.planner import layouts
+
+    model = ModelConfig.from_pretrained(path)
+    static = ([str(lay) for lay in layouts(world)] if cfg.plans.static == "all"
+              else list(cfg.plans.static))
+    out = []
+    for name in static:
+        plan = PhasePlan.parse(name)
+        if plan.prefill.world_size == world and _valid(model, plan):
+            out.append((str(plan), str(plan.prefill), str(plan.prefill)))
+    for pair in cfg.plans.seesaw or []:
+        p, _, d = str(pair).partition(":")
+        plan = PhasePlan.parse(p, d)
+        if plan.prefill.world_size == world and _valid(model, plan):
+            out.append((str(plan), p, d))
+    if cfg.plans.auto:
+        from seesaw_mcore.planner import choose_plan
+
+        p, d = choose_plan(path, "sharegpt")
+        out.append((f"auto ({PhasePlan.parse(p, d)})", p, d))
+    return out
+
+
+def _valid(model, plan) -> bool:
+    try:
+        plan.check_model(model)
+        return True
+    except SeesawError:
+        return False
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per workload: each plan's best round, the best static plan, ratios to it."""
+    out: dict = {}
+    for r in runs:
+        wl = out.setdefault(r["workload"], {"plans": {}})
+        best = wl["plans"].get(r["plan"])
+        if best is None or r["total_tokens_per_s"] > best["total_tokens_per_s"]:
+            wl["plans"][r["plan"]] = r
+    for wl in out.values():
+        static = {k: v for k, v in wl["plans"].items() if v["kind"] == "static"}
+        name = max(static, key=lambda k: static[k]["total_tokens_per_s"])
+        wl["best_static"] = name
+        base = static[name]["total_tokens_per_s"]
+        wl["ratio_to_best_static"] = {k: round(v["total_tokens_per_s"] / base, 3)
+                                      for k, v in wl["plans"].items()}
+        wl["plans"] = {k: {kk: vv for kk, vv in v.items() if kk != "timeline"}
+                       for k, v in wl["plans"].items()}
+    return out
+
+
+def plot(results: dict, out_dir: str) -> list[str]:
+    """``throughput.png``, ``timeline.png``, ``sweep.png``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    summary = results["summary"]
+    fig, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.5), squeeze=False)
+    for ax, (wl, data) in zip(axes[0], summary.items()):
+        names = list(data["plans"])
+        vals = [data["plans"][n]["total_tokens_per_s"] for n in names]
+        palette = {"static": "tab:gray", "hf": "tab:orange", "auto": "tab:green"}
+        colors = [palette.get(data["plans"][n]["kind"], "tab:blue") for n in names]
+        bars = ax.bar(range(len(names)), vals, color=colors)
+        best = names.index(data["best_static"])
+        bars[best].set_hatch("//")
+        bars[best].set_edgecolor("black")
+        ax.annotate("best static", (best, vals[best]), ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(range(len(names)), names, rotation=35, ha="right", fontsize=8)
+        ax.set_title(f"{wl}")
+        ax.set_ylabel("tokens/s (prompt + output)")
+    fig.suptitle(f"throughput per plan ({results['machine']})", fontsize=9)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "throughput.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    tl = results.get("timeline") or {"events": [], "plan": "none"}
+    ev = [e for e in tl["events"] if not e["switch"]]
+    fig, axes = plt.subplots(3, 1, figsize=(9, 6), sharex=True)
+    t = [e["t"] for e in ev]
+    axes[0].step(t, [1 if e["phase"] == "decode" else 0 for e in ev], where="post")
+    axes[0].set_yticks([0, 1], ["prefill", "decode"])
+    for e in tl["events"]:
+        if e["switch"]:
+            axes[0].axvline(e["t"], color="red", lw=0.6)
+    axes[1].plot(t, [e["tier_usage"] or 0 for e in ev])
+    axes[1].set_ylabel("tier load")
+    axes[2].plot(t, [e["num_seqs"] for e in ev])
+    axes[2].set_ylabel("batch (seqs)")
+    axes[2].set_xlabel("seconds")
+    axes[0].set_title(f"phase timeline: {tl['plan']} on {tl.get('workload', '')} "
+                      f"(red: switches)", fontsize=9)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "timeline.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sweep = results.get("sweep") or {}
+    for plan in sorted({r["plan"] for r in sweep.get("runs", [])}):
+        pts = sorted((r["ratio"], r["total_tokens_per_s"]) for r in sweep["runs"]
+                     if r["plan"] == plan)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=plan)
+    ax.set_xlabel("output:input ratio")
+    ax.set_ylabel("tokens/s (prompt + output)")
+    ax.set_title(f"sensitivity (input {sweep.get('input_len', '-')} tokens)", fontsize=9)
+    if sweep.get("runs"):
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, "sweep.png"))
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def table(summary: dict) -> str:
+    """Each plan's throughput and its ratio to the best static plan, per workload."""
+    lines = []
+    for wl, data in summary.items():
+        lines.append(f"== {wl}: best static {data['best_static']} ==")
+        lines.append(f"{'plan':>20} {'tok/s':>10} {'req/s':>8} {'vs best static':>15} "
+                     f"{'switches':>9}")
+        for name, r in data["plans"].items():
+            lines.append(f"{name:>20} {r['total_tokens_per_s']:10.1f} {r['requests_per_s']:8.2f} "
+                         f"{data['ratio_to_best_static'][name]:14.3f}x "
+                         f"{r.get('switches', 0):9d}")
+    return "\n".join(lines)
+
+
+def run(cfg: DictConfig) -> dict | None:
+    from seesaw_mcore.planner import ModelShape
+    from seesaw_mcore.runtime import groups
+    from seesaw_mcore.tools.results import machine
+
+    torch.set_num_threads(1)
+    rank, world = groups.init_distributed()
+    if rank == 0:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+    path = _model(cfg)
+    raw = json.load(open(os.path.join(path, "config.json")))
+    vocab, max_len = raw["vocab_size"], raw.get("max_position_embeddings", 2048)
+    plans = _plans(cfg, path, world)
+    if not any(label == p == d for label, p, d in plans):
+        raise SeesawError(f"no static plan of {world} ranks is valid for this model; "
+                          f"check plans.static")
+    loads = {name: workload(name, cfg.num_requests, cfg.length_scale, vocab, max_len, cfg.seed)
+             for name in cfg.workloads}
+    runs, timeline = [], None
+    seesaw = next((label for label, p, d in plans if p != d), None)
+    for rnd in range(cfg.rounds):
+        for wl, reqs in loads.items():
+            for label, p, d in plans:
+                want = label == seesaw and timeline is None and rnd == cfg.rounds - 1
+                res = run_engine(path, p, d, reqs, cfg, trace=want)
+                if rank == 0:
+                    if want:
+                        timeline = {"plan": label, "workload": wl,
+                                    "events": res.pop("timeline")}
+                    kind = ("auto" if label.startswith("auto") else
+                            "static" if p == d else "seesaw")
+                    runs.append({"workload": wl, "plan": label, "round": rnd, "kind": kind,
+                                 "prefill": p, "decode": d, **res})
+            if cfg.hf:
+                res = run_hf(path, reqs)
+                if rank == 0:
+                    runs.append({"workload": wl, "plan": "HF generate", "round": rnd,
+                                 "kind": "hf", **res})
+    sweep = None
+    if cfg.sweep.enabled:
+        sweep = {"input_len": cfg.sweep.input_len, "runs": []}
+        for ratio in cfg.sweep.ratios:
+            reqs = sweep_workload(min(cfg.sweep.input_len, max_len // 2), ratio,
+                                  cfg.sweep.num_requests, vocab, cfg.seed)
+            for label, p, d in plans:
+                if label.startswith("auto"):
+                    continue
+                res = run_engine(path, p, d, reqs, cfg)
+                if rank == 0:
+                    sweep["runs"].append({"ratio": ratio, "plan": label, **res})
+    if rank != 0:
+        return None
+    results = {
+        "machine": machine(f"{world} {groups.device().type} ranks x "
+                           f"{torch.get_num_threads()} thread"),
+        "config": OmegaConf.to_container(cfg, resolve=True), "model": path,
+        "model_params": ModelShape.from_config(path).params, "world_size": world,
+        "plans": [{"label": lb, "prefill": p, "decode": d} for lb, p, d in plans],
+        "runs": runs, "summary": summarize(runs), "timeline": timeline, "sweep": sweep,
+    }
+    results["plots"] = [os.path.basename(p) for p in plot(results, cfg.output_dir)]
+    with open(os.path.join(cfg.output_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print(table(results["summary"]))
+    print(f"results: {os.path.join(cfg.output_dir, 'results.json')}")
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    from seesaw_mcore.runtime import groups
+
+    code = 0
+    try:
+        run(cfg)
+    except SeesawError as e:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
+        code = 1
+    groups.shutdown()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
