@@ -62,7 +62,7 @@ def _model(cfg: DictConfig) -> str:
     if dist.get_rank() == 0 and not os.path.isfile(os.path.join(path, "config.json")):
         from seesaw_mcore.tools.make_tiny import build_random
 
-        build_random(path, init_std=0.02, **SIZES[cfg.model.size])
+        build_random(path, init_std=0.02, max_positions=4096, **SIZES[cfg.model.size])
     dist.broadcast_object_list(box, src=0)
     return path
 
@@ -70,7 +70,7 @@ def _model(cfg: DictConfig) -> str:
 def workload(name: str, n: int, scale: float, vocab: int, max_len: int, seed: int
              ) -> list[Request]:
     """``n`` seeded requests shaped like a preset: log-normal lengths around its means
-    (times ``scale``), prompt + output within ``max_len``."""
+    (times ``scale``); a prompt is truncated so that prompt + output fits ``max_len``."""
     mean_p, mean_o, sigma = SHAPES[name]
     rng = random.Random(f"{name}-{seed}")
 
@@ -79,8 +79,8 @@ def workload(name: str, n: int, scale: float, vocab: int, max_len: int, seed: in
 
     out = []
     for _ in range(n):
-        p = min(max(draw(mean_p), 4), max_len - 2)
-        o = min(draw(mean_o), max_len - p)
+        o = min(draw(mean_o), max_len // 2)
+        p = min(max(draw(mean_p), 4), max_len - o)
         out.append(Request([rng.randrange(3, vocab) for _ in range(p)], o))
     return out
 

@@ -43,6 +43,7 @@ def build_random(
     init_std: float = 0.15,
     seed: int = 0,
     max_shard_size: str | None = None,
+    max_positions: int = 512,
 ) -> str:
     """Saves a random-weight ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` folder at ``path``.
 
@@ -55,7 +56,7 @@ def build_random(
     common = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
         num_hidden_layers=num_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
-        max_position_embeddings=512, rms_norm_eps=1e-5, tie_word_embeddings=tie,
+        max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=tie,
         initializer_range=init_std, bos_token_id=1, eos_token_id=2,
     )
     if arch == "qwen2":
