@@ -62,7 +62,17 @@ def run(cfg: DictConfig) -> int:
     dist.broadcast_object_list(box, src=0)  # every rank learns whether to go on
     if box[0] is not None:
         raise SeesawError(box[0])
-    writer = OutputWriter(cfg.data.output) if llm.is_driver else None
+    writer = None
+    if llm.is_driver:
+        writer = OutputWriter(cfg.data.output, overwrite=cfg.data.get("overwrite", False),
+                              fsync_every_s=cfg.data.get("fsync_every_s", 5.0))
+        if writer.done or writer.dropped_bytes:
+            todo = [r for r in records if r.id not in writer.done]
+            torn = (f"; dropped a torn last line ({writer.dropped_bytes} bytes)"
+                    if writer.dropped_bytes else "")
+            print(f"resuming {cfg.data.output}: {len(records) - len(todo)} of {len(records)} "
+                  f"ids already done{torn}; running {len(todo)}")
+            records = todo
     by_id = {r.id: r for r in records}
     start = time.perf_counter()
     try:

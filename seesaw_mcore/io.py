@@ -3,12 +3,17 @@
 Input records: ``{"id": ..., "prompt": "..."}`` or ``{"id": ..., "messages": [...]}`` (chat,
 rendered with the tokenizer's chat template and ``add_generation_prompt``). A bad line is
 reported with its file and line number; the valid lines still run.
+
+Output is resumable: records are appended as requests finish; a rerun on the same output file
+keeps its complete records, drops a torn last line (a killed run) and runs only the ids not
+yet there.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 
 from seesaw_mcore.engine.request import RequestOutput
@@ -87,11 +92,24 @@ def _chat(messages, tokenizer) -> dict:
 
 
 class OutputWriter:
-    """Appends one JSON line per finished request and flushes it at once."""
+    """Appends one JSON line per finished request, flushed at once and fsynced at least every
+    ``fsync_every_s`` seconds (and at ``close``).
 
-    def __init__(self, path: str) -> None:
+    Args:
+        path: the output file; its directory is created if missing.
+        overwrite: start the file over; otherwise keep its complete records (``done``).
+        fsync_every_s: how often written records are forced to disk.
+    """
+
+    def __init__(self, path: str, overwrite: bool = False, fsync_every_s: float = 5.0) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self._f = open(path, "w", encoding="utf-8")
+        self.path, self.fsync_every_s = path, fsync_every_s
+        self.done: set[str] = set()  # ids already in the file
+        self.dropped_bytes = 0  # a torn last line removed
+        if not overwrite and os.path.exists(path):
+            self.done, self.dropped_bytes = _recover(path)
+        self._f = open(path, "w" if overwrite else "a", encoding="utf-8")
+        self._synced = time.monotonic()
 
     def write(self, rec: PromptRecord, out: RequestOutput) -> None:
         first = out.outputs[0]
@@ -109,6 +127,52 @@ class OutputWriter:
         }
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._f.flush()
+        if time.monotonic() - self._synced >= self.fsync_every_s:
+            self._sync()
+
+    def _sync(self) -> None:
+        os.fsync(self._f.fileno())
+        self._synced = time.monotonic()
 
     def close(self) -> None:
-        self._f.close()
+        if not self._f.closed:
+            self._f.flush()
+            self._sync()
+            self._f.close()
+
+
+def _recover(path: str) -> tuple[set[str], int]:
+    """Ids of the complete records of an earlier run's output; a torn last line (no newline,
+    or not a record) is cut off.
+
+    Returns:
+        ``(ids, bytes dropped)``.
+
+    Raises:
+        SeesawError: for a bad record before the last line (not a crash's doing).
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    ids: set[str] = set()
+    good = 0  # byte offset after the last complete record
+    lines = data.split(b"\n")
+    for n, raw in enumerate(lines, start=1):
+        last = n == len(lines)  # no newline after it: written in part
+        if last and not raw:
+            break
+        try:
+            obj = None if last else json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            obj = None
+        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+            if n >= len(lines) - 1:  # the final line: torn by a killed run
+                break
+            raise SeesawError(f"data.output {path}:{n} is not a record of this tool; fix it or "
+                              f"set data.overwrite=true")
+        ids.add(obj["id"])
+        good += len(raw) + 1
+    dropped = len(data) - good
+    if dropped:
+        with open(path, "r+b") as f:
+            f.truncate(good)
+    return ids, dropped

@@ -220,3 +220,27 @@ def test_plan_auto_measures_once_logs_and_runs(tmp_path):
         assert "predicted" in line and "runner-up" in line
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 12 and all(r["text"] for r in rows)
+
+
+def test_rerun_after_a_kill_resumes_without_loss_or_duplicates(tmp_path):
+    full = tmp_path / "full.jsonl"
+    proc = infer(1, f"data.output={full}", "sampling.max_tokens=16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = full.read_text().splitlines(keepends=True)
+    assert len(lines) == 12
+    killed = tmp_path / "killed.jsonl"  # what a run killed mid-write leaves
+    killed.write_text("".join(lines[:5]) + lines[5][:20])
+    proc = infer(1, f"data.output={killed}", "sampling.max_tokens=16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming" in proc.stdout and "5 of 12 ids already done; dropped a torn last line " \
+        "(20 bytes); running 7" in proc.stdout
+    after = killed.read_text().splitlines(keepends=True)
+    assert after[:5] == lines[:5]  # finished records untouched
+    by_id = {json.loads(x)["id"]: json.loads(x) for x in after}
+    assert len(after) == len(by_id) == 12  # every id once
+    for x in lines:
+        ref = json.loads(x)
+        assert by_id[ref["id"]]["token_ids"] == ref["token_ids"]
+    proc = infer(1, f"data.output={killed}", "sampling.max_tokens=16", "data.overwrite=true")
+    assert proc.returncode == 0 and "resuming" not in proc.stdout
+    assert len(killed.read_text().splitlines()) == 12
