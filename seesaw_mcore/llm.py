@@ -7,6 +7,7 @@ runs in a plain ``python`` process.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -20,6 +21,13 @@ from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.sampling_params import SamplingParams
 
 PromptType = str | dict
+
+
+def sample_seed(seed: int, request_id: str, sample: int) -> int:
+    """A 63-bit seed from ``(seed, request id, sample index)``, stable across runs and
+    machines (BLAKE2b, not Python's salted ``hash``)."""
+    digest = hashlib.blake2b(f"{seed}\x00{request_id}\x00{sample}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 class LLM:
@@ -125,7 +133,7 @@ class LLM:
             self.engine.run([], lambda s: False)
             return []
         try:
-            seqs, token_lists = self._make_sequences(prompts, params)
+            seqs, token_lists = self._make_sequences(prompts, params, ids)
         except SeesawError as e:
             self.engine.abort(str(e))
             raise
@@ -154,7 +162,12 @@ class LLM:
             bar.close()
         return [results[i] for i in range(len(prompts))]
 
-    def _make_sequences(self, prompts, params) -> tuple[list[Sequence], list[list[int]]]:
+    def _make_sequences(self, prompts, params, ids
+                        ) -> tuple[list[Sequence], list[list[int]]]:
+        """Sequences of every prompt's samples. Sample ``k`` of a request draws from
+        ``sample_seed(SamplingParams.seed, "", k)`` when the request has a seed, else from
+        ``sample_seed(engine seed, request id, k)``: the same samples on a rerun, a resumed
+        run or another plan, whatever the request's position."""
         eng = self.engine
         seqs, token_lists = [], []
         cap = eng.capacity_tokens()
@@ -179,11 +192,11 @@ class LLM:
                     f"preempted) but {holds}; raise cache.host_kv_tokens / "
                     "cache.host_kv_gib or lower max_tokens")
             token_lists.append(toks)
-            base = p.seed if p.seed is not None else self.seed * 1_000_003 + i
+            base, rid = (p.seed, "") if p.seed is not None else (self.seed, ids[i])
             for k in range(p.n):
                 seqs.append(Sequence(
                     seq_id=len(seqs), request_index=i, sample_index=k, prompt_token_ids=toks,
-                    params=p, seed=base + 7919 * k, max_tokens=max_tokens,
+                    params=p, seed=sample_seed(base, rid, k), max_tokens=max_tokens,
                     replica=i % eng.plan.prefill.dp))
         return seqs, token_lists
 

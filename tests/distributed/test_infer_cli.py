@@ -222,15 +222,20 @@ def test_plan_auto_measures_once_logs_and_runs(tmp_path):
     assert len(rows) == 12 and all(r["text"] for r in rows)
 
 
+SAMPLED = ["sampling.max_tokens=16", "sampling.temperature=0.8", "sampling.n=2"]
+
+
 def test_rerun_after_a_kill_resumes_without_loss_or_duplicates(tmp_path):
+    """Random sampling, two samples each: seeds come from (engine seed, id, sample), so the
+    resumed run's records equal the uninterrupted run's."""
     full = tmp_path / "full.jsonl"
-    proc = infer(1, f"data.output={full}", "sampling.max_tokens=16")
+    proc = infer(1, f"data.output={full}", *SAMPLED)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = full.read_text().splitlines(keepends=True)
     assert len(lines) == 12
     killed = tmp_path / "killed.jsonl"  # what a run killed mid-write leaves
     killed.write_text("".join(lines[:5]) + lines[5][:20])
-    proc = infer(1, f"data.output={killed}", "sampling.max_tokens=16")
+    proc = infer(1, f"data.output={killed}", *SAMPLED)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resuming" in proc.stdout and "5 of 12 ids already done; dropped a torn last line " \
         "(20 bytes); running 7" in proc.stdout
@@ -240,7 +245,10 @@ def test_rerun_after_a_kill_resumes_without_loss_or_duplicates(tmp_path):
     assert len(after) == len(by_id) == 12  # every id once
     for x in lines:
         ref = json.loads(x)
-        assert by_id[ref["id"]]["token_ids"] == ref["token_ids"]
-    proc = infer(1, f"data.output={killed}", "sampling.max_tokens=16", "data.overwrite=true")
+        got = by_id[ref["id"]]["outputs"]
+        assert [o["token_ids"] for o in got] == [o["token_ids"] for o in ref["outputs"]]
+    assert any(len({tuple(o["token_ids"]) for o in json.loads(x)["outputs"]}) == 2
+               for x in lines)  # real random draws: the two samples differ
+    proc = infer(1, f"data.output={killed}", *SAMPLED, "data.overwrite=true")
     assert proc.returncode == 0 and "resuming" not in proc.stdout
     assert len(killed.read_text().splitlines()) == 12
