@@ -35,7 +35,7 @@ def run(cfg: DictConfig) -> int:
     import torch.distributed as dist
 
     from seesaw_mcore import LLM, SamplingParams
-    from seesaw_mcore.io import OutputWriter, read_prompts
+    from seesaw_mcore.io import InputSpec, OutputWriter, read_prompts
 
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling, resolve=True))
     llm = LLM(
@@ -55,7 +55,10 @@ def run(cfg: DictConfig) -> int:
     records, bad, failure = [], [], None
     if llm.is_driver:
         try:
-            records, bad = read_prompts(_resolve(cfg.data.input), llm.tokenizer)
+            spec = InputSpec(**{k: cfg.data[k] for k in (
+                "prompt_field", "messages_field", "id_field", "system_prompt",
+                "prompt_template") if k in cfg.data})
+            records, bad = read_prompts(_resolve(cfg.data.input), llm.tokenizer, spec)
         except SeesawError as e:
             failure = str(e)
     box = [failure]

@@ -22,59 +22,148 @@ from seesaw_mcore.errors import SeesawError
 
 @dataclass(frozen=True)
 class PromptRecord:
-    """One valid input line."""
+    """One valid input record."""
 
     id: str
     prompt: str | dict  # text, or {"prompt_token_ids": [...]} after a chat template
-    line: int
+    line: int  # line (JSONL) or row number, from 1
 
 
-def read_prompts(path: str, tokenizer) -> tuple[list[PromptRecord], list[str]]:
-    """Reads a JSONL prompt file.
+@dataclass(frozen=True)
+class InputSpec:
+    """How input records map to prompts (``data.*`` in the config).
+
+    Attributes:
+        prompt_field: the text prompt's field.
+        messages_field: the chat messages' field (used when a record has no prompt).
+        id_field: the id's field (default when absent: ``line-N`` / ``row-N``).
+        system_prompt: prepended as a system message to chat records without one.
+        prompt_template: applied to text prompts; must contain ``{prompt}``.
+    """
+
+    prompt_field: str = "prompt"
+    messages_field: str = "messages"
+    id_field: str = "id"
+    system_prompt: str | None = None
+    prompt_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
+            raise SeesawError("data.prompt_template must contain {prompt}")
+
+
+TABULAR = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def read_prompts(path: str, tokenizer, spec: InputSpec | None = None
+                 ) -> tuple[list[PromptRecord], list[str]]:
+    """Reads prompts from JSONL (line by line: a bad line is reported, the rest run), JSON,
+    Parquet, CSV or a ``datasets.save_to_disk`` folder (through HF ``datasets``, local files
+    only).
 
     Returns:
-        ``(records, errors)``: valid records in file order, and one message per bad line.
+        ``(records, errors)``: valid records in file order, and one message per bad record.
     """
-    if not os.path.isfile(path):
+    spec = spec or InputSpec()
+    if not os.path.exists(path):
         raise SeesawError(f"data.input {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path) or ext in TABULAR:
+        rows, unit = _dataset_rows(path, TABULAR.get(ext)), "row"
+        _, fields = next(rows)
+        _check_fields(path, fields, spec)
+    else:
+        rows, unit = _jsonl_rows(path), "line"
     records, errors, seen = [], [], set()
+    for n, obj in rows:
+        try:
+            rec = _parse(obj, n, unit, tokenizer, spec)
+        except SeesawError as e:
+            errors.append(f"{path}:{n}: {e}")
+            continue
+        if rec.id in seen:
+            errors.append(f"{path}:{n}: duplicate id {rec.id!r}")
+            continue
+        seen.add(rec.id)
+        records.append(rec)
+    return records, errors
+
+
+def _check_fields(path: str, fields: list[str], spec: InputSpec) -> None:
+    """A table must have the prompt or the messages field, and a configured id field."""
+    available = ", ".join(fields) or "none"
+    if spec.prompt_field not in fields and spec.messages_field not in fields:
+        raise SeesawError(f"data.input {path} has no field {spec.prompt_field!r} (data."
+                          f"prompt_field) or {spec.messages_field!r} (data.messages_field); "
+                          f"available fields: {available}")
+    if spec.id_field != "id" and spec.id_field not in fields:
+        raise SeesawError(f"data.input {path} has no field {spec.id_field!r} (data.id_field); "
+                          f"available fields: {available}")
+
+
+def _jsonl_rows(path: str):
+    """``(line number, object or SeesawError)`` per non-empty line."""
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                rec = _parse(line, n, tokenizer)
-            except SeesawError as e:
-                errors.append(f"{path}:{n}: {e}")
-                continue
-            if rec.id in seen:
-                errors.append(f"{path}:{n}: duplicate id {rec.id!r}")
-                continue
-            seen.add(rec.id)
-            records.append(rec)
-    return records, errors
+                yield n, json.loads(line)
+            except json.JSONDecodeError as e:
+                yield n, SeesawError(f"invalid JSON ({e.msg} at column {e.colno})")
 
 
-def _parse(line: str, n: int, tokenizer) -> PromptRecord:
+def _dataset_rows(path: str, builder: str | None):
+    """``(row number, dict)`` of a local file or ``save_to_disk`` folder, streamed."""
+    import datasets
+
     try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise SeesawError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+        if builder is None:
+            ds = datasets.load_from_disk(path)
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds[next(iter(ds))]
+        else:
+            ds = datasets.load_dataset(builder, data_files=path, split="train", streaming=True)
+        rows = iter(ds)
+        first = next(rows, None)  # a streamed CSV knows its columns only from its rows
+    except Exception as e:  # noqa: BLE001 - any reader failure is a bad input file
+        raise SeesawError(f"cannot read data.input {path}: {type(e).__name__}: {e}") from None
+    yield 0, list(ds.column_names or (first or {}))  # the field list first, for errors
+    if first is not None:
+        yield 1, first
+        for n, row in enumerate(rows, start=2):
+            yield n, row
+
+
+def _parse(obj, n: int, unit: str, tokenizer, spec: InputSpec) -> PromptRecord:
+    if isinstance(obj, SeesawError):
+        raise obj
     if not isinstance(obj, dict):
         raise SeesawError(f"expected a JSON object, got {type(obj).__name__}")
-    rid = obj.get("id", f"line-{n}")
+    rid = obj.get(spec.id_field)
+    if rid is None:
+        rid = f"{unit}-{n}"
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
-        raise SeesawError(f"'id' must be a string or integer, got {rid!r}")
-    if "prompt" in obj:
-        prompt = obj["prompt"]
+        raise SeesawError(f"{spec.id_field!r} must be a string or integer, got {rid!r}")
+    prompt = obj.get(spec.prompt_field)
+    if prompt is not None:
         if not isinstance(prompt, str):
-            raise SeesawError(f"'prompt' must be a string, got {type(prompt).__name__}")
+            raise SeesawError(
+                f"{spec.prompt_field!r} must be a string, got {type(prompt).__name__}")
         if not prompt:
-            raise SeesawError("'prompt' is empty")
+            raise SeesawError(f"{spec.prompt_field!r} is empty")
+        if spec.prompt_template is not None:
+            prompt = spec.prompt_template.replace("{prompt}", prompt)
         return PromptRecord(str(rid), prompt, n)
-    if "messages" in obj:
-        return PromptRecord(str(rid), _chat(obj["messages"], tokenizer), n)
-    raise SeesawError("record has neither 'prompt' nor 'messages'")
+    messages = obj.get(spec.messages_field)
+    if messages is not None:
+        if spec.system_prompt and isinstance(messages, list) and not (
+                messages and isinstance(messages[0], dict)
+                and messages[0].get("role") == "system"):
+            messages = [{"role": "system", "content": spec.system_prompt}, *messages]
+        return PromptRecord(str(rid), _chat(messages, tokenizer), n)
+    raise SeesawError(f"record has neither {spec.prompt_field!r} nor {spec.messages_field!r} "
+                      f"(its fields: {', '.join(map(str, obj)) or 'none'})")
 
 
 def _chat(messages, tokenizer) -> dict:
