@@ -37,6 +37,7 @@ $(STAMP): pyproject.toml
 
 # The main job: Seesaw P2 -> T2 on two ranks; a small host KV tier makes it switch a few times.
 demo: $(STAMP)
+	@mkdir -p outputs
 	$(VENV)/bin/deepspeed --no_local_rank --num_gpus 2 launch/infer.py plan=p2_t2 \
 		cache.host_kv_tokens=64 sampling.max_tokens=48 data.output=outputs/demo.jsonl data.overwrite=true
 	@$(PY) -c "import json; [print(f'  {r[\"id\"]:>7}: {(r[\"prompt\"] or \"<chat>\")!r} -> {r[\"text\"]!r}') for r in map(json.loads, open('outputs/demo.jsonl'))]"

@@ -52,30 +52,28 @@ def run(cfg: DictConfig) -> int:
         policy=cfg.scheduler.policy, refill_threshold=cfg.scheduler.refill_threshold,
         max_model_len=cfg.model.max_model_len, workload=cfg.plan.get("workload", "sharegpt"),
     )
-    records, bad, failure = [], [], None
-    if llm.is_driver:
+    records, bad, failure, writer = [], [], None, None
+    if llm.is_driver:  # input and output problems end every rank, not only rank 0
         try:
             spec = InputSpec(**{k: cfg.data[k] for k in (
                 "prompt_field", "messages_field", "id_field", "system_prompt",
                 "prompt_template") if k in cfg.data})
             records, bad = read_prompts(_resolve(cfg.data.input), llm.tokenizer, spec)
+            writer = OutputWriter(cfg.data.output, overwrite=cfg.data.get("overwrite", False),
+                                  fsync_every_s=cfg.data.get("fsync_every_s", 5.0))
         except SeesawError as e:
             failure = str(e)
     box = [failure]
     dist.broadcast_object_list(box, src=0)  # every rank learns whether to go on
     if box[0] is not None:
         raise SeesawError(box[0])
-    writer = None
-    if llm.is_driver:
-        writer = OutputWriter(cfg.data.output, overwrite=cfg.data.get("overwrite", False),
-                              fsync_every_s=cfg.data.get("fsync_every_s", 5.0))
-        if writer.done or writer.dropped_bytes:
-            todo = [r for r in records if r.id not in writer.done]
-            torn = (f"; dropped a torn last line ({writer.dropped_bytes} bytes)"
-                    if writer.dropped_bytes else "")
-            print(f"resuming {cfg.data.output}: {len(records) - len(todo)} of {len(records)} "
-                  f"ids already done{torn}; running {len(todo)}")
-            records = todo
+    if writer is not None and (writer.done or writer.dropped_bytes):
+        todo = [r for r in records if r.id not in writer.done]
+        torn = (f"; dropped a torn last line ({writer.dropped_bytes} bytes)"
+                if writer.dropped_bytes else "")
+        print(f"resuming {cfg.data.output}: {len(records) - len(todo)} of {len(records)} "
+              f"ids already done{torn}; running {len(todo)}")
+        records = todo
     by_id = {r.id: r for r in records}
     start = time.perf_counter()
     try:

@@ -185,13 +185,18 @@ class OutputWriter:
     ``fsync_every_s`` seconds (and at ``close``).
 
     Args:
-        path: the output file; its directory is created if missing.
+        path: the output file, in an existing writable directory.
         overwrite: start the file over; otherwise keep its complete records (``done``).
         fsync_every_s: how often written records are forced to disk.
     """
 
     def __init__(self, path: str, overwrite: bool = False, fsync_every_s: float = 5.0) -> None:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise SeesawError(f"data.output {path!r}: directory {folder!r} does not exist")
+        if not os.access(folder, os.W_OK) or (os.path.exists(path)
+                                              and not os.access(path, os.W_OK)):
+            raise SeesawError(f"data.output {path!r} is not writable")
         self.path, self.fsync_every_s = path, fsync_every_s
         self.done: set[str] = set()  # ids already in the file
         self.dropped_bytes = 0  # a torn last line removed

@@ -108,6 +108,7 @@ def test_demo_defaults_single_process(tmp_path):
                                             "num_hidden_layers=5"),
     (["cache.disk_path=/tmp"], "error: cache.disk_path needs a re-sharding plan; plan T1 is "
                                "static (its KV stays on the device)"),
+    (["data.prompt_template=Question"], "error: data.prompt_template must contain {prompt}"),
 ])
 def test_errors(overrides, message, tmp_path):
     proc = infer(1, f"data.output={tmp_path / 'o.jsonl'}", *overrides, timeout=120)
@@ -252,3 +253,10 @@ def test_rerun_after_a_kill_resumes_without_loss_or_duplicates(tmp_path):
     proc = infer(1, f"data.output={killed}", *SAMPLED, "data.overwrite=true")
     assert proc.returncode == 0 and "resuming" not in proc.stdout
     assert len(killed.read_text().splitlines()) == 12
+
+
+def test_output_errors_end_every_rank():
+    proc = infer(2, "plan=t2", "data.output=/nonexistent/dir/o.jsonl", timeout=180)
+    assert proc.returncode == 1
+    assert error_lines(proc) == ["error: data.output '/nonexistent/dir/o.jsonl': directory "
+                                 "'/nonexistent/dir' does not exist"]
