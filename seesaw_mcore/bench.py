@@ -117,21 +117,14 @@ class PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def _gather(value) -> list:
-    box = [None] * dist.get_world_size()
-    dist.all_gather_object(box, value)
-    return box
-
-
-def run_engine(path: str, prefill: str, decode: str, reqs: list[Request], cfg: DictConfig,
-               trace: bool = False) -> dict:
-    """One plan on ``reqs`` (fresh engine, warmed up); metrics on rank 0."""
+def run_engine(path: str, prefill: str, decode: str, reqs: list[Request], trace: bool = False,
+               **llm_kw) -> dict:
+    """One plan on ``reqs`` (fresh engine built with ``llm_kw``, warmed up); metrics on
+    rank 0, ``{}`` elsewhere."""
     from seesaw_mcore import LLM, SamplingParams
+    from seesaw_mcore.tools.results import gather
 
-    kw = {} if prefill == decode or cfg.host_kv_tokens is None else {
-        "host_kv_tokens": int(cfg.host_kv_tokens)}
-    llm = LLM(path, prefill=prefill, decode=decode, kv_cache_gib=cfg.kv_cache_gib,
-              max_prefill_tokens=cfg.max_prefill_tokens, **kw)
+    llm = LLM(path, prefill=prefill, decode=decode, **llm_kw)
     prompts = [{"prompt_token_ids": r.prompt} for r in reqs]
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
               for r in reqs]
@@ -148,7 +141,7 @@ def run_engine(path: str, prefill: str, decode: str, reqs: list[Request], cfg: D
         dist.barrier()
         wall = time.perf_counter() - t0
     after = asdict(st)
-    peaks = _gather(rss.peak)
+    peaks = gather(rss.peak)
     events = [asdict(e) for e in eng.trace] if eng.trace is not None else None
     llm.close()
     if dist.get_rank() != 0:
@@ -357,6 +350,12 @@ def run(cfg: DictConfig) -> dict | None:
     if not any(label == p == d for label, p, d in plans):
         raise SeesawError(f"no static plan of {world} ranks is valid for this model; "
                           f"check plans.static")
+    def engine_kw(prefill: str, decode: str) -> dict:
+        kw = dict(kv_cache_gib=cfg.kv_cache_gib, max_prefill_tokens=cfg.max_prefill_tokens)
+        if prefill != decode and cfg.host_kv_tokens is not None:
+            kw["host_kv_tokens"] = int(cfg.host_kv_tokens)
+        return kw
+
     loads = {name: workload(name, cfg.num_requests, cfg.length_scale, vocab, max_len, cfg.seed)
              for name in cfg.workloads}
     runs, timeline = [], None
@@ -365,7 +364,7 @@ def run(cfg: DictConfig) -> dict | None:
         for wl, reqs in loads.items():
             for label, p, d in plans:
                 want = label == seesaw and timeline is None and rnd == cfg.rounds - 1
-                res = run_engine(path, p, d, reqs, cfg, trace=want)
+                res = run_engine(path, p, d, reqs, trace=want, **engine_kw(p, d))
                 if rank == 0:
                     if want:
                         timeline = {"plan": label, "workload": wl,
@@ -388,7 +387,7 @@ def run(cfg: DictConfig) -> dict | None:
             for label, p, d in plans:
                 if label.startswith("auto"):
                     continue
-                res = run_engine(path, p, d, reqs, cfg)
+                res = run_engine(path, p, d, reqs, **engine_kw(p, d))
                 if rank == 0:
                     sweep["runs"].append({"ratio": ratio, "plan": label, **res})
     if rank != 0:

@@ -11,13 +11,11 @@ measured profile of this machine. Plans are run in interleaved rounds; each plan
 
 from __future__ import annotations
 
-import argparse
 import random
 import sys
 
-import torch
 
-from seesaw_mcore.tools.results import bench_model, emit, machine, random_prompts
+from seesaw_mcore.tools.results import bench_parser, bench_setup, emit, machine
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -34,54 +32,24 @@ def _spearman(a: list[float], b: list[float]) -> float:
     return 1 - 6 * d2 / (n * (n * n - 1)) if n > 1 else 1.0
 
 
-def _run(path, prefill, decode, prompts, outputs, **kw) -> dict:
-    """Wall time and engine counters of one ``generate`` on a fresh engine (warmed up)."""
-    import time
-
-    import torch.distributed as dist
-
-    from seesaw_mcore import LLM, SamplingParams
-
-    llm = LLM(path, prefill=prefill, decode=decode, kv_cache_gib=1.0, max_prefill_tokens=2048,
-              **kw)
-    reqs = [{"prompt_token_ids": p} for p in prompts]
-    params = [SamplingParams(temperature=0, max_tokens=o, ignore_eos=True) for o in outputs]
-    llm.generate(reqs[:2], params[:2], use_tqdm=False)
-    st = llm.engine.stats
-    switches0 = st.switches
-    dist.barrier()
-    t0 = time.perf_counter()
-    llm.generate(reqs, params, use_tqdm=False)
-    dist.barrier()
-    wall = time.perf_counter() - t0
-    res = {"wall_s": wall, "switches": st.switches - switches0,
-           "tokens_per_s": (sum(map(len, prompts)) + sum(outputs)) / wall}
-    llm.close()
-    return res
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="HF folder (default: build a ~25M-parameter random Llama)")
-    ap.add_argument("--num-prompts", type=int, default=48)
-    ap.add_argument("--prompt-len", type=int, nargs=2, default=[32, 288])
+    ap = bench_parser(__doc__, prompt_len=(32, 288))
     ap.add_argument("--output-len", type=int, nargs=2, default=[16, 112])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--policy-plan", default="P2:T2")
-    ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
     import torch.distributed as dist
 
+    from seesaw_mcore.bench import Request, run_engine
     from seesaw_mcore.planner import CostModel, ModelShape, Workload, layouts
     from seesaw_mcore.profile import load_or_measure
     from seesaw_mcore.runtime import groups
 
-    rank, world = groups.init_distributed()
-    path = bench_model(args.model)
-    prompts = random_prompts(path, args.num_prompts, args.prompt_len)
+    rank, world, path, prompts = bench_setup(args)
     rng = random.Random(1)
     outputs = [rng.randint(*args.output_len) for _ in prompts]
+    reqs = [Request(p, o) for p, o in zip(prompts, outputs)]
+    common = dict(kv_cache_gib=1.0, max_prefill_tokens=2048)
     total = sum(map(len, prompts)) + sum(outputs)
     wl = Workload("bench", sum(map(len, prompts)) / len(prompts), sum(outputs) / len(outputs))
     hw = load_or_measure(world)
@@ -90,19 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     pairs = [(str(p), str(d)) for p in layouts(world) for d in layouts(world)
              if p.dp == d.dp and (str(p), str(d)) in predicted]
     host = max(total // 3, max(map(len, prompts)) + max(outputs))  # ~3 fills per run
-    measured: dict[tuple[str, str], list[float]] = {pair: [] for pair in pairs}
+    measured: dict[tuple[str, str], list[dict]] = {pair: [] for pair in pairs}
     policies = ("transition_minimizing", "prefill_first", "decode_first")
     pol: dict[str, list[dict]] = {p: [] for p in policies}
     pp, pd = args.policy_plan.split(":")
     for _ in range(args.rounds):  # interleaved: drift hits every run alike
         for p, d in pairs:
             kw = {} if p == d else {"host_kv_tokens": 4 * total}
-            measured[(p, d)].append(_run(path, p, d, prompts, outputs, **kw)["tokens_per_s"])
+            measured[(p, d)].append(run_engine(path, p, d, reqs, **common, **kw))
         for policy in policies:
-            pol[policy].append(_run(path, pp, pd, prompts, outputs, host_kv_tokens=host,
-                                    policy=policy))
+            pol[policy].append(run_engine(path, pp, pd, reqs, **common, host_kv_tokens=host,
+                                          policy=policy))
     if rank == 0:
-        best = {pair: max(v) for pair, v in measured.items()}
+        best = {pair: max(r["total_tokens_per_s"] for r in v) for pair, v in measured.items()}
         rows = sorted(({"prefill": p, "decode": d, "measured_tokens_per_s": round(best[(p, d)], 1),
                         "predicted_tokens_per_s": round(predicted[(p, d)], 1)}
                        for p, d in pairs), key=lambda r: -r["measured_tokens_per_s"])
@@ -114,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             "output_len": args.output_len, "rounds": args.rounds,
             "profile": hw.__dict__, "plans": rows, "spearman": round(rho, 3),
             "policy_plan": args.policy_plan, "host_kv_tokens": host,
-            "policies": {p: {"tokens_per_s": round(max(r["tokens_per_s"] for r in runs), 1),
+            "policies": {p: {"tokens_per_s": round(max(r["total_tokens_per_s"] for r in runs),
+                                                   1),
                              "switches": runs[-1]["switches"]} for p, runs in pol.items()},
         }
         emit(res, args.json)

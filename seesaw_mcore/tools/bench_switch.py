@@ -13,18 +13,16 @@ for: unfinished copies plus the stage rebuild; the barrier is reported as drain)
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-import torch
 
 from seesaw_mcore.tools.results import (
-    bench_model,
+    bench_parser,
+    bench_setup,
     emit,
     gather,
     machine,
     memcpy_gbps,
-    random_prompts,
     timed_generate,
 )
 
@@ -51,23 +49,15 @@ def _phases(added: dict[str, float]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="HF folder (default: build a ~25M-parameter random Llama)")
+    ap = bench_parser(__doc__)
     ap.add_argument("--plan", default="P2:T2", help="PREFILL:DECODE")
     ap.add_argument("--static", default="T2", help="static layout to compare with")
-    ap.add_argument("--num-prompts", type=int, default=48)
-    ap.add_argument("--prompt-len", type=int, nargs=2, default=[64, 320])
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--host-kv-tokens", type=int, default=2048)
-    ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
     from seesaw_mcore import LLM
-    from seesaw_mcore.runtime import groups
 
-    rank, world = groups.init_distributed()
-    path = bench_model(args.model)
-    prompts = random_prompts(path, args.num_prompts, args.prompt_len)
+    rank, world, path, prompts = bench_setup(args)
     prefill, _, decode = args.plan.partition(":")
     bw = min(gather(memcpy_gbps()))
     common = dict(kv_cache_gib=1.0, max_prefill_tokens=2048)

@@ -17,7 +17,6 @@ In one run, on the same requests:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
@@ -28,12 +27,12 @@ import torch
 import torch.distributed as dist
 
 from seesaw_mcore.tools.results import (
-    bench_model,
+    bench_parser,
+    bench_setup,
     emit,
     gather,
     machine,
     memcpy_gbps,
-    random_prompts,
     timed_generate,
 )
 
@@ -104,23 +103,16 @@ def _gbps(nbytes: float, seconds: float) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", help="HF folder (default: build a ~25M-parameter random Llama)")
+    ap = bench_parser(__doc__)
     ap.add_argument("--plan", default="P2:T2", help="PREFILL:DECODE")
-    ap.add_argument("--num-prompts", type=int, default=48)
-    ap.add_argument("--prompt-len", type=int, nargs=2, default=[64, 320])
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--disk-dir", default=None, help="disk tier directory (default: a temp "
                     "dir under the current directory, i.e. a real disk, not /tmp's tmpfs)")
-    ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)
     from seesaw_mcore.runtime import groups
 
-    rank, world = groups.init_distributed()
-    path = bench_model(args.model)
-    prompts = random_prompts(path, args.num_prompts, args.prompt_len)
+    rank, world, path, prompts = bench_setup(args)
     host_tokens = sum(map(len, prompts)) + args.num_prompts * args.max_tokens  # all fit
     bw = min(gather(memcpy_gbps()))
     runs: dict[str, list[dict]] = {"async": [], "sync": [], "no_swap_out": []}

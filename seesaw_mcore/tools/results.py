@@ -3,6 +3,7 @@ runs, and how results are reported. Run under the launcher (every rank calls the
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -79,3 +80,25 @@ def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> float:
     llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
     dist.barrier()
     return time.perf_counter() - t0
+
+
+def bench_parser(doc: str, prompt_len: tuple[int, int] = (64, 320)) -> argparse.ArgumentParser:
+    """The options every benchmark tool has: ``--model``, ``--num-prompts``, ``--prompt-len``,
+    ``--json`` (its first docstring line as description)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--model", help="HF folder (default: build a ~25M-parameter random Llama)")
+    ap.add_argument("--num-prompts", type=int, default=48)
+    ap.add_argument("--prompt-len", type=int, nargs=2, default=list(prompt_len))
+    ap.add_argument("--json", help="write the results here")
+    return ap
+
+
+def bench_setup(args: argparse.Namespace) -> tuple[int, int, str, list[list[int]]]:
+    """One thread per rank, the process groups, the model and the prompts:
+    ``(rank, world, model path, prompts)``."""
+    from seesaw_mcore.runtime import groups
+
+    torch.set_num_threads(1)
+    rank, world = groups.init_distributed()
+    path = bench_model(args.model)
+    return rank, world, path, random_prompts(path, args.num_prompts, args.prompt_len)
