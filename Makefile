@@ -13,7 +13,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test parity clean
+.PHONY: install demo test slurm-test parity clean
 
 install: $(STAMP)
 
@@ -45,7 +45,14 @@ demo: $(STAMP)
 		--model models/tiny-llama --layouts T2 P2 --check
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/slurm
+
+# launch/slurm/infer.sbatch on a local two-node Slurm cluster (network namespaces; root).
+slurm-test: $(STAMP)
+	@command -v slurmctld >/dev/null && command -v munged >/dev/null \
+		|| $(SUDO) apt-get install -y -q slurm-wlm munge >/dev/null \
+		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q slurm-wlm munge >/dev/null)
+	$(PY) -m pytest -q tests/slurm
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -9,12 +9,16 @@ overrides it runs the bundled tiny model on the bundled sample prompts (``make d
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
+from dataclasses import dataclass
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
+
+MAX_ERROR_LINES = 20  # bad records printed; the rest are counted
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -35,7 +39,7 @@ def run(cfg: DictConfig) -> int:
     import torch.distributed as dist
 
     from seesaw_mcore import LLM, SamplingParams
-    from seesaw_mcore.io import InputSpec, OutputWriter, read_prompts
+    from seesaw_mcore.io import InputSpec, OutputWriter, PromptReader
 
     sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling, resolve=True))
     llm = LLM(
@@ -52,55 +56,86 @@ def run(cfg: DictConfig) -> int:
         policy=cfg.scheduler.policy, refill_threshold=cfg.scheduler.refill_threshold,
         max_model_len=cfg.model.max_model_len, workload=cfg.plan.get("workload", "sharegpt"),
     )
-    records, bad, failure, writer = [], [], None, None
+    reader, writer, failure = None, None, None
     if llm.is_driver:  # input and output problems end every rank, not only rank 0
         try:
             spec = InputSpec(**{k: cfg.data[k] for k in (
                 "prompt_field", "messages_field", "id_field", "system_prompt",
                 "prompt_template") if k in cfg.data})
-            records, bad = read_prompts(_resolve(cfg.data.input), llm.tokenizer, spec)
             writer = OutputWriter(cfg.data.output, overwrite=cfg.data.get("overwrite", False),
                                   fsync_every_s=cfg.data.get("fsync_every_s", 5.0))
+            reader = PromptReader(_resolve(cfg.data.input), llm.tokenizer, spec,
+                                  skip=writer.done)
         except SeesawError as e:
             failure = str(e)
     box = [failure]
     dist.broadcast_object_list(box, src=0)  # every rank learns whether to go on
     if box[0] is not None:
+        if writer:
+            writer.close()
         raise SeesawError(box[0])
     if writer is not None and (writer.done or writer.dropped_bytes):
-        todo = [r for r in records if r.id not in writer.done]
         torn = (f"; dropped a torn last line ({writer.dropped_bytes} bytes)"
                 if writer.dropped_bytes else "")
-        print(f"resuming {cfg.data.output}: {len(records) - len(todo)} of {len(records)} "
-              f"ids already done{torn}; running {len(todo)}")
-        records = todo
-    by_id = {r.id: r for r in records}
+        print(f"resuming {cfg.data.output}: {len(writer.done)} ids already done{torn}; "
+              "running the rest")
+    totals = _Totals()
+    rejected: list[str] = []
+
+    def on_output(out) -> None:
+        writer.write(out)
+        totals.add(out)
+
     start = time.perf_counter()
     try:
-        outs = llm.generate(
-            [r.prompt for r in records], sampling, use_tqdm=cfg.progress and llm.is_driver,
-            request_ids=[r.id for r in records],
-            on_output=(lambda o: writer.write(by_id[o.request_id], o)) if writer else None,
+        # Records stream from the reader: tee keeps prompts and ids in step, buffering one.
+        recs_a, recs_b = itertools.tee(reader if reader is not None else ())
+        llm.generate(
+            (r.prompt for r in recs_a), sampling, use_tqdm=cfg.progress and llm.is_driver,
+            request_ids=(r.id for r in recs_b), on_output=on_output if writer else None,
+            on_reject=lambda rid, msg: rejected.append(f"id {rid!r}: {msg}"),
+            keep_outputs=False,
         )
     finally:
         if writer:
             writer.close()
+    bad = []
     if llm.is_driver:
-        _report(llm, outs, time.perf_counter() - start, cfg)
-        for msg in bad:
+        _report(llm, totals, time.perf_counter() - start, cfg)
+        if reader.num_skipped:
+            print(f"  resumed: {reader.num_skipped} of {reader.num_records} ids were done "
+                  "before this run")
+        bad = reader.errors + [f"{reader.path}: {m}" for m in rejected]
+        for msg in bad[:MAX_ERROR_LINES]:
             print(f"error: {msg}", file=sys.stderr)
+        if len(bad) > MAX_ERROR_LINES:
+            print(f"error: ... and {len(bad) - MAX_ERROR_LINES} more bad records",
+                  file=sys.stderr)
     llm.shutdown()
     return 1 if bad else 0
 
 
-def _report(llm, outs, elapsed: float, cfg: DictConfig) -> None:
+@dataclass
+class _Totals:
+    """What the run report counts, kept as outputs stream past."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+
+    def add(self, out) -> None:
+        self.requests += 1
+        self.prompt_tokens += len(out.prompt_token_ids)
+        self.generated_tokens += sum(len(o.token_ids) for o in out.outputs)
+
+
+def _report(llm, totals: _Totals, elapsed: float, cfg: DictConfig) -> None:
     st = llm.engine.stats
-    gen = sum(len(o.token_ids) for r in outs for o in r.outputs)
-    prompt = sum(len(r.prompt_token_ids) for r in outs)
-    print(f"\n== seesaw_mcore run report ({llm.engine.plan}, {len(outs)} requests, "
+    print(f"\n== seesaw_mcore run report ({llm.engine.plan}, {totals.requests} requests, "
           f"output {cfg.data.output}) ==")
-    print(f"  wall {elapsed:.2f}s | {len(outs) / elapsed:.2f} req/s | prompt {prompt / elapsed:.1f}"
-          f" tok/s | generated {gen / elapsed:.1f} tok/s")
+    print(f"  wall {elapsed:.2f}s | {totals.requests / elapsed:.2f} req/s | prompt "
+          f"{totals.prompt_tokens / elapsed:.1f} tok/s | generated "
+          f"{totals.generated_tokens / elapsed:.1f} tok/s")
     print(f"  prefill {st.prefill_s:.2f}s ({st.prefill_steps} steps) | decode {st.decode_s:.2f}s "
           f"({st.decode_steps} steps) | preemptions {st.preemptions} "
           f"({st.swap_preemptions} swapped)"

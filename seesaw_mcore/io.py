@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from seesaw_mcore.engine.request import RequestOutput
@@ -55,38 +56,75 @@ class InputSpec:
 TABULAR = {".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
+class PromptReader:
+    """Streams prompts from JSONL (line by line: a bad line is reported, the rest run),
+    JSON, Parquet, CSV or a ``datasets.save_to_disk`` folder (through HF ``datasets``, local
+    files only, streamed). The file and its fields are checked here; records are parsed
+    (and chat templates applied) only as they are iterated, so the input never has to be
+    in memory at once.
+
+    Args:
+        path: the input file or folder.
+        tokenizer: for chat ``messages`` (may be ``None`` for text-only inputs).
+        spec: the field mapping.
+        skip: ids not to yield (already in a resumed output file).
+
+    Attributes:
+        errors: one message per bad record, appended as iteration reaches it.
+        num_records / num_skipped: valid records seen, and of those the ``skip``-ped ones.
+
+    Raises:
+        SeesawError: for a missing or unreadable input, or fields the spec names that a
+            table lacks.
+    """
+
+    def __init__(self, path: str, tokenizer, spec: InputSpec | None = None,
+                 skip: set[str] | frozenset[str] = frozenset()) -> None:
+        self.path, self.tokenizer, self.spec = path, tokenizer, spec or InputSpec()
+        self.skip = skip
+        self.errors: list[str] = []
+        self.num_records = self.num_skipped = 0
+        if not os.path.exists(path):
+            raise SeesawError(f"data.input {path!r} does not exist")
+        ext = os.path.splitext(path)[1].lower()
+        if os.path.isdir(path) or ext in TABULAR:
+            self._rows, self._unit = _dataset_rows(path, TABULAR.get(ext)), "row"
+            _, fields = next(self._rows)
+            _check_fields(path, fields, self.spec)
+        else:
+            if not os.access(path, os.R_OK):
+                raise SeesawError(f"data.input {path!r} is not a readable file")
+            self._rows, self._unit = _jsonl_rows(path), "line"
+
+    def __iter__(self) -> Iterator[PromptRecord]:
+        seen: set[str] = set()  # ids so far: a repeated id is a bad record
+        for n, obj in self._rows:
+            try:
+                rec = _parse(obj, n, self._unit, self.tokenizer, self.spec)
+            except SeesawError as e:
+                self.errors.append(f"{self.path}:{n}: {e}")
+                continue
+            if rec.id in seen:
+                self.errors.append(f"{self.path}:{n}: duplicate id {rec.id!r}")
+                continue
+            seen.add(rec.id)
+            self.num_records += 1
+            if rec.id in self.skip:
+                self.num_skipped += 1
+                continue
+            yield rec
+
+
 def read_prompts(path: str, tokenizer, spec: InputSpec | None = None
                  ) -> tuple[list[PromptRecord], list[str]]:
-    """Reads prompts from JSONL (line by line: a bad line is reported, the rest run), JSON,
-    Parquet, CSV or a ``datasets.save_to_disk`` folder (through HF ``datasets``, local files
-    only).
+    """All of ``PromptReader(path, tokenizer, spec)`` at once.
 
     Returns:
         ``(records, errors)``: valid records in file order, and one message per bad record.
     """
-    spec = spec or InputSpec()
-    if not os.path.exists(path):
-        raise SeesawError(f"data.input {path!r} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    if os.path.isdir(path) or ext in TABULAR:
-        rows, unit = _dataset_rows(path, TABULAR.get(ext)), "row"
-        _, fields = next(rows)
-        _check_fields(path, fields, spec)
-    else:
-        rows, unit = _jsonl_rows(path), "line"
-    records, errors, seen = [], [], set()
-    for n, obj in rows:
-        try:
-            rec = _parse(obj, n, unit, tokenizer, spec)
-        except SeesawError as e:
-            errors.append(f"{path}:{n}: {e}")
-            continue
-        if rec.id in seen:
-            errors.append(f"{path}:{n}: duplicate id {rec.id!r}")
-            continue
-        seen.add(rec.id)
-        records.append(rec)
-    return records, errors
+    reader = PromptReader(path, tokenizer, spec)
+    records = list(reader)
+    return records, reader.errors
 
 
 def _check_fields(path: str, fields: list[str], spec: InputSpec) -> None:
@@ -205,11 +243,12 @@ class OutputWriter:
         self._f = open(path, "w" if overwrite else "a", encoding="utf-8")
         self._synced = time.monotonic()
 
-    def write(self, rec: PromptRecord, out: RequestOutput) -> None:
+    def write(self, out: RequestOutput) -> None:
+        """Appends ``out`` as one line (its id and text prompt, every sample)."""
         first = out.outputs[0]
         row = {
-            "id": rec.id,
-            "prompt": rec.prompt if isinstance(rec.prompt, str) else None,
+            "id": out.request_id,
+            "prompt": out.prompt,
             "prompt_token_ids": out.prompt_token_ids,
             "text": first.text,
             "token_ids": first.token_ids,

@@ -8,10 +8,12 @@ runs in a plain ``python`` process.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import time
-from collections.abc import Callable, Sequence as Seq
+from collections.abc import Callable, Iterable, Iterator, Sized
+from dataclasses import dataclass
 
 from seesaw_mcore.config import PhasePlan
 from seesaw_mcore.engine.engine import CacheConfig, Engine
@@ -106,120 +108,148 @@ class LLM:
 
     def generate(
         self,
-        prompts: PromptType | Seq[PromptType],
-        sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+        prompts: PromptType | Iterable[PromptType],
+        sampling_params: SamplingParams | Iterable[SamplingParams] | None = None,
         use_tqdm: bool = True,
         on_output: Callable[[RequestOutput], None] | None = None,
-        request_ids: Seq[str] | None = None,
+        request_ids: Iterable[str] | None = None,
+        on_reject: Callable[[str, str], None] | None = None,
+        keep_outputs: bool = True,
     ) -> list[RequestOutput]:
         """Generates completions for every prompt.
 
+        Prompts are pulled lazily as the scheduler has room (``Engine.lookahead``), and a
+        finished request's state is dropped once it is handed over, so with an iterator,
+        ``on_output`` and ``keep_outputs=False`` memory stays flat however many prompts
+        there are.
+
         Args:
-            prompts: strings or ``{"prompt_token_ids": [...]}`` dicts.
+            prompts: strings or ``{"prompt_token_ids": [...]}`` dicts; a list or an iterator.
             sampling_params: one for all prompts, or one per prompt (default: vLLM's).
             use_tqdm: show a progress bar on rank 0.
             on_output: called on rank 0 with each ``RequestOutput`` as it finishes.
             request_ids: ids for the outputs (default ``"0"``, ``"1"``, ...).
+            on_reject: called on rank 0 with ``(request id, message)`` for a prompt that
+                cannot run (too long, bad token ids), which is then skipped; without it
+                such a prompt is an error for the whole call.
+            keep_outputs: return the outputs (else ``[]``: use ``on_output``).
 
         Returns:
-            On rank 0, one ``RequestOutput`` per prompt in input order; ``[]`` elsewhere.
+            On rank 0, one ``RequestOutput`` per prompt that ran, in input order; ``[]``
+            elsewhere.
         """
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
-        prompts = list(prompts)
-        params = _per_prompt(sampling_params, len(prompts))
-        ids = [str(i) for i in range(len(prompts))] if request_ids is None else list(request_ids)
+        total = len(prompts) if isinstance(prompts, Sized) else None
+        for name, given in (("SamplingParams", sampling_params), ("request ids", request_ids)):
+            if total is not None and isinstance(given, Sized) and len(given) != total:
+                raise SeesawError(f"got {len(given)} {name} for {total} prompts")
         if not self.is_driver:
             self.engine.run([], lambda s: False)
             return []
-        try:
-            seqs, token_lists = self._make_sequences(prompts, params, ids)
-        except SeesawError as e:
-            self.engine.abort(str(e))
-            raise
         start = time.perf_counter()
+        live: dict[int, _Request] = {}  # admitted, not all samples finished
         results: dict[int, RequestOutput] = {}
-        samples: list[list[Sequence]] = [[] for _ in prompts]  # per request, in sample order
-        for s in seqs:
-            samples[s.request_index].append(s)
-        bar = _progress(len(prompts), use_tqdm)
+        bar = _progress(total, use_tqdm)
 
         def after_token(seq: Sequence) -> bool:
             if not self._check_stop(seq):
                 return False
-            i = seq.request_index
-            if all(s.finish_reason is not None for s in samples[i]):
-                out = self._request_output(ids[i], prompts[i], token_lists[i], samples[i], start)
-                results[i] = out
+            req = live[seq.request_index]
+            req.unfinished -= 1
+            if req.unfinished == 0:
+                del live[seq.request_index]
+                out = self._request_output(req, start)
+                if keep_outputs:
+                    results[seq.request_index] = out
                 bar.update(1)
                 if on_output is not None:
                     on_output(out)
             return True
 
+        seqs = self._sequences(_requests(prompts, sampling_params, request_ids), live,
+                               on_reject)
         try:
             self.engine.run(seqs, after_token)
         finally:
             bar.close()
-        return [results[i] for i in range(len(prompts))]
+        return [results[i] for i in sorted(results)]
 
-    def _make_sequences(self, prompts, params, ids
-                        ) -> tuple[list[Sequence], list[list[int]]]:
-        """Sequences of every prompt's samples. Sample ``k`` of a request draws from
-        ``sample_seed(SamplingParams.seed, "", k)`` when the request has a seed, else from
-        ``sample_seed(engine seed, request id, k)``: the same samples on a rerun, a resumed
-        run or another plan, whatever the request's position."""
+    def _sequences(self, requests, live: dict[int, _Request], on_reject
+                   ) -> Iterator[Sequence]:
+        """Every request's samples, made as the engine pulls them. Sample ``k`` of a request
+        draws from ``sample_seed(SamplingParams.seed, "", k)`` when the request has a seed,
+        else from ``sample_seed(engine seed, request id, k)``: the same samples on a rerun,
+        a resumed run or another plan, whatever the request's position."""
         eng = self.engine
-        seqs, token_lists = [], []
-        cap = eng.capacity_tokens()
-        for i, (prompt, p) in enumerate(zip(prompts, params)):
-            toks = self._tokens(i, prompt)
-            if len(toks) >= eng.max_model_len:
-                raise SeesawError(
-                    f"prompt {i} has {len(toks)} tokens; the model's context is "
-                    f"{eng.max_model_len} (prompt + at least one generated token must fit)")
-            max_tokens = min(p.max_tokens or eng.max_model_len, eng.max_model_len - len(toks))
-            if len(toks) + max_tokens > cap:
-                raise SeesawError(
-                    f"prompt {i} needs up to {len(toks) + max_tokens} tokens of KV cache "
-                    f"(prompt {len(toks)} + max_tokens {max_tokens}) but the cache holds {cap}; "
-                    "raise cache.num_blocks / cache.kv_cache_gib or lower max_tokens")
-            host, disk = eng.host_slots, eng.disk_slots
-            if host and len(toks) + max_tokens - 1 > max(host, disk):
-                holds = f"it holds {host}" + (f" and the disk tier {disk}" if disk else "")
-                raise SeesawError(
-                    f"prompt {i} needs up to {len(toks) + max_tokens - 1} token slots of the "
-                    f"host KV tier (prompt {len(toks)} + max_tokens {max_tokens} - 1, if "
-                    f"preempted) but {holds}; raise cache.host_kv_tokens / "
-                    "cache.host_kv_gib or lower max_tokens")
-            token_lists.append(toks)
-            base, rid = (p.seed, "") if p.seed is not None else (self.seed, ids[i])
+        seq_id = 0
+        for i, rid, prompt, p in requests:
+            try:  # a rejected prompt's message names it by its index only if raised
+                toks, max_tokens = self._admit("prompt" if on_reject else f"prompt {i}",
+                                               prompt, p)
+            except SeesawError as e:
+                if on_reject is None:
+                    raise
+                on_reject(rid, str(e))
+                continue
+            live[i] = _Request(rid, prompt if isinstance(prompt, str) else None, toks,
+                               [], p.n)
+            base, key = (p.seed, "") if p.seed is not None else (self.seed, rid)
             for k in range(p.n):
-                seqs.append(Sequence(
-                    seq_id=len(seqs), request_index=i, sample_index=k, prompt_token_ids=toks,
-                    params=p, seed=sample_seed(base, rid, k), max_tokens=max_tokens,
-                    replica=i % eng.plan.prefill.dp))
-        return seqs, token_lists
+                seq = Sequence(
+                    seq_id=seq_id, request_index=i, sample_index=k, prompt_token_ids=toks,
+                    params=p, seed=sample_seed(base, key, k), max_tokens=max_tokens,
+                    replica=i % eng.plan.prefill.dp)
+                live[i].samples.append(seq)
+                seq_id += 1
+                yield seq
 
-    def _tokens(self, i: int, prompt: PromptType) -> list[int]:
+    def _admit(self, label: str, prompt: PromptType, p: SamplingParams
+               ) -> tuple[list[int], int]:
+        """The prompt's tokens and its resolved ``max_tokens``, if it fits every cache."""
+        eng = self.engine
+        toks = self._tokens(label, prompt)
+        if len(toks) >= eng.max_model_len:
+            raise SeesawError(
+                f"{label} has {len(toks)} tokens; the model's context is "
+                f"{eng.max_model_len} (prompt + at least one generated token must fit)")
+        max_tokens = min(p.max_tokens or eng.max_model_len, eng.max_model_len - len(toks))
+        cap = eng.capacity_tokens()
+        if len(toks) + max_tokens > cap:
+            raise SeesawError(
+                f"{label} needs up to {len(toks) + max_tokens} tokens of KV cache "
+                f"(prompt {len(toks)} + max_tokens {max_tokens}) but the cache holds {cap}; "
+                "raise cache.num_blocks / cache.kv_cache_gib or lower max_tokens")
+        host, disk = eng.host_slots, eng.disk_slots
+        if host and len(toks) + max_tokens - 1 > max(host, disk):
+            holds = f"it holds {host}" + (f" and the disk tier {disk}" if disk else "")
+            raise SeesawError(
+                f"{label} needs up to {len(toks) + max_tokens - 1} token slots of the "
+                f"host KV tier (prompt {len(toks)} + max_tokens {max_tokens} - 1, if "
+                f"preempted) but {holds}; raise cache.host_kv_tokens / "
+                "cache.host_kv_gib or lower max_tokens")
+        return toks, max_tokens
+
+    def _tokens(self, label: str, prompt: PromptType) -> list[int]:
         if isinstance(prompt, dict):
             toks = prompt.get("prompt_token_ids")
             if not isinstance(toks, list) or not all(isinstance(t, int) for t in toks):
-                raise SeesawError(f"prompt {i}: 'prompt_token_ids' must be a list of ints")
+                raise SeesawError(f"{label}: 'prompt_token_ids' must be a list of ints")
             vocab = self.engine.model_cfg.vocab_size
             bad = [t for t in toks if not 0 <= t < vocab]
             if bad:
-                raise SeesawError(f"prompt {i}: token id {bad[0]} is outside the vocabulary "
+                raise SeesawError(f"{label}: token id {bad[0]} is outside the vocabulary "
                                   f"[0, {vocab})")
         elif isinstance(prompt, str):
             if self.tokenizer is None:
-                raise SeesawError(f"prompt {i} is text but {self.engine.model_cfg.path} has no "
+                raise SeesawError(f"{label} is text but {self.engine.model_cfg.path} has no "
                                   "tokenizer; pass {'prompt_token_ids': [...]}")
             toks = self.tokenizer(prompt)["input_ids"] if prompt else []
         else:
-            raise SeesawError(f"prompt {i} must be a string or a dict with 'prompt_token_ids', "
+            raise SeesawError(f"{label} must be a string or a dict with 'prompt_token_ids', "
                               f"got {type(prompt).__name__}")
         if not toks:
-            raise SeesawError(f"prompt {i} is empty")
+            raise SeesawError(f"{label} is empty")
         return list(toks)
 
     def _check_stop(self, seq: Sequence) -> bool:
@@ -238,9 +268,9 @@ class LLM:
         seq.finish_reason = reason
         return reason is not None
 
-    def _request_output(self, rid, prompt, toks, seqs, start) -> RequestOutput:
+    def _request_output(self, req: _Request, start: float) -> RequestOutput:
         outs = []
-        for s in seqs:
+        for s in req.samples:
             text = ""
             if self.tokenizer is not None:
                 text = self.tokenizer.decode(s.output_token_ids, skip_special_tokens=True)
@@ -252,8 +282,8 @@ class LLM:
                 logprobs=s.logprobs if s.params.logprobs is not None else None,
                 num_preemptions=s.num_preemptions))
         return RequestOutput(
-            request_id=rid, prompt=prompt if isinstance(prompt, str) else None,
-            prompt_token_ids=toks, outputs=outs, latency_s=time.perf_counter() - start)
+            request_id=req.id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+            outputs=outs, latency_s=time.perf_counter() - start)
 
     def shutdown(self) -> None:
         """Releases the host tier and destroys the process groups (the job can then exit
@@ -266,15 +296,34 @@ class LLM:
         self.engine.close()
 
 
-def _per_prompt(sp, n: int) -> list[SamplingParams]:
-    if sp is None:
-        return [SamplingParams()] * n
-    if isinstance(sp, SamplingParams):
-        return [sp] * n
-    sp = list(sp)
-    if len(sp) != n:
-        raise SeesawError(f"got {len(sp)} SamplingParams for {n} prompts")
-    return sp
+@dataclass
+class _Request:
+    """A request being generated: what its output needs once every sample is done."""
+
+    id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    samples: list[Sequence]  # in sample order
+    unfinished: int
+
+
+def _requests(prompts: Iterable[PromptType], sampling_params, request_ids
+              ) -> Iterator[tuple[int, str, PromptType, SamplingParams]]:
+    """``(index, id, prompt, params)`` per prompt, lazily; ``sampling_params`` and
+    ``request_ids`` may be single values (params), sequences or iterators."""
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        params = itertools.repeat(sampling_params or SamplingParams())
+    else:
+        params = iter(sampling_params)
+    ids = itertools.count() if request_ids is None else iter(request_ids)
+    for i, prompt in enumerate(prompts):
+        p, rid = next(params, None), next(ids, None)
+        if p is None or rid is None:
+            raise SeesawError(f"fewer {'SamplingParams' if p is None else 'request ids'} "
+                              f"than prompts (prompt {i} has none)")
+        if not isinstance(p, SamplingParams):
+            raise SeesawError(f"prompt {i}: expected SamplingParams, got {type(p).__name__}")
+        yield i, str(rid), prompt, p
 
 
 def _load_tokenizer(path: str):
@@ -306,7 +355,7 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, enabled: bool):
+def _progress(total: int | None, enabled: bool):
     if not enabled:
         return _NoBar()
     from tqdm import tqdm

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +25,7 @@ from seesaw_mcore.kv.disk_tier import DiskKVTier, check_disk_path, load_aio, pag
 from seesaw_mcore.kv.host_tier import HostKVBuffer
 from seesaw_mcore.kv.transfer import TransferStats
 from seesaw_mcore.model.loader import Checkpoint
-from seesaw_mcore.runtime import groups
+from seesaw_mcore.runtime import cluster, groups
 from seesaw_mcore.runtime.model_runner import ModelRunner, kv_bytes_per_block, resolve_dtype
 from seesaw_mcore.runtime.reshard import Resharder
 from seesaw_mcore.runtime.weights import ShardStore
@@ -140,7 +140,10 @@ class Engine:
         self.cache = cache or CacheConfig()
         self.sched_cfg = scheduler or SchedulerConfig()
         self.rank, world = groups.init_distributed()
-        check_world(self.plan.prefill, world)
+        try:
+            check_world(self.plan.prefill, world)
+        except SeesawError as e:
+            raise SeesawError(f"{e}{cluster.world_hint()}") from None
         if self.cache.disk_path and self.plan.is_static:
             raise SeesawError(f"cache.disk_path needs a re-sharding plan; plan {self.plan} is "
                               f"static (its KV stays on the device)")
@@ -148,7 +151,8 @@ class Engine:
             raise SeesawError(
                 f"plan {self.plan}: the host KV tier is per node, so a plan that re-shards "
                 f"must run all {world} ranks on one node (this node has "
-                f"{groups.local_world_size()}); use a static plan across nodes")
+                f"{groups.local_world_size()}); use a static plan across nodes"
+                f"{cluster.world_hint()}")
         ctx = self.model_cfg.max_position_embeddings
         self.max_model_len = min(max_model_len or ctx, ctx)
         self.dtype = resolve_dtype(dtype, self.model_cfg)
@@ -262,11 +266,13 @@ class Engine:
         """Longest sequence the device cache holds under every layout."""
         return min(self.num_blocks.values()) * self.cache.block_size
 
-    def run(self, seqs: list[Sequence], after_token: Callable[[Sequence], bool]) -> None:
+    def run(self, seqs: Iterable[Sequence], after_token: Callable[[Sequence], bool]) -> None:
         """Generates every sequence to completion (SPMD: call on every rank).
 
         Args:
-            seqs: sequences (rank 0's list is used; other ranks may pass ``[]``).
+            seqs: sequences (rank 0's are used; other ranks may pass ``[]``). Pulled lazily:
+                the scheduler holds at most ``lookahead`` waiting ones at a time, so an
+                iterator over a huge input never has to be in memory at once.
             after_token: called on rank 0 after each sampled token; returns True when the
                 sequence is finished (its KV is then freed).
         """
@@ -278,7 +284,7 @@ class Engine:
         if not self.plan.is_static:
             dist.barrier()  # no rank still touches a tier when the next run starts
 
-    def _drive_and_stop(self, seqs: list[Sequence], after_token) -> None:
+    def _drive_and_stop(self, seqs: Iterable[Sequence], after_token) -> None:
         try:
             self._drive(seqs, after_token)
         except BaseException as e:
@@ -303,14 +309,32 @@ class Engine:
                               int(self.cache.prefetch_watermark * decode_blocks),
                               self.disk_slots, disk.page if disk else 1)
 
-    def _drive(self, seqs: list[Sequence], after_token: Callable[[Sequence], bool]) -> None:
+    @property
+    def lookahead(self) -> int:
+        """Waiting sequences the scheduler is kept topped up with: more than one prefill
+        step of every replica can take."""
+        return 2 * self.sched_cfg.max_num_seqs * self.plan.prefill.dp
+
+    def _drive(self, seqs: Iterable[Sequence], after_token: Callable[[Sequence], bool]
+               ) -> None:
         sched = self._schedulers()
-        by_id = {s.seq_id: s for s in seqs}
-        for s in seqs:
-            sched.add(s)
+        source = iter(seqs)
+        by_id: dict[int, Sequence] = {}  # admitted and not finished
+
+        def top_up() -> None:
+            while sched.num_waiting < self.lookahead:
+                seq = next(source, None)
+                if seq is None:
+                    return
+                by_id[seq.seq_id] = seq
+                sched.add(seq)
+
         start = time.perf_counter()
         try:
-            while sched.has_work():
+            while True:
+                top_up()
+                if not sched.has_work():
+                    break
                 step = sched.schedule()
                 dist.broadcast_object_list([step], src=0)
                 if step.switch_to is not None:
@@ -329,6 +353,7 @@ class Engine:
                             seq.logprobs.append({tok.token_id: tok.logprob, **tok.top_logprobs})
                         if after_token(seq):
                             sched.finish(seq)
+                            del by_id[seq.seq_id]
         finally:
             self.stats.preemptions += sched.num_preemptions
             self.stats.swap_preemptions += sched.num_swap_preemptions

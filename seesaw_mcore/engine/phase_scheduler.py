@@ -78,6 +78,11 @@ class PhaseScheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for prefill (new or preempted)."""
+        return len(self.waiting)
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.swapped or self._evicted or any(self.running)
                     or any(self.arriving))

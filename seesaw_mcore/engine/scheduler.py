@@ -169,6 +169,11 @@ class ReplicaSchedulers:
     def add(self, seq: Sequence) -> None:
         self.replicas[seq.replica].add(seq)
 
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for prefill (new or preempted), over all replicas."""
+        return sum(len(s.waiting) for s in self.replicas)
+
     def has_work(self) -> bool:
         return any(s.has_work() for s in self.replicas)
 

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 
 from seesaw_mcore.config import ParallelConfig, check_world
+from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.runtime import cluster
 
 _ACTIVE: "RankInfo | None" = None
 _PREPARED: "dict[ParallelConfig, tuple[dict[str, object], RankInfo]]" = {}
@@ -85,7 +87,9 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
         ``(rank, world_size)``.
     """
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # plain `python`: a world of one
+        if cluster.in_srun_step():  # srun sets only SLURM_* variables
+            os.environ.update(cluster.slurm_env())
+        elif "RANK" not in os.environ:  # plain `python`: a world of one
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
@@ -93,7 +97,13 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
 
         acc = accelerator()
         if acc.device_name() != "cpu":
-            acc.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            if local >= acc.device_count():
+                raise SeesawError(
+                    f"local rank {local} of {local_world_size()} on this node, but it has "
+                    f"{acc.device_count()} {acc.device_name()} devices; start at most one "
+                    f"rank per device{cluster.world_hint()}")
+            acc.set_device(local)
         deepspeed.init_distributed(
             dist_backend=acc.communication_backend_name(),
             timeout=datetime.timedelta(seconds=timeout_s),

@@ -128,6 +128,32 @@ def policy_runs(model: str, prefill: str, decode: str) -> dict:
     return report
 
 
+def stream_run(model: str, prefill: str, decode: str) -> dict:
+    """The policy prompts from a generator, outputs only through ``on_output``: how many
+    prompts the engine had pulled when the first output came, and every output."""
+    llm = LLM(model, prefill=prefill, decode=decode, num_blocks=16, block_size=4,
+              max_num_seqs=2, host_kv_tokens=POLICY_HOST_TOKENS)
+    pulled, first_at, outs = [0], [None], {}
+
+    def prompts():
+        for p in POLICY_PROMPTS:
+            pulled[0] += 1
+            yield {"prompt_token_ids": p}
+
+    def on_output(o):
+        first_at[0] = pulled[0] if first_at[0] is None else first_at[0]
+        outs[o.request_id] = o.outputs[0].token_ids
+
+    kept = llm.generate(prompts() if dist.get_rank() == 0 else [],
+                        SamplingParams(temperature=0, max_tokens=POLICY_MAX_TOKENS,
+                                       ignore_eos=True),
+                        use_tqdm=False, on_output=on_output, keep_outputs=False)
+    report = {"pulled_at_first_output": first_at[0], "lookahead": llm.engine.lookahead,
+              "kept": len(kept), "greedy": [outs.get(str(i)) for i in range(len(outs))]}
+    llm.close()
+    return report
+
+
 def leak_check(model: str) -> dict:
     """Two runs of 25 one-prompt prefill phases each (~50 switches per run): process groups
     and RSS after the first run vs after the second."""
@@ -171,6 +197,7 @@ def main() -> None:
     if args.policies:
         prefill, _, decode = args.policies.partition(":")
         report["policies"] = policy_runs(args.model, prefill, decode)
+        report["stream"] = stream_run(args.model, prefill, decode)
     if args.leak:
         report["leak"] = leak_check(args.model)
     if dist.get_rank() == 0:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -90,11 +91,6 @@ def test_demo_defaults_single_process(tmp_path):
 
 @pytest.mark.parametrize("overrides,message", [
     (["sampling.max_tokens=0"], "error: SamplingParams.max_tokens must be an integer >= 1, got 0"),
-    (["model.max_model_len=4"], "error: prompt 0 has 4 tokens; the model's context is 4 "
-                                "(prompt + at least one generated token must fit)"),
-    (["cache.num_blocks=1", "cache.block_size=4"],
-     "error: prompt 0 needs up to 68 tokens of KV cache (prompt 4 + max_tokens 64) but the "
-     "cache holds 4; raise cache.num_blocks / cache.kv_cache_gib or lower max_tokens"),
     (["plan=t2"], "error: layout T2 needs DP x TP x PP = 1 x 2 x 1 = 2 ranks, but the world "
                   "size is 1"),
     (["data.input=/nonexistent.jsonl"], "error: data.input '/nonexistent.jsonl' does not exist"),
@@ -114,6 +110,32 @@ def test_errors(overrides, message, tmp_path):
     proc = infer(1, f"data.output={tmp_path / 'o.jsonl'}", *overrides, timeout=120)
     assert proc.returncode == 1
     assert error_lines(proc) == [message]
+
+
+SAMPLE = "data/sample_prompts.jsonl"  # as the tests' working directory (REPO) names it
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.max_model_len=3"], "prompt has N tokens; the model's context is 3 "
+                                "(prompt + at least one generated token must fit)"),
+    (["cache.num_blocks=1", "cache.block_size=4"],
+     "prompt needs up to N tokens of KV cache (prompt N + max_tokens N) but the "
+     "cache holds 4; raise cache.num_blocks / cache.kv_cache_gib or lower max_tokens"),
+])
+def test_prompts_that_cannot_run_are_reported_per_record(overrides, message, tmp_path):
+    """None of the 12 sample prompts fits: each is rejected with its id, and the run still
+    ends cleanly with exit 1 and an empty output."""
+    out = tmp_path / "o.jsonl"
+    proc = infer(1, f"data.output={out}", "data.input=data/sample_prompts.jsonl", *overrides,
+                 timeout=120)
+    assert proc.returncode == 1
+    errs = error_lines(proc)
+    ids = [json.loads(line)["id"] for line in open(SAMPLE)]
+    pattern = re.escape(message).replace("N", r"\d+")
+    assert len(errs) == len(ids)
+    for line, i in zip(errs, ids):
+        assert re.fullmatch(re.escape(f"error: {SAMPLE}: id {i!r}: ") + pattern, line), line
+    assert out.read_text() == ""
 
 
 def test_unknown_hydra_key():
@@ -179,9 +201,9 @@ def test_seesaw_plan_same_outputs_as_static(seesaw_run, t2_run):
 
 @pytest.mark.parametrize("overrides,message", [
     (["cache.host_kv_tokens=8", "sampling.max_tokens=8"],
-     "error: prompt 0 needs up to 11 token slots of the host KV tier (prompt 4 + max_tokens 8 - 1, "
-     "if preempted) but it holds 8; raise cache.host_kv_tokens / cache.host_kv_gib or lower "
-     "max_tokens"),
+     f"error: {SAMPLE}: id 'doc-1': prompt needs up to 11 token slots of the host KV tier "
+     "(prompt 4 + max_tokens 8 - 1, if preempted) but it holds 8; raise "
+     "cache.host_kv_tokens / cache.host_kv_gib or lower max_tokens"),
     (["cache.host_kv_gib=100000"], "error: host KV tier needs 100000.00 GiB but only "),
     (["cache.disk_path=/nonexistent/dir"],
      "error: cache.disk_path '/nonexistent/dir' is not a directory"),
@@ -193,7 +215,8 @@ def test_tier_errors_two_ranks(overrides, message, tmp_path):
     message = message.replace("TMP", str(tmp_path))
     proc = infer(2, "plan=p2_t2", f"data.output={tmp_path / 'o.jsonl'}", *overrides, timeout=180)
     assert proc.returncode == 1
-    [line] = error_lines(proc)
+    line, *rest = error_lines(proc)  # a prompt that cannot fit: one line per sample prompt
+    assert len(rest) == (11 if "prompt needs" in message else 0)
     assert line.startswith(message)
     if "100000" in message:
         tier = "disk" if "disk" in message else "host"
@@ -238,8 +261,9 @@ def test_rerun_after_a_kill_resumes_without_loss_or_duplicates(tmp_path):
     killed.write_text("".join(lines[:5]) + lines[5][:20])
     proc = infer(1, f"data.output={killed}", *SAMPLED)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "resuming" in proc.stdout and "5 of 12 ids already done; dropped a torn last line " \
-        "(20 bytes); running 7" in proc.stdout
+    assert "resuming" in proc.stdout and "5 ids already done; dropped a torn last line " \
+        "(20 bytes); running the rest" in proc.stdout
+    assert "resumed: 5 of 12 ids were done before this run" in proc.stdout
     after = killed.read_text().splitlines(keepends=True)
     assert after[:5] == lines[:5]  # finished records untouched
     by_id = {json.loads(x)["id"]: json.loads(x) for x in after}

@@ -108,6 +108,16 @@ def test_policies_switch_as_designed(results):
     assert df["switches"] < tm["switches"] <= pf["switches"]
 
 
+def test_prompts_stream_in_as_the_scheduler_has_room(results, tiny_models):
+    """A generator of 24 prompts (~3 host-tier fills) with lookahead 4: when the first output
+    came, only the first fill and the lookahead had been pulled; every output (none kept by
+    generate) equals HF's."""
+    rep = results["stream"]
+    assert rep["lookahead"] == 4 and rep["kept"] == 0
+    assert rep["pulled_at_first_output"] < len(POLICY_PROMPTS) - rep["lookahead"]
+    assert rep["greedy"] == hf_greedy(tiny_models["llama"], POLICY_PROMPTS, POLICY_MAX_TOKENS)
+
+
 def test_no_leak_over_50_switches(results):
     first, second, third = results["leak"]["marks"]
     assert second["switches"] - first["switches"] >= 50

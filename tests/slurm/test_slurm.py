@@ -1,0 +1,133 @@
+"""launch/slurm/infer.sbatch on a real two-node Slurm cluster (tests/slurm/cluster.sh: each
+node its own network namespace, address and hostname), against a single-process run of the
+same prompts. Run by ``make slurm-test`` (which installs slurm-wlm and munge); needs root."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO
+
+CLUSTER = os.path.join(REPO, "tests", "slurm", "cluster.sh")
+SBATCH = os.path.join(REPO, "launch", "slurm", "infer.sbatch")
+COMMON = ["sampling.max_tokens=16", "progress=false", "data.overwrite=true"]
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """The running cluster's environment (``SLURM_CONF``); stopped after the module."""
+    missing = [b for b in ("sbatch", "slurmctld", "slurmd", "munged", "ip", "unshare")
+               if shutil.which(b) is None]
+    assert not missing, f"{missing} not installed: run make slurm-test (installs slurm-wlm, munge)"
+    assert os.geteuid() == 0, "the Slurm test cluster needs root (network namespaces)"
+    state = tmp_path_factory.mktemp("slurm")
+    os.chmod(state, 0o755)
+    up = subprocess.run([CLUSTER, "up", str(state)], capture_output=True, text=True,
+                        timeout=120)
+    env = {**os.environ, "SLURM_CONF": str(state / "slurm.conf"),
+           "SEESAW_PYTHON": sys.executable, "SEESAW_REPO": REPO}
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield env, state
+    finally:
+        subprocess.run([CLUSTER, "down", str(state)], capture_output=True, timeout=60)
+
+
+def submit(env, out_dir, name: str, sbatch_args: list[str], overrides: list[str],
+           timeout: float = 240) -> tuple[str, str, str]:
+    """Submits infer.sbatch and waits for it.
+
+    Returns:
+        ``(job state, exit code, job output)``.
+    """
+    log = out_dir / f"{name}.log"
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={log}", *sbatch_args, SBATCH,
+                           *overrides], env=env, capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True,
+                              text=True).stdout
+        state = re.search(r"JobState=(\S+)", info).group(1)
+        if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+            code = re.search(r" ExitCode=(\S+)", info).group(1)
+            return state, code, log.read_text() if log.exists() else ""
+        time.sleep(2)
+    subprocess.run(["scancel", job], env=env)
+    pytest.fail(f"job {job} did not finish in {timeout}s: {log.read_text()[-3000:]}")
+
+
+def records(path) -> dict[str, list]:
+    return {r["id"]: [(o["token_ids"], o["text"], o["finish_reason"]) for o in r["outputs"]]
+            for r in map(json.loads, open(path))}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The same prompts through one plain ``python`` process (plan T1)."""
+    out = tmp_path_factory.mktemp("ref") / "t1.jsonl"
+    proc = subprocess.run([sys.executable, "launch/infer.py", "plan=t1", f"data.output={out}",
+                           *COMMON], cwd=REPO, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return records(out)
+
+
+def error_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("error: ")]
+
+
+def test_static_tp_across_two_nodes_matches_single_process(slurm, reference, tmp_path):
+    env, state = slurm
+    out = tmp_path / "t2.jsonl"
+    job_state, code, log = submit(env, tmp_path, "t2", ["--nodes=2", "--ntasks-per-node=1"],
+                                  ["plan=t2", f"data.output={out}", *COMMON])
+    assert (job_state, code) == ("COMPLETED", "0:0"), log[-3000:]
+    assert records(out) == reference
+    for node in ("node1", "node2"):  # one rank really ran on each node
+        assert re.search(r"launch task StepId=\d+\.0", (state / "log" / f"slurmd-{node}.log")
+                         .read_text()), node
+
+
+def test_seesaw_plan_on_one_node_matches_single_process(slurm, reference, tmp_path):
+    env, _ = slurm
+    out = tmp_path / "p2_t2.jsonl"
+    job_state, code, log = submit(env, tmp_path, "p2t2", ["--nodes=1", "--ntasks-per-node=2"],
+                                  ["plan=p2_t2", "cache.host_kv_tokens=64",
+                                   f"data.output={out}", *COMMON])
+    assert (job_state, code) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "switch P2 -> T2 (decode)" in log
+    assert records(out) == reference
+
+
+@pytest.mark.parametrize("sbatch_args,overrides,message", [
+    # The host KV tier is per node: a re-sharding plan across nodes is refused.
+    (["--nodes=2", "--ntasks-per-node=1"], ["plan=p2_t2"],
+     r"error: plan P2 -> T2: the host KV tier is per node, so a plan that re-shards must run "
+     r"all 2 ranks on one node \(this node has 1\); use a static plan across nodes \(Slurm job "
+     r"\d+: 2 tasks, per node 1\(x2\); request the plan's ranks with sbatch --nodes / "
+     r"--ntasks-per-node\)"),
+    # Slurm started 3 tasks for a 2-rank plan.
+    (["--nodes=2", "--ntasks=3"], ["plan=t2"],
+     r"error: layout T2 needs DP x TP x PP = 1 x 2 x 1 = 2 ranks, but the world size is 3 "
+     r"\(Slurm job \d+: 3 tasks, per node 2,1; request the plan's ranks with sbatch --nodes / "
+     r"--ntasks-per-node\)"),
+])
+def test_plan_inconsistent_with_the_allocation(slurm, tmp_path, sbatch_args, overrides,
+                                               message):
+    env, _ = slurm
+    job_state, code, log = submit(env, tmp_path, "bad", sbatch_args,
+                                  [*overrides, f"data.output={tmp_path / 'o.jsonl'}", *COMMON],
+                                  timeout=180)
+    assert job_state == "FAILED" and code != "0:0", log[-3000:]
+    assert [line for line in error_lines(log) if re.fullmatch(message, line)], log[-3000:]
