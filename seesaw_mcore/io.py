@@ -250,12 +250,14 @@ class OutputWriter:
             "id": out.request_id,
             "prompt": out.prompt,
             "prompt_token_ids": out.prompt_token_ids,
+            "num_prompt_tokens": len(out.prompt_token_ids),
             "text": first.text,
             "token_ids": first.token_ids,
             "finish_reason": first.finish_reason,
             "n": len(out.outputs),
             "outputs": [{"index": o.index, "text": o.text, "token_ids": o.token_ids,
-                         "finish_reason": o.finish_reason} for o in out.outputs],
+                         "num_tokens": len(o.token_ids), "finish_reason": o.finish_reason}
+                        for o in out.outputs],
             "latency_s": round(out.latency_s, 4),
         }
         self._f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -166,6 +166,8 @@ def test_stop_strings_and_n_samples(tmp_path):
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     for row in rows:
         assert row["n"] == 3 and len(row["outputs"]) == 3
+        assert row["num_prompt_tokens"] == len(row["prompt_token_ids"]) > 0
+        assert all(o["num_tokens"] == len(o["token_ids"]) for o in row["outputs"])
         distinct += len({tuple(o["token_ids"]) for o in row["outputs"]}) > 1
         for o in row["outputs"]:
             full = tok.decode(o["token_ids"], skip_special_tokens=True)

@@ -119,3 +119,23 @@ def test_system_prompt_prepended_to_chat_records(tmp_path):
                                    add_generation_prompt=True, tokenize=True)
     want = want["input_ids"] if hasattr(want, "keys") else want
     assert rec.prompt == {"prompt_token_ids": list(want)}
+
+
+def test_messages_without_a_chat_template_are_a_record_error(tmp_path):
+    """A tokenizer with no chat template: each chat record is reported, text records run."""
+    import os
+
+    from transformers import AutoTokenizer
+
+    from seesaw_mcore.io import read_prompts
+
+    model = os.path.join(os.path.dirname(__file__), "..", "..", "models", "tiny-llama")
+    tok = AutoTokenizer.from_pretrained(model, local_files_only=True)
+    tok.chat_template = None
+    path = tmp_path / "mixed.jsonl"
+    path.write_text(json.dumps({"id": "c", "messages": [{"role": "user", "content": "Hi"}]})
+                    + "\n" + json.dumps({"id": "t", "prompt": "Hello"}) + "\n")
+    records, errors = read_prompts(str(path), tok)
+    assert [r.id for r in records] == ["t"]
+    assert errors == [f"{path}:1: 'messages' given but the model's tokenizer has no chat "
+                      "template"]
