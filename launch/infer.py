@@ -24,6 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from seesaw_mcore.errors import SeesawError  # noqa: E402
+from seesaw_mcore.runtime import groups  # noqa: E402
+from seesaw_mcore.runtime.watchdog import Interrupted  # noqa: E402
 
 
 def _resolve(path: str) -> str:
@@ -68,6 +70,10 @@ def run(cfg: DictConfig) -> int:
                                   skip=writer.done)
         except SeesawError as e:
             failure = str(e)
+    wd = groups.watchdog()
+    wd.install_signal_handlers()  # SIGTERM / Ctrl-C: stop between steps, keep what finished
+    if writer is not None:
+        wd.on_exit(writer.close)
     box = [failure]
     dist.broadcast_object_list(box, src=0)  # every rank learns whether to go on
     if box[0] is not None:
@@ -96,6 +102,11 @@ def run(cfg: DictConfig) -> int:
             on_reject=lambda rid, msg: rejected.append(f"id {rid!r}: {msg}"),
             keep_outputs=False,
         )
+    except Interrupted as e:
+        if writer:
+            e.args = (f"{e}: stopped admitting prompts; {writer.written} records finished in "
+                      f"this run are in {cfg.data.output}; rerun the same command to resume",)
+        raise
     finally:
         if writer:
             writer.close()
@@ -158,7 +169,7 @@ def main(cfg: DictConfig) -> None:
     except SeesawError as e:  # raised identically on every rank: rank 0 reports it
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
-        code = 1
+        code = e.exit_code if isinstance(e, Interrupted) else 1
     sys.exit(code)
 
 

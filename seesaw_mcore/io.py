@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -242,6 +243,8 @@ class OutputWriter:
             self.done, self.dropped_bytes = _recover(path)
         self._f = open(path, "w" if overwrite else "a", encoding="utf-8")
         self._synced = time.monotonic()
+        self.written = 0  # records appended by this run
+        self._lock = threading.Lock()  # the watchdog thread may close it on a failure
 
     def write(self, out: RequestOutput) -> None:
         """Appends ``out`` as one line (its id and text prompt, every sample)."""
@@ -260,20 +263,27 @@ class OutputWriter:
                         for o in out.outputs],
             "latency_s": round(out.latency_s, 4),
         }
-        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._f.flush()
-        if time.monotonic() - self._synced >= self.fsync_every_s:
-            self._sync()
+        line = json.dumps(row, ensure_ascii=False) + "\n"
+        with self._lock:
+            if self._f.closed:
+                return
+            self._f.write(line)
+            self._f.flush()
+            self.written += 1
+            if time.monotonic() - self._synced >= self.fsync_every_s:
+                self._sync()
 
     def _sync(self) -> None:
         os.fsync(self._f.fileno())
         self._synced = time.monotonic()
 
     def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            self._sync()
-            self._f.close()
+        """Flushes, fsyncs and closes (idempotent, thread-safe)."""
+        with self._lock:
+            if not self._f.closed:
+                self._f.flush()
+                self._sync()
+                self._f.close()
 
 
 def _recover(path: str) -> tuple[set[str], int]:

@@ -54,14 +54,21 @@ def launch(nprocs: int, args: list[str], timeout: float = 300.0,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Runs ``python -m <args>`` on ``nprocs`` ranks under the deepspeed launcher (plain
     ``python`` for one rank). A hang fails the test after ``timeout`` seconds."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    return subprocess.run(launch_cmd(nprocs, args), cwd=REPO, env=launch_env(env),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def launch_cmd(nprocs: int, args: list[str]) -> list[str]:
+    """The command ``launch`` runs."""
     if nprocs == 1:
-        cmd = [sys.executable, "-m", *args]
-    else:
-        cmd = [os.path.join(VENV_BIN, "deepspeed"), "--no_local_rank", "--num_gpus", str(nprocs),
-               "--master_port", str(_free_port()), "--module", *args]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+        return [sys.executable, "-m", *args]
+    return [os.path.join(VENV_BIN, "deepspeed"), "--no_local_rank", "--num_gpus", str(nprocs),
+            "--master_port", str(_free_port()), "--module", *args]
+
+
+def launch_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment ``launch`` runs with: one thread per rank, unbuffered output."""
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
 
 
 def _free_port() -> int:

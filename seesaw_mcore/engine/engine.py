@@ -276,10 +276,16 @@ class Engine:
             after_token: called on rank 0 after each sampled token; returns True when the
                 sequence is finished (its KV is then freed).
         """
-        if self.is_driver:
-            self._drive_and_stop(seqs, after_token)
-        else:
-            self._work()
+        try:
+            if self.is_driver:
+                self._drive_and_stop(seqs, after_token)
+            else:
+                self._work()
+        except Exception as e:
+            wd = groups.watchdog()
+            if wd is not None and not isinstance(e, SeesawError):
+                wd.exit_if_peer_lost()  # a collective broke: name the rank that is gone
+            raise
         self.runner.drain()
         if not self.plan.is_static:
             dist.barrier()  # no rank still touches a tier when the next run starts
@@ -288,7 +294,9 @@ class Engine:
         try:
             self._drive(seqs, after_token)
         except BaseException as e:
-            self.abort(str(e))
+            wd = groups.watchdog()
+            if wd is None or not wd.failed_peers():  # a dead peer: the watchdog reports it
+                self.abort(str(e))
             raise
         dist.broadcast_object_list([StepPlan([], stop=True)], src=0)
 
@@ -329,14 +337,18 @@ class Engine:
                 by_id[seq.seq_id] = seq
                 sched.add(seq)
 
+        wd = groups.watchdog()
         start = time.perf_counter()
         try:
             while True:
                 top_up()
                 if not sched.has_work():
                     break
+                if wd is not None:
+                    wd.check_stop()  # a signal: stop between steps, nothing half done
                 step = sched.schedule()
                 dist.broadcast_object_list([step], src=0)
+                self._mark_phase(step)
                 if step.switch_to is not None:
                     self._switch(step)
                     self._record(start, step, sched)
@@ -358,6 +370,22 @@ class Engine:
             self.stats.preemptions += sched.num_preemptions
             self.stats.swap_preemptions += sched.num_swap_preemptions
             self.stats.handed_back += getattr(sched, "num_handed_back", 0)
+
+    def _mark_phase(self, step: StepPlan) -> None:
+        """Tells the watchdog what the job is doing (named if a rank fails meanwhile)."""
+        wd = groups.watchdog()
+        if wd is None:
+            return
+        if step.stop:
+            wd.set_phase("end", "the end of the run")
+        elif step.switch_to is not None:
+            src, dst = ((self.plan.decode, self.plan.prefill) if step.switch_to == Phase.PREFILL
+                        else (self.plan.prefill, self.plan.decode))
+            wd.set_phase("switch", f"the switch {src} -> {dst} ({step.switch_to.value})")
+        else:
+            reps = [r for r in step.replicas if r is not None]
+            kind = reps[0].phase.value if reps else self.phase.value
+            wd.set_phase(kind, kind)
 
     def _switch(self, step: StepPlan) -> None:
         """Re-shards to ``step.switch_to``; a hand-back's swap-outs (the step's replicas,
@@ -409,6 +437,7 @@ class Engine:
             box = [None]
             dist.broadcast_object_list(box, src=0)
             plan: StepPlan = box[0]
+            self._mark_phase(plan)
             if plan.stop:
                 if plan.error:
                     raise SeesawError(f"rank 0 failed: {plan.error}")

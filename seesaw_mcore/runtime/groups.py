@@ -6,10 +6,12 @@ megatron-core's own ``parallel_state``.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +20,11 @@ import torch.distributed as dist
 from seesaw_mcore.config import ParallelConfig, check_world
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.runtime import cluster
+from seesaw_mcore.runtime.watchdog import Watchdog
 
 _ACTIVE: "RankInfo | None" = None
+_WATCHDOG: "Watchdog | None" = None
+_CRASHED = False  # an uncaught exception is ending the process
 _PREPARED: "dict[ParallelConfig, tuple[dict[str, object], RankInfo]]" = {}
 
 
@@ -110,7 +115,37 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
             verbose=False,
         )
         _unlink_deepspeed_shm()
+        _start_watchdog()
     return dist.get_rank(), dist.get_world_size()
+
+
+def _start_watchdog() -> None:
+    """Peer-failure detection for this process (see ``runtime/watchdog.py``)."""
+    global _WATCHDOG
+    _WATCHDOG = Watchdog(dist.get_rank(), dist.get_world_size(),
+                         stale_s=float(os.environ.get("SEESAW_WATCHDOG_STALE_S", "30")))
+    hook = sys.excepthook
+
+    def excepthook(*exc) -> None:  # a crash is not a normal exit: peers should report it
+        global _CRASHED
+        _CRASHED = True
+        hook(*exc)
+
+    if not getattr(hook, "_seesaw", False):  # once per process
+        excepthook._seesaw = True
+        sys.excepthook = excepthook
+        atexit.register(_at_exit)
+
+
+def _at_exit() -> None:
+    if _WATCHDOG is not None and not _CRASHED:
+        _WATCHDOG.announce_exit()
+        _WATCHDOG.disarm()
+
+
+def watchdog() -> "Watchdog | None":
+    """This process's watchdog (``None`` before ``init_distributed``)."""
+    return _WATCHDOG
 
 
 def _ps_state() -> dict[str, object]:
@@ -209,10 +244,16 @@ def active() -> RankInfo:
 
 
 def shutdown() -> None:
-    """Destroys megatron-core groups and the default process group."""
-    global _ACTIVE
+    """Meets the other ranks at a barrier, stops the watchdog, and destroys megatron-core
+    groups and the default process group (collective)."""
+    global _ACTIVE, _WATCHDOG
     from megatron.core import parallel_state as ps
 
+    if _WATCHDOG is not None:
+        if dist.is_initialized():
+            dist.barrier()  # a dead peer here is the watchdog's to report
+        _WATCHDOG.disarm()
+        _WATCHDOG = None
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     _ACTIVE = None

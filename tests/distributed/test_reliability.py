@@ -1,0 +1,137 @@
+"""Faults under the deepspeed launcher, on two ranks running P2 -> T2: a rank SIGKILLed
+mid-prefill, mid-decode and mid-switch (the others exit within 60 s with one message naming
+the rank and the phase); SIGTERM to the launcher (what Slurm sends) and Ctrl-C (SIGINT to the
+whole process group) stop admitting, keep every finished record, leave no KV file, and a
+rerun completes the output exactly as an uninterrupted run."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, error_lines, launch, launch_cmd, launch_env
+
+NUM_PROMPTS = 3000
+ARGS = ["plan=p2_t2", "sampling.max_tokens=24", "cache.host_kv_tokens=2048", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("rel") / "prompts.jsonl"
+    with open(path, "w") as f:
+        for i in range(NUM_PROMPTS):
+            f.write(json.dumps({"id": f"q{i}", "prompt": f"Item {i} of the list is"}) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def reference(prompts, tmp_path_factory) -> dict[str, list]:
+    """The uninterrupted run."""
+    out = tmp_path_factory.mktemp("rel") / "ref.jsonl"
+    proc = launch(2, ["launch.infer", *ARGS, f"data.input={prompts}", f"data.output={out}"],
+                  timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return _outputs(out)
+
+
+def _outputs(path) -> dict[str, list]:
+    rows = [json.loads(line) for line in open(path)]  # every line a complete record
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)), "duplicate ids"
+    return {r["id"]: [o["token_ids"] for o in r["outputs"]] for r in rows}
+
+
+def _kv_files() -> set[str]:
+    return set(glob.glob("/dev/shm/seesaw_kv_*"))
+
+
+@pytest.mark.parametrize("fault,message", [
+    ("1:prefill:2", "error: rank 1 exited during prefill; "),
+    ("1:decode:5", "error: rank 1 exited during decode; "),
+    ("1:switch:2", "error: rank 1 exited during the switch T2 -> P2 (prefill); "),
+    ("0:decode:5", "error: rank 0 exited during decode; "),
+])
+def test_a_killed_rank_stops_every_rank_with_one_message(prompts, tmp_path, fault, message):
+    """``SEESAW_FAULT_KILL=RANK:KIND:N`` SIGKILLs that rank as it enters its N-th step."""
+    out = tmp_path / "o.jsonl"
+    start = time.monotonic()
+    proc = launch(2, ["launch.infer", *ARGS, f"data.input={prompts}", f"data.output={out}"],
+                  timeout=150, env={"SEESAW_FAULT_KILL": fault})
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 90  # ~15 s of start-up, then well within 60 s
+    lines = [line for line in error_lines(proc) if line.startswith("error: rank")]
+    assert len(lines) == 1 and lines[0].startswith(message), error_lines(proc)
+    assert lines[0].endswith("stopping every rank (finished records are kept: rerun the same "
+                             "command to resume)")
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    _outputs(out)  # what finished is intact
+
+
+def _interrupt(prompts, out, disk_dir, send) -> tuple[int, str, float]:
+    """Starts the job, waits for 50 finished records, calls ``send(popen)``; returns the
+    exit status, the output and how long the job took to exit after the signal."""
+    cmd = launch_cmd(2, ["launch.infer", *ARGS, f"data.input={prompts}", f"data.output={out}",
+                         f"cache.disk_path={disk_dir}", "cache.disk_kv_tokens=4096"])
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and proc.poll() is None:
+        if os.path.exists(out) and sum(1 for _ in open(out)) >= 50:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job ended before it could be interrupted"
+    sent = time.monotonic()
+    send(proc)
+    text, _ = proc.communicate(timeout=60)
+    return proc.returncode, text, time.monotonic() - sent
+
+
+def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "launch.infer" in child.cmdline():
+                return child.pid
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no rank {rank} process")
+
+
+SENDERS = {
+    # Slurm (scancel, time limit) and `timeout` signal every process of the job
+    "sigterm_all": lambda p: os.killpg(p.pid, signal.SIGTERM),
+    # Ctrl-C: SIGINT to the terminal's whole process group
+    "ctrl_c": lambda p: os.killpg(p.pid, signal.SIGINT),
+    # one worker only (an OOM killer's warning, an operator): relayed to rank 0
+    "sigterm_rank1": lambda p: os.kill(_rank_pid(p, 1), signal.SIGTERM),
+}
+
+
+@pytest.mark.parametrize("how", list(SENDERS))
+def test_signal_stops_cleanly_and_a_rerun_completes(prompts, reference, tmp_path, how):
+    out, disk = tmp_path / "o.jsonl", tmp_path / "disk"
+    disk.mkdir()
+    before = _kv_files()
+    code, text, took = _interrupt(prompts, out, disk, SENDERS[how])
+    assert code != 0 and took < 30, text[-3000:]
+    name = "SIGINT" if how == "ctrl_c" else "SIGTERM"
+    [line] = [x[x.index("error: "):] for x in text.splitlines() if "error: interrupted" in x]
+    assert line.startswith(f"error: interrupted by {name}: stopped admitting prompts; ")
+    assert line.endswith(f"records finished in this run are in {out}; rerun the same command "
+                         "to resume")
+    done = _outputs(out)  # complete records only, each once
+    assert 50 <= len(done) < NUM_PROMPTS
+    assert os.listdir(disk) == [] and _kv_files() == before  # no KV file left
+    for rid, toks in done.items():
+        assert toks == reference[rid]
+    proc = launch(2, ["launch.infer", *ARGS, f"data.input={prompts}", f"data.output={out}"],
+                  timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resuming {out}: {len(done)} ids already done" in proc.stdout
+    assert _outputs(out) == reference  # nothing lost, nothing twice
