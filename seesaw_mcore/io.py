@@ -140,16 +140,48 @@ def _check_fields(path: str, fields: list[str], spec: InputSpec) -> None:
                           f"available fields: {available}")
 
 
+MAX_RECORD_BYTES = 64 * 2**20  # a longer JSONL line is reported, not read into memory
+
+
 def _jsonl_rows(path: str):
-    """``(line number, object or SeesawError)`` per non-empty line."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
+    """``(line number, object or SeesawError)`` per non-blank line: invalid UTF-8, invalid
+    JSON and over-long lines are errors of their line."""
+    with open(path, "rb") as f:
+        n = 0
+        while True:
+            raw = f.readline(MAX_RECORD_BYTES + 1)
+            if not raw:
+                return
+            n += 1
+            if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
+                size = len(raw) + _skip_line(f)
+                yield n, SeesawError(f"record is {size} bytes; the limit is "
+                                     f"{MAX_RECORD_BYTES} (seesaw_mcore.io.MAX_RECORD_BYTES)")
+                continue
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield n, SeesawError(f"invalid UTF-8 (byte {raw[e.start]:#04x} at byte "
+                                     f"{e.start + 1} of the line)")
                 continue
             try:
                 yield n, json.loads(line)
             except json.JSONDecodeError as e:
                 yield n, SeesawError(f"invalid JSON ({e.msg} at column {e.colno})")
+            except RecursionError:
+                yield n, SeesawError("invalid JSON (nested too deeply)")
+
+
+def _skip_line(f) -> int:
+    """Reads past the rest of the current line; returns its byte count."""
+    skipped = 0
+    while True:
+        chunk = f.readline(2**20)
+        skipped += len(chunk)
+        if not chunk or chunk.endswith(b"\n"):
+            return skipped
 
 
 def _dataset_rows(path: str, builder: str | None):
@@ -213,7 +245,11 @@ def _chat(messages, tokenizer) -> dict:
         raise SeesawError("'messages' must be a non-empty list of {role, content} strings")
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise SeesawError("'messages' given but the model's tokenizer has no chat template")
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    try:
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    except Exception as e:  # noqa: BLE001 - a template may reject any conversation
+        raise SeesawError(f"the chat template rejected 'messages': {type(e).__name__}: "
+                          f"{str(e)[:200]}") from None
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return {"prompt_token_ids": list(ids)}

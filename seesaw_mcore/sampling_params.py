@@ -41,11 +41,15 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        _require(self.stop is None or isinstance(self.stop, (list, tuple)), "stop", self.stop,
+                 "a string or a list of non-empty strings")
+        _require(self.stop_token_ids is None or isinstance(self.stop_token_ids, (list, tuple)),
+                 "stop_token_ids", self.stop_token_ids, "a list of token ids >= 0")
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         _require(_is_int(self.n) and self.n >= 1, "n", self.n, "an integer >= 1")
-        _require(_is_num(self.temperature) and self.temperature >= 0, "temperature",
-                 self.temperature, "a number >= 0")
+        _require(_is_num(self.temperature) and 0 <= self.temperature < float("inf"),
+                 "temperature", self.temperature, "a finite number >= 0")
         _require(_is_int(self.top_k) and (self.top_k == -1 or self.top_k >= 0), "top_k",
                  self.top_k, "-1, 0 or a positive integer")
         _require(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,

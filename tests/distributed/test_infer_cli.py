@@ -286,3 +286,38 @@ def test_output_errors_end_every_rank():
     assert proc.returncode == 1
     assert error_lines(proc) == ["error: data.output '/nonexistent/dir/o.jsonl': directory "
                                  "'/nonexistent/dir' does not exist"]
+
+
+def test_hostile_input_file_runs_every_valid_record(tmp_path):
+    """Random bytes, invalid UTF-8, wrong types, a truncated line, deep nesting, a duplicate
+    id, a 1 MB prompt and bad chat records among 8 valid ones: the valid ones all run, each
+    bad one is one error line naming its line or id, and nothing crashes."""
+    import random
+
+    rng = random.Random(0)
+    valid = [{"id": f"ok-{i}", "prompt": f"Return the number {i} of"} for i in range(6)]
+    valid += [{"id": "chat-ok", "messages": [{"role": "user", "content": "Hi"}]},
+              {"prompt": "no id here"}]
+    bad = [bytes(rng.randrange(256) for _ in range(40)).replace(b"\n", b" "),
+           b'{"id": "u", "prompt": "caf\xe9"}', b'{"id": 1.5, "prompt": "x"}',
+           b'{"id": "t", "prompt": ["a"]}', b"[" * 50000, b'{"id": "ok-0", "prompt": "dup"}',
+           json.dumps({"id": "huge", "prompt": "word " * 200000}).encode(),
+           b'{"id": "c1", "messages": [{"role": "user"}]}', b'{"id": "c2", "messages": []}',
+           b'{"id": "trunc", "prompt": "cut']
+    lines = [json.dumps(v).encode() for v in valid] + bad
+    rng.shuffle(lines)
+    path = tmp_path / "hostile.jsonl"
+    path.write_bytes(b"\n".join(lines))  # no final newline: the last line may be cut
+    out = tmp_path / "o.jsonl"
+    proc = infer(1, f"data.input={path}", f"data.output={out}", "sampling.max_tokens=4",
+                 timeout=180)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    no_id = f"line-{lines.index(json.dumps(valid[-1]).encode()) + 1}"
+    assert sorted(r["id"] for r in rows) == sorted([v["id"] for v in valid[:-1]] + [no_id])
+    errs = error_lines(proc)
+    assert len(errs) == len(bad), errs
+    assert any("id 'huge': prompt has " in e for e in errs)
+    assert any(": duplicate id 'ok-0'" in e for e in errs)
+    assert any(": invalid UTF-8 (byte 0xe9 at byte " in e for e in errs)
+    assert any(": invalid JSON (nested too deeply)" in e for e in errs)
