@@ -103,9 +103,31 @@ class ModelConfig:
         try:
             with open(cfg_file, encoding="utf-8") as f:
                 raw = json.load(f)
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
             raise SeesawError(f"cannot read {cfg_file}: {e}") from None
+        if not isinstance(raw, dict):
+            raise SeesawError(f"{cfg_file} is not a JSON object")
+        try:
+            cfg = cls._from_raw(path, cfg_file, raw)
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError, KeyError) as e:
+            raise SeesawError(f"{cfg_file} is not a valid model config: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        sizes = {k: getattr(cfg, k) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+            "num_kv_heads", "head_dim", "max_position_embeddings")}
+        bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+        if bad:
+            raise SeesawError(f"{cfg_file}: {', '.join(bad)} must be >= 1")
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise SeesawError(f"{cfg_file}: num_attention_heads={cfg.num_heads} is not a "
+                              f"multiple of num_key_value_heads={cfg.num_kv_heads}")
+        return cfg
+
+    @classmethod
+    def _from_raw(cls, path: str, cfg_file: str, raw: dict) -> "ModelConfig":
         archs = raw.get("architectures") or []
+        if not isinstance(archs, list):
+            archs = [archs]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise SeesawError(
@@ -114,7 +136,10 @@ class ModelConfig:
             )
         from transformers import AutoConfig
 
-        hf = AutoConfig.from_pretrained(path, local_files_only=True)
+        try:
+            hf = AutoConfig.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - transformers validates fields its own way
+            raise ValueError(str(e).replace("\n", " ")) from None
         rope = dict(getattr(hf, "rope_parameters", None) or {})
         rope.setdefault("rope_type", "default")
         rope.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
@@ -126,6 +151,8 @@ class ModelConfig:
         heads = int(hf.num_attention_heads)
         eos = raw.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos_ids):
+            raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
         return cls(
             path=os.path.abspath(path),

@@ -321,3 +321,34 @@ def test_hostile_input_file_runs_every_valid_record(tmp_path):
     assert any(": duplicate id 'ok-0'" in e for e in errs)
     assert any(": invalid UTF-8 (byte 0xe9 at byte " in e for e in errs)
     assert any(": invalid JSON (nested too deeply)" in e for e in errs)
+
+
+def _truncate(model) -> None:
+    f = model / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size * 2 // 3])
+
+
+def _lie_about_heads(model) -> None:
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["num_key_value_heads"] = cfg["num_attention_heads"]
+    (model / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("world,corrupt,message", [
+    (2, _truncate, r"error: checkpoint file .*model.safetensors is truncated or corrupt: "),
+    (1, _lie_about_heads, r"error: tensor model.layers.0.self_attn.k_proj.weight has shape "
+                          r"\[\d+, \d+\] but config.json implies \[\d+, \d+\]"),
+])
+def test_corrupt_checkpoint_fails_before_generation(tmp_path, world, corrupt, message):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(TINY, model)
+    corrupt(model)
+    out = tmp_path / "o.jsonl"
+    proc = infer(world, f"model.path={model}", f"data.output={out}", "plan=t2" if world == 2
+                 else "plan=t1", timeout=180)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = error_lines(proc)
+    assert re.match(message, line), line
+    assert not out.exists() or out.read_text() == ""

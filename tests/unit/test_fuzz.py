@@ -141,3 +141,33 @@ def test_plan_strings_parse_or_explain(prefill, decode):
         return
     assert plan.prefill.world_size == plan.decode.world_size >= 1
     assert str(ParallelConfig.parse(str(plan.prefill))) == str(plan.prefill)
+
+
+CONFIG_KEYS = ["architectures", "hidden_size", "intermediate_size", "num_hidden_layers",
+               "num_attention_heads", "num_key_value_heads", "vocab_size", "rms_norm_eps",
+               "max_position_embeddings", "head_dim", "rope_theta", "eos_token_id",
+               "tie_word_embeddings", "torch_dtype"]
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.dictionaries(st.sampled_from(CONFIG_KEYS), json_values, min_size=1, max_size=3))
+def test_config_json_that_lies_is_refused_before_loading(tmp_path_factory, changes):
+    """The bundled model with fuzzed config.json fields: the config and the checkpoint are
+    either consistent (opened) or refused with a ``SeesawError``."""
+    import os
+    import shutil
+
+    from seesaw_mcore.config import ModelConfig
+    from seesaw_mcore.model.loader import Checkpoint
+
+    src = os.path.join(os.path.dirname(__file__), "..", "..", "models", "tiny-llama")
+    dst = tmp_path_factory.mktemp("cfg") / "m"
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    try:
+        Checkpoint(ModelConfig.from_pretrained(str(dst)))
+    except SeesawError as e:
+        assert str(e)
