@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -111,8 +112,11 @@ def run(cfg: DictConfig) -> int:
         if writer:
             writer.close()
     bad = []
+    peaks = [None] * dist.get_world_size()  # every rank's peak RSS, for the report
+    dist.all_gather_object(peaks, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     if llm.is_driver:
         _report(llm, totals, time.perf_counter() - start, cfg)
+        print("  peak RSS per rank: " + ", ".join(f"{p / 2**20:.0f} MB" for p in peaks))
         if reader.num_skipped:
             print(f"  resumed: {reader.num_skipped} of {reader.num_records} ids were done "
                   "before this run")

@@ -135,3 +135,32 @@ def test_signal_stops_cleanly_and_a_rerun_completes(prompts, reference, tmp_path
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resuming {out}: {len(done)} ids already done" in proc.stdout
     assert _outputs(out) == reference  # nothing lost, nothing twice
+
+
+def _load_run(n: int, tmp_path) -> tuple[list[dict], list[float]]:
+    path, out = tmp_path / f"in{n}.jsonl", tmp_path / f"out{n}.jsonl"
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"r{i}", "prompt": f"Load test prompt {i}"}) + "\n")
+    proc = launch(2, ["launch.infer", "plan=p2_t2", "sampling.max_tokens=4",
+                      "cache.host_kv_tokens=4096", "progress=false", f"data.input={path}",
+                      f"data.output={out}"], timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [line] = [x for x in proc.stdout.splitlines() if "peak RSS per rank: " in x]
+    peaks = [float(p.split()[0]) for p in line.split(": ")[1].split(", ")]
+    return [json.loads(x) for x in open(out)], peaks
+
+
+def test_20000_prompts_complete_with_flat_memory(tmp_path):
+    """P2 -> T2, host tier of 4,096 tokens: 2,000 and 20,000 prompts all complete, each id
+    once, written in completion order, and peak RSS per rank does not grow with the input."""
+    small, small_peaks = _load_run(2000, tmp_path)
+    rows, peaks = _load_run(20000, tmp_path)
+    for n, got in ((2000, small), (20000, rows)):
+        assert sorted(r["id"] for r in got) == sorted(f"r{i}" for i in range(n))
+        lat = [r["latency_s"] for r in got]
+        assert lat == sorted(lat)  # appended as each finished
+    print(f"peak RSS per rank (MB): 2,000 prompts {small_peaks}, 20,000 prompts {peaks}")
+    for a, b in zip(small_peaks, peaks):
+        assert b - a < 64, (small_peaks, peaks)  # 10x the prompts: under 64 MB more
+        assert b < 1700  # the stated bound (README, Reliability): 1 GiB of it is the KV cache
