@@ -169,7 +169,8 @@ def run_hf(path: str, reqs: list[Request], batch: int = 16) -> dict:
     if dist.get_rank() == 0:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     use_safetensors=True).eval()
         order = sorted(reqs, key=lambda r: r.max_tokens)
 
         def generate(rs: list[Request]) -> None:

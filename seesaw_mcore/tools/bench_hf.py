@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     prompts = [[rng.randrange(3, cfg_vocab) for _ in range(rng.randint(args.min_len,
                                                                         args.max_len))]
                for _ in range(args.num_prompts)]
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                              use_safetensors=True).eval()
     llm = LLM(path, prefill="T1", kv_cache_gib=2.0)
     _hf_run(hf, prompts[:2], 4, args.hf_batch)  # warm-up both
     _engine_run(llm, prompts[:2], 4)

@@ -81,7 +81,8 @@ def hf_reference(model_path: str, prompts: list[list[int]], max_new: int) -> dic
     """Teacher-forced logits and ``generate`` greedy tokens from HF ``transformers``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
+                                                 use_safetensors=True)
     model.eval()
     logits, tokens = [], []
     with torch.no_grad():
