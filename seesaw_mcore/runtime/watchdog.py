@@ -109,7 +109,10 @@ class Watchdog:
             from torch.distributed import distributed_c10d
 
             self._store = distributed_c10d._get_default_store()  # the job's rendezvous store
-        self._beats: dict[int, tuple[str | None, float]] = {}  # rank -> (value, changed at)
+        # rank -> (last heartbeat, when it changed); a peer never heard from is stale too
+        start = time.monotonic()
+        self._beats: dict[int, tuple[str | None, float]] = {r: (None, start)
+                                                            for r in range(world)}
         self._store_down_since: float | None = None
         self._clean_exits: set[int] = set()  # peers that announced a normal exit
         self._armed.set()
@@ -184,7 +187,7 @@ class Watchdog:
                 continue
             if peer.host == self.peers[self.rank].host and not _running(peer):
                 how = "exited"
-            elif now - self._beats.get(r, (None, now))[1] > self.stale_s:
+            elif now - self._beats[r][1] > self.stale_s:
                 how = f"stopped responding for {self.stale_s:.0f} s"
             else:
                 continue
@@ -251,7 +254,7 @@ class Watchdog:
                 if store.check([f"{EXIT_KEY}/{r}"]):
                     self._clean_exits.add(r)
                 value = store.get(key).decode()
-                if self._beats.get(r, (None, 0.0))[0] != value:
+                if self._beats[r][0] != value:
                     self._beats[r] = (value, now)
             self._store_down_since = None
         except Exception:  # noqa: BLE001 - the store lives in rank 0's process

@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -79,7 +80,8 @@ def _interrupt(prompts, out, disk_dir, send) -> tuple[int, str, float]:
     exit status, the output and how long the job took to exit after the signal."""
     cmd = launch_cmd(2, ["launch.infer", *ARGS, f"data.input={prompts}", f"data.output={out}",
                          f"cache.disk_path={disk_dir}", "cache.disk_kv_tokens=4096"])
-    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=subprocess.PIPE,
+    log = open(f"{out}.log", "w+")  # a file, not a pipe: nobody blocks on a full pipe
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=log,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 200
     while time.monotonic() < deadline and proc.poll() is None:
@@ -87,20 +89,46 @@ def _interrupt(prompts, out, disk_dir, send) -> tuple[int, str, float]:
             break
         time.sleep(0.2)
     assert proc.poll() is None, "the job ended before it could be interrupted"
+    assert len(_ranks(proc)) == 2
     sent = time.monotonic()
     send(proc)
-    text, _ = proc.communicate(timeout=60)
-    return proc.returncode, text, time.monotonic() - sent
+    proc.wait(timeout=60)
+    while any(_running(c.pid) for c in _ranks(proc)):  # the ranks outlive a killed runner
+        assert time.monotonic() - sent < 60
+        time.sleep(0.2)
+    took = time.monotonic() - sent
+    log.seek(0)
+    return proc.returncode, log.read(), took
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+_RANKS: dict[int, list[psutil.Process]] = {}  # launcher pid -> its rank processes
+
+
+def _ranks(launcher: subprocess.Popen) -> list[psutil.Process]:
+    """The job's rank processes (found while the launcher runs, kept after)."""
+    if launcher.pid not in _RANKS and launcher.poll() is None:
+        found = []
+        for child in psutil.Process(launcher.pid).children(recursive=True):
+            try:
+                if "launch.infer" in child.cmdline() and "RANK" in child.environ():
+                    found.append(child)
+            except psutil.Error:
+                continue
+        _RANKS[launcher.pid] = sorted(found, key=lambda c: int(c.environ()["RANK"]))
+    return _RANKS.get(launcher.pid, [])
 
 
 def _rank_pid(launcher: subprocess.Popen, rank: int) -> int:
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            if child.environ().get("RANK") == str(rank) and "launch.infer" in child.cmdline():
-                return child.pid
-        except psutil.Error:
-            continue
-    raise AssertionError(f"no rank {rank} process")
+    ranks = _ranks(launcher)
+    assert len(ranks) == 2, "rank processes not found"
+    return ranks[rank].pid
 
 
 SENDERS = {
@@ -164,3 +192,38 @@ def test_20000_prompts_complete_with_flat_memory(tmp_path):
     for a, b in zip(small_peaks, peaks):
         assert b - a < 64, (small_peaks, peaks)  # 10x the prompts: under 64 MB more
         assert b < 1700  # the stated bound (README, Reliability): 1 GiB of it is the KV cache
+
+
+def test_a_hung_rank_is_reported_after_the_heartbeat_timeout(prompts, tmp_path):
+    """Rank 1 frozen (SIGSTOP) mid-run: rank 0 sees its heartbeat stop and exits with one
+    message (``SEESAW_WATCHDOG_STALE_S=5`` here; 30 s by default)."""
+    out = tmp_path / "o.jsonl"
+    cmd = launch_cmd(2, ["launch.infer", *ARGS, f"data.input={prompts}", f"data.output={out}"])
+    log = open(tmp_path / "log", "w+")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env({"SEESAW_WATCHDOG_STALE_S": "5"}),
+                            stdout=log, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + 200
+        while time.monotonic() < deadline and proc.poll() is None:
+            if os.path.exists(out) and sum(1 for _ in open(out)) >= 50:
+                break
+            time.sleep(0.2)
+        rank0, rank1 = _rank_pid(proc, 0), _rank_pid(proc, 1)
+        os.kill(rank1, signal.SIGSTOP)
+        stopped = time.monotonic()
+        while time.monotonic() - stopped < 60 and _running(rank0):  # rank 0 gives up
+            time.sleep(0.2)
+        took = time.monotonic() - stopped
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the frozen rank would sit out the launcher's 30 s
+    proc.wait(timeout=60)
+    log.seek(0)
+    text = log.read()
+    assert 3 <= took < 20, text[-3000:]  # 5 s after its last heartbeat
+    lines = [x[x.index("error: "):] for x in text.splitlines() if "error: rank" in x]
+    assert len(lines) == 1, text[-3000:]
+    assert re.fullmatch(r"error: rank 1 stopped responding for 5 s during (prefill|decode|the "
+                        r"switch .*); stopping every rank \(finished records are kept: rerun "
+                        r"the same command to resume\)", lines[0]), lines[0]
+    _outputs(out)
