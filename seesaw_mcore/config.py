@@ -109,6 +109,8 @@ class ModelConfig:
             raise SeesawError(f"{cfg_file} is not a JSON object")
         try:
             cfg = cls._from_raw(path, cfg_file, raw)
+        except SeesawError:
+            raise
         except (TypeError, ValueError, ZeroDivisionError, AttributeError, KeyError) as e:
             raise SeesawError(f"{cfg_file} is not a valid model config: {type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}") from None

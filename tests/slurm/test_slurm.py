@@ -131,3 +131,42 @@ def test_plan_inconsistent_with_the_allocation(slurm, tmp_path, sbatch_args, ove
                                   timeout=180)
     assert job_state == "FAILED" and code != "0:0", log[-3000:]
     assert [line for line in error_lines(log) if re.fullmatch(message, line)], log[-3000:]
+
+
+def test_scancel_sigterm_stops_and_a_resubmit_completes(slurm, tmp_path):
+    """``scancel --signal=TERM`` (what the time limit sends): the job stops with the
+    interrupted message and its finished records; submitting it again completes the file."""
+    env, _ = slurm
+    prompts, out = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
+    n = 3000
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Item {i} is"}) + "\n"
+                               for i in range(n)))
+    args = ["plan=p2_t2", f"data.input={prompts}", f"data.output={out}", "progress=false",
+            "sampling.max_tokens=24", "cache.host_kv_tokens=2048"]
+    log = tmp_path / "first.log"
+    job = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--nodes=1",
+                          "--ntasks-per-node=2", SBATCH, *args], env=env, capture_output=True,
+                         text=True, cwd=REPO, check=True).stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and not (out.exists() and
+                                               len(out.read_text().splitlines()) >= 50):
+        time.sleep(0.3)
+    subprocess.run(["scancel", "--signal=TERM", job], env=env, check=True)
+    while time.monotonic() < deadline:
+        info = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True,
+                              text=True).stdout
+        if re.search(r"JobState=(FAILED|COMPLETED|CANCELLED)", info):
+            break
+        time.sleep(1)
+    text = log.read_text()
+    assert "JobState=COMPLETED" not in info, text[-3000:]
+    assert [line for line in error_lines(text) if line.startswith(
+        "error: interrupted by SIGTERM: stopped admitting prompts; ")], text[-3000:]
+    done = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert 50 <= len(done) < n and len(set(done)) == len(done)
+    state, code, text = submit(env, tmp_path, "second", ["--nodes=1", "--ntasks-per-node=2"],
+                               args)
+    assert (state, code) == ("COMPLETED", "0:0"), text[-3000:]
+    assert f"{len(done)} ids already done" in text
+    ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"q{i}" for i in range(n))
