@@ -283,7 +283,7 @@ class Engine:
                 self._work()
         except Exception as e:
             wd = groups.watchdog()
-            if wd is not None and not isinstance(e, SeesawError):
+            if wd is not None and _is_comm_error(e):
                 wd.exit_if_peer_lost()  # a collective broke: name the rank that is gone
             raise
         self.runner.drain()
@@ -468,6 +468,13 @@ class Engine:
                 if tier is not None:
                     tier.close()
             runner.host = runner.disk = None
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    """A collective or point-to-point failure (a peer may be gone), not an engine error."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection")))
 
 
 def _check_host_memory(per_rank_bytes: float) -> None:
