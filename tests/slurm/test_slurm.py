@@ -170,3 +170,17 @@ def test_scancel_sigterm_stops_and_a_resubmit_completes(slurm, tmp_path):
     assert f"{len(done)} ids already done" in text
     ids = [json.loads(x)["id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"q{i}" for i in range(n))
+
+
+def test_a_rank_killed_on_the_second_node_ends_the_job(slurm, tmp_path):
+    """Rank 1 (node2) SIGKILLed mid-decode: ``srun --kill-on-bad-exit`` ends the step at
+    once, naming the node and task; nothing hangs."""
+    env, _ = slurm
+    start = time.monotonic()
+    state, code, log = submit({**env, "SEESAW_FAULT_KILL": "1:decode:3"}, tmp_path, "kill",
+                              ["--nodes=2", "--ntasks-per-node=1"],
+                              ["plan=t2", f"data.output={tmp_path / 'o.jsonl'}", *COMMON],
+                              timeout=120)
+    assert state == "FAILED" and code != "0:0", log[-3000:]
+    assert time.monotonic() - start < 90
+    assert "srun: error: node2: task 1: Killed" in log, log[-3000:]
