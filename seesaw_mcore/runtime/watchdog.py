@@ -219,6 +219,11 @@ class Watchdog:
             return
         self.stop_signal, self._stop_requested_at = signum, now
         self._stop_deadline = now + self.grace_s
+        if self.rank != 0 and self._store is not None:  # rank 0 stops the job: tell it now
+            try:
+                self._store.set(STOP_KEY, str(signum))
+            except Exception:  # noqa: BLE001 - the watchdog thread retries
+                pass
 
     def _loop(self) -> None:
         beat = 0

@@ -20,7 +20,7 @@ import pytest
 
 from tests.conftest import REPO, error_lines, launch, launch_cmd, launch_env
 
-NUM_PROMPTS = 1500
+NUM_PROMPTS = 3000
 ARGS = ["plan=p2_t2", "sampling.max_tokens=16", "cache.host_kv_tokens=2048", "progress=false"]
 
 
