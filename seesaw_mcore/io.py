@@ -101,19 +101,20 @@ class PromptReader:
         seen: set[str] = set()  # ids so far: a repeated id is a bad record
         for n, obj in self._rows:
             try:
-                rec = _parse(obj, n, self._unit, self.tokenizer, self.spec)
+                rid = _record_id(obj, n, self._unit, self.spec)
+                if rid in seen:
+                    raise SeesawError(f"duplicate id {rid!r}")
+                # a done id is skipped before its prompt is templated or tokenized
+                prompt = None if rid in self.skip else _prompt(obj, self.tokenizer, self.spec)
             except SeesawError as e:
                 self.errors.append(f"{self.path}:{n}: {e}")
                 continue
-            if rec.id in seen:
-                self.errors.append(f"{self.path}:{n}: duplicate id {rec.id!r}")
-                continue
-            seen.add(rec.id)
+            seen.add(rid)
             self.num_records += 1
-            if rec.id in self.skip:
+            if prompt is None:
                 self.num_skipped += 1
                 continue
-            yield rec
+            yield PromptRecord(rid, prompt, n)
 
 
 def read_prompts(path: str, tokenizer, spec: InputSpec | None = None
@@ -206,7 +207,8 @@ def _dataset_rows(path: str, builder: str | None):
             yield n, row
 
 
-def _parse(obj, n: int, unit: str, tokenizer, spec: InputSpec) -> PromptRecord:
+def _record_id(obj, n: int, unit: str, spec: InputSpec) -> str:
+    """The record's id (``line-N`` / ``row-N`` when it has none), if it is a record."""
     if isinstance(obj, SeesawError):
         raise obj
     if not isinstance(obj, dict):
@@ -216,6 +218,11 @@ def _parse(obj, n: int, unit: str, tokenizer, spec: InputSpec) -> PromptRecord:
         rid = f"{unit}-{n}"
     if not isinstance(rid, (str, int)) or isinstance(rid, bool):
         raise SeesawError(f"{spec.id_field!r} must be a string or integer, got {rid!r}")
+    return str(rid)
+
+
+def _prompt(obj: dict, tokenizer, spec: InputSpec) -> str | dict:
+    """The record's text prompt (templated), or its chat rendered to token ids."""
     prompt = obj.get(spec.prompt_field)
     if prompt is not None:
         if not isinstance(prompt, str):
@@ -225,14 +232,14 @@ def _parse(obj, n: int, unit: str, tokenizer, spec: InputSpec) -> PromptRecord:
             raise SeesawError(f"{spec.prompt_field!r} is empty")
         if spec.prompt_template is not None:
             prompt = spec.prompt_template.replace("{prompt}", prompt)
-        return PromptRecord(str(rid), prompt, n)
+        return prompt
     messages = obj.get(spec.messages_field)
     if messages is not None:
         if spec.system_prompt and isinstance(messages, list) and not (
                 messages and isinstance(messages[0], dict)
                 and messages[0].get("role") == "system"):
             messages = [{"role": "system", "content": spec.system_prompt}, *messages]
-        return PromptRecord(str(rid), _chat(messages, tokenizer), n)
+        return _chat(messages, tokenizer)
     raise SeesawError(f"record has neither {spec.prompt_field!r} nor {spec.messages_field!r} "
                       f"(its fields: {', '.join(map(str, obj)) or 'none'})")
 

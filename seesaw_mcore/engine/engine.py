@@ -383,9 +383,15 @@ class Engine:
                         else (self.plan.prefill, self.plan.decode))
             wd.set_phase("switch", f"the switch {src} -> {dst} ({step.switch_to.value})")
         else:
-            reps = [r for r in step.replicas if r is not None]
-            kind = reps[0].phase.value if reps else self.phase.value
+            kind = self._step_phase(step).value
             wd.set_phase(kind, kind)
+
+    def _step_phase(self, step: StepPlan) -> Phase:
+        """The phase a step runs in (a switch: the phase it switches to)."""
+        if step.switch_to is not None:
+            return step.switch_to
+        reps = [r for r in step.replicas if r is not None]
+        return reps[0].phase if reps else self.phase
 
     def _switch(self, step: StepPlan) -> None:
         """Re-shards to ``step.switch_to``; a hand-back's swap-outs (the step's replicas,
@@ -401,10 +407,10 @@ class Engine:
         if self.trace is None:
             return
         reps = [r for r in step.replicas if r is not None]
-        phase = step.switch_to or (reps[0].phase if reps else self.phase)
         usage = sched.tier_usage() if isinstance(sched, PhaseScheduler) else None
         self.trace.append(TraceEvent(
-            time.perf_counter() - start, phase.value, step.switch_to is not None,
+            time.perf_counter() - start, self._step_phase(step).value,
+            step.switch_to is not None,
             sum(len(r.seqs) for r in reps), sum(r.num_tokens for r in reps), usage))
 
     def _account(self, dt: float, step: StepPlan) -> None:

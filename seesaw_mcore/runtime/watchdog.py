@@ -92,7 +92,8 @@ class Watchdog:
         self._kind_counts: dict[str, int] = {}
         # Fault injection for the reliability tests: "RANK:KIND:N" SIGKILLs rank RANK when it
         # enters its N-th step of KIND (prefill, decode, switch).
-        self._kill_at = os.environ.get("SEESAW_FAULT_KILL", "").split(":")
+        fault = os.environ.get("SEESAW_FAULT_KILL")
+        self._kill_at = fault.split(":") if fault else None
         self.stop_signal: int | None = None
         self._stop_requested_at = 0.0
         self._stop_deadline: float | None = None
@@ -134,7 +135,7 @@ class Watchdog:
         in a failure message."""
         self.phase = text
         n = self._kind_counts[kind] = self._kind_counts.get(kind, 0) + 1
-        if self._kill_at == [str(self.rank), kind, str(n)]:
+        if self._kill_at is not None and self._kill_at == [str(self.rank), kind, str(n)]:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def check_stop(self) -> None:

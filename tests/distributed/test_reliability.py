@@ -75,13 +75,13 @@ def test_a_killed_rank_stops_every_rank_with_one_message(prompts, tmp_path, faul
     _outputs(out)  # what finished is intact
 
 
-def _interrupt(prompts, out, disk_dir, send) -> tuple[int, str, float]:
-    """Starts the job, waits for 50 finished records, calls ``send(popen)``; returns the
-    exit status, the output and how long the job took to exit after the signal."""
-    cmd = launch_cmd(2, ["launch.infer", *ARGS, f"data.input={prompts}", f"data.output={out}",
-                         f"cache.disk_path={disk_dir}", "cache.disk_kv_tokens=4096"])
+def _start_mid_run(out, extra: list[str], env: dict[str, str] | None = None
+                   ) -> tuple[subprocess.Popen, object]:
+    """Starts the job on ``out`` and returns ``(launcher, log file)`` once 50 records are
+    finished (the job still running, its rank processes known)."""
+    cmd = launch_cmd(2, ["launch.infer", *ARGS, f"data.output={out}", *extra])
     log = open(f"{out}.log", "w+")  # a file, not a pipe: nobody blocks on a full pipe
-    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(), stdout=log,
+    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env(env), stdout=log,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     deadline = time.monotonic() + 200
     while time.monotonic() < deadline and proc.poll() is None:
@@ -90,6 +90,14 @@ def _interrupt(prompts, out, disk_dir, send) -> tuple[int, str, float]:
         time.sleep(0.2)
     assert proc.poll() is None, "the job ended before it could be interrupted"
     assert len(_ranks(proc)) == 2
+    return proc, log
+
+
+def _interrupt(prompts, out, disk_dir, send) -> tuple[int, str, float]:
+    """Starts the job, waits for 50 finished records, calls ``send(popen)``; returns the
+    exit status, the output and how long the job took to exit after the signal."""
+    proc, log = _start_mid_run(out, [f"data.input={prompts}", f"cache.disk_path={disk_dir}",
+                                     "cache.disk_kv_tokens=4096"])
     sent = time.monotonic()
     send(proc)
     proc.wait(timeout=60)
@@ -200,17 +208,8 @@ def test_a_hung_rank_is_reported_after_the_heartbeat_timeout(prompts, tmp_path):
     """Rank 1 frozen (SIGSTOP) mid-run: rank 0 sees its heartbeat stop and exits with one
     message (``SEESAW_WATCHDOG_STALE_S=5`` here; 30 s by default)."""
     out = tmp_path / "o.jsonl"
-    cmd = launch_cmd(2, ["launch.infer", *ARGS, f"data.input={prompts}", f"data.output={out}"])
-    log = open(tmp_path / "log", "w+")
-    proc = subprocess.Popen(cmd, cwd=REPO, env=launch_env({"SEESAW_WATCHDOG_STALE_S": "5"}),
-                            stdout=log, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc, log = _start_mid_run(out, [f"data.input={prompts}"], {"SEESAW_WATCHDOG_STALE_S": "5"})
     try:
-        deadline = time.monotonic() + 200
-        while time.monotonic() < deadline and proc.poll() is None:
-            if os.path.exists(out) and sum(1 for _ in open(out)) >= 50:
-                break
-            time.sleep(0.2)
         rank0, rank1 = _rank_pid(proc, 0), _rank_pid(proc, 1)
         os.kill(rank1, signal.SIGSTOP)
         stopped = time.monotonic()

@@ -41,19 +41,21 @@ def slurm(tmp_path_factory):
         subprocess.run([CLUSTER, "down", str(state)], capture_output=True, timeout=60)
 
 
-def submit(env, out_dir, name: str, sbatch_args: list[str], overrides: list[str],
-           timeout: float = 240) -> tuple[str, str, str]:
-    """Submits infer.sbatch and waits for it.
-
-    Returns:
-        ``(job state, exit code, job output)``.
-    """
-    log = out_dir / f"{name}.log"
+def sbatch(env, log, sbatch_args: list[str], overrides: list[str]) -> str:
+    """Submits infer.sbatch; returns the job id."""
     proc = subprocess.run(["sbatch", "--parsable", f"--output={log}", *sbatch_args, SBATCH,
                            *overrides], env=env, capture_output=True, text=True, cwd=REPO,
                           timeout=60)
     assert proc.returncode == 0, proc.stderr
-    job = proc.stdout.strip().split(";")[0]
+    return proc.stdout.strip().split(";")[0]
+
+
+def wait(env, job: str, log, timeout: float) -> tuple[str, str, str]:
+    """Waits for ``job`` to end.
+
+    Returns:
+        ``(job state, exit code, job output)``.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         info = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True,
@@ -62,9 +64,16 @@ def submit(env, out_dir, name: str, sbatch_args: list[str], overrides: list[str]
         if state not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
             code = re.search(r" ExitCode=(\S+)", info).group(1)
             return state, code, log.read_text() if log.exists() else ""
-        time.sleep(2)
+        time.sleep(1)
     subprocess.run(["scancel", job], env=env)
     pytest.fail(f"job {job} did not finish in {timeout}s: {log.read_text()[-3000:]}")
+
+
+def submit(env, out_dir, name: str, sbatch_args: list[str], overrides: list[str],
+           timeout: float = 240) -> tuple[str, str, str]:
+    """Submits infer.sbatch and waits for it (see ``wait``)."""
+    log = out_dir / f"{name}.log"
+    return wait(env, sbatch(env, log, sbatch_args, overrides), log, timeout)
 
 
 def records(path) -> dict[str, list]:
@@ -144,22 +153,14 @@ def test_scancel_sigterm_stops_and_a_resubmit_completes(slurm, tmp_path):
     args = ["plan=p2_t2", f"data.input={prompts}", f"data.output={out}", "progress=false",
             "sampling.max_tokens=24", "cache.host_kv_tokens=2048"]
     log = tmp_path / "first.log"
-    job = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--nodes=1",
-                          "--ntasks-per-node=2", SBATCH, *args], env=env, capture_output=True,
-                         text=True, cwd=REPO, check=True).stdout.strip().split(";")[0]
+    job = sbatch(env, log, ["--nodes=1", "--ntasks-per-node=2"], args)
     deadline = time.monotonic() + 200
     while time.monotonic() < deadline and not (out.exists() and
                                                len(out.read_text().splitlines()) >= 50):
         time.sleep(0.3)
     subprocess.run(["scancel", "--signal=TERM", job], env=env, check=True)
-    while time.monotonic() < deadline:
-        info = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True,
-                              text=True).stdout
-        if re.search(r"JobState=(FAILED|COMPLETED|CANCELLED)", info):
-            break
-        time.sleep(1)
-    text = log.read_text()
-    assert "JobState=COMPLETED" not in info, text[-3000:]
+    state, _, text = wait(env, job, log, 120)
+    assert state != "COMPLETED", text[-3000:]
     assert [line for line in error_lines(text) if line.startswith(
         "error: interrupted by SIGTERM: stopped admitting prompts; ")], text[-3000:]
     done = [json.loads(x)["id"] for x in out.read_text().splitlines()]
