@@ -16,6 +16,8 @@ class SamplingParams:
         temperature: 0 means greedy; otherwise logits are divided by it.
         top_k: keep the k most likely tokens (-1 or 0: all).
         top_p: keep the smallest set with cumulative probability >= top_p (1.0: all).
+        min_p: drop tokens whose probability is below ``min_p`` times the most likely
+            token's (0.0: off).
         seed: per-request seed; the same seed gives the same tokens across runs and across
             parallel layouts. ``None``: derived from the engine seed and the request index.
         max_tokens: most tokens to generate per completion.
@@ -30,6 +32,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_k: int = -1
     top_p: float = 1.0
+    min_p: float = 0.0
     seed: int | None = None
     max_tokens: int | None = 16
     stop: list[str] | str | None = None
@@ -54,6 +57,8 @@ class SamplingParams:
                  self.top_k, "-1, 0 or a positive integer")
         _require(_is_num(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p,
                  "a number in (0, 1]")
+        _require(_is_num(self.min_p) and 0 <= self.min_p <= 1, "min_p", self.min_p,
+                 "a number in [0, 1]")
         _require(self.seed is None or _is_int(self.seed), "seed", self.seed, "an integer or None")
         _require(self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
                  "max_tokens", self.max_tokens, "an integer >= 1")

@@ -23,6 +23,7 @@ class SamplingSpec:
     seed: int  # with ``step``, fixes the random draw
     step: int  # index of the token being sampled in the completion
     logprobs: int | None  # top-k alternatives to return, None: no logprobs
+    min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0: off
 
 
 @dataclass(frozen=True)

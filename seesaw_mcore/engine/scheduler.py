@@ -235,6 +235,7 @@ def scheduled(seq: Sequence, token_ids: list[int], start: int,
     spec = SamplingSpec(
         temperature=float(p.temperature), top_k=int(p.top_k), top_p=float(p.top_p),
         seed=seq.seed, step=len(seq.output_token_ids), logprobs=p.logprobs,
+        min_p=float(p.min_p),
     )
     table = seq.block_table if block_table is None else block_table
     return ScheduledSeq(seq.seq_id, list(token_ids), start, list(table), spec)

@@ -1,16 +1,32 @@
-"""Paged attention on PyTorch SDPA.
+"""Paged attention: one call per layer for the whole step.
 
-The device KV cache is split into fixed-size blocks; each sequence owns a block table. New
-keys/values are scattered into their slots, then each sequence attends over its context read
-through its block table (one SDPA call per sequence; fresh prefills attend to their own new K/V).
+The device KV cache is split into fixed-size blocks; each sequence owns a block table. Per
+layer, a step's new keys/values are written into their slots (one ``index_copy_`` each for K
+and V), then every query of the step attends in one call:
+
+- on CUDA, a Triton kernel (``model/triton_attention.py``) reads the K/V blocks in place
+  through the block tables, for decode and prefill alike (varlen queries, GQA, causal
+  within each sequence's context);
+- on CPU, one batched SDPA call: decode reads each sequence's blocks through the padded
+  block table (one gather of the batch), prefill pads the step's fresh K/V to the longest
+  prompt. A prefill whose padding would more than double the attention FLOPs (very mixed
+  prompt lengths) runs one SDPA call per sequence instead: on a CPU those FLOPs cost more
+  than the calls, and prefill steps are few and compute-bound.
+
+``AttentionMetadata`` is built once per step from flat arrays (NumPy, no per-sequence tensor)
+and shared by every layer of the stage.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+# A CPU prefill is padded into one SDPA call while padded FLOPs <= this x the real ones.
+PAD_FLOPS_LIMIT = 2.0
 
 
 @dataclass
@@ -20,47 +36,66 @@ class AttentionMetadata:
     Built once per step by the model runner and shared by every layer of the stage.
     """
 
-    query_lens: list[int]  # new tokens per sequence (prompt length in prefill, 1 in decode)
-    context_lens: list[int]  # tokens in each sequence's cache after this step
-    slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset) per new token
-    block_ids: list[torch.Tensor | None]  # per seq: [nb] blocks to read; None: fresh prefill
-    masks: list[torch.Tensor | None]  # per seq: [q, ctx] bool (True = attend) when q > 1
+    query_lens: np.ndarray  # [B] new tokens per sequence (prompt in prefill, 1 in decode)
+    context_lens: np.ndarray  # [B] tokens in each sequence's cache after this step
+    positions: torch.Tensor  # [T] position of each new token in its sequence
+    slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset)
+    block_tables: torch.Tensor  # [B, max_blocks] int32 block ids (0-padded)
+    cu_query_lens: torch.Tensor  # [B + 1] int32 start of each sequence's queries in [T]
+    seq_lens: torch.Tensor  # [B] int32 context lengths (device copy of ``context_lens``)
+    block_size: int
+    fresh: bool  # every sequence is a fresh prefill: its K/V are all this step's
+    decode: bool  # every sequence feeds one token
+    _cpu: dict = field(default_factory=dict, repr=False)  # per-step CPU index tensors
+
+    @property
+    def max_query_len(self) -> int:
+        return int(self.query_lens.max())
 
     @classmethod
     def build(
         cls,
-        query_lens: list[int],
-        context_lens: list[int],
+        query_lens: list[int] | np.ndarray,
+        context_lens: list[int] | np.ndarray,
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device,
     ) -> "AttentionMetadata":
-        """Computes slot indices for writes and per-sequence block lists for reads.
+        """Computes positions, write slots and the padded block table as flat tensors.
 
         Args:
             query_lens: new tokens per sequence.
             context_lens: total tokens per sequence after this step (>= query_lens).
             block_tables: block ids per sequence, enough for ``context_lens``.
             block_size: tokens per block.
-            device: where the index tensors live.
+            device: where the tensors live.
         """
-        slots: list[int] = []
-        block_ids: list[torch.Tensor | None] = []
-        masks: list[torch.Tensor | None] = []
-        for q, c, table in zip(query_lens, context_lens, block_tables):
-            for pos in range(c - q, c):
-                slots.append(table[pos // block_size] * block_size + pos % block_size)
-            fresh = q == c
-            nb = -(-c // block_size)
-            block_ids.append(None if fresh else torch.tensor(table[:nb], dtype=torch.long,
-                                                             device=device))
-            mask = None
-            if not fresh and q > 1:
-                qpos = torch.arange(c - q, c, device=device).unsqueeze(1)  # [q, 1]
-                mask = torch.arange(c, device=device).unsqueeze(0) <= qpos  # [q, c]
-            masks.append(mask)
-        slot_mapping = torch.tensor(slots, dtype=torch.long, device=device)  # [T]
-        return cls(list(query_lens), list(context_lens), slot_mapping, block_ids, masks)
+        q = np.asarray(query_lens, dtype=np.int64)  # [B]
+        c = np.asarray(context_lens, dtype=np.int64)  # [B]
+        width = max(len(t) for t in block_tables)
+        tables = np.zeros((len(block_tables), width), dtype=np.int64)  # [B, NBmax]
+        for i, t in enumerate(block_tables):
+            tables[i, : len(t)] = t
+        cu = np.zeros(len(q) + 1, dtype=np.int64)
+        np.cumsum(q, out=cu[1:])
+        seq = np.repeat(np.arange(len(q)), q)  # [T] sequence of each token
+        pos = np.arange(cu[-1]) - cu[:-1][seq] + (c - q)[seq]  # [T]
+        slots = tables[seq, pos // block_size] * block_size + pos % block_size  # [T]
+        ints = np.concatenate([pos, slots, cu, c, tables.ravel()])
+        flat = torch.from_numpy(ints).to(device, non_blocking=True)  # one host -> device copy
+        t = len(pos)
+        parts = flat.split([t, t, len(cu), len(c), tables.size])
+        return cls(q, c, parts[0], parts[1], parts[4].view(tables.shape).int(),
+                   parts[2].int(), parts[3].int(), block_size, bool((q == c).all()),
+                   bool((q == 1).all()))
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             meta: AttentionMetadata) -> None:
+    """Scatters this step's ``[T, Hkv, D]`` keys and values into their cache slots."""
+    hkv, d = k.shape[1], k.shape[2]
+    k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
 
 
 def paged_attention(
@@ -71,11 +106,7 @@ def paged_attention(
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
 ) -> torch.Tensor:
-    """Writes new K/V into the cache and attends, one SDPA call per sequence.
-
-    A fresh prefill attends to its own new K/V (causal); any other sequence reads its context
-    through its block list (``index_select`` of whole blocks), which on CPU costs ~4x less
-    than one padded gather + masked batch SDPA for mixed lengths.
+    """Writes new K/V into the cache and attends, one call for the whole step.
 
     Args:
         q: ``[T, Hq, D]`` queries (RoPE applied).
@@ -88,25 +119,89 @@ def paged_attention(
     Returns:
         ``[T, Hq, D]`` attention output.
     """
-    hkv, d = k.shape[1], k.shape[2]
-    k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
-    out = torch.empty_like(q)  # [T, Hq, D]
-    start = 0
-    for n, c, blocks, mask in zip(meta.query_lens, meta.context_lens, meta.block_ids,
-                                  meta.masks):
-        sl = slice(start, start + n)
-        qi = q[sl].transpose(0, 1).unsqueeze(0)  # [1, Hq, n, D]
-        if blocks is None:  # fresh prefill: K/V are this step's
-            ki = k[sl].transpose(0, 1).unsqueeze(0)  # [1, Hkv, n, D]
-            vi = v[sl].transpose(0, 1).unsqueeze(0)
-            o = F.scaled_dot_product_attention(qi, ki, vi, is_causal=True, enable_gqa=True)
-        else:
-            ki = k_cache.index_select(0, blocks).view(-1, hkv, d)[:c]  # [c, Hkv, D]
-            vi = v_cache.index_select(0, blocks).view(-1, hkv, d)[:c]
+    write_kv(k, v, k_cache, v_cache, meta)
+    if q.device.type == "cuda":
+        from seesaw_mcore.model.triton_attention import paged_attention_triton
+
+        return paged_attention_triton(q, k_cache, v_cache, meta)
+    if meta.fresh:
+        return _prefill_cpu(q, k, v, meta)
+    return _context_cpu(q, k_cache, v_cache, meta)
+
+
+def _padding(meta: AttentionMetadata) -> dict:
+    """Per-step CPU index tensors, built by the first layer and reused by the others:
+    ``idx`` ``[T]`` each token's row in the padded ``[B * Qmax]`` batch, ``mask``
+    ``[B, 1, Qmax, L]`` which keys each padded query sees."""
+    cpu = meta._cpu
+    if cpu:
+        return cpu
+    q, c = meta.query_lens, meta.context_lens
+    b, qmax = len(q), int(q.max())
+    seq = np.repeat(np.arange(b), q)
+    cu = np.concatenate([[0], np.cumsum(q)])
+    idx = seq * qmax + np.arange(int(cu[-1])) - cu[:-1][seq]  # [T]
+    cpu["idx"] = torch.from_numpy(idx)
+    keys = qmax if meta.fresh else meta.block_tables.shape[1] * meta.block_size
+    qlen = torch.from_numpy(q).view(b, 1, 1, 1)
+    ctx = torch.from_numpy(c).view(b, 1, 1, 1)
+    row = torch.arange(qmax).view(1, 1, qmax, 1)
+    col = torch.arange(keys).view(1, 1, 1, keys)
+    # query i of sequence b sits at position ctx - qlen + i and sees keys up to it
+    cpu["mask"] = (col <= ctx - qlen + row) & (col < ctx)  # [B, 1, Qmax, L]
+    cpu["qmax"] = qmax
+    return cpu
+
+
+def _pad(x: torch.Tensor, idx: torch.Tensor, b: int, qmax: int) -> torch.Tensor:
+    """``[T, H, D]`` -> ``[B, H, Qmax, D]`` (zero rows where a sequence is shorter)."""
+    out = x.new_zeros(b * qmax, x.shape[1], x.shape[2]).index_copy_(0, idx, x)
+    return out.view(b, qmax, x.shape[1], x.shape[2]).transpose(1, 2)
+
+
+def _unpad(o: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``[B, H, Qmax, D]`` -> ``[T, H, D]``."""
+    b, h, qmax, d = o.shape
+    return o.transpose(1, 2).reshape(b * qmax, h, d).index_select(0, idx)
+
+
+def _prefill_cpu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+    """Fresh prefills attend to their own new K/V (causal)."""
+    lens = meta.query_lens
+    if len(lens) == 1 or len(lens) * int(lens.max()) ** 2 > PAD_FLOPS_LIMIT * (lens**2).sum():
+        out = torch.empty_like(q)  # [T, Hq, D]
+        start = 0
+        for n in lens.tolist():
+            sl = slice(start, start + n)
             o = F.scaled_dot_product_attention(
-                qi, ki.transpose(0, 1).unsqueeze(0), vi.transpose(0, 1).unsqueeze(0),
-                attn_mask=mask, enable_gqa=True)  # [1, Hq, n, D]
-        out[sl] = o[0].transpose(0, 1)
-        start += n
-    return out
+                q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
+                is_causal=True, enable_gqa=True)  # [Hq, n, D]
+            out[sl] = o.transpose(0, 1)
+            start += n
+        return out
+    pad = _padding(meta)
+    b, qmax, idx = len(lens), pad["qmax"], pad["idx"]
+    o = F.scaled_dot_product_attention(_pad(q, idx, b, qmax), _pad(k, idx, b, qmax),
+                                       _pad(v, idx, b, qmax), attn_mask=pad["mask"],
+                                       enable_gqa=True)  # [B, Hq, Qmax, D]
+    return _unpad(o, pad["idx"])
+
+
+def _context_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+    """Queries attend to their sequences' cached context, read through the padded block
+    tables in one gather per K and V."""
+    pad = _padding(meta)
+    b, qmax = len(meta.query_lens), pad["qmax"]
+    nb, bs, hkv, d = k_cache.shape
+    tables = meta.block_tables.long()  # [B, NBmax]
+    keys = k_cache[tables].view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+    vals = v_cache[tables].view(b, -1, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
+    if meta.decode:  # [T = B, Hq, D] -> [B, Hq, 1, D], no padding needed
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), keys, vals,
+                                           attn_mask=pad["mask"], enable_gqa=True)
+        return o.squeeze(2)
+    o = F.scaled_dot_product_attention(_pad(q, pad["idx"], b, qmax), keys, vals,
+                                       attn_mask=pad["mask"], enable_gqa=True)
+    return _unpad(o, pad["idx"])

@@ -72,11 +72,11 @@ class RowLinear(tensor_parallel.RowParallelLinear):
 
 
 class RMSNorm(nn.Module):
-    """Llama RMSNorm, computed in float32 like HF."""
+    """Llama RMSNorm: normalized in float32, scaled in the model dtype (as HF does)."""
 
-    def __init__(self, hidden: int, eps: float) -> None:
+    def __init__(self, hidden: int, eps: float, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden), requires_grad=False)
+        self.weight = nn.Parameter(torch.ones(hidden, dtype=dtype), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102

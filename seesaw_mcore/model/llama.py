@@ -53,13 +53,13 @@ class DecoderLayer(nn.Module):
         self.hq, self.hkv, self.d = cfg.num_heads // tp, cfg.num_kv_heads // tp, d
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
         common = dict(config=mp, init_method=_no_init, tp_group=group)
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, mp.params_dtype)
         self.qkv = ColumnLinear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias, **common)
         self.o_proj = RowLinear(
             cfg.num_heads * d, cfg.hidden_size, bias=False, input_is_parallel=True,
             skip_bias_add=False, **common,
         )
-        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, mp.params_dtype)
         self.gate_up = ColumnLinear(
             cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, **common)
         self.down = RowLinear(
@@ -127,7 +127,7 @@ class LlamaStage(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, mp, info) for _ in range(n_local))
         self.norm = self.lm_head = None
         if info.is_last_stage:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
             self.lm_head = ColumnLinear(
                 cfg.hidden_size, self.vocab_pad, bias=False, config=mp, init_method=_no_init,
                 tp_group=info.tp_group,

@@ -165,7 +165,6 @@ class ModelRunner:
     def forward(
         self,
         input_ids: list[int],
-        positions: list[int],
         query_lens: list[int],
         context_lens: list[int],
         block_tables: list[list[int]],
@@ -174,8 +173,8 @@ class ModelRunner:
         """Runs one batch through every pipeline stage and returns chosen logits.
 
         Args:
-            input_ids: flat new tokens of all sequences ``[T]``.
-            positions: their positions ``[T]``.
+            input_ids: flat new tokens of all sequences ``[T]`` (each sequence's tokens sit
+                at positions ``context_len - query_len ...``).
             query_lens: new tokens per sequence.
             context_lens: cached + new tokens per sequence.
             block_tables: block ids per sequence.
@@ -185,7 +184,7 @@ class ModelRunner:
             ``[N, vocab]`` float32 logits on the last stage's ranks, ``None`` elsewhere.
         """
         sends: list = []
-        hidden = self._stage(input_ids, positions, query_lens, context_lens, block_tables, sends)
+        hidden, _ = self._stage(input_ids, query_lens, context_lens, block_tables, sends)
         for work, _buf in sends:
             work.wait()
         if hidden is None:
@@ -221,7 +220,6 @@ class ModelRunner:
             ids = [t for s in mb for t in s.token_ids]
             qlens = [len(s.token_ids) for s in mb]
             ctx = [s.start_pos + len(s.token_ids) for s in mb]
-            pos = [p for s in mb for p in range(s.start_pos, s.start_pos + len(s.token_ids))]
             out = [outgoing[s.seq_id] for s in mb if s.seq_id in outgoing]
             # async: host-tier KV leaves layer by layer; else (and disk records) after the stage
             by_layer = [m for m in out if m.slots.tier == HOST] if self.transfer.is_async else []
@@ -229,13 +227,13 @@ class ModelRunner:
             stash = (lambda i, moves=by_layer: self.transfer.submit(
                 lambda: self._swap(moves, to_tier=True, layers=range(i, i + 1)))
             ) if by_layer else None
-            hidden = self._stage(ids, pos, qlens, ctx, [s.block_table for s in mb], sends,
-                                 stash)
+            hidden, meta = self._stage(ids, qlens, ctx, [s.block_table for s in mb], sends,
+                                       stash)
             if after:
                 self.transfer.submit(lambda moves=after: self._swap(moves, to_tier=True))
             if hidden is None:
                 continue
-            last = torch.tensor(qlens, device=self.device).cumsum(0) - 1  # [B]
+            last = meta.cu_query_lens[1:].long() - 1  # [B] each sequence's last token
             logits = self.model.logits(hidden[last])  # [B, V]
             if self.info.tp_rank == 0:
                 sampled += sample(logits, [s.seq_id for s in mb], [s.sampling for s in mb])
@@ -304,25 +302,25 @@ class ModelRunner:
         if to_tier:
             self.disk.transfer(staging, records, l0, h0, write=True)
 
-    def _stage(self, input_ids, positions, query_lens, context_lens, block_tables, sends,
+    def _stage(self, input_ids, query_lens, context_lens, block_tables, sends,
                after_attention=None):
-        """This rank's stage on one micro-batch; returns hidden ``[T, H]`` on the last stage,
-        else queues an async send of it to the next stage and returns ``None``.
+        """This rank's stage on one micro-batch; returns (hidden ``[T, H]``, the step's
+        attention metadata) on the last stage, else queues an async send of the hidden states
+        to the next stage and returns ``(None, metadata)``.
         ``after_attention(i)`` runs once local layer ``i`` has written its KV."""
         info, dev = self.info, self.device
         meta = AttentionMetadata.build(query_lens, context_lens, block_tables, self.block_size, dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)  # [T]
         if info.is_first_stage:
             x = torch.tensor(input_ids, dtype=torch.long, device=dev)  # [T]
         else:
             x = torch.empty(len(input_ids), self.cfg.hidden_size, dtype=self.dtype, device=dev)
             dist.recv(x, src=info.prev_rank)  # [T, H]
-        hidden = self.model(x, pos, self.kv_cache, meta, after_attention)  # [T, H]
+        hidden = self.model(x, meta.positions, self.kv_cache, meta, after_attention)  # [T, H]
         if info.is_last_stage:
-            return hidden
+            return hidden, meta
         hidden = hidden.contiguous()
         sends.append((dist.isend(hidden, dst=info.next_rank), hidden))
-        return None
+        return None, meta
 
     def last_stage_rank(self) -> int:
         """Global rank of TP rank 0 of the last stage in this rank's DP replica."""

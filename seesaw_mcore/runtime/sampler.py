@@ -1,57 +1,166 @@
-"""Token sampling on the last pipeline stage: greedy, temperature, top-k, top-p, logprobs.
+"""Token sampling on the last pipeline stage, batched on the device.
 
-Randomness is a Gumbel draw from a generator seeded by ``(seed, step)``, so a completion's
-tokens do not depend on batching, preemption or the parallel layout.
+One pass over the step's ``[N, V]`` logits: greedy rows by argmax; sampled rows by
+temperature, then top-k, top-p and min-p (per-row tensors, at most one sort per step), then a
+Gumbel-max draw; logprobs of every row in one ``log_softmax``; one device -> host transfer of
+the step's tokens (and logprobs). The O(steps) work does not grow with the batch.
+
+Randomness is counter-based: the Gumbel noise of row ``r`` at vocab index ``v`` is a hash of
+``(seed_r, step_r, v)`` computed on the device (splitmix64), so a completion's tokens do not
+depend on the batch it runs in, the parallel layout, or preemption.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from seesaw_mcore.engine.outputs import SampledToken, SamplingSpec
 
-_MASK = float("-inf")
+_M64 = (1 << 64) - 1
+
+
+def _i64(x: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    x &= _M64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN = _i64(0x9E3779B97F4A7C15)
+_MIX1 = _i64(0xBF58476D1CE4E5B9)
+_MIX2 = _i64(0x94D049BB133111EB)
+_STEP = _i64(0xD1B54A32D192ED03)
+
+
+def _shr(x: torch.Tensor, s: int) -> torch.Tensor:
+    """Logical right shift of int64 bits."""
+    return (x >> s) & ((1 << (64 - s)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64 tensors (multiplication wraps mod 2**64)."""
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    return z ^ _shr(z, 31)
+
+
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Counter-based uniforms in (0, 1).
+
+    Args:
+        seed: ``[N]`` int64 per-row seeds.
+        step: ``[N]`` int64 index of the token being drawn in its completion.
+        vocab: vocabulary size ``V``.
+
+    Returns:
+        ``[N, V]`` float32, a function of ``(seed, step, v)`` only.
+    """
+    key = _mix(_mix(seed * _GOLDEN + step * _STEP))  # [N]
+    idx = torch.arange(vocab, dtype=torch.int64, device=seed.device) * _GOLDEN  # [V]
+    bits = _mix(key.unsqueeze(1) + idx)  # [N, V]
+    return (_shr(bits, 40).float() + 0.5) * (1.0 / (1 << 24))  # 24 random bits
+
+
+@dataclass
+class SamplingBatch:
+    """One step's sampling settings as per-row tensors on the device.
+
+    Built from the rows' ``SamplingSpec`` in two host -> device copies.
+    """
+
+    temperature: torch.Tensor  # [N] float32, 0 = greedy
+    top_p: torch.Tensor  # [N] float32, 1 = off
+    min_p: torch.Tensor  # [N] float32, 0 = off
+    top_k: torch.Tensor  # [N] int64, <= 0 = off
+    seed: torch.Tensor  # [N] int64
+    step: torch.Tensor  # [N] int64
+    any_random: bool  # some row samples (else argmax only)
+    any_filter: bool  # some sampled row uses top-k / top-p / min-p (else no sort)
+    max_logprobs: int | None  # most top-k logprobs any row asks for; None: no row asks
+    want_logprobs: list[bool]  # per row
+
+    @classmethod
+    def build(cls, specs: list[SamplingSpec], device: torch.device) -> "SamplingBatch":
+        """Packs per-row settings (host Python over the rows, two tensor copies)."""
+        floats = torch.tensor([(s.temperature, s.top_p, s.min_p) for s in specs],
+                              dtype=torch.float32).to(device, non_blocking=True)  # [N, 3]
+        ints = torch.tensor([(s.top_k, s.seed & ((1 << 63) - 1), s.step) for s in specs],
+                            dtype=torch.int64).to(device, non_blocking=True)  # [N, 3]
+        rand = [s.temperature > 0 for s in specs]
+        filt = any(r and (s.top_k > 0 or s.top_p < 1 or s.min_p > 0)
+                   for r, s in zip(rand, specs))
+        asks = [s.logprobs for s in specs if s.logprobs is not None]
+        return cls(floats[:, 0], floats[:, 1], floats[:, 2], ints[:, 0], ints[:, 1],
+                   ints[:, 2], any(rand), filt, max(asks) if asks else None,
+                   [s.logprobs is not None for s in specs])
+
+
+def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Next token per row, on the device.
+
+    Args:
+        logits: ``[N, V]`` float32 logits.
+        batch: the rows' settings.
+
+    Returns:
+        ``[N]`` int64 token ids.
+    """
+    greedy = logits.argmax(dim=-1)  # [N]
+    if not batch.any_random:
+        return greedy
+    n, vocab = logits.shape
+    temp = batch.temperature.clamp_min(1e-6).unsqueeze(1)  # [N, 1]
+    scores = logits / temp  # [N, V]
+    gumbel = -torch.log(-torch.log(uniform_noise(batch.seed, batch.step, vocab)))  # [N, V]
+    if batch.any_filter:
+        scores, order = scores.sort(dim=-1, descending=True)  # [N, V] each
+        rank = torch.arange(vocab, device=logits.device)  # [V]
+        k = torch.where(batch.top_k > 0, batch.top_k, vocab).unsqueeze(1)  # [N, 1]
+        scores = scores.masked_fill(rank >= k, float("-inf"))  # top-k
+        probs = scores.softmax(dim=-1)  # [N, V]
+        drop = probs.cumsum(dim=-1) - probs >= batch.top_p.unsqueeze(1)  # top-p
+        drop |= probs < batch.min_p.unsqueeze(1) * probs[:, :1]  # min-p (of the max)
+        drop[:, 0] = False  # the most likely token always stays
+        scores = scores.masked_fill(drop, float("-inf"))
+        pick = (scores + gumbel.gather(1, order)).argmax(dim=-1, keepdim=True)  # [N, 1]
+        drawn = order.gather(1, pick).squeeze(1)  # [N]
+    else:
+        drawn = (scores + gumbel).argmax(dim=-1)  # [N]
+    return torch.where(batch.temperature > 0, drawn, greedy)
 
 
 def sample(
     logits: torch.Tensor, seq_ids: list[int], specs: list[SamplingSpec]
 ) -> list[SampledToken]:
-    """Samples one token per row.
+    """Samples one token per row and returns them with the logprobs asked for.
+
+    Logprobs are of the model's raw distribution (before temperature and filters), as in
+    vLLM. The step's results reach the host in one transfer.
 
     Args:
-        logits: ``[N, V]`` float32 logits.
+        logits: ``[N, V]`` logits (any float dtype; sampled in float32).
         seq_ids: sequence id per row.
         specs: sampling settings per row.
     """
     logits = logits.float()
-    tokens = logits.argmax(dim=-1)  # [N] greedy by default
-    for i, spec in enumerate(specs):
-        if spec.temperature > 0:
-            tokens[i] = _sample_row(logits[i], spec)
-    out = [SampledToken(sid, int(t)) for sid, t in zip(seq_ids, tokens.tolist())]
-    want = [i for i, s in enumerate(specs) if s.logprobs is not None]
-    if want:
-        logp = torch.log_softmax(logits[want], dim=-1)  # [M, V]
-        for row, i in enumerate(want):
-            out[i].logprob = float(logp[row, out[i].token_id])
-            k = specs[i].logprobs
-            if k:
-                top = logp[row].topk(min(k, logp.shape[-1]))
-                out[i].top_logprobs = dict(zip(top.indices.tolist(), top.values.tolist()))
+    batch = SamplingBatch.build(specs, logits.device)
+    tokens = sample_tokens(logits, batch)  # [N]
+    if batch.max_logprobs is None:
+        return [SampledToken(sid, t) for sid, t in zip(seq_ids, tokens.tolist())]
+    logp = torch.log_softmax(logits, dim=-1)  # [N, V]
+    cols = [tokens.double().unsqueeze(1), logp.gather(1, tokens.unsqueeze(1)).double()]
+    k = min(batch.max_logprobs, logp.shape[-1])
+    if k:
+        top = logp.topk(k, dim=-1)  # [N, k]
+        cols += [top.indices.double(), top.values.double()]
+    rows = torch.cat(cols, dim=1).tolist()  # one device -> host transfer: [N, 2 + 2k]
+    out = []
+    for sid, spec, want, row in zip(seq_ids, specs, batch.want_logprobs, rows):
+        tok = SampledToken(sid, int(row[0]))
+        if want:
+            tok.logprob = row[1]
+            kk = min(spec.logprobs, k)
+            tok.top_logprobs = dict(zip(map(int, row[2:2 + kk]), row[2 + k:2 + k + kk]))
+        out.append(tok)
     return out
-
-
-def _sample_row(row: torch.Tensor, spec: SamplingSpec) -> int:
-    scores = row / spec.temperature  # [V]
-    if 0 < spec.top_k < scores.shape[-1]:
-        kth = scores.topk(spec.top_k).values[-1]
-        scores = scores.masked_fill(scores < kth, _MASK)
-    if spec.top_p < 1.0:
-        sorted_scores, order = scores.sort(descending=True)
-        probs = sorted_scores.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= spec.top_p  # keep the smallest set reaching top_p
-        scores = scores.masked_fill(drop.scatter(0, order, drop), _MASK)
-    gen = torch.Generator().manual_seed((spec.seed * 0x9E3779B1 + spec.step) % (2**63))
-    u = torch.rand(scores.shape, generator=gen, dtype=torch.float64).clamp_(1e-12, 1 - 1e-12)
-    gumbel = -torch.log(-torch.log(u))  # [V]
-    return int((scores.double().cpu() + gumbel).argmax())

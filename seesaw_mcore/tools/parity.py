@@ -48,15 +48,14 @@ def run_layout(
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
     src = runner.last_stage_rank()
     flat = [t for p in prompts for t in p]
-    positions = [i for n in lens for i in range(n)]
-    logits = runner.forward(flat, positions, lens, lens, tables, list(range(len(flat))))
+    logits = runner.forward(flat, lens, lens, tables, list(range(len(flat))))
     all_logits = _bcast(logits, (len(flat), cfg.vocab_size), src)  # [T, V]
     ends = torch.tensor(lens).cumsum(0) - 1
     next_tok = all_logits[ends].argmax(-1)  # [B]
     generated = [next_tok]
     ctx = list(lens)
     for _ in range(max_new - 1):
-        logits = runner.forward(next_tok.tolist(), ctx, [1] * len(ctx),
+        logits = runner.forward(next_tok.tolist(), [1] * len(ctx),
                                 [c + 1 for c in ctx], tables, list(range(len(ctx))))
         next_tok = _bcast(logits, (len(ctx), cfg.vocab_size), src).argmax(-1)
         generated.append(next_tok)

@@ -1,0 +1,121 @@
+"""Paged attention as one Triton kernel launch per layer (the CUDA path).
+
+Each program takes one sequence, one KV head and a tile of ``BLOCK_M`` rows, where a row is a
+(query token, query head of that KV head's GQA group) pair; it walks the sequence's context
+``BLOCK_N`` tokens at a time, reading K/V blocks in place through the block table, with an
+online softmax in float32. Causal within the context: the query at position ``p`` sees keys
+``0..p``. Decode (one query per sequence) and prefill (many) are the same kernel.
+
+Triton ships with PyTorch's CUDA build, so nothing here is pinned to a CUDA version. The
+kernel's code runs on CPU under ``TRITON_INTERPRET=1`` (the test suite does so against a
+dense reference).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from seesaw_mcore.model.attention import AttentionMetadata
+
+
+@triton.jit
+def _paged_attn_kernel(
+    Q, K, V, O, TABLES, CU_Q, SEQ_LENS, scale,
+    stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_ot, stride_oh, stride_bt,
+    HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    tile = tl.program_id(2)
+    q_start = tl.load(CU_Q + seq)
+    q_len = tl.load(CU_Q + seq + 1) - q_start
+    ctx = tl.load(SEQ_LENS + seq)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [M]
+    tok = rows // GROUP  # query token of each row
+    head = kvh * GROUP + rows % GROUP  # query head of each row
+    row_ok = tok < q_len
+    qpos = ctx - q_len + tok  # [M] position of each row's query
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < HEAD_DIM
+    q = tl.load(Q + (q_start + tok)[:, None] * stride_qt + head[:, None] * stride_qh + d[None],
+                mask=row_ok[:, None] & d_ok[None], other=0.0)  # [M, D]
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    last_tok = tl.minimum(q_len, (tile + 1) * BLOCK_M // GROUP + 1)
+    hi = ctx - q_len + last_tok  # keys this tile can see: positions < hi
+    for start in range(0, hi, BLOCK_N):
+        n = start + tl.arange(0, BLOCK_N)  # [N] key positions
+        n_ok = n < hi
+        blk = tl.load(TABLES + seq * stride_bt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
+        kv_off = blk * stride_kb + (n % PAGE) * stride_ks + kvh * stride_kh  # [N]
+        kv_mask = n_ok[:, None] & d_ok[None]
+        k = tl.load(K + kv_off[:, None] + d[None], mask=kv_mask, other=0.0)  # [N, D]
+        v = tl.load(V + kv_off[:, None] + d[None], mask=kv_mask, other=0.0)  # [N, D]
+        if IEEE:
+            s = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
+                       input_precision="ieee")  # [M, N]
+        else:
+            s = tl.dot(q, tl.trans(k))  # [M, N], float32 accumulation
+        s = s * scale
+        seen = (n[None] <= qpos[:, None]) & n_ok[None] & row_ok[:, None]
+        s = tl.where(seen, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])  # [M, N]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    tl.store(O + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None],
+             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None])
+
+
+def paged_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+    block_m: int = 16, block_n: int = 32,
+) -> torch.Tensor:
+    """Every query of the step against its sequence's cached context, one launch.
+
+    Args:
+        q: ``[T, Hq, D]`` queries.
+        k_cache: ``[num_blocks, block_size, Hkv, D]`` key blocks (this step's K written).
+        v_cache: ``[num_blocks, block_size, Hkv, D]`` value blocks.
+        meta: the step's metadata (``cu_query_lens``, ``seq_lens``, ``block_tables``).
+        block_m: rows per program (at least 16 for ``tl.dot``).
+        block_n: keys per inner iteration.
+
+    Returns:
+        ``[T, Hq, D]`` attention output in ``q``'s dtype.
+    """
+    t, hq, d = q.shape
+    # float32 inputs: exact (IEEE) dots, no TF32. bfloat16 under TRITON_INTERPRET: the
+    # interpreter's bf16 dot is wrong (it reads the bits as another type), so the CPU tests
+    # run that dtype's dots in float32; on GPUs bf16 dots use the tensor cores.
+    ieee = q.dtype == torch.float32 or (
+        q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+    _, page, hkv, _ = k_cache.shape
+    group = hq // hkv
+    if k_cache.stride(3) != 1 or q.stride(2) != 1:
+        raise ValueError("paged_attention_triton needs a contiguous head dimension")
+    out = torch.empty_like(q)
+    b = len(meta.query_lens)
+    tiles = triton.cdiv(meta.max_query_len * group, block_m)
+    tables = meta.block_tables
+    _paged_attn_kernel[(b, hkv, tiles)](
+        q, k_cache, v_cache, out, tables, meta.cu_query_lens, meta.seq_lens, d ** -0.5,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), tables.stride(0),
+        HEAD_DIM=d, GROUP=group, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(max(d, 16)), IEEE=ieee,
+    )
+    return out
