@@ -29,14 +29,31 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
-    """``auto`` -> float32 on CPU ranks (fast, exact), the checkpoint's dtype on GPUs."""
+    """``auto`` -> float32 on CPU ranks (fast, exact), the checkpoint's dtype on GPUs (float16
+    where the GPU has no bfloat16). Half precision runs on CPU ranks too (half the memory).
+
+    Raises:
+        SeesawError: an unknown name, or a dtype this rank's device cannot compute in.
+    """
+    device = groups.device()
+    acc = groups.accelerator()
     if name == "auto":
-        if groups.device().type == "cpu":
+        if device.type == "cpu":
             return torch.float32
-        return _DTYPES.get(cfg.torch_dtype, torch.bfloat16)
+        dtype = _DTYPES.get(cfg.torch_dtype, torch.bfloat16)
+        if dtype == torch.bfloat16 and not acc.is_bf16_supported():
+            return torch.float16
+        return dtype
     if name not in _DTYPES:
         raise SeesawError(f"dtype {name!r} is not one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    dtype = _DTYPES[name]
+    if device.type != "cpu":  # DeepSpeed's CPU accelerator under-reports; torch CPU has both
+        ok = {torch.bfloat16: acc.is_bf16_supported, torch.float16: acc.is_fp16_supported}
+        if dtype in ok and not ok[dtype]():
+            raise SeesawError(f"dtype {name} is not supported on this rank's device "
+                              f"({device}); use "
+                              f"{'float16' if dtype == torch.bfloat16 else 'float32'}")
+    return dtype
 
 
 def kv_bytes_per_block(

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
+from seesaw_mcore.model import attention
 from seesaw_mcore.model.attention import AttentionMetadata, paged_attention
 
 HQ, HKV, D, BS, NB = 4, 2, 8, 4, 32
@@ -16,7 +18,9 @@ def _dense(q, k, v):  # q [S, Hq, D], k/v [S, Hkv, D], causal over the whole seq
     return o[0].transpose(0, 1)
 
 
-def test_prefill_then_decode_then_multi_token_through_blocks():
+@pytest.mark.parametrize("pad_limit", [0.0, 1e9])  # CPU prefill: per-sequence calls / padded
+def test_prefill_then_decode_then_multi_token_through_blocks(monkeypatch, pad_limit):
+    monkeypatch.setattr(attention, "PAD_FLOPS_LIMIT", pad_limit)
     g = torch.Generator().manual_seed(0)
     lens = [5, 9, 1]
     perm = torch.randperm(NB, generator=g).tolist()
@@ -44,3 +48,13 @@ def test_prefill_then_decode_then_multi_token_through_blocks():
 def test_slot_mapping():
     meta = AttentionMetadata.build([2, 1], [2, 6], [[7], [3, 5]], BS, torch.device("cpu"))
     assert meta.slot_mapping.tolist() == [28, 29, 5 * BS + 1]
+
+
+def test_metadata_is_flat():
+    """Positions, slots, the padded block table and cumulative query lengths, per step."""
+    meta = AttentionMetadata.build([3, 1], [3, 6], [[7], [3, 5]], BS, torch.device("cpu"))
+    assert meta.positions.tolist() == [0, 1, 2, 5]
+    assert meta.block_tables.tolist() == [[7, 0], [3, 5]]
+    assert meta.cu_query_lens.tolist() == [0, 3, 4]
+    assert meta.seq_lens.tolist() == [3, 6]
+    assert not meta.fresh and not meta.decode

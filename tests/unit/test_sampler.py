@@ -1,0 +1,91 @@
+"""The batched sampler: batch invariance of seeded rows, filters (top-k, top-p, min-p) against
+a per-row reference, greedy rows, logprobs, and the counter-based noise."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from seesaw_mcore.engine.outputs import SamplingSpec
+from seesaw_mcore.runtime.sampler import sample, uniform_noise
+
+V = 50
+
+
+def spec(temperature=0.8, top_k=-1, top_p=1.0, seed=7, step=0, logprobs=None, min_p=0.0):
+    return SamplingSpec(temperature, top_k, top_p, seed, step, logprobs, min_p)
+
+
+def _logits(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, V, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_seeded_row_is_batch_invariant():
+    logits = _logits(6)
+    row = spec(top_k=10, top_p=0.9, seed=123, step=4)
+    alone = sample(logits[2:3], [0], [row])[0].token_id
+    others = [spec(seed=s, step=s, top_p=0.5) for s in range(6)]
+    for pos in range(6):  # the same row anywhere in a batch of mixed settings
+        specs = others[:pos] + [row] + others[pos + 1:]
+        batch = torch.cat([logits[:pos], logits[2:3], logits[pos + 1:]])
+        got = sample(batch, list(range(6)), specs)[pos].token_id
+        assert got == alone
+
+
+def test_draws_follow_the_distribution():
+    """Over many (seed, step) pairs a row's draws match softmax(logits / T)."""
+    logits = _logits(1, seed=3)[0, :8].unsqueeze(0) / 3
+    n = 4000
+    specs = [spec(temperature=0.7, seed=s % 40, step=s // 40) for s in range(n)]
+    toks = [t.token_id for t in sample(logits.expand(n, 8), list(range(n)), specs)]
+    freq = torch.bincount(torch.tensor(toks), minlength=8).float() / n
+    want = (logits[0] / 0.7).softmax(-1)
+    assert (freq - want).abs().max() < 0.03, (freq, want)
+
+
+@pytest.mark.parametrize("kind", ["top_k", "top_p", "min_p"])
+def test_filters_keep_only_allowed_tokens(kind):
+    logits = _logits(64, seed=5)
+    kw = {"top_k": dict(top_k=3), "top_p": dict(top_p=0.6), "min_p": dict(min_p=0.2)}[kind]
+    specs = [spec(temperature=1.5, seed=i, step=i, **kw) for i in range(64)]
+    toks = sample(logits, list(range(64)), specs)
+    for i, t in enumerate(toks):
+        probs = (logits[i] / 1.5).softmax(-1)
+        order = probs.argsort(descending=True)
+        if kind == "top_k":
+            allowed = set(order[:3].tolist())
+        elif kind == "top_p":
+            cum = probs[order].cumsum(0) - probs[order]
+            allowed = set(order[cum < 0.6].tolist())
+        else:
+            allowed = set(torch.nonzero(probs >= 0.2 * probs.max()).flatten().tolist())
+        assert t.token_id in allowed, (kind, i, t.token_id, allowed)
+
+
+def test_greedy_rows_are_argmax_and_logprobs_are_raw():
+    logits = _logits(4)
+    specs = [spec(temperature=0, logprobs=3), spec(temperature=1.0, logprobs=0),
+             spec(temperature=0), spec(temperature=0.5, logprobs=5)]
+    toks = sample(logits, [10, 11, 12, 13], specs)
+    assert [t.seq_id for t in toks] == [10, 11, 12, 13]
+    assert toks[0].token_id == int(logits[0].argmax()) == toks[0].token_id
+    assert toks[2].token_id == int(logits[2].argmax()) and toks[2].logprob is None
+    logp = torch.log_softmax(logits, -1)
+    for i, k in ((0, 3), (1, 0), (3, 5)):
+        t = toks[i]
+        assert math.isclose(t.logprob, float(logp[i, t.token_id]), abs_tol=1e-5)
+        assert list(t.top_logprobs) == logp[i].topk(k).indices.tolist() if k else not t.top_logprobs
+
+
+def test_noise_is_counter_based():
+    seed = torch.tensor([1, 1, 2], dtype=torch.int64)
+    step = torch.tensor([0, 1, 0], dtype=torch.int64)
+    u = uniform_noise(seed, step, 1000)
+    assert u.shape == (3, 1000) and u.dtype == torch.float32
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.03
+    assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
+    again = uniform_noise(seed[[2, 0]], step[[2, 0]], 1000)  # other rows, other order
+    assert torch.equal(again, u[[2, 0]])
+    assert torch.equal(uniform_noise(seed[:1], step[:1], 1000), u[:1])
