@@ -10,7 +10,6 @@ TORCH_INDEX ?=
 # apt-get needs root: sudo when not root.
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-export OMP_NUM_THREADS ?= 1
 export PYTHONUNBUFFERED := 1
 
 .PHONY: install demo test slurm-test parity clean

@@ -167,7 +167,6 @@ def _report(llm, totals: _Totals, elapsed: float, cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
 def main(cfg: DictConfig) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
         code = run(cfg)
     except SeesawError as e:  # raised identically on every rank: rank 0 reports it

@@ -411,7 +411,6 @@ def run(cfg: DictConfig) -> dict | None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     from seesaw_mcore.runtime import groups
 
     code = 0

@@ -58,8 +58,7 @@ def _launch(world: int) -> None:
         port = s.getsockname()[1]
     cmd = [launcher, "--no_local_rank", "--num_gpus", str(world), "--master_port", str(port),
            "--module", "seesaw_mcore.profile"]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)  # threads: groups.size_threads
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
         raise SeesawError(f"measuring the {world}-rank profile failed: {' | '.join(tail)}")

@@ -75,6 +75,29 @@ def local_world_size() -> int:
     return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
+def size_threads() -> tuple[int, str]:
+    """Sets this rank's torch intra-op threads to its share of the node's cores: the cores
+    this process may run on (``SLURM_CPUS_PER_TASK`` under Slurm) divided by the ranks on the
+    node, at least 1. ``OMP_NUM_THREADS``, when set, wins. Without this every rank starts one
+    thread per core, and two ranks on two cores run ~10x slower.
+
+    Returns:
+        ``(threads, why)``; rank 0 logs it once.
+    """
+    if os.environ.get("OMP_NUM_THREADS"):
+        n, why = torch.get_num_threads(), "OMP_NUM_THREADS"
+    else:
+        cores = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) * local_world_size() or len(
+            os.sched_getaffinity(0))
+        n = max(1, cores // local_world_size())
+        why = f"{cores} cores / {local_world_size()} ranks on this node"
+        torch.set_num_threads(n)
+    if os.environ.get("RANK", "0") == "0" and not getattr(size_threads, "_logged", False):
+        size_threads._logged = True
+        print(f"threads per rank: {n} ({why})", file=sys.stderr)
+    return n, why
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -98,6 +121,7 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        size_threads()
         import deepspeed
 
         acc = accelerator()

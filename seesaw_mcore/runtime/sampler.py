@@ -45,21 +45,25 @@ def _mix(z: torch.Tensor) -> torch.Tensor:
     return z ^ _shr(z, 31)
 
 
-def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab: int) -> torch.Tensor:
+def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab_ids: torch.Tensor
+                  ) -> torch.Tensor:
     """Counter-based uniforms in (0, 1).
 
     Args:
         seed: ``[N]`` int64 per-row seeds.
         step: ``[N]`` int64 index of the token being drawn in its completion.
-        vocab: vocabulary size ``V``.
+        vocab_ids: ``[V]`` (every row) or ``[N, K]`` (per row) int64 vocabulary indices.
 
     Returns:
-        ``[N, V]`` float32, a function of ``(seed, step, v)`` only.
+        ``[N, V]`` or ``[N, K]`` float32, each a function of ``(seed, step, vocab id)`` only.
     """
     key = _mix(_mix(seed * _GOLDEN + step * _STEP))  # [N]
-    idx = torch.arange(vocab, dtype=torch.int64, device=seed.device) * _GOLDEN  # [V]
-    bits = _mix(key.unsqueeze(1) + idx)  # [N, V]
+    bits = _mix(key.unsqueeze(1) + vocab_ids * _GOLDEN)  # [N, V] or [N, K]
     return (_shr(bits, 40).float() + 0.5) * (1.0 / (1 << 24))  # 24 random bits
+
+
+def _gumbel(batch: "SamplingBatch", vocab_ids: torch.Tensor) -> torch.Tensor:
+    return -torch.log(-torch.log(uniform_noise(batch.seed, batch.step, vocab_ids)))
 
 
 @dataclass
@@ -77,6 +81,7 @@ class SamplingBatch:
     step: torch.Tensor  # [N] int64
     any_random: bool  # some row samples (else argmax only)
     any_filter: bool  # some sampled row uses top-k / top-p / min-p (else no sort)
+    all_top_k: int  # every sampled row has top-k on: the largest k (0: some row has not)
     max_logprobs: int | None  # most top-k logprobs any row asks for; None: no row asks
     want_logprobs: list[bool]  # per row
 
@@ -91,8 +96,10 @@ class SamplingBatch:
         filt = any(r and (s.top_k > 0 or s.top_p < 1 or s.min_p > 0)
                    for r, s in zip(rand, specs))
         asks = [s.logprobs for s in specs if s.logprobs is not None]
+        ks = [s.top_k if s.top_k > 0 else 0 for r, s in zip(rand, specs) if r]
         return cls(floats[:, 0], floats[:, 1], floats[:, 2], ints[:, 0], ints[:, 1],
-                   ints[:, 2], any(rand), filt, max(asks) if asks else None,
+                   ints[:, 2], any(rand), filt, max(ks) if ks and min(ks) > 0 else 0,
+                   max(asks) if asks else None,
                    [s.logprobs is not None for s in specs])
 
 
@@ -112,21 +119,24 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     n, vocab = logits.shape
     temp = batch.temperature.clamp_min(1e-6).unsqueeze(1)  # [N, 1]
     scores = logits / temp  # [N, V]
-    gumbel = -torch.log(-torch.log(uniform_noise(batch.seed, batch.step, vocab)))  # [N, V]
-    if batch.any_filter:
-        scores, order = scores.sort(dim=-1, descending=True)  # [N, V] each
-        rank = torch.arange(vocab, device=logits.device)  # [V]
-        k = torch.where(batch.top_k > 0, batch.top_k, vocab).unsqueeze(1)  # [N, 1]
-        scores = scores.masked_fill(rank >= k, float("-inf"))  # top-k
-        probs = scores.softmax(dim=-1)  # [N, V]
-        drop = probs.cumsum(dim=-1) - probs >= batch.top_p.unsqueeze(1)  # top-p
-        drop |= probs < batch.min_p.unsqueeze(1) * probs[:, :1]  # min-p (of the max)
-        drop[:, 0] = False  # the most likely token always stays
-        scores = scores.masked_fill(drop, float("-inf"))
-        pick = (scores + gumbel.gather(1, order)).argmax(dim=-1, keepdim=True)  # [N, 1]
-        drawn = order.gather(1, pick).squeeze(1)  # [N]
+    if not batch.any_filter:
+        vocab_ids = torch.arange(vocab, device=logits.device)  # [V]
+        drawn = (scores + _gumbel(batch, vocab_ids)).argmax(dim=-1)  # [N]
+        return torch.where(batch.temperature > 0, drawn, greedy)
+    if 0 < batch.all_top_k < vocab:  # every sampled row keeps <= K tokens: no full sort
+        scores, order = scores.topk(batch.all_top_k, dim=-1)  # [N, K] each, descending
     else:
-        drawn = (scores + gumbel).argmax(dim=-1)  # [N]
+        scores, order = scores.sort(dim=-1, descending=True)  # [N, V] each
+    rank = torch.arange(scores.shape[1], device=logits.device)  # [K]
+    k = torch.where(batch.top_k > 0, batch.top_k, vocab).unsqueeze(1)  # [N, 1]
+    scores = scores.masked_fill(rank >= k, float("-inf"))  # top-k
+    probs = scores.softmax(dim=-1)  # [N, K]
+    drop = probs.cumsum(dim=-1) - probs >= batch.top_p.unsqueeze(1)  # top-p
+    drop |= probs < batch.min_p.unsqueeze(1) * probs[:, :1]  # min-p (of the max)
+    drop[:, 0] = False  # the most likely token always stays
+    scores = scores.masked_fill(drop, float("-inf"))
+    pick = (scores + _gumbel(batch, order)).argmax(dim=-1, keepdim=True)  # [N, 1]
+    drawn = order.gather(1, pick).squeeze(1)  # [N]
     return torch.where(batch.temperature > 0, drawn, greedy)
 
 

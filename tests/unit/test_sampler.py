@@ -82,10 +82,14 @@ def test_greedy_rows_are_argmax_and_logprobs_are_raw():
 def test_noise_is_counter_based():
     seed = torch.tensor([1, 1, 2], dtype=torch.int64)
     step = torch.tensor([0, 1, 0], dtype=torch.int64)
-    u = uniform_noise(seed, step, 1000)
+    ids = torch.arange(1000)
+    u = uniform_noise(seed, step, ids)
     assert u.shape == (3, 1000) and u.dtype == torch.float32
     assert 0 < u.min() and u.max() < 1 and abs(u.mean().item() - 0.5) < 0.03
     assert not torch.equal(u[0], u[1]) and not torch.equal(u[0], u[2])
-    again = uniform_noise(seed[[2, 0]], step[[2, 0]], 1000)  # other rows, other order
+    again = uniform_noise(seed[[2, 0]], step[[2, 0]], ids)  # other rows, other order
     assert torch.equal(again, u[[2, 0]])
-    assert torch.equal(uniform_noise(seed[:1], step[:1], 1000), u[:1])
+    assert torch.equal(uniform_noise(seed[:1], step[:1], ids), u[:1])
+    # per-row vocab ids (a top-k candidate list) draw the same values as the full row
+    cand = torch.tensor([[5, 900, 3], [7, 7, 0], [999, 1, 2]])
+    assert torch.equal(uniform_noise(seed, step, cand), u.gather(1, cand))
