@@ -28,6 +28,7 @@ from seesaw_mcore.model.loader import Checkpoint
 from seesaw_mcore.runtime import cluster, groups
 from seesaw_mcore.runtime.model_runner import ModelRunner, kv_bytes_per_block, resolve_dtype
 from seesaw_mcore.runtime.reshard import Resharder
+from seesaw_mcore.runtime.step_channel import StepChannel, recv_tokens, send_tokens
 from seesaw_mcore.runtime.weights import ShardStore
 
 @dataclass(frozen=True)
@@ -171,6 +172,7 @@ class Engine:
         self.phase = Phase.PREFILL
         self.resharder = Resharder(self.runner, self.plan)
         self.stats = EngineStats(swap=self.runner.transfer.stats)
+        self.channel = StepChannel(self.runner.device)  # step plans as tensors, no pickle
         # Set to a list to record, on rank 0, one ``TraceEvent`` per step and switch.
         self.trace: list[TraceEvent] | None = None
 
@@ -298,12 +300,12 @@ class Engine:
             if wd is None or not wd.failed_peers():  # a dead peer: the watchdog reports it
                 self.abort(str(e))
             raise
-        dist.broadcast_object_list([StepPlan([], stop=True)], src=0)
+        self.channel.send(StepPlan([], stop=True))
 
     def abort(self, message: str) -> None:
         """Rank 0, instead of or during ``run``: makes the workers' ``run`` raise
         ``message`` (so no rank waits for a step that never comes)."""
-        dist.broadcast_object_list([StepPlan([], stop=True, error=message)], src=0)
+        self.channel.send(StepPlan([], stop=True, error=message))
 
     def _schedulers(self):
         if self.plan.is_static:
@@ -347,7 +349,7 @@ class Engine:
                 if wd is not None:
                     wd.check_stop()  # a signal: stop between steps, nothing half done
                 step = sched.schedule()
-                dist.broadcast_object_list([step], src=0)
+                self.channel.send(step)
                 self._mark_phase(step)
                 if step.switch_to is not None:
                     self._switch(step)
@@ -433,16 +435,12 @@ class Engine:
             elif src == 0:
                 outputs.append(mine)
             else:
-                box = [None]
-                dist.recv_object_list(box, src=src)
-                outputs.append(box[0])
+                outputs.append(recv_tokens(plan.seqs, src, self.runner.device))
         return outputs
 
     def _work(self) -> None:
         while True:
-            box = [None]
-            dist.broadcast_object_list(box, src=0)
-            plan: StepPlan = box[0]
+            plan = self.channel.recv()
             self._mark_phase(plan)
             if plan.stop:
                 if plan.error:
@@ -456,7 +454,7 @@ class Engine:
                 continue
             out = self.runner.execute(mine)
             if out is not None:
-                dist.send_object_list([out], dst=0)
+                send_tokens(out, mine.seqs, 0, self.runner.device)
 
     def shutdown(self) -> None:
         """Unmaps the host tier and destroys the process groups."""

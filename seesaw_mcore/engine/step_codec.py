@@ -1,0 +1,152 @@
+"""The step plan and the sampled tokens as flat arrays: what rank 0 broadcasts each step and
+what a replica's last stage sends back, without pickling an object tree.
+
+``encode_step`` writes a ``StepPlan`` as one int64 array (floats by their bits, the rare error
+text as code points); ``decode_step`` reads it back into the same dataclasses. Sampled tokens
+travel as one float64 array ``[N, 2 + 2k]``: token id, logprob (NaN: not asked), then ``k``
+top ids and ``k`` top logprobs; the receiver knows ``N`` and ``k`` from the step it sent.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+
+from seesaw_mcore.engine.outputs import (
+    KVMove,
+    Phase,
+    SampledToken,
+    ScheduledSeq,
+    SamplingSpec,
+    SchedulerOutput,
+    StepPlan,
+)
+from seesaw_mcore.kv.host_tier import DISK, HOST, SlotRange
+
+_VERSION = 1
+_PHASES = [Phase.PREFILL, Phase.DECODE]
+_TIERS = [HOST, DISK]
+_F2I = struct.Struct("<d")
+_I = struct.Struct("<q")
+
+
+def _fbits(x: float) -> int:
+    return _I.unpack(_F2I.pack(x))[0]
+
+
+def _float(bits: int) -> float:
+    return _F2I.unpack(_I.pack(bits))[0]
+
+
+def encode_step(step: StepPlan) -> np.ndarray:
+    """``step`` as a flat int64 array (see ``decode_step``)."""
+    out: list[int] = [_VERSION, -1 if step.switch_to is None else _PHASES.index(step.switch_to),
+                      int(step.stop)]
+    err = [] if step.error is None else [ord(c) for c in step.error]
+    out += [len(err) if step.error is not None else -1, *err, len(step.replicas)]
+    for rep in step.replicas:
+        if rep is None:
+            out.append(0)
+            continue
+        out += [1, _PHASES.index(rep.phase), len(rep.micro_batches)]
+        for mb in rep.micro_batches:
+            out.append(len(mb))
+            for s in mb:
+                p = s.sampling
+                out += [s.seq_id, s.start_pos, len(s.token_ids), len(s.block_table),
+                        _fbits(p.temperature), p.top_k, _fbits(p.top_p), p.seed, p.step,
+                        -1 if p.logprobs is None else p.logprobs, _fbits(p.min_p)]
+                out += s.token_ids
+                out += s.block_table
+        for moves in (rep.evict, rep.swap_in, rep.swap_out):
+            out.append(len(moves))
+            for m in moves:
+                out += [m.seq_id, _TIERS.index(m.slots.tier), m.slots.start, m.slots.length,
+                        len(m.block_table), *m.block_table]
+    return np.asarray(out, dtype=np.int64)
+
+
+def decode_step(arr: np.ndarray) -> StepPlan:
+    """The ``StepPlan`` that ``encode_step`` wrote."""
+    v = arr.tolist()
+    if v[0] != _VERSION:
+        raise ValueError(f"step plan format {v[0]}, expected {_VERSION}")
+    switch_to = None if v[1] < 0 else _PHASES[v[1]]
+    stop = bool(v[2])
+    i = 4
+    error = None
+    if v[3] >= 0:
+        error = "".join(map(chr, v[i:i + v[3]]))
+        i += v[3]
+    n_rep = v[i]
+    i += 1
+    replicas: list[SchedulerOutput | None] = []
+    for _ in range(n_rep):
+        present, i = v[i], i + 1
+        if not present:
+            replicas.append(None)
+            continue
+        phase, n_mb = _PHASES[v[i]], v[i + 1]
+        i += 2
+        mbs = []
+        for _ in range(n_mb):
+            n_seq, i = v[i], i + 1
+            mb = []
+            for _ in range(n_seq):
+                sid, start, nt, nb, temp, top_k, top_p, seed, stp, lp, min_p = v[i:i + 11]
+                i += 11
+                spec = SamplingSpec(_float(temp), top_k, _float(top_p), seed, stp,
+                                    None if lp < 0 else lp, _float(min_p))
+                mb.append(ScheduledSeq(sid, v[i:i + nt], start, v[i + nt:i + nt + nb], spec))
+                i += nt + nb
+            mbs.append(mb)
+        lists = []
+        for _ in range(3):
+            n_mv, i = v[i], i + 1
+            moves = []
+            for _ in range(n_mv):
+                sid, tier, start, length, nb = v[i:i + 5]
+                moves.append(KVMove(sid, SlotRange(start, length, _TIERS[tier]),
+                                    v[i + 5:i + 5 + nb]))
+                i += 5 + nb
+            lists.append(moves)
+        replicas.append(SchedulerOutput(phase, mbs, *lists))
+    if i != len(v):
+        raise ValueError(f"step plan has {len(v) - i} trailing values")
+    return StepPlan(replicas, switch_to, stop, error)
+
+
+def token_width(seqs: list[ScheduledSeq]) -> int:
+    """Columns of the sampled-token array for these rows: ``2 + 2k``."""
+    asks = [s.sampling.logprobs for s in seqs if s.sampling.logprobs is not None]
+    return 2 + 2 * (max(asks) if asks else 0)
+
+
+def encode_tokens(tokens: list[SampledToken], width: int) -> np.ndarray:
+    """Sampled tokens as ``[N, width]`` float64 (token ids are exact in float64)."""
+    k = (width - 2) // 2
+    arr = np.full((len(tokens), width), math.nan)
+    for row, t in zip(arr, tokens):
+        row[0] = t.token_id
+        if t.logprob is not None:
+            row[1] = t.logprob
+            ids, vals = list(t.top_logprobs), list(t.top_logprobs.values())
+            row[2:2 + len(ids)] = ids
+            row[2 + k:2 + k + len(vals)] = vals
+    return arr
+
+
+def decode_tokens(arr: np.ndarray, seqs: list[ScheduledSeq]) -> list[SampledToken]:
+    """The tokens ``encode_tokens`` wrote, for the rows ``seqs`` (in order)."""
+    k = (arr.shape[1] - 2) // 2
+    out = []
+    for row, s in zip(arr.tolist(), seqs):
+        tok = SampledToken(s.seq_id, int(row[0]))
+        n = s.sampling.logprobs
+        if n is not None:
+            tok.logprob = row[1]
+            tok.top_logprobs = dict(zip(map(int, row[2:2 + n]), row[2 + k:2 + k + n]))
+        out.append(tok)
+    return out

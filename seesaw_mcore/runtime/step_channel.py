@@ -1,0 +1,81 @@
+"""Moving step plans and sampled tokens between ranks as tensors (``engine/step_codec.py``).
+
+Rank 0 broadcasts each step as one int64 tensor of a capacity every rank knows (one
+collective per step; a plan that outgrows it announces the new capacity first). A replica's
+last stage sends its sampled tokens to rank 0 as one float64 tensor whose shape rank 0 knows
+from the step. A world of one rank moves nothing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from seesaw_mcore.engine.outputs import RunnerOutput, ScheduledSeq, StepPlan
+from seesaw_mcore.engine.step_codec import (
+    decode_step,
+    decode_tokens,
+    encode_step,
+    encode_tokens,
+    token_width,
+)
+
+
+class StepChannel:
+    """Rank 0 -> every rank: one step plan per ``send`` / ``recv``.
+
+    Args:
+        device: where collectives take their tensors (the rank's device under NCCL).
+        capacity: int64 slots broadcast per step; grows (on every rank) when a plan needs it.
+    """
+
+    def __init__(self, device: torch.device, capacity: int = 4096) -> None:
+        self.device, self.capacity = device, capacity
+        self.last_bytes = 0  # payload of the last step sent (encoded plan)
+
+    def send(self, step: StepPlan) -> None:
+        """Rank 0: broadcasts ``step``."""
+        arr = encode_step(step)
+        self.last_bytes = arr.nbytes
+        if dist.get_world_size() == 1:
+            return
+        n = len(arr)
+        if n + 1 > self.capacity:  # announce the larger capacity, then send
+            grown = 1 << n.bit_length()
+            self._broadcast(torch.tensor([-grown], dtype=torch.int64))
+            self.capacity = grown
+        buf = torch.empty(self.capacity, dtype=torch.int64)
+        buf[0] = n
+        buf[1:n + 1] = torch.from_numpy(arr)
+        self._broadcast(buf)
+
+    def recv(self) -> StepPlan:
+        """Other ranks: the next step rank 0 sent."""
+        while True:
+            buf = self._broadcast(torch.empty(self.capacity, dtype=torch.int64))
+            n = int(buf[0])
+            if n >= 0:
+                return decode_step(buf[1:n + 1].numpy())
+            self.capacity = -n
+
+    def _broadcast(self, host: torch.Tensor) -> torch.Tensor:
+        if host.numel() < self.capacity:
+            host = torch.cat([host, host.new_zeros(self.capacity - host.numel())])
+        dev = host.to(self.device)
+        dist.broadcast(dev, src=0)
+        return dev.cpu()
+
+
+def send_tokens(out: RunnerOutput, seqs: list[ScheduledSeq], dst: int,
+                device: torch.device) -> None:
+    """A replica's last stage: its step's sampled tokens to ``dst``."""
+    arr = encode_tokens(out.tokens, token_width(seqs))
+    dist.send(torch.from_numpy(arr).to(device), dst=dst)
+
+
+def recv_tokens(seqs: list[ScheduledSeq], src: int, device: torch.device) -> RunnerOutput:
+    """Rank 0: the tokens replica rank ``src`` sampled for ``seqs``."""
+    buf = torch.empty(len(seqs), token_width(seqs), dtype=torch.float64, device=device)
+    dist.recv(buf, src=src)
+    return RunnerOutput(decode_tokens(np.asarray(buf.cpu()), seqs))
