@@ -12,7 +12,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test slurm-test parity clean
+.PHONY: install demo test slurm-test parity clean gpu-wheels gpu-check
 
 install: $(STAMP)
 
@@ -55,3 +55,24 @@ slurm-test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) *.egg-info
+
+# The prepared GPU check, on one CUDA GPU whose Python already has torch, triton and
+# transformers and no network: the other packages come as wheels in .whl/ (`make gpu-wheels`
+# fetches them on a machine with network). Writes gpu_check.json to $OUT (or here).
+GPU_PY    ?= python3
+GPU_SITE  ?= /tmp/seesaw-site
+GPU_WHEELS = megatron-core==0.16.1 hydra-core==1.3.8 omegaconf==2.3.0 hjson pydantic \
+	pydantic-core annotated-types typing-inspection
+gpu-wheels:
+	mkdir -p .whl
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	@# sdist-only on PyPI: built here as pure-Python wheels
+	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+
+gpu-check:
+	$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PY) -m seesaw_mcore.tools.gpu_check \
+		--json $${OUT:-.}/gpu_check.json

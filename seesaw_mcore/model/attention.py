@@ -205,3 +205,30 @@ def _context_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     o = F.scaled_dot_product_attention(_pad(q, pad["idx"], b, qmax), keys, vals,
                                        attn_mask=pad["mask"], enable_gqa=True)
     return _unpad(o, pad["idx"])
+
+
+def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        query_lens: list[int], context_lens: list[int],
+                        block_tables: list[list[int]]) -> torch.Tensor:
+    """Dense float64 attention of each sequence's queries over its cached context (causal),
+    one sequence at a time: the reference the paged paths are checked against.
+
+    Args:
+        q: ``[T, Hq, D]`` queries; k_cache / v_cache: ``[NB, BS, Hkv, D]`` with the step's
+            K/V already written; the rest as in ``AttentionMetadata.build``.
+
+    Returns:
+        ``[T, Hq, D]`` float64.
+    """
+    hq, d = q.shape[1], q.shape[2]
+    hkv = k_cache.shape[2]
+    out, start = [], 0
+    for n, c, table in zip(query_lens, context_lens, block_tables):
+        k = k_cache[table].reshape(-1, hkv, d)[:c].double().repeat_interleave(hq // hkv, 1)
+        v = v_cache[table].reshape(-1, hkv, d)[:c].double().repeat_interleave(hq // hkv, 1)
+        s = torch.einsum("qhd,khd->hqk", q[start:start + n].double(), k) / d**0.5
+        start += n
+        seen = torch.arange(c)[None] <= torch.arange(c - n, c)[:, None]  # [n, c]
+        out.append(torch.einsum("hqk,khd->qhd", s.masked_fill(~seen, float("-inf")).softmax(-1),
+                                v))
+    return torch.cat(out)

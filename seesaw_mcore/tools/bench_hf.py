@@ -23,16 +23,21 @@ import torch
 from seesaw_mcore.tools.results import emit, machine
 
 
-def _hf_run(model, prompts: list[list[int]], max_tokens: int, batch: int) -> float:
+def _hf_run(model, prompts: list[list[int]], max_tokens: int, batch: int,
+            device: torch.device | None = None) -> float:
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(prompts), batch):
             chunk = prompts[i : i + batch]
             width = max(len(p) for p in chunk)
-            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk])  # left padding
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+            ids = torch.tensor([[0] * (width - len(p)) + p for p in chunk],
+                               device=device)  # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk],
+                                device=device)
             model.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_tokens,
                            min_new_tokens=max_tokens, eos_token_id=None, pad_token_id=0)
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start
 
 

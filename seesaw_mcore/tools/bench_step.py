@@ -71,6 +71,50 @@ def per_step(llm, batch: int, sampled: bool, short: int, long: int, prompt_len: 
             "ms_per_step": round(1e3 * (min(times_l) - min(times_s)) / steps, 3)}
 
 
+def plan_cost(batch: int = 256, context: int = 512, block_size: int = 16,
+              repeats: int = 50) -> dict:
+    """Bytes and host time of one decode step's plan at ``batch`` sequences of ``context``
+    tokens: the flat encoding (encode + decode) against pickling the same dataclasses, and
+    building the step's attention metadata and sampling tensors."""
+    import pickle  # noqa: S403 - only to measure what the codec replaced
+
+    from seesaw_mcore.engine.outputs import (
+        Phase,
+        SamplingSpec,
+        ScheduledSeq,
+        SchedulerOutput,
+        StepPlan,
+    )
+    from seesaw_mcore.engine.step_codec import decode_step, encode_step
+    from seesaw_mcore.model.attention import AttentionMetadata
+    from seesaw_mcore.runtime.sampler import SamplingBatch
+
+    nb = context // block_size
+    seqs = [ScheduledSeq(i, [5], context - 1, list(range(i * nb, (i + 1) * nb)),
+                         SamplingSpec(0.8, 40, 0.9, 1 << 40 | i, 7, None)) for i in range(batch)]
+    step = StepPlan([SchedulerOutput(Phase.DECODE, [seqs])])
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return round(1e3 * min(times), 3)
+
+    cpu = torch.device("cpu")
+    return {
+        "batch": batch, "context": context,
+        "plan_bytes": int(encode_step(step).nbytes),
+        "plan_encode_decode_ms": best(lambda: decode_step(encode_step(step))),
+        "pickle_bytes": len(pickle.dumps(step)),
+        "pickle_dumps_loads_ms": best(lambda: pickle.loads(pickle.dumps(step))),  # noqa: S301
+        "metadata_build_ms": best(lambda: AttentionMetadata.build(
+            [1] * batch, [context] * batch, [s.block_table for s in seqs], block_size, cpu)),
+        "sampling_build_ms": best(lambda: SamplingBatch.build([s.sampling for s in seqs], cpu)),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="models/tiny-llama")
@@ -93,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.batches:
             rows.append(per_step(llm, b, sampled, args.short, args.long, args.prompt_len, vocab))
     res = {"machine": machine(f"{torch.get_num_threads()} thread(s)"), "model": args.model,
-           "dtype": args.dtype, "rows": rows}
+           "dtype": args.dtype, "rows": rows, "plan_at_256": plan_cost()}
     lo, hi = min(args.batches), max(args.batches)
     for mode in ("greedy", "sampled"):
         by = {r["batch"]: r for r in rows if r["mode"] == mode}

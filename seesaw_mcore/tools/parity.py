@@ -106,6 +106,45 @@ def compare(ours: dict, ref: dict) -> dict:
     return {"max_abs_logit_diff": diff, "tokens_match": same}
 
 
+def check_logprobs_close(ours: list, ref: list) -> None:
+    """vLLM's closeness rule for half precision, per prompt ``(tokens, [logprobs per step])``:
+    identical greedy tokens, or at the first divergence each side's token is among the
+    other's top-k logprobs (later tokens are not compared).
+
+    Raises:
+        AssertionError: naming the prompt and position that break the rule.
+    """
+    for i, ((tok_a, lp_a), (tok_b, lp_b)) in enumerate(zip(ours, ref)):
+        assert len(tok_a) == len(tok_b), i
+        for pos, (a, b) in enumerate(zip(tok_a, tok_b)):
+            if a != b:
+                top_a = {int(t) for t in lp_a[pos]}
+                top_b = {int(t) for t in lp_b[pos]}
+                assert b in top_a, f"prompt {i} pos {pos}: reference {b} not in ours {top_a}"
+                assert a in top_b, f"prompt {i} pos {pos}: our {a} not in reference {top_b}"
+                break
+
+
+def hf_greedy_logprobs(model, prompts: list[list[int]], max_new: int, top: int = 5
+                       ) -> list[tuple[list[int], list[dict]]]:
+    """HF ``generate`` greedy tokens and the ``top`` logprobs at each step, for a loaded
+    ``transformers`` model (in its own dtype and device)."""
+    out = []
+    dev = next(model.parameters()).device
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p], device=dev)
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                               max_new_tokens=max_new, eos_token_id=None, pad_token_id=0,
+                               output_logits=True, return_dict_in_generate=True)
+            tops = []
+            for logits in g.logits:
+                t = torch.log_softmax(logits[0].float(), -1).topk(top)
+                tops.append(dict(zip(t.indices.tolist(), t.values.tolist())))
+            out.append((g.sequences[0, len(p):].tolist(), tops))
+    return out
+
+
 def tokenize_prompts(model_path: str, texts: list[str]) -> list[list[int]]:
     from transformers import AutoTokenizer
 

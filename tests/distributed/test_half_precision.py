@@ -10,6 +10,7 @@ import json
 import pytest
 import torch
 
+from seesaw_mcore.tools.parity import check_logprobs_close, hf_greedy_logprobs
 from tests.conftest import launch
 from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
 
@@ -32,42 +33,16 @@ def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
     return merged
 
 
-def hf_greedy_logprobs(path: str, dtype: torch.dtype) -> list[tuple[list[int], list[dict]]]:
-    """HF ``generate`` greedy tokens and the top-5 logprobs at each step, in ``dtype``."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
-    out = []
-    with torch.no_grad():
-        for p in PROMPTS:
-            ids = torch.tensor([p])
-            g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=MAX_TOKENS, eos_token_id=None, pad_token_id=0,
-                               output_logits=True, return_dict_in_generate=True)
-            tops = []
-            for logits in g.logits:
-                top = torch.log_softmax(logits[0].float(), -1).topk(TOP)
-                tops.append(dict(zip(top.indices.tolist(), top.values.tolist())))
-            out.append((g.sequences[0, len(p):].tolist(), tops))
-    return out
-
-
 @pytest.fixture(scope="module")
 def references(tiny_models) -> dict[str, list]:
-    return {d: hf_greedy_logprobs(tiny_models["llama"], getattr(torch, d)) for d in DTYPES}
+    from transformers import AutoModelForCausalLM
 
-
-def check_logprobs_close(ours: list, ref: list) -> None:
-    """vLLM's rule, per prompt: identical greedy tokens, or at the first divergence each
-    side's token is in the other's top-k logprobs (later tokens are not compared)."""
-    for i, ((tok_a, lp_a), (tok_b, lp_b)) in enumerate(zip(ours, ref)):
-        assert len(tok_a) == len(tok_b), i
-        for pos, (a, b) in enumerate(zip(tok_a, tok_b)):
-            if a != b:
-                top_a = {int(t) for t in lp_a[pos]}
-                assert b in top_a, f"prompt {i} pos {pos}: HF's {b} not in ours {top_a}"
-                assert a in lp_b[pos], f"prompt {i} pos {pos}: our {a} not in HF's {lp_b[pos]}"
-                break
+    refs = {}
+    for d in DTYPES:
+        model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=getattr(torch, d),
+                                                     use_safetensors=True)
+        refs[d] = hf_greedy_logprobs(model, PROMPTS, MAX_TOKENS, TOP)
+    return refs
 
 
 CASES = [(d, p) for d in DTYPES for p in ["T1", "T2", "P2", "P2:T2", "P2:T2+disk"]]

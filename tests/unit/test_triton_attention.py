@@ -14,27 +14,14 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from seesaw_mcore.model.attention import AttentionMetadata, paged_attention  # noqa: E402
+from seesaw_mcore.model.attention import (  # noqa: E402
+    AttentionMetadata,
+    paged_attention,
+    reference_attention,
+)
 from seesaw_mcore.model.triton_attention import paged_attention_triton  # noqa: E402
 
 BS, NB = 4, 48
-
-
-def _reference(q, k_cache, v_cache, qlens, ctx, tables):
-    """Dense float64 attention of each sequence's queries over its context (causal)."""
-    hq, d = q.shape[1], q.shape[2]
-    hkv = k_cache.shape[2]
-    out, start = [], 0
-    for n, c, table in zip(qlens, ctx, tables):
-        k = k_cache[table].reshape(-1, hkv, d)[:c].double().repeat_interleave(hq // hkv, 1)
-        v = v_cache[table].reshape(-1, hkv, d)[:c].double().repeat_interleave(hq // hkv, 1)
-        qq = q[start:start + n].double()
-        start += n
-        s = torch.einsum("qhd,khd->hqk", qq, k) / d**0.5
-        seen = torch.arange(c)[None] <= torch.arange(c - n, c)[:, None]  # [n, c]
-        s = s.masked_fill(~seen, float("-inf"))
-        out.append(torch.einsum("hqk,khd->qhd", s.softmax(-1), v))
-    return torch.cat(out)
 
 
 def _case(dtype, qlens, ctx, hq, hkv, d, seed=0):
@@ -64,7 +51,7 @@ def test_mixed_batch_matches_dense(dtype, heads):
     q, kc, vc, tables = _case(dtype, qlens, ctx, hq, hkv, d)
     meta = AttentionMetadata.build(qlens, ctx, tables, BS, torch.device("cpu"))
     out = paged_attention_triton(q, kc, vc, meta)
-    ref = _reference(q, kc, vc, qlens, ctx, tables)
+    ref = reference_attention(q, kc, vc, qlens, ctx, tables)
     assert out.dtype == dtype and out.shape == q.shape
     torch.testing.assert_close(out.double(), ref, rtol=TOL[dtype], atol=TOL[dtype])
 
@@ -75,7 +62,7 @@ def test_tile_sizes(block_n):
     q, kc, vc, tables = _case(torch.float32, qlens, ctx, 4, 2, 16, seed=1)
     meta = AttentionMetadata.build(qlens, ctx, tables, BS, torch.device("cpu"))
     out = paged_attention_triton(q, kc, vc, meta, block_n=block_n)
-    torch.testing.assert_close(out.double(), _reference(q, kc, vc, qlens, ctx, tables),
+    torch.testing.assert_close(out.double(), reference_attention(q, kc, vc, qlens, ctx, tables),
                                rtol=1e-5, atol=1e-5)
 
 
