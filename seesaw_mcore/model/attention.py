@@ -7,11 +7,13 @@ and V), then every query of the step attends in one call:
 - on CUDA, a Triton kernel (``model/triton_attention.py``) reads the K/V blocks in place
   through the block tables, for decode and prefill alike (varlen queries, GQA, causal
   within each sequence's context);
-- on CPU, one batched SDPA call: decode reads each sequence's blocks through the padded
-  block table (one gather of the batch), prefill pads the step's fresh K/V to the longest
-  prompt. A prefill whose padding would more than double the attention FLOPs (very mixed
-  prompt lengths) runs one SDPA call per sequence instead: on a CPU those FLOPs cost more
-  than the calls, and prefill steps are few and compute-bound.
+- on CPU, decode (and any step over cached context) is one C++ call reading the blocks in
+  place (``model/cpu_attention.py``); where that extension cannot be built, one batched SDPA
+  call over the context gathered through the padded block tables. A fresh prefill is one
+  SDPA call over the step's K/V padded to the longest prompt; one whose padding would more
+  than double the attention FLOPs (very mixed prompt lengths) runs one SDPA call per
+  sequence instead: on a CPU those FLOPs cost more than the calls, and prefill steps are few
+  and compute-bound.
 
 ``AttentionMetadata`` is built once per step from flat arrays (NumPy, no per-sequence tensor)
 and shared by every layer of the stage.
@@ -126,6 +128,11 @@ def paged_attention(
         return paged_attention_triton(q, k_cache, v_cache, meta)
     if meta.fresh:
         return _prefill_cpu(q, k, v, meta)
+    from seesaw_mcore.model import cpu_attention
+
+    if cpu_attention.available():
+        return cpu_attention.paged_attention_cpu(q, k_cache, v_cache, meta.block_tables,
+                                                 meta.cu_query_lens, meta.seq_lens)
     return _context_cpu(q, k_cache, v_cache, meta)
 
 

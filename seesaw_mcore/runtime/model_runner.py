@@ -18,6 +18,7 @@ from seesaw_mcore.kv.disk_tier import DiskKVTier
 from seesaw_mcore.kv.host_tier import DISK, HOST, HostKVBuffer, SlotRange
 from seesaw_mcore.kv.layout import KVShardLayout
 from seesaw_mcore.kv.transfer import KVTransfer
+from seesaw_mcore.model import cpu_attention
 from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
 from seesaw_mcore.model.loader import Checkpoint
@@ -117,6 +118,8 @@ class ModelRunner:
         self.cfg, self.plan, self.dtype, self.block_size = cfg, plan, dtype, block_size
         groups.prepare([plan.prefill, plan.decode])
         self.device = groups.device()
+        if self.device.type == "cpu":  # build (once per machine) before the first step
+            cpu_attention.available()
         self.store = store or ShardStore(Checkpoint(cfg), plan, dist.get_rank(), dtype)
         self.kv_layouts = {lay: KVShardLayout(lay, cfg.num_layers, cfg.num_kv_heads)
                            for lay in (plan.prefill, plan.decode)}

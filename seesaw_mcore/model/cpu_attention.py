@@ -1,0 +1,147 @@
+"""Paged attention for CPU ranks: one C++ call per layer over the whole step, reading K/V
+blocks in place through the block tables (no gather of the context, no padding).
+
+Each (sequence, KV head) is one work item of ``at::parallel_for`` (the rank's intra-op
+threads): a first pass over its context computes the scores of every query of the GQA group
+(float32), a causal softmax per query, and a second pass accumulates the values. The memory
+traffic is the context's K and V read once, which is what a CPU decode step is bound by; a
+fresh prefill (long queries, compute-bound) stays on SDPA, whose kernels are blocked for
+that. Built once per machine with ``torch.utils.cpp_extension`` (cached under
+``TORCH_EXTENSIONS_DIR``), like DeepSpeed's own CPU ops; ``make install`` builds it up front.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <vector>
+
+template <typename T>
+static void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                const at::Tensor& tables, const at::Tensor& cu_q, const at::Tensor& lens,
+                at::Tensor& out, double scale) {
+  const int64_t B = lens.size(0), HQ = q.size(1), D = q.size(2);
+  const int64_t BS = kc.size(1), HKV = kc.size(2), G = HQ / HKV, W = tables.size(1);
+  const int64_t sqt = q.stride(0), sqh = q.stride(1), sot = out.stride(0), soh = out.stride(1);
+  const int64_t skb = kc.stride(0), sks = kc.stride(1), skh = kc.stride(2);
+  const int64_t svb = vc.stride(0), svs = vc.stride(1), svh = vc.stride(2);
+  const T* Q = q.data_ptr<T>();
+  const T* K = kc.data_ptr<T>();
+  const T* V = vc.data_ptr<T>();
+  T* O = out.data_ptr<T>();
+  const int32_t* TB = tables.data_ptr<int32_t>();
+  const int32_t* CU = cu_q.data_ptr<int32_t>();
+  const int32_t* L = lens.data_ptr<int32_t>();
+  at::parallel_for(0, B * HKV, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, sc, acc;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / HKV, h = item % HKV;
+      const int64_t q0 = CU[b], nq = CU[b + 1] - CU[b], ctx = L[b], rows = nq * G;
+      qf.assign(rows * D, 0.f);
+      sc.assign(rows * ctx, -INFINITY);
+      acc.assign(rows * D, 0.f);
+      for (int64_t r = 0; r < rows; ++r) {  // query rows of this KV head, as float
+        const T* src = Q + (q0 + r / G) * sqt + (h * G + r % G) * sqh;
+        for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]) * scale;
+      }
+      for (int64_t j = 0; j < ctx; ++j) {  // pass 1: scores, K read in place
+        const T* kr = K + TB[b * W + j / BS] * skb + (j % BS) * sks + h * skh;
+        for (int64_t r = 0; r < rows; ++r) {
+          if (j > ctx - nq + r / G) continue;  // causal: query at ctx - nq + t sees keys <= it
+          const float* qr = qf.data() + r * D;
+          float s = 0.f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < D; ++d) s += qr[d] * static_cast<float>(kr[d]);
+          sc[r * ctx + j] = s;
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {  // softmax per query row
+        float* s = sc.data() + r * ctx;
+        float m = -INFINITY, sum = 0.f;
+        for (int64_t j = 0; j < ctx; ++j) m = std::max(m, s[j]);
+        for (int64_t j = 0; j < ctx; ++j) { s[j] = std::exp(s[j] - m); sum += s[j]; }
+        const float inv = 1.f / sum;
+        for (int64_t j = 0; j < ctx; ++j) s[j] *= inv;
+      }
+      for (int64_t j = 0; j < ctx; ++j) {  // pass 2: values, V read in place
+        const T* vr = V + TB[b * W + j / BS] * svb + (j % BS) * svs + h * svh;
+        for (int64_t r = 0; r < rows; ++r) {
+          const float p = sc[r * ctx + j];
+          if (p == 0.f) continue;
+          float* a = acc.data() + r * D;
+#pragma omp simd
+          for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(vr[d]);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* dst = O + (q0 + r / G) * sot + (h * G + r % G) * soh;
+        for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<T>(acc[r * D + d]);
+      }
+    }
+  });
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                           const at::Tensor& tables, const at::Tensor& cu_q,
+                           const at::Tensor& lens, double scale) {
+  TORCH_CHECK(q.stride(2) == 1 && kc.stride(3) == 1 && vc.stride(3) == 1,
+              "paged_attention: the head dimension must be contiguous");
+  TORCH_CHECK(tables.scalar_type() == at::kInt && cu_q.scalar_type() == at::kInt &&
+              lens.scalar_type() == at::kInt, "paged_attention: int32 metadata expected");
+  auto out = at::empty_like(q);
+  auto t = tables.contiguous(), c = cu_q.contiguous(), l = lens.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attn", [&] {
+    run<scalar_t>(q, kc, vc, t, c, l, out, scale);
+  });
+  return out;
+}
+"""
+
+
+@functools.cache
+def _ext():
+    from torch.utils.cpp_extension import load_inline
+
+    return load_inline(name="seesaw_paged_attention_cpu", cpp_sources=[_SOURCE],
+                       functions=["paged_attention"], extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                       extra_ldflags=["-fopenmp"], verbose=False)
+
+
+@functools.cache
+def available() -> bool:
+    """Builds (or loads the cached build of) the extension; False, with one warning, where
+    it cannot be built (no C++ compiler): attention then gathers the context instead."""
+    try:
+        _ext()
+        return True
+    except (RuntimeError, OSError, ImportError) as e:
+        import warnings
+
+        warnings.warn(f"the CPU paged-attention extension could not be built ({e}); "
+                      f"decode attention gathers each step's context instead (slower)",
+                      stacklevel=2)
+        return False
+
+
+def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                        block_tables: torch.Tensor, cu_query_lens: torch.Tensor,
+                        seq_lens: torch.Tensor) -> torch.Tensor:
+    """Every query of the step against its sequence's cached context, one call.
+
+    Args:
+        q: ``[T, Hq, D]`` queries.
+        k_cache / v_cache: ``[NB, BS, Hkv, D]`` blocks (this step's K/V already written).
+        block_tables: ``[B, NBmax]`` int32; cu_query_lens: ``[B + 1]`` int32;
+            seq_lens: ``[B]`` int32 context lengths.
+
+    Returns:
+        ``[T, Hq, D]`` in ``q``'s dtype (float32 accumulation).
+    """
+    return _ext().paged_attention(q, k_cache, v_cache, block_tables, cu_query_lens, seq_lens,
+                                  q.shape[-1] ** -0.5)
