@@ -8,6 +8,10 @@ import sys
 
 import pytest
 
+# Triton kernels run on CPU through Triton's interpreter; set before anything (DeepSpeed
+# imports triton when it is installed) imports triton in this process.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VENV_BIN = os.path.dirname(sys.executable)
 

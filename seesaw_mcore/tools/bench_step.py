@@ -74,10 +74,8 @@ def per_step(llm, batch: int, sampled: bool, short: int, long: int, prompt_len: 
 def plan_cost(batch: int = 256, context: int = 512, block_size: int = 16,
               repeats: int = 50) -> dict:
     """Bytes and host time of one decode step's plan at ``batch`` sequences of ``context``
-    tokens: the flat encoding (encode + decode) against pickling the same dataclasses, and
-    building the step's attention metadata and sampling tensors."""
-    import pickle  # noqa: S403 - only to measure what the codec replaced
-
+    tokens: the flat encoding (encode + decode, what every rank pays per step), and building
+    the step's attention metadata and sampling tensors."""
     from seesaw_mcore.engine.outputs import (
         Phase,
         SamplingSpec,
@@ -107,8 +105,6 @@ def plan_cost(batch: int = 256, context: int = 512, block_size: int = 16,
         "batch": batch, "context": context,
         "plan_bytes": int(encode_step(step).nbytes),
         "plan_encode_decode_ms": best(lambda: decode_step(encode_step(step))),
-        "pickle_bytes": len(pickle.dumps(step)),
-        "pickle_dumps_loads_ms": best(lambda: pickle.loads(pickle.dumps(step))),  # noqa: S301
         "metadata_build_ms": best(lambda: AttentionMetadata.build(
             [1] * batch, [context] * batch, [s.block_table for s in seqs], block_size, cpu)),
         "sampling_build_ms": best(lambda: SamplingBatch.build([s.sampling for s in seqs], cpu)),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: run kernels on CPU
+os.environ.setdefault("TRITON_INTERPRET", "1")  # conftest sets it before any triton import
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
