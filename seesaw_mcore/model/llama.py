@@ -20,7 +20,14 @@ from torch import nn
 
 from seesaw_mcore.config import ModelConfig, padded_vocab_size, split_layers
 from seesaw_mcore.model.attention import AttentionMetadata, paged_attention
-from seesaw_mcore.model.layers import ColumnLinear, RMSNorm, Rotary, RowLinear, TPAllReduce
+from seesaw_mcore.model.layers import (
+    ColumnLinear,
+    RMSNorm,
+    Rotary,
+    RowLinear,
+    TPAllReduce,
+    _CPUPacked,
+)
 from seesaw_mcore.runtime.groups import RankInfo
 
 
@@ -197,4 +204,7 @@ class LlamaStage(nn.Module):
                 copied += t.numel() * t.element_size()
             p.data = t
         self.to(device)  # buffers (rotary tables)
+        for m in self.modules():
+            if isinstance(m, _CPUPacked):
+                m.pack_for_cpu()
         return copied

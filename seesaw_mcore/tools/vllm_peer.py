@@ -55,8 +55,9 @@ def serve_vllm(work: str, model: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    # no prefix caching: this engine has none, and the rounds repeat the same prompts
     llm = LLM(model=model, dtype="float32", skip_tokenizer_init=True, seed=0,
-              max_model_len=1024)
+              max_model_len=1024, enable_prefix_caching=False)
 
     def generate(prompts, max_tokens):
         sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
