@@ -52,9 +52,11 @@ class TPAllReduce:
 
 
 class _CPUPacked:
-    """float32 weights on CPU ranks run through oneDNN with the weight packed once
-    (``mkldnn._reorder_linear_weight``): 2.2-2.7x ``F.linear`` on this project's AMD machines,
-    where MKL's sgemm takes its AVX2 path (bf16 ``F.linear`` already uses oneDNN)."""
+    """Opt-in (``SEESAW_CPU_PACKED_LINEAR=1``): float32 weights on CPU ranks run through oneDNN
+    with the weight packed once (``mkldnn._reorder_linear_weight``): 2.2-2.7x ``F.linear`` on
+    this project's AMD machines, where MKL's sgemm takes its AVX2 path (bf16 ``F.linear``
+    already uses oneDNN). Off by default: it costs ~110-240 MB per rank (packed copies and
+    oneDNN's per-shape kernels) and has not yet passed the full suite's memory bound."""
 
     packed: torch.Tensor | None = None
 
@@ -63,7 +65,7 @@ class _CPUPacked:
         w = self.weight
         ok = (w.device.type == "cpu" and w.dtype == torch.float32
               and torch.backends.mkldnn.is_available()
-              and os.environ.get("SEESAW_CPU_PACKED_LINEAR", "1") != "0")
+              and os.environ.get("SEESAW_CPU_PACKED_LINEAR", "0") == "1")
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None) if ok else None
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
