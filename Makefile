@@ -30,10 +30,9 @@ $(STAMP): pyproject.toml
 	@test -e /usr/include/libaio.h || $(SUDO) apt-get install -y -q libaio-dev >/dev/null \
 		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q libaio-dev >/dev/null) \
 		|| echo "warning: could not install libaio-dev; the disk KV tier (cache.disk_path) will be unavailable"
-	@$(PY) -c "from deepspeed.ops.op_builder import AsyncIOBuilder as B; b = B(); \
-		b.is_compatible(False) and b.load(verbose=False)" 2>&1 | grep -v "WARNING\|^$$" || true
-	@# The CPU paged-attention extension (model/cpu_attention.py), built once per machine.
-	@$(PY) -c "from seesaw_mcore.model import cpu_attention as c; c.available()"
+	@# The AIO op and the CPU paged-attention kernel, built once per environment under
+	@# .venv/torch_extensions (runtime/jit_ops.py).
+	@$(PY) -m seesaw_mcore.runtime.jit_ops 2>&1 | grep -v "WARNING\|^$$" || true
 	@touch $(STAMP)
 
 # The main job: Seesaw P2 -> T2 on two ranks; a small host KV tier makes it switch a few times.

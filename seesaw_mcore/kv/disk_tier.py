@@ -36,13 +36,15 @@ def load_aio():
     """
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
+    from seesaw_mcore.runtime.jit_ops import load_op
+
     builder = AsyncIOBuilder()
     if not builder.is_compatible(verbose=False):
         raise SeesawError(
             "cache.disk_path needs DeepSpeed AIO, which needs libaio (Debian/Ubuntu: apt-get "
             "install libaio-dev; RHEL: yum install libaio-devel); unset cache.disk_path to "
             "run without the disk tier")
-    return builder.load(verbose=False)
+    return load_op(builder.name, lambda: builder.load(verbose=False))
 
 
 def page_tokens(head_dim: int, dtype: torch.dtype) -> int:

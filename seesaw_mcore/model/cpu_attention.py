@@ -6,8 +6,9 @@ threads): a first pass over its context computes the scores of every query of th
 (float32), a causal softmax per query, and a second pass accumulates the values. The memory
 traffic is the context's K and V read once, which is what a CPU decode step is bound by; a
 fresh prefill (long queries, compute-bound) stays on SDPA, whose kernels are blocked for
-that. Built once per machine with ``torch.utils.cpp_extension`` (cached under
-``TORCH_EXTENSIONS_DIR``), like DeepSpeed's own CPU ops; ``make install`` builds it up front.
+that. Built once per environment with ``torch.utils.cpp_extension`` (cached under
+``TORCH_EXTENSIONS_DIR``: ``runtime/jit_ops.py``), like DeepSpeed's own CPU ops; ``make
+install`` builds it up front.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import functools
 
 import torch
 
+_NAME = "seesaw_paged_attention_cpu"
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -108,9 +110,12 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kc, const at::
 def _ext():
     from torch.utils.cpp_extension import load_inline
 
-    return load_inline(name="seesaw_paged_attention_cpu", cpp_sources=[_SOURCE],
-                       functions=["paged_attention"], extra_cflags=["-O3", "-march=native", "-fopenmp"],
-                       extra_ldflags=["-fopenmp"], verbose=False)
+    from seesaw_mcore.runtime.jit_ops import load_op
+
+    return load_op(_NAME, lambda: load_inline(
+        name=_NAME, cpp_sources=[_SOURCE], functions=["paged_attention"],
+        extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
+        verbose=False))
 
 
 @functools.cache

@@ -26,7 +26,7 @@ from seesaw_mcore.model.layers import (
     Rotary,
     RowLinear,
     TPAllReduce,
-    _CPUPacked,
+    CPUPackedLinear,
 )
 from seesaw_mcore.runtime.groups import RankInfo
 
@@ -205,6 +205,6 @@ class LlamaStage(nn.Module):
             p.data = t
         self.to(device)  # buffers (rotary tables)
         for m in self.modules():
-            if isinstance(m, _CPUPacked):
+            if isinstance(m, CPUPackedLinear):
                 m.pack_for_cpu()
         return copied
