@@ -60,25 +60,26 @@ def test_metadata_is_flat():
     assert not meta.fresh and not meta.decode
 
 
-def test_cpu_extension_matches_reference_and_fallback():
+@pytest.mark.parametrize("head_dim", [8, 64])  # 64: the kernel's compile-time head size
+def test_cpu_extension_matches_reference_and_fallback(head_dim):
     """The C++ CPU kernel (decode and multi-token steps over cached context, GQA, mixed
-    lengths, shuffled blocks; float32 and bfloat16) against the dense reference and against
-    the gather fallback."""
+    lengths, shuffled blocks, contexts longer than its prefetch distance; float32, bfloat16
+    and float16) against the dense reference and against the gather fallback."""
     from seesaw_mcore.model import cpu_attention
     from seesaw_mcore.model.attention import _context_cpu, reference_attention
 
     assert cpu_attention.available()
     g = torch.Generator().manual_seed(3)
-    qlens, ctx = [1, 1, 4, 1, 6], [4, 17, 9, 1, 30]
+    qlens, ctx = [1, 1, 4, 1, 6], [4, 17, 9, 1, 70]
     perm = torch.randperm(NB, generator=g).tolist()
     tables, used = [], 0
     for c in ctx:
         tables.append(perm[used:used + -(-c // BS)])
         used += len(tables[-1])
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
-        kc = torch.randn(NB, BS, HKV, D, generator=g).to(dtype)
-        vc = torch.randn(NB, BS, HKV, D, generator=g).to(dtype)
-        q = torch.randn(sum(qlens), HQ, D, generator=g).to(dtype)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        kc = torch.randn(NB, BS, HKV, head_dim, generator=g).to(dtype)
+        vc = torch.randn(NB, BS, HKV, head_dim, generator=g).to(dtype)
+        q = torch.randn(sum(qlens), HQ, head_dim, generator=g).to(dtype)
         meta = AttentionMetadata.build(qlens, ctx, tables, BS, torch.device("cpu"))
         out = cpu_attention.paged_attention_cpu(q, kc, vc, meta.block_tables,
                                                 meta.cu_query_lens, meta.seq_lens)
