@@ -72,19 +72,25 @@ class CPUPackedLinear:
               and torch.backends.mkldnn.is_available()
               and os.environ.get("SEESAW_CPU_PACKED_LINEAR", "1") != "0")
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None) if ok else None
+        self.packed_out_features = w.shape[0]
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed is None:
             return F.linear(x, self.weight, bias)
-        if x.shape[0] <= PACKED_TILE_ROWS:
+        m = x.shape[0]
+        if m <= PACKED_TILE_ROWS:
             return self._packed_tile(x, bias)
-        return torch.cat([self._packed_tile(t, bias) for t in x.split(PACKED_TILE_ROWS)])
+        out = x.new_empty(m, self.packed_out_features)  # [m, out]
+        for s in range(0, m, PACKED_TILE_ROWS):  # each tile copied while still in cache
+            out[s:s + PACKED_TILE_ROWS] = self._packed_tile(x[s:s + PACKED_TILE_ROWS], bias)
+        return out
 
     def _packed_tile(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         m = x.shape[0]
         rows = _row_bucket(m)
-        if rows != m:
-            x = F.pad(x, (0, 0, 0, rows - m))  # [rows, in]
+        if rows == m:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
+        x = F.pad(x, (0, 0, 0, rows - m))  # [rows, in]
         out = torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         return out[:m]  # [m, out]
 
@@ -116,7 +122,15 @@ class RowLinear(CPUPackedLinear, tensor_parallel.RowParallelLinear):
         self.reduce = TPAllReduce(self.tp_group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        out = self.reduce(self._linear(x, None))  # [T, out]
+        return self.finish(self._linear(x, None))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's partial product ``[T, out]``, before the TP sum and the bias."""
+        return self._linear(x, None)
+
+    def finish(self, partial: torch.Tensor) -> torch.Tensor:
+        """Sums partial products over TP (in place) and adds the bias: ``[T, out]``."""
+        out = self.reduce(partial)
         return out + self.bias if self.bias is not None else out
 
 

@@ -23,8 +23,10 @@ import torch
 from seesaw_mcore.tools.results import emit, machine
 
 
-def _hf_run(model, prompts: list[list[int]], max_tokens: int, batch: int,
-            device: torch.device | None = None) -> float:
+def hf_generate_timed(model, prompts: list[list[int]], max_tokens: int, batch: int,
+                      device: torch.device | None = None) -> float:
+    """Seconds for HF ``generate`` over ``prompts`` in left-padded batches of ``batch``
+    (greedy, EOS ignored: exactly ``max_tokens`` each)."""
     start = time.perf_counter()
     with torch.no_grad():
         for i in range(0, len(prompts), batch):
@@ -82,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                               use_safetensors=True).eval()
     llm = LLM(path, prefill="T1", kv_cache_gib=2.0)
-    _hf_run(hf, prompts[:2], 4, args.hf_batch)  # warm-up both
+    hf_generate_timed(hf, prompts[:2], 4, args.hf_batch)  # warm-up both
     _engine_run(llm, prompts[:2], 4)
     hf_t, eng_t = [], []
     for _ in range(args.repeats):  # interleaved so machine drift hits both alike
-        hf_t.append(_hf_run(hf, prompts, args.max_tokens, args.hf_batch))
+        hf_t.append(hf_generate_timed(hf, prompts, args.max_tokens, args.hf_batch))
         eng_t.append(_engine_run(llm, prompts, args.max_tokens))
     gen = args.num_prompts * args.max_tokens
     res = {

@@ -44,6 +44,14 @@ def _wait_for(path: str, procs: list[subprocess.Popen], timeout: float, log: str
         time.sleep(0.05)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _workers(args, work: str, cores: str, threads: int) -> dict[str, list]:
     """Starts vLLM and this engine's workers pinned to ``cores``; name -> (procs, log)."""
     base = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -63,7 +71,8 @@ def _workers(args, work: str, cores: str, threads: int) -> dict[str, list]:
             cmd = [sys.executable, PEER, "engine", work, args.model, plan]
         else:
             cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--no_local_rank",
-                   "--num_gpus", str(ranks), PEER, "engine", work, args.model, plan]
+                   "--num_gpus", str(ranks), "--master_port", str(_free_port()), PEER, "engine",
+                   work, args.model, plan]  # a port each: the 2-rank workers run side by side
         out[f"engine-{plan}"] = [[_start(taskset + cmd, env, log)], log]
     return out
 
@@ -142,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.settings:
         cores, threads = ("0", 1) if s == "1" else ("0-1", 2)
         res["settings"].append(run_setting(args, prompts, cores, threads))
+        if args.json and s != args.settings[-1]:  # a finished setting survives a later failure
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=2)
     emit(res, args.json)
     return 0
 

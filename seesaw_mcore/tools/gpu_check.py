@@ -57,24 +57,19 @@ def kernel_check(dev: torch.device, quick: bool) -> dict:
     from seesaw_mcore.model.attention import (
         AttentionMetadata,
         paged_attention,
+        random_paged_case,
         reference_attention,
     )
 
     bs, hq, hkv, d = 16, 8, 2, 64
-    g = torch.Generator().manual_seed(0)
     qlens, ctx = [1, 1, 9, 1, 33, 1], [17, 64, 9, 200, 80, 1]
-    nb = sum(-(-c // bs) for c in ctx) + 4
     res: dict = {}
+    g = torch.Generator().manual_seed(1)
     for dtype in (torch.float32, torch.bfloat16):
-        kc = torch.randn(nb, bs, hkv, d, generator=g).to(dtype).to(dev)
-        vc = torch.randn(nb, bs, hkv, d, generator=g).to(dtype).to(dev)
-        perm = torch.randperm(nb, generator=g).tolist()
-        tables, used = [], 0
-        for c in ctx:
-            tables.append(perm[used:used + -(-c // bs)])
-            used += len(tables[-1])
+        q, kc, vc, tables = random_paged_case(qlens, ctx, heads=hq, kv_heads=hkv, head_dim=d,
+                                              block_size=bs, dtype=dtype)
+        q, kc, vc = q.to(dev), kc.to(dev), vc.to(dev)
         t = sum(qlens)
-        q = torch.randn(t, hq, d, generator=g).to(dtype).to(dev)
         k = torch.randn(t, hkv, d, generator=g).to(dtype).to(dev)
         v = torch.randn(t, hkv, d, generator=g).to(dtype).to(dev)
         meta = AttentionMetadata.build(qlens, ctx, tables, bs, dev)
@@ -140,7 +135,7 @@ def throughput_check(dev: torch.device, root: str, quick: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from seesaw_mcore import LLM, SamplingParams
-    from seesaw_mcore.tools.bench_hf import _hf_run
+    from seesaw_mcore.tools.bench_hf import hf_generate_timed
     from seesaw_mcore.tools.make_tiny import build_random
 
     dims = (dict(num_layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=2000)
@@ -164,8 +159,8 @@ def throughput_check(dev: torch.device, root: str, quick: bool) -> dict:
     llm.shutdown()
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
                                               use_safetensors=True).to(dev).eval()
-    hf_run = _hf_run(hf, prompts[:2], 2, 2, device=dev)  # warm-up
-    hf_run = _hf_run(hf, prompts, max_new, 64, device=dev)
+    hf_run = hf_generate_timed(hf, prompts[:2], 2, 2, device=dev)  # warm-up
+    hf_run = hf_generate_timed(hf, prompts, max_new, 64, device=dev)
     gen = n * max_new
     return {"model_params_m": round(sum(p.numel() for p in hf.parameters()) / 1e6, 1),
             "prompts": n, "prompt_len": [32, 512], "max_tokens": max_new, "hf_batch": 64,

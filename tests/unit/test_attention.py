@@ -66,20 +66,18 @@ def test_cpu_extension_matches_reference_and_fallback(head_dim):
     lengths, shuffled blocks, contexts longer than its prefetch distance; float32, bfloat16
     and float16) against the dense reference and against the gather fallback."""
     from seesaw_mcore.model import cpu_attention
-    from seesaw_mcore.model.attention import _context_cpu, reference_attention
+    from seesaw_mcore.model.attention import (
+        _context_cpu,
+        random_paged_case,
+        reference_attention,
+    )
 
     assert cpu_attention.available()
-    g = torch.Generator().manual_seed(3)
     qlens, ctx = [1, 1, 4, 1, 6], [4, 17, 9, 1, 70]
-    perm = torch.randperm(NB, generator=g).tolist()
-    tables, used = [], 0
-    for c in ctx:
-        tables.append(perm[used:used + -(-c // BS)])
-        used += len(tables[-1])
     for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
-        kc = torch.randn(NB, BS, HKV, head_dim, generator=g).to(dtype)
-        vc = torch.randn(NB, BS, HKV, head_dim, generator=g).to(dtype)
-        q = torch.randn(sum(qlens), HQ, head_dim, generator=g).to(dtype)
+        q, kc, vc, tables = random_paged_case(qlens, ctx, heads=HQ, kv_heads=HKV,
+                                              head_dim=head_dim, block_size=BS, dtype=dtype,
+                                              num_blocks=NB, seed=3)
         meta = AttentionMetadata.build(qlens, ctx, tables, BS, torch.device("cpu"))
         out = cpu_attention.paged_attention_cpu(q, kc, vc, meta.block_tables,
                                                 meta.cu_query_lens, meta.seq_lens)

@@ -17,6 +17,7 @@ pytest.importorskip("triton")
 from seesaw_mcore.model.attention import (  # noqa: E402
     AttentionMetadata,
     paged_attention,
+    random_paged_case,
     reference_attention,
 )
 from seesaw_mcore.model.triton_attention import paged_attention_triton  # noqa: E402
@@ -25,17 +26,8 @@ BS, NB = 4, 48
 
 
 def _case(dtype, qlens, ctx, hq, hkv, d, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    k_cache = torch.randn(NB, BS, hkv, d, generator=g).to(dtype)
-    v_cache = torch.randn(NB, BS, hkv, d, generator=g).to(dtype)
-    perm = torch.randperm(NB, generator=g).tolist()
-    tables, used = [], 0
-    for c in ctx:
-        n = -(-c // BS)
-        tables.append(perm[used:used + n])
-        used += n
-    q = torch.randn(sum(qlens), hq, d, generator=g).to(dtype)
-    return q, k_cache, v_cache, tables
+    return random_paged_case(qlens, ctx, heads=hq, kv_heads=hkv, head_dim=d, block_size=BS,
+                             dtype=dtype, num_blocks=NB, seed=seed)
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
