@@ -78,24 +78,28 @@ static void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
       sc.resize(rows * ctx);
       acc.assign(rows * D, 0.f);
       kf.resize(D);
+      // row j of this (sequence, KV head) in a K or V cache, as float32; the blocks are
+      // scattered, so the row PF positions ahead is fetched now
+      auto row = [&](const T* base, int64_t sb, int64_t ss, int64_t sh, int64_t j) {
+        const T* p = base + TB[b * W + j / BS] * sb + (j % BS) * ss + h * sh;
+        if (j + PF < ctx) {
+          const char* nx = reinterpret_cast<const char*>(
+              base + TB[b * W + (j + PF) / BS] * sb + ((j + PF) % BS) * ss + h * sh);
+          for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) __builtin_prefetch(nx + o);
+        }
+        if constexpr (std::is_same_v<T, float>) {
+          return static_cast<const float*>(p);
+        } else {
+          for (int64_t d = 0; d < D; ++d) kf[d] = static_cast<float>(p[d]);
+          return static_cast<const float*>(kf.data());
+        }
+      };
       for (int64_t r = 0; r < rows; ++r) {  // query rows of this KV head, as float
         const T* src = Q + (q0 + r / G) * sqt + (h * G + r % G) * sqh;
         for (int64_t d = 0; d < D; ++d) qf[r * D + d] = static_cast<float>(src[d]) * scale;
       }
       for (int64_t j = 0; j < ctx; ++j) {  // pass 1: scores, K read in place
-        const T* kr = K + TB[b * W + j / BS] * skb + (j % BS) * sks + h * skh;
-        if (j + PF < ctx) {  // blocks are scattered: fetch a few keys ahead
-          const char* nx = reinterpret_cast<const char*>(
-              K + TB[b * W + (j + PF) / BS] * skb + ((j + PF) % BS) * sks + h * skh);
-          for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) __builtin_prefetch(nx + o);
-        }
-        const float* k32;
-        if constexpr (std::is_same_v<T, float>) {
-          k32 = kr;
-        } else {
-          for (int64_t d = 0; d < D; ++d) kf[d] = static_cast<float>(kr[d]);
-          k32 = kf.data();
-        }
+        const float* k32 = row(K, skb, sks, skh, j);
         // rows whose query sees key j: those of queries t >= j - first
         const int64_t r0 = std::max<int64_t>(0, j - first) * G;
         for (int64_t r = r0; r < rows; ++r) {
@@ -119,19 +123,7 @@ static void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
         for (int64_t j = 0; j < n; ++j) s[j] *= inv;
       }
       for (int64_t j = 0; j < ctx; ++j) {  // pass 2: values, V read in place
-        const T* vr = V + TB[b * W + j / BS] * svb + (j % BS) * svs + h * svh;
-        if (j + PF < ctx) {
-          const char* nx = reinterpret_cast<const char*>(
-              V + TB[b * W + (j + PF) / BS] * svb + ((j + PF) % BS) * svs + h * svh);
-          for (int64_t o = 0; o < D * (int64_t)sizeof(T); o += 64) __builtin_prefetch(nx + o);
-        }
-        const float* v32;
-        if constexpr (std::is_same_v<T, float>) {
-          v32 = vr;
-        } else {
-          for (int64_t d = 0; d < D; ++d) kf[d] = static_cast<float>(vr[d]);
-          v32 = kf.data();
-        }
+        const float* v32 = row(V, svb, svs, svh, j);
         const int64_t r0 = std::max<int64_t>(0, j - first) * G;
         for (int64_t r = r0; r < rows; ++r) {
           const float p = sc[r * ctx + j];

@@ -72,7 +72,6 @@ class CPUPackedLinear:
               and torch.backends.mkldnn.is_available()
               and os.environ.get("SEESAW_CPU_PACKED_LINEAR", "1") != "0")
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None) if ok else None
-        self.packed_out_features = w.shape[0]
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed is None:
@@ -80,19 +79,17 @@ class CPUPackedLinear:
         m = x.shape[0]
         if m <= PACKED_TILE_ROWS:
             return self._packed_tile(x, bias)
-        out = x.new_empty(m, self.packed_out_features)  # [m, out]
+        out = x.new_empty(m, self.weight.shape[0])  # [m, out]
         for s in range(0, m, PACKED_TILE_ROWS):  # each tile copied while still in cache
             out[s:s + PACKED_TILE_ROWS] = self._packed_tile(x[s:s + PACKED_TILE_ROWS], bias)
         return out
 
     def _packed_tile(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         m = x.shape[0]
-        rows = _row_bucket(m)
-        if rows == m:
-            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
-        x = F.pad(x, (0, 0, 0, rows - m))  # [rows, in]
-        out = torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
-        return out[:m]  # [m, out]
+        pad = _row_bucket(m) - m
+        out = torch.ops.mkldnn._linear_pointwise(
+            F.pad(x, (0, 0, 0, pad)) if pad else x, self.packed, bias, "none", [], "")
+        return out[:m] if pad else out  # [m, out]
 
 
 PACKED_TILE_ROWS = 256

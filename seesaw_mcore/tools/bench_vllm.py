@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 
+from seesaw_mcore.runtime.groups import free_port
 from seesaw_mcore.tools.results import emit, machine
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
@@ -42,14 +43,6 @@ def _wait_for(path: str, procs: list[subprocess.Popen], timeout: float, log: str
             tail = open(log).read()[-2000:]
             raise RuntimeError(f"worker failed or timed out waiting for {path}:\n{tail}")
         time.sleep(0.05)
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _workers(args, work: str, cores: str, threads: int) -> dict[str, list]:
@@ -71,7 +64,7 @@ def _workers(args, work: str, cores: str, threads: int) -> dict[str, list]:
             cmd = [sys.executable, PEER, "engine", work, args.model, plan]
         else:
             cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--no_local_rank",
-                   "--num_gpus", str(ranks), "--master_port", str(_free_port()), PEER, "engine",
+                   "--num_gpus", str(ranks), "--master_port", str(free_port()), PEER, "engine",
                    work, args.model, plan]  # a port each: the 2-rank workers run side by side
         out[f"engine-{plan}"] = [[_start(taskset + cmd, env, log)], log]
     return out
