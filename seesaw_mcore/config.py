@@ -266,3 +266,13 @@ class PhasePlan:
 
     def __str__(self) -> str:
         return str(self.prefill) if self.is_static else f"{self.prefill} -> {self.decode}"
+
+
+def kv_bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, itemsize: float,
+                       layout: ParallelConfig | None = None) -> float:
+    """KV bytes (K and V) of one token on the fullest rank of ``layout``: the first stage's
+    layers, ``num_kv_heads / tp`` heads. ``layout=None``: the whole model (a host-tier slot).
+    The one place the package computes KV sizes (engine, runner, planner)."""
+    lay = layout or ParallelConfig()
+    start, end = split_layers(num_layers, lay.pp)[0]
+    return 2 * (end - start) * num_kv_heads / lay.tp * head_dim * itemsize

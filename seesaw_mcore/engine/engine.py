@@ -15,8 +15,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan, check_world
-from seesaw_mcore.engine.outputs import Phase, RunnerOutput, StepPlan
+from seesaw_mcore import env
+from seesaw_mcore.config import (
+    ModelConfig,
+    ParallelConfig,
+    PhasePlan,
+    check_world,
+    kv_bytes_per_token,
+)
+from seesaw_mcore.contract import Phase, RunnerOutput, StepPlan
 from seesaw_mcore.engine.phase_scheduler import PhaseScheduler
 from seesaw_mcore.engine.request import Sequence
 from seesaw_mcore.engine.scheduler import ReplicaSchedulers, SchedulerConfig
@@ -30,6 +37,7 @@ from seesaw_mcore.runtime.model_runner import ModelRunner, kv_bytes_per_block, r
 from seesaw_mcore.runtime.reshard import Resharder
 from seesaw_mcore.runtime.step_channel import StepChannel, recv_tokens, send_tokens
 from seesaw_mcore.runtime.weights import ShardStore
+
 
 @dataclass(frozen=True)
 class CacheConfig:
@@ -148,11 +156,11 @@ class Engine:
         if self.cache.disk_path and self.plan.is_static:
             raise SeesawError(f"cache.disk_path needs a re-sharding plan; plan {self.plan} is "
                               f"static (its KV stays on the device)")
-        if not self.plan.is_static and groups.local_world_size() != world:
+        if not self.plan.is_static and env.local_world_size() != world:
             raise SeesawError(
                 f"plan {self.plan}: the host KV tier is per node, so a plan that re-shards "
                 f"must run all {world} ranks on one node (this node has "
-                f"{groups.local_world_size()}); use a static plan across nodes"
+                f"{env.local_world_size()}); use a static plan across nodes"
                 f"{cluster.world_hint()}")
         ctx = self.model_cfg.max_position_embeddings
         self.max_model_len = min(max_model_len or ctx, ctx)
@@ -206,7 +214,8 @@ class Engine:
     def _kv_token_bytes(self) -> int:
         """Bytes of one token's KV over every layer and KV head."""
         cfg = self.model_cfg
-        return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * self.dtype.itemsize
+        return int(kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                      self.dtype.itemsize))
 
     def _open_host_tier(self) -> HostKVBuffer:
         """The node's shared ``/dev/shm`` buffer; nothing is left there even after a crash."""
@@ -485,7 +494,7 @@ def _check_host_memory(per_rank_bytes: float) -> None:
     """CPU ranks share the host: refuse a KV budget the node cannot hold."""
     import psutil
 
-    ranks = groups.local_world_size()
+    ranks = env.local_world_size()
     avail = psutil.virtual_memory().available
     if per_rank_bytes * ranks > 0.9 * avail:
         raise SeesawError(

@@ -19,8 +19,8 @@ import copy
 from collections import deque
 
 from seesaw_mcore.config import PhasePlan
-from seesaw_mcore.engine.outputs import KVMove, Phase, SchedulerOutput, StepPlan
-from seesaw_mcore.engine.request import Sequence, SeqStatus
+from seesaw_mcore.contract import DISK, HOST, KVMove, Phase, SchedulerOutput, SlotRange, StepPlan
+from seesaw_mcore.engine.request import SeqStatus, Sequence
 from seesaw_mcore.engine.scheduler import (
     SchedulerConfig,
     grow_running,
@@ -29,7 +29,7 @@ from seesaw_mcore.engine.scheduler import (
     split_micro_batches,
 )
 from seesaw_mcore.kv.block_pool import BlockPool
-from seesaw_mcore.kv.host_tier import DISK, HOST, SlotAllocator, SlotRange
+from seesaw_mcore.kv.slots import SlotAllocator
 
 
 class PhaseScheduler:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from seesaw_mcore.kv.host_tier import SlotRange
+from seesaw_mcore.contract import SlotRange
 from seesaw_mcore.sampling_params import SamplingParams
 
 

@@ -12,17 +12,16 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from seesaw_mcore.engine.outputs import (
+from seesaw_mcore.contract import (
     Phase,
     SamplingSpec,
     ScheduledSeq,
     SchedulerOutput,
     StepPlan,
 )
-from seesaw_mcore.engine.request import Sequence, SeqStatus
+from seesaw_mcore.engine.request import SeqStatus, Sequence
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.block_pool import BlockPool
-
 
 POLICIES = ("transition_minimizing", "prefill_first", "decode_first")
 

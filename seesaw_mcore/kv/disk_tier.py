@@ -20,8 +20,8 @@ import shutil
 
 import torch
 
+from seesaw_mcore.contract import SlotRange
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.kv.host_tier import SlotRange
 
 ALIGN_BYTES = 4096  # O_DIRECT: buffer address, size and file offset multiples of this
 AIO_BLOCK = 128 * 1024  # an op is split into requests of this size, up to
@@ -36,7 +36,7 @@ def load_aio():
     """
     from deepspeed.ops.op_builder import AsyncIOBuilder
 
-    from seesaw_mcore.runtime.jit_ops import load_op
+    from seesaw_mcore.jit_ops import load_op
 
     builder = AsyncIOBuilder()
     if not builder.is_compatible(verbose=False):

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from seesaw_mcore.kv.host_tier import DISK, HOST
+from seesaw_mcore.contract import DISK, HOST
 
 
 @dataclass

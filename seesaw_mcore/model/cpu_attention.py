@@ -9,7 +9,7 @@ a CPU decode step is bound by; the blocks are scattered, so each pass prefetches
 positions ahead (2.7x faster at batch 48, SmolLM-135M shapes: 3.5 -> 1.3 ms per layer). A
 fresh prefill (long queries, compute-bound) stays on SDPA, whose kernels are blocked for
 that. Built once per environment with ``torch.utils.cpp_extension`` (cached under
-``TORCH_EXTENSIONS_DIR``: ``runtime/jit_ops.py``), like DeepSpeed's own CPU ops; ``make
+``TORCH_EXTENSIONS_DIR``: ``jit_ops.py``), like DeepSpeed's own CPU ops; ``make
 install`` builds it up front.
 """
 
@@ -165,7 +165,7 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kc, const at::
 def _ext():
     from torch.utils.cpp_extension import load_inline
 
-    from seesaw_mcore.runtime.jit_ops import load_op
+    from seesaw_mcore.jit_ops import load_op
 
     return load_op(_NAME, lambda: load_inline(
         name=_NAME, cpp_sources=[_SOURCE], functions=["paged_attention"],

@@ -9,26 +9,24 @@ functions and the row-parallel all-reduce must be able to use DeepSpeed's shared
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from torch import nn
 
-from seesaw_mcore.runtime.groups import local_world_size
+from seesaw_mcore import env
 
 
 def _fast_all_reduce_allowed(group) -> bool:
     """DeepSpeed's shm all-reduce ignores its ``group``: use it only when the group is the
     whole world, the world is one node, and the backend is CPU/gloo."""
-    if os.environ.get("SEESAW_DISABLE_SHM_ALLREDUCE") == "1":
+    if env.shm_allreduce_disabled():
         return False
     if dist.get_backend(group) != "gloo":
         return False
     world = dist.get_world_size()
-    return dist.get_world_size(group) == world and local_world_size() == world
+    return dist.get_world_size(group) == world and env.local_world_size() == world
 
 
 class TPAllReduce:
@@ -70,7 +68,7 @@ class CPUPackedLinear:
         w = self.weight
         ok = (w.device.type == "cpu" and w.dtype == torch.float32
               and torch.backends.mkldnn.is_available()
-              and os.environ.get("SEESAW_CPU_PACKED_LINEAR", "1") != "0")
+              and env.cpu_packed_linear())
         self.packed = torch.ops.mkldnn._reorder_linear_weight(w, None) if ok else None
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

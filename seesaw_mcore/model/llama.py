@@ -19,6 +19,7 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from seesaw_mcore.config import ModelConfig, padded_vocab_size, split_layers
+from seesaw_mcore.contract import RankInfo
 from seesaw_mcore.model.attention import AttentionMetadata, paged_attention
 from seesaw_mcore.model.layers import (
     PACKED_TILE_ROWS,
@@ -29,7 +30,6 @@ from seesaw_mcore.model.layers import (
     RowLinear,
     TPAllReduce,
 )
-from seesaw_mcore.runtime.groups import RankInfo
 
 
 def _no_init(_tensor: torch.Tensor) -> None:

@@ -13,13 +13,16 @@ dense reference).
 
 from __future__ import annotations
 
-import os
+from typing import TYPE_CHECKING
 
 import torch
 import triton
 import triton.language as tl
 
-from seesaw_mcore.model.attention import AttentionMetadata
+from seesaw_mcore import env
+
+if TYPE_CHECKING:
+    from seesaw_mcore.model.attention import AttentionMetadata
 
 
 @triton.jit
@@ -102,7 +105,7 @@ def paged_attention_triton(
     # interpreter's bf16 dot is wrong (it reads the bits as another type), so the CPU tests
     # run that dtype's dots in float32; on GPUs bf16 dots use the tensor cores.
     ieee = q.dtype == torch.float32 or (
-        q.dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+        q.dtype == torch.bfloat16 and env.triton_interpret())
     _, page, hkv, _ = k_cache.shape
     group = hq // hkv
     if k_cache.stride(3) != 1 or q.stride(2) != 1:

@@ -12,12 +12,13 @@ import os
 import re
 import socket
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from seesaw_mcore import env
 from seesaw_mcore.config import ParallelConfig, check_world
+from seesaw_mcore.contract import RankInfo
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.runtime import cluster
 from seesaw_mcore.runtime.watchdog import Watchdog
@@ -26,33 +27,6 @@ _ACTIVE: "RankInfo | None" = None
 _WATCHDOG: "Watchdog | None" = None
 _CRASHED = False  # an uncaught exception is ending the process
 _PREPARED: "dict[ParallelConfig, tuple[dict[str, object], RankInfo]]" = {}
-
-
-@dataclass(frozen=True)
-class RankInfo:
-    """Where this rank sits in the active layout."""
-
-    layout: ParallelConfig
-    rank: int
-    dp_rank: int
-    tp_rank: int
-    pp_rank: int
-    tp_group: object  # torch ProcessGroup of this rank's TP peers
-    prev_rank: int | None  # global rank of the previous pipeline stage (None on the first)
-    next_rank: int | None  # global rank of the next pipeline stage (None on the last)
-
-    @property
-    def is_first_stage(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last_stage(self) -> bool:
-        return self.pp_rank == self.layout.pp - 1
-
-    @property
-    def tp_is_world(self) -> bool:
-        """True when the TP group spans every rank (DeepSpeed's shm all-reduce is then valid)."""
-        return self.layout.tp == self.layout.world_size
 
 
 def accelerator():
@@ -70,11 +44,6 @@ def device() -> torch.device:
     return torch.device(acc.device_name(acc.current_device()))
 
 
-def local_world_size() -> int:
-    """Ranks on this node, from the launcher's environment (1 when not launched)."""
-    return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
 def size_threads() -> tuple[int, str]:
     """Sets this rank's torch intra-op threads to its share of the node's cores: the cores
     this process may run on (``SLURM_CPUS_PER_TASK`` under Slurm) divided by the ranks on the
@@ -84,15 +53,15 @@ def size_threads() -> tuple[int, str]:
     Returns:
         ``(threads, why)``; rank 0 logs it once.
     """
-    if os.environ.get("OMP_NUM_THREADS"):
+    if env.omp_threads_set():
         n, why = torch.get_num_threads(), "OMP_NUM_THREADS"
     else:
-        cores = int(os.environ.get("SLURM_CPUS_PER_TASK", 0)) * local_world_size() or len(
+        cores = env.slurm_cpus_per_task() * env.local_world_size() or len(
             os.sched_getaffinity(0))
-        n = max(1, cores // local_world_size())
-        why = f"{cores} cores / {local_world_size()} ranks on this node"
+        n = max(1, cores // env.local_world_size())
+        why = f"{cores} cores / {env.local_world_size()} ranks on this node"
         torch.set_num_threads(n)
-    if os.environ.get("RANK", "0") == "0" and not getattr(size_threads, "_logged", False):
+    if env.is_rank_zero() and not getattr(size_threads, "_logged", False):
         size_threads._logged = True
         print(f"threads per rank: {n} ({why})", file=sys.stderr)
     return n, why
@@ -130,7 +99,7 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
             local = int(os.environ.get("LOCAL_RANK", 0))
             if local >= acc.device_count():
                 raise SeesawError(
-                    f"local rank {local} of {local_world_size()} on this node, but it has "
+                    f"local rank {local} of {env.local_world_size()} on this node, but it has "
                     f"{acc.device_count()} {acc.device_name()} devices; start at most one "
                     f"rank per device{cluster.world_hint()}")
             acc.set_device(local)
@@ -148,7 +117,7 @@ def _start_watchdog() -> None:
     """Peer-failure detection for this process (see ``runtime/watchdog.py``)."""
     global _WATCHDOG
     _WATCHDOG = Watchdog(dist.get_rank(), dist.get_world_size(),
-                         stale_s=float(os.environ.get("SEESAW_WATCHDOG_STALE_S", "30")))
+                         stale_s=env.watchdog_stale_s())
     hook = sys.excepthook
 
     def excepthook(*exc) -> None:  # a crash is not a normal exit: peers should report it

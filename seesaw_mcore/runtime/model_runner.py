@@ -11,11 +11,19 @@ import time
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan, split_layers
-from seesaw_mcore.engine.outputs import KVMove, RunnerOutput, SampledToken, SchedulerOutput
+from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan, kv_bytes_per_token
+from seesaw_mcore.contract import (
+    DISK,
+    HOST,
+    KVMove,
+    RunnerOutput,
+    SampledToken,
+    SchedulerOutput,
+    SlotRange,
+)
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.disk_tier import DiskKVTier
-from seesaw_mcore.kv.host_tier import DISK, HOST, HostKVBuffer, SlotRange
+from seesaw_mcore.kv.host_tier import HostKVBuffer
 from seesaw_mcore.kv.layout import KVShardLayout
 from seesaw_mcore.kv.transfer import KVTransfer
 from seesaw_mcore.model import cpu_attention
@@ -61,9 +69,8 @@ def kv_bytes_per_block(
     cfg: ModelConfig, layout: ParallelConfig, block_size: int, dtype: torch.dtype
 ) -> int:
     """KV bytes one block costs on the rank with the most layers (first stage)."""
-    start, end = split_layers(cfg.num_layers, layout.pp)[0]
-    hkv = cfg.num_kv_heads // layout.tp
-    return 2 * (end - start) * block_size * hkv * cfg.head_dim * dtype.itemsize
+    return int(block_size * kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                               dtype.itemsize, layout))
 
 
 def _copy_runs(moves: list[KVMove], block_size: int) -> list[tuple[int, int, int]]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch.distributed as dist
 
 from seesaw_mcore.config import PhasePlan
-from seesaw_mcore.engine.outputs import Phase, SchedulerOutput
+from seesaw_mcore.contract import Phase, SchedulerOutput
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.runtime.model_runner import ModelRunner
 

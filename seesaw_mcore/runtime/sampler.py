@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from seesaw_mcore.engine.outputs import SampledToken, SamplingSpec
+from seesaw_mcore.contract import SampledToken, SamplingSpec
 
 _M64 = (1 << 64) - 1
 

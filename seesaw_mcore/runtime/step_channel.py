@@ -12,8 +12,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore.engine.outputs import RunnerOutput, ScheduledSeq, StepPlan
-from seesaw_mcore.engine.step_codec import (
+from seesaw_mcore.contract import RunnerOutput, ScheduledSeq, StepPlan
+from seesaw_mcore.runtime.step_codec import (
     decode_step,
     decode_tokens,
     encode_step,

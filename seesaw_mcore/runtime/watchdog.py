@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import psutil
 import torch.distributed as dist
 
+from seesaw_mcore import env
 from seesaw_mcore.errors import SeesawError
 
 STOP_KEY = "seesaw/stop"
@@ -92,8 +93,7 @@ class Watchdog:
         self._kind_counts: dict[str, int] = {}
         # Fault injection for the reliability tests: "RANK:KIND:N" SIGKILLs rank RANK when it
         # enters its N-th step of KIND (prefill, decode, switch).
-        fault = os.environ.get("SEESAW_FAULT_KILL")
-        self._kill_at = fault.split(":") if fault else None
+        self._kill_at = env.fault_kill()
         self.stop_signal: int | None = None
         self._stop_requested_at = 0.0
         self._stop_deadline: float | None = None

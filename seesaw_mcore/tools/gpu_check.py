@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from seesaw_mcore.tools.results import emit
+from seesaw_mcore.bench.common import emit
 
 
 def _sync(dev: torch.device) -> None:
@@ -135,7 +135,7 @@ def throughput_check(dev: torch.device, root: str, quick: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from seesaw_mcore import LLM, SamplingParams
-    from seesaw_mcore.tools.bench_hf import hf_generate_timed
+    from seesaw_mcore.bench.hf import hf_generate_timed
     from seesaw_mcore.tools.make_tiny import build_random
 
     dims = (dict(num_layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=2000)
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     res["closeness_bf16"] = closeness_check(dev, root, args.quick)
     res["throughput"] = throughput_check(dev, root, args.quick)
     from seesaw_mcore import LLM
-    from seesaw_mcore.tools.bench_step import per_step
+    from seesaw_mcore.bench.step import per_step
 
     llm = LLM(os.path.join(os.path.dirname(__file__), "..", "..", "models", "tiny-llama"),
               dtype="bfloat16" if dev.type == "cuda" else "float32", kv_cache_gib=0.25)

@@ -26,7 +26,7 @@ def test_ops_per_decode_step_do_not_grow_with_batch(tmp_path):
     """Aten ops per decode step (counted, not timed) at batch 4 and 64, greedy and seeded
     top-k/top-p sampling: the data plane's per-step work is O(layers), not O(sequences)."""
     out = tmp_path / "step.json"
-    proc = launch(1, ["seesaw_mcore.tools.bench_step", "--batches", "4", "64", "--json",
+    proc = launch(1, ["seesaw_mcore.bench.step", "--batches", "4", "64", "--json",
                       str(out)], timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     res = json.loads(out.read_text())

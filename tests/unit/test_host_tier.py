@@ -11,7 +11,9 @@ import torch
 
 from seesaw_mcore.config import ParallelConfig, PhasePlan
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.kv.host_tier import HostKVBuffer, SlotAllocator, SlotRange
+from seesaw_mcore.contract import SlotRange
+from seesaw_mcore.kv.host_tier import HostKVBuffer
+from seesaw_mcore.kv.slots import SlotAllocator
 from seesaw_mcore.kv.layout import KVShardLayout, plan_transfers
 
 

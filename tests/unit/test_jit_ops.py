@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from seesaw_mcore.runtime import jit_ops
+from seesaw_mcore import jit_ops
 
 
 @pytest.fixture
@@ -30,7 +30,7 @@ def test_a_stale_torch_lock_is_removed_with_a_warning(root):
 
 
 def test_a_loader_killed_mid_build_does_not_block_the_next(root):
-    code = ("import sys, time; from seesaw_mcore.runtime import jit_ops\n"
+    code = ("import sys, time; from seesaw_mcore import jit_ops\n"
             "with jit_ops.build_lock('op'):\n"
             "    open(sys.argv[1] + '/op/lock', 'w').close(); print('held', flush=True)\n"
             "    time.sleep(600)\n")

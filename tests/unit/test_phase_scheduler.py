@@ -5,11 +5,11 @@ DP degree changing between the phases."""
 from __future__ import annotations
 
 from seesaw_mcore.config import PhasePlan
-from seesaw_mcore.engine.outputs import Phase
+from seesaw_mcore.contract import Phase
 from seesaw_mcore.engine.phase_scheduler import PhaseScheduler
 from seesaw_mcore.engine.request import SeqStatus
 from seesaw_mcore.engine.scheduler import SchedulerConfig
-from seesaw_mcore.kv.host_tier import DISK, HOST
+from seesaw_mcore.contract import DISK, HOST
 from tests.unit.test_scheduler import create_requests
 
 

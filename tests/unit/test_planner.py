@@ -18,8 +18,8 @@ from seesaw_mcore.planner import (
     ModelShape,
     Workload,
     layouts,
-    main,
 )
+from seesaw_mcore.planner.__main__ import main
 
 # 2 layers, hidden 4, MLP 8, 2 query / 2 KV heads of dim 2, vocab 10 (untied):
 # layer params = 4 * (2 + 2 * 2) * 2 (qkv) + 2 * 2 * 4 (o) + 3 * 4 * 8 (MLP) = 160

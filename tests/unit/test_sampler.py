@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from seesaw_mcore.engine.outputs import SamplingSpec
+from seesaw_mcore.contract import SamplingSpec
 from seesaw_mcore.runtime.sampler import sample, uniform_noise
 
 V = 50

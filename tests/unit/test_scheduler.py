@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from seesaw_mcore.engine.outputs import Phase
+from seesaw_mcore.contract import Phase
 from seesaw_mcore.engine.request import Sequence, SeqStatus
 from seesaw_mcore.engine.scheduler import Scheduler, SchedulerConfig
 from seesaw_mcore.errors import SeesawError

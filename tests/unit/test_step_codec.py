@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from seesaw_mcore.engine.outputs import (
+from seesaw_mcore.contract import (
     KVMove,
     Phase,
     SampledToken,
@@ -13,14 +13,14 @@ from seesaw_mcore.engine.outputs import (
     SchedulerOutput,
     StepPlan,
 )
-from seesaw_mcore.engine.step_codec import (
+from seesaw_mcore.runtime.step_codec import (
     decode_step,
     decode_tokens,
     encode_step,
     encode_tokens,
     token_width,
 )
-from seesaw_mcore.kv.host_tier import DISK, HOST, SlotRange
+from seesaw_mcore.contract import DISK, HOST, SlotRange
 
 
 def _seq(i: int, n: int = 1, logprobs=None) -> ScheduledSeq:

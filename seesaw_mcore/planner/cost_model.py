@@ -20,14 +20,12 @@ is the pair with the same layout twice and no switches.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from seesaw_mcore.config import ParallelConfig, layout_error
+from seesaw_mcore.config import ParallelConfig, kv_bytes_per_token, layout_error
 from seesaw_mcore.errors import SeesawError
 
 GIB = 2**30
@@ -178,8 +176,8 @@ class CostModel:
     def kv_bytes_per_token(self, lay: ParallelConfig) -> float:
         """KV one rank holds per token (its layers, its KV heads)."""
         s = self.shape
-        return (2 * math.ceil(s.num_layers / lay.pp) * s.num_kv_heads / lay.tp * s.head_dim
-                * self.hw.dtype_bytes)
+        return kv_bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, self.hw.dtype_bytes,
+                                  lay)
 
     def layer_time(self, lay: ParallelConfig, m: float, s: float, ctx: float,
                    prefill: bool) -> float:
@@ -299,39 +297,6 @@ class CostModel:
         return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m seesaw_mcore.planner",
-                                 description="Rank Seesaw plans with the paper's cost model.")
-    ap.add_argument("--model", required=True, help="HF config.json (or its folder)")
-    ap.add_argument("--gpu", default="a10", help=f"{', '.join(PRESETS)} or measure")
-    ap.add_argument("--num-gpus", type=int, required=True)
-    ap.add_argument("--workload", default="sharegpt", help=", ".join(WORKLOADS))
-    ap.add_argument("--prompt-len", type=float, help="mean prompt tokens (overrides workload)")
-    ap.add_argument("--output-len", type=float, help="mean output tokens (overrides workload)")
-    ap.add_argument("--top", type=int, default=15, help="rows in the table")
-    ap.add_argument("--json", action="store_true", help="print JSON")
-    args = ap.parse_args(argv)
-    try:
-        result = plan(args.model, args.gpu, args.num_gpus, args.workload, args.prompt_len,
-                      args.output_len)
-    except SeesawError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(result, indent=2))
-        return 0
-    wl, hw = result["workload"], result["hardware"]
-    print(f"{args.num_gpus} x {hw['name']}, workload {wl['name']} (prompt {wl['prompt_len']:g}, "
-          f"output {wl['output_len']:g} tokens); best first:")
-    print(f"{'prefill':>8} {'decode':>8} {'req/s':>9} {'tok/s':>10} {'prefill tok/s':>14} "
-          f"{'decode tok/s':>13} {'batch':>6}")
-    for r in result["ranking"][:args.top]:
-        print(f"{r['prefill']:>8} {r['decode']:>8} {r['requests_per_s']:9.2f} "
-              f"{r['tokens_per_s']:10.0f} {r['prefill_tokens_per_s']:14.0f} "
-              f"{r['decode_tokens_per_s']:13.0f} {r['decode_batch']:6d}")
-    return 0
-
-
 def workload(name: str, prompt_len: float | None = None, output_len: float | None = None
              ) -> Workload:
     """A preset, with either length overridden."""
@@ -344,68 +309,3 @@ def workload(name: str, prompt_len: float | None = None, output_len: float | Non
     if wl.prompt_len < 1 or wl.output_len < 1:
         raise SeesawError("prompt and output lengths must be >= 1 token")
     return wl
-
-
-def hardware(name: str, world: int) -> Hardware:
-    """A preset, or the measured profile of this machine (``measure``)."""
-    if name == "measure":
-        from seesaw_mcore.profile import load_or_measure
-
-        return load_or_measure(world)
-    if name not in PRESETS:
-        raise SeesawError(f"unknown gpu {name!r}; presets: {', '.join(PRESETS)}, measure")
-    return PRESETS[name]
-
-
-def plan(model: str, gpu: str, world: int, workload_name: str = "sharegpt",
-         prompt_len: float | None = None, output_len: float | None = None) -> dict:
-    """The ranking as ``--json`` prints it: best pair, its prediction, every valid pair."""
-    if world < 1:
-        raise SeesawError(f"--num-gpus must be >= 1, got {world}")
-    wl = workload(workload_name, prompt_len, output_len)
-    hw = hardware(gpu, world)
-    ranking = CostModel(ModelShape.from_config(model), hw).rank(world, wl)
-    best = ranking[0]
-    return {"prefill": best["prefill"], "decode": best["decode"],
-            "predicted_tokens_per_s": best["tokens_per_s"], "ranking": ranking,
-            "hardware": asdict(hw), "workload": asdict(wl)}
-
-
-def choose_plan(model: str, workload_name: str = "sharegpt") -> tuple[str, str]:
-    """``plan=auto``: the best pair for this job's ranks under their measured profile (every
-    rank calls this; rank 0 decides, logs its choice and the runner-up, and broadcasts)."""
-    import logging
-
-    import torch.distributed as dist
-
-    from seesaw_mcore.profile import cache_file, load_or_measure, measure
-    from seesaw_mcore.runtime import groups
-
-    _, world = groups.init_distributed()
-    box: list = [os.path.isfile(cache_file(world))]
-    dist.broadcast_object_list(box, src=0)  # measure together, or all load rank 0's file
-    hw = load_or_measure(world) if box[0] else measure()
-    box = [None, None]
-    if dist.get_rank() == 0:
-        try:
-            ranking = CostModel(ModelShape.from_config(model), hw).rank(world,
-                                                                        workload(workload_name))
-            box[0] = ranking[:2]
-        except SeesawError as e:
-            box[1] = str(e)
-    dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise SeesawError(f"plan=auto: {box[1]}")
-    best, *rest = box[0]
-    if dist.get_rank() == 0:
-        log = logging.getLogger("seesaw_mcore")
-        runner_up = (f"; runner-up {rest[0]['prefill']} -> {rest[0]['decode']} "
-                     f"({rest[0]['tokens_per_s']:.0f} tok/s)" if rest else "")
-        log.info("plan=auto (%s, workload %s): %s -> %s, predicted %.0f tok/s%s", hw.name,
-                 workload_name, best["prefill"], best["decode"], best["tokens_per_s"],
-                 runner_up)
-    return best["prefill"], best["decode"]
-
-
-if __name__ == "__main__":
-    sys.exit(main())

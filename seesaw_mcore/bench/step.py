@@ -1,7 +1,7 @@
 """Benchmark: per-decode-step work vs batch size (one rank, ``T1``).
 
-    python -m seesaw_mcore.tools.bench_step                  # the bundled tiny model
-    python -m seesaw_mcore.tools.bench_step --model DIR --batches 4 64 256 --json out.json
+    python -m seesaw_mcore.bench.step                  # the bundled tiny model
+    python -m seesaw_mcore.bench.step --model DIR --batches 4 64 256 --json out.json
 
 For each batch ``B`` and each mode (greedy; seeded top-k/top-p sampling) it runs
 ``LLM.generate`` on ``B`` prompts twice, generating ``short`` and ``long`` tokens, and counts
@@ -19,7 +19,7 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from seesaw_mcore.tools.results import emit, machine
+from seesaw_mcore.bench.common import emit, machine
 
 
 class OpCounter(TorchDispatchMode):
@@ -76,16 +76,16 @@ def plan_cost(batch: int = 256, context: int = 512, block_size: int = 16,
     """Bytes and host time of one decode step's plan at ``batch`` sequences of ``context``
     tokens: the flat encoding (encode + decode, what every rank pays per step), and building
     the step's attention metadata and sampling tensors."""
-    from seesaw_mcore.engine.outputs import (
+    from seesaw_mcore.contract import (
         Phase,
         SamplingSpec,
         ScheduledSeq,
         SchedulerOutput,
         StepPlan,
     )
-    from seesaw_mcore.engine.step_codec import decode_step, encode_step
     from seesaw_mcore.model.attention import AttentionMetadata
     from seesaw_mcore.runtime.sampler import SamplingBatch
+    from seesaw_mcore.runtime.step_codec import decode_step, encode_step
 
     nb = context // block_size
     seqs = [ScheduledSeq(i, [5], context - 1, list(range(i * nb, (i + 1) * nb)),

@@ -29,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from seesaw_mcore.errors import SeesawError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SIZES = {  # random-weight Llamas: (layers, hidden, heads, kv heads, MLP, vocab)
     "small": dict(num_layers=6, hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=8000),
     "medium": dict(num_layers=12, hidden=768, heads=12, kv_heads=4, intermediate=2048,
@@ -37,8 +37,9 @@ SIZES = {  # random-weight Llamas: (layers, hidden, heads, kv heads, MLP, vocab)
     "large": dict(num_layers=24, hidden=1024, heads=16, kv_heads=8, intermediate=2816,
                   vocab=32000),
 }
-# mean prompt / output tokens: see seesaw_mcore.planner.WORKLOADS for the sources
-SHAPES = {"sharegpt": (161.31, 337.99, 0.8), "arxiv": (3806.0, 290.0, 0.15)}  # + spread
+# Mean prompt / output tokens are the planner's (``planner.WORKLOADS``, with sources); the
+# lengths drawn around them spread by this fraction.
+SPREAD = {"sharegpt": 0.8, "arxiv": 0.15}
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,9 @@ def workload(name: str, n: int, scale: float, vocab: int, max_len: int, seed: in
              ) -> list[Request]:
     """``n`` seeded requests shaped like a preset: log-normal lengths around its means
     (times ``scale``); a prompt is truncated so that prompt + output fits ``max_len``."""
-    mean_p, mean_o, sigma = SHAPES[name]
+    from seesaw_mcore.planner import WORKLOADS
+
+    mean_p, mean_o, sigma = WORKLOADS[name].prompt_len, WORKLOADS[name].output_len, SPREAD[name]
     rng = random.Random(f"{name}-{seed}")
 
     def draw(mean: float) -> int:  # log-normal with this mean
@@ -122,7 +125,7 @@ def run_engine(path: str, prefill: str, decode: str, reqs: list[Request], trace:
     """One plan on ``reqs`` (fresh engine built with ``llm_kw``, warmed up); metrics on
     rank 0, ``{}`` elsewhere."""
     from seesaw_mcore import LLM, SamplingParams
-    from seesaw_mcore.tools.results import gather
+    from seesaw_mcore.bench.common import gather
 
     llm = LLM(path, prefill=prefill, decode=decode, **llm_kw)
     prompts = [{"prompt_token_ids": r.prompt} for r in reqs]
@@ -336,9 +339,9 @@ def table(summary: dict) -> str:
 
 
 def run(cfg: DictConfig) -> dict | None:
+    from seesaw_mcore.bench.common import machine
     from seesaw_mcore.planner import ModelShape
     from seesaw_mcore.runtime import groups
-    from seesaw_mcore.tools.results import machine
 
     torch.set_num_threads(1)
     rank, world = groups.init_distributed()
@@ -409,7 +412,7 @@ def run(cfg: DictConfig) -> dict | None:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
 def main(cfg: DictConfig) -> None:
     from seesaw_mcore.runtime import groups
 

@@ -4,7 +4,7 @@ the host link), cached in a file so each machine is measured once.
 
 Measured under the launcher (every rank calls ``measure``), or, from a plain process
 (``python -m seesaw_mcore.planner --gpu measure``), on ranks the deepspeed launcher starts
-for the purpose (``python -m seesaw_mcore.profile`` under it).
+for the purpose (``python -m seesaw_mcore.planner.profile`` under it).
 """
 
 from __future__ import annotations
@@ -18,15 +18,15 @@ from dataclasses import asdict
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore.planner import GIB, Hardware
+from seesaw_mcore import env
+from seesaw_mcore.planner.cost_model import GIB, Hardware
 
 
 def cache_file(world: int) -> str:
     """``$SEESAW_CACHE_DIR`` (default ``~/.cache/seesaw_mcore``)/profile-HOST-DEVICE-WORLD.json."""
     from deepspeed.accelerator import get_accelerator
 
-    root = os.environ.get("SEESAW_CACHE_DIR",
-                          os.path.join(os.path.expanduser("~"), ".cache", "seesaw_mcore"))
+    root = env.cache_dir()
     name = f"profile-{socket.gethostname()}-{get_accelerator().device_name()}-{world}.json"
     return os.path.join(root, name)
 
@@ -57,7 +57,7 @@ def _launch(world: int) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [launcher, "--no_local_rank", "--num_gpus", str(world), "--master_port", str(port),
-           "--module", "seesaw_mcore.profile"]
+           "--module", "seesaw_mcore.planner.profile"]
     proc = subprocess.run(cmd, capture_output=True, text=True)  # threads: groups.size_threads
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
@@ -120,13 +120,13 @@ def measure() -> Hardware:
         p2p_gbs = big.nbytes / max(_best(lambda: send_recv(big)) - p2p_lat, 1e-9) / GIB
     if cpu:  # the host tier is a memcpy away; device and host memory are the same RAM
         host_link = mem_gbs / 2
-        ram = psutil.virtual_memory().available / groups.local_world_size() / GIB
+        ram = psutil.virtual_memory().available / env.local_world_size() / GIB
         mem_gib, host_gib = ram / 2, ram / 2
     else:
         pinned = torch.empty(n, dtype=dtype).pin_memory()
         host_link = pinned.nbytes / _best(lambda: dst.copy_(pinned, non_blocking=True)) / GIB
         mem_gib = acc.total_memory() / GIB
-        host_gib = psutil.virtual_memory().available / groups.local_world_size() / GIB
+        host_gib = psutil.virtual_memory().available / env.local_world_size() / GIB
     mine = [mem_gbs, tflops, allreduce_gbs, p2p_gbs, host_link, -ar_lat, -p2p_lat, mem_gib,
             host_gib]
     every: list = [None] * world

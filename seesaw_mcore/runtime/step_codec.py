@@ -14,16 +14,18 @@ import struct
 
 import numpy as np
 
-from seesaw_mcore.engine.outputs import (
+from seesaw_mcore.contract import (
+    DISK,
+    HOST,
     KVMove,
     Phase,
     SampledToken,
-    ScheduledSeq,
     SamplingSpec,
+    ScheduledSeq,
     SchedulerOutput,
+    SlotRange,
     StepPlan,
 )
-from seesaw_mcore.kv.host_tier import DISK, HOST, SlotRange
 
 _VERSION = 1
 _PHASES = [Phase.PREFILL, Phase.DECODE]

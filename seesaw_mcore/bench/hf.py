@@ -1,8 +1,8 @@
 """Benchmark: this engine (one rank) vs HF ``transformers`` ``generate`` (batched, left-padded)
 on the same checkpoint and the same mixed-length prompts, in one process, interleaved.
 
-    python -m seesaw_mcore.tools.bench_hf                 # builds a ~30M random Llama
-    python -m seesaw_mcore.tools.bench_hf --model DIR --num-prompts 64 --json out.json
+    python -m seesaw_mcore.bench.hf                 # builds a ~30M random Llama
+    python -m seesaw_mcore.bench.hf --model DIR --num-prompts 64 --json out.json
 
 Both run greedy with EOS ignored, so both generate exactly ``--max-tokens`` per prompt.
 """
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from seesaw_mcore.tools.results import emit, machine
+from seesaw_mcore.bench.common import emit, machine
 
 
 def hf_generate_timed(model, prompts: list[list[int]], max_tokens: int, batch: int,

@@ -1,11 +1,34 @@
-"""The only contract between scheduler and runtime: plain dataclasses, no tensors."""
+"""The contract between scheduler, runtime and engine: plain dataclasses, no tensors.
+
+This module is the bottom of the package: it imports nothing from it and not torch, so
+every layer (model, kv, runtime, engine, llm) can use these types.
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from seesaw_mcore.kv.host_tier import SlotRange
+if TYPE_CHECKING:
+    from seesaw_mcore.config import ParallelConfig
+
+
+
+HOST, DISK = "host", "disk"  # the KV tiers below the device cache
+
+
+@dataclass(frozen=True)
+class SlotRange:
+    """``[start, start + length)`` token slots of one sequence in a KV tier."""
+
+    start: int
+    length: int
+    tier: str = HOST
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
 
 
 class Phase(str, enum.Enum):
@@ -93,3 +116,30 @@ class RunnerOutput:
     """One replica's step result, sent from its last stage to rank 0."""
 
     tokens: list[SampledToken]
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """Where this rank sits in the active layout."""
+
+    layout: "ParallelConfig"
+    rank: int
+    dp_rank: int
+    tp_rank: int
+    pp_rank: int
+    tp_group: object  # torch ProcessGroup of this rank's TP peers
+    prev_rank: int | None  # global rank of the previous pipeline stage (None on the first)
+    next_rank: int | None  # global rank of the next pipeline stage (None on the last)
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.layout.pp - 1
+
+    @property
+    def tp_is_world(self) -> bool:
+        """True when the TP group spans every rank (DeepSpeed's shm all-reduce is then valid)."""
+        return self.layout.tp == self.layout.world_size

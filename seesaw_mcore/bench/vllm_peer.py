@@ -1,8 +1,8 @@
 """A persistent generation worker for ``bench_vllm``: vLLM (run with the vLLM environment's
 Python) or this engine (run with ours, one rank or several under the launcher).
 
-    <vllm-env>/bin/python seesaw_mcore/tools/vllm_peer.py vllm WORKDIR MODEL
-    deepspeed --no_local_rank --num_gpus 2 seesaw_mcore/tools/vllm_peer.py engine WORKDIR MODEL D2
+    <vllm-env>/bin/python seesaw_mcore/bench/vllm_peer.py vllm WORKDIR MODEL
+    deepspeed --no_local_rank --num_gpus 2 seesaw_mcore/bench/vllm_peer.py engine WORKDIR MODEL D2
 
 It loads the model once, writes ``WORKDIR/NAME.ready``, then for each ``WORKDIR/NAME.go.I``
 the driver writes, generates greedily for every prompt in ``WORKDIR/prompts.json`` and writes
