@@ -11,6 +11,11 @@ TORCH_INDEX ?=
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 export PYTHONUNBUFFERED := 1
+# DeepSpeed warns in every process when it falls back to its CPU accelerator: name it.
+DS_ACCELERATOR ?= $(shell nvidia-smi -L >/dev/null 2>&1 || echo cpu)
+ifneq ($(DS_ACCELERATOR),)
+export DS_ACCELERATOR
+endif
 
 .PHONY: install demo test slurm-test parity clean gpu-wheels gpu-check bench-vllm
 
@@ -38,13 +43,16 @@ $(STAMP): pyproject.toml
 # The main job: Seesaw P2 -> T2 on two ranks; a small host KV tier makes it switch a few times.
 demo: $(STAMP)
 	@mkdir -p outputs
-	$(VENV)/bin/deepspeed --no_local_rank --num_gpus 2 launch/infer.py plan=p2_t2 \
+	$(VENV)/bin/deepspeed --no_local_rank -q --num_gpus 2 launch/infer.py plan=P2:T2 \
 		cache.host_kv_tokens=64 sampling.max_tokens=48 data.output=outputs/demo.jsonl data.overwrite=true
 	@$(PY) -c "import json; [print(f'  {r[\"id\"]:>7}: {(r[\"prompt\"] or \"<chat>\")!r} -> {r[\"text\"]!r}') for r in map(json.loads, open('outputs/demo.jsonl'))]"
-	$(VENV)/bin/deepspeed --no_local_rank --num_gpus $(NPROC) --module seesaw_mcore.tools.parity \
+	$(VENV)/bin/deepspeed --no_local_rank -q --num_gpus $(NPROC) --module seesaw_mcore.tools.parity \
 		--model models/tiny-llama --layouts T2 P2 --check
 
+# Lint (ruff: pyflakes, bugbear, security rules), the import layering, then the suite.
 test: $(STAMP)
+	$(PY) -m ruff check seesaw_mcore launch tests
+	$(PY) -m seesaw_mcore.tools.check_layers
 	$(PY) -m pytest -q tests --ignore=tests/slurm
 
 # launch/slurm/infer.sbatch on a local two-node Slurm cluster (network namespaces; root).

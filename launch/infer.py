@@ -1,10 +1,13 @@
 """Offline batch generation: JSONL prompts in, JSONL completions out.
 
-    deepspeed --no_local_rank --num_gpus 2 launch/infer.py plan=t2 \
+    deepspeed --no_local_rank --num_gpus 2 launch/infer.py plan=P2:T2 \
         data.input=prompts.jsonl data.output=out.jsonl sampling.temperature=0
 
 Also runs under torchrun, or as plain ``python launch/infer.py`` for one rank. With no
 overrides it runs the bundled tiny model on the bundled sample prompts (``make demo``).
+
+The configuration is ``InferConfig``: the engine's ``EngineConfig`` (registered in Hydra's
+ConfigStore, so overrides are type-checked) plus the ``sampling`` and ``data`` groups.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import hydra
+from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 MAX_ERROR_LINES = 20  # bad records printed; the rest are counted
@@ -24,9 +29,41 @@ MAX_ERROR_LINES = 20  # bad records printed; the rest are counted
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from seesaw_mcore.config import EngineConfig  # noqa: E402
 from seesaw_mcore.errors import SeesawError  # noqa: E402
 from seesaw_mcore.runtime import groups  # noqa: E402
 from seesaw_mcore.runtime.watchdog import Interrupted  # noqa: E402
+
+
+@dataclass
+class DataConfig:
+    """Where prompts come from and completions go (``conf/data/``)."""
+
+    input: str = "data/sample_prompts.jsonl"  # JSONL, JSON, Parquet, CSV or a datasets folder
+    output: str = "outputs/out.jsonl"  # JSONL, one record per prompt, written as each finishes
+    overwrite: bool = False  # false: a rerun keeps finished records, runs only the other ids
+    fsync_every_s: float = 5.0  # finished records are forced to disk at least this often
+    prompt_field: str = "prompt"  # the text prompt's field
+    messages_field: str = "messages"  # the chat messages' field (rendered with the template)
+    id_field: str = "id"  # the id's field (absent: line-N / row-N)
+    system_prompt: str | None = None  # prepended as a system message to chat records
+    prompt_template: str | None = None  # e.g. "Question: {prompt}\nAnswer:" for text prompts
+
+
+@dataclass
+class InferConfig(EngineConfig):
+    """The job: the engine's configuration, sampling (``SamplingParams`` fields; validated
+    by it), the data, and whether rank 0 shows a progress bar."""
+
+    sampling: Any = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    progress: bool = True
+
+    def __post_init__(self) -> None:  # checked by EngineConfig.from_mapping, once merged
+        pass
+
+
+ConfigStore.instance().store(name="infer_schema", node=InferConfig)
 
 
 def _resolve(path: str) -> str:
@@ -39,26 +76,19 @@ def _resolve(path: str) -> str:
 
 def run(cfg: DictConfig) -> int:
     """The job; returns the exit status."""
+    from seesaw_mcore import quiet
+
+    quiet.configure(bool(cfg.runtime.verbose))  # before megatron-core is imported
     import torch.distributed as dist
 
     from seesaw_mcore import LLM, SamplingParams
     from seesaw_mcore.io import InputSpec, OutputWriter, PromptReader
 
-    sampling = SamplingParams(**OmegaConf.to_container(cfg.sampling, resolve=True))
-    llm = LLM(
-        _resolve(cfg.model.path), prefill=str(cfg.plan.prefill),
-        decode=None if cfg.plan.decode is None else str(cfg.plan.decode), dtype=cfg.dtype,
-        seed=cfg.seed, block_size=cfg.cache.block_size, num_blocks=cfg.cache.num_blocks,
-        kv_cache_gib=cfg.cache.kv_cache_gib, host_kv_tokens=cfg.cache.host_kv_tokens,
-        host_kv_gib=cfg.cache.host_kv_gib, prefetch_watermark=cfg.cache.prefetch_watermark,
-        disk_path=cfg.cache.disk_path, disk_kv_tokens=cfg.cache.disk_kv_tokens,
-        disk_kv_gib=cfg.cache.disk_kv_gib, async_swap=cfg.cache.async_swap,
-        max_num_seqs=cfg.scheduler.max_num_seqs,
-        max_prefill_tokens=cfg.scheduler.max_prefill_tokens,
-        prefill_micro_batches=cfg.scheduler.prefill_micro_batches,
-        policy=cfg.scheduler.policy, refill_threshold=cfg.scheduler.refill_threshold,
-        max_model_len=cfg.model.max_model_len, workload=cfg.plan.get("workload", "sharegpt"),
-    )
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    raw["model"]["path"] = _resolve(raw["model"]["path"])
+    engine_cfg = EngineConfig.from_mapping(raw)
+    sampling = SamplingParams(**raw["sampling"])
+    llm = LLM(config=engine_cfg)
     reader, writer, failure = None, None, None
     if llm.is_driver:  # input and output problems end every rank, not only rank 0
         try:

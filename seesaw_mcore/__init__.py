@@ -1,8 +1,12 @@
 """seesaw_mcore: offline LLM inference with dynamic re-sharding on megatron-core + DeepSpeed."""
 
+from seesaw_mcore import quiet
+from seesaw_mcore.config import EngineConfig
 from seesaw_mcore.engine.request import CompletionOutput, RequestOutput
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.sampling_params import SamplingParams
+
+quiet.install_filters()
 
 
 def __getattr__(name: str):  # LLM pulls in torch/megatron: import it lazily
@@ -13,4 +17,5 @@ def __getattr__(name: str):  # LLM pulls in torch/megatron: import it lazily
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "SeesawError"]
+__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
+           "SeesawError"]

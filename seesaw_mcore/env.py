@@ -9,11 +9,13 @@ tests. Each is read here, at the moment it is needed, so a test may set it per p
 Variable                                  Meaning
 ========================================  ==========================================================
 ``LOCAL_SIZE`` / ``LOCAL_WORLD_SIZE``     ranks on this node (DeepSpeed's / torchrun's launcher)
+``LOCAL_RANK``                            this rank's index on its node (device selection)
+``DS_ACCELERATOR``                        DeepSpeed's accelerator; set to ``cpu`` when no CUDA
 ``SLURM_CPUS_PER_TASK``                   cores per rank under Slurm (thread sizing)
 ``OMP_NUM_THREADS``                       when set, wins over the engine's own thread sizing
 ``SEESAW_CPU_PACKED_LINEAR=0``            CPU ranks: plain ``F.linear`` instead of oneDNN-packed
 ``SEESAW_DISABLE_SHM_ALLREDUCE=1``        CPU ranks: gloo all-reduce instead of DeepSpeed's shm one
-``SEESAW_WATCHDOG_STALE_S``               seconds without a peer's heartbeat before it counts as lost
+``SEESAW_WATCHDOG_STALE_S``               seconds without a peer's heartbeat: it counts as lost
 ``SEESAW_FAULT_KILL=RANK:KIND:N``         tests: SIGKILL rank RANK at its N-th step of KIND
 ``SEESAW_CACHE_DIR``                      where measured planner profiles are cached
 ``TORCH_EXTENSIONS_DIR``                  where the C++ ops are built (default: in the venv)
@@ -29,6 +31,11 @@ import os
 def local_world_size() -> int:
     """Ranks on this node, from the launcher's environment (1 when not launched)."""
     return int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+
+
+def local_rank() -> int:
+    """This rank's index on its node (``LOCAL_RANK``, 0 when not launched)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def slurm_cpus_per_task() -> int:

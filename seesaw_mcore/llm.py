@@ -2,7 +2,8 @@
 
 SPMD: every rank constructs ``LLM`` and calls ``generate`` with the same arguments; rank 0
 gets the ``RequestOutput`` list (in input order), other ranks get ``[]``. With one rank it
-runs in a plain ``python`` process.
+runs in a plain ``python`` process. ``LLM`` is thin: it tokenizes, adds requests to the
+engine, loops ``Engine.step`` and hands finished outputs back.
 """
 
 from __future__ import annotations
@@ -11,14 +12,14 @@ import hashlib
 import itertools
 import json
 import os
-import time
 from collections.abc import Callable, Iterable, Iterator, Sized
-from dataclasses import dataclass
+from typing import Any
 
-from seesaw_mcore.config import PhasePlan
-from seesaw_mcore.engine.engine import CacheConfig, Engine
-from seesaw_mcore.engine.request import CompletionOutput, RequestOutput, Sequence
-from seesaw_mcore.engine.scheduler import SchedulerConfig
+from seesaw_mcore import quiet
+from seesaw_mcore.config import EngineConfig
+from seesaw_mcore.engine.engine import Engine
+from seesaw_mcore.engine.output import OutputProcessor
+from seesaw_mcore.engine.request import RequestOutput, Sequence
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.sampling_params import SamplingParams
 
@@ -37,74 +38,43 @@ class LLM:
 
     Args:
         model: local HF model folder (safetensors).
-        prefill: parallel layout for prefill, e.g. ``"T2"``, ``"P2"``, ``"D2"``; ``"auto"``:
-            the planner's best plan for this job's ranks (measured profile) and ``workload``.
-        decode: layout for decode (``prefill="P2", decode="T2"`` re-shards between the
-            phases on the same ranks); ``None`` or equal to ``prefill``: a static plan.
-        dtype: ``auto`` (float32 on CPU ranks, checkpoint dtype on GPUs), ``float32``,
-            ``bfloat16`` or ``float16``.
-        seed: engine seed, used for requests whose ``SamplingParams.seed`` is ``None``.
-        block_size / num_blocks / kv_cache_gib: device KV cache (see ``CacheConfig``).
-        host_kv_tokens / host_kv_gib / prefetch_watermark: host KV tier of a re-sharding plan
-            (see ``CacheConfig``).
-        disk_path / disk_kv_tokens / disk_kv_gib: the optional disk KV tier (DeepSpeed AIO)
-            behind the host tier; ``async_swap``: tier copies overlap compute.
-        max_num_seqs / max_prefill_tokens / prefill_micro_batches / policy /
-            refill_threshold: batching and the phase-switch policy (see ``SchedulerConfig``).
-        max_model_len: longest prompt + output; default: the model's context.
-        workload: with ``prefill="auto"``, the planner's workload preset.
+        config: a whole ``EngineConfig`` instead of keyword arguments.
+        **kwargs: ``EngineConfig`` fields by name (see ``config/engine.py``), e.g.
+            ``plan="P2:T2"`` (or ``prefill="P2", decode="T2"``; ``plan="auto"``: the
+            planner's pick for ``workload``), ``dtype``, ``seed``, ``max_model_len``, the
+            cache's ``block_size`` / ``num_blocks`` / ``kv_cache_gib`` /
+            ``gpu_memory_utilization`` / ``host_kv_tokens`` / ``disk_path`` ..., the
+            scheduler's ``max_num_seqs`` / ``max_prefill_tokens`` / ``policy`` ..., the
+            runtime's ``dist_timeout_s`` / ``verbose``. An unknown name is a one-line error
+            naming the closest known one.
     """
 
-    def __init__(
-        self,
-        model: str,
-        prefill: str = "T1",
-        decode: str | None = None,
-        dtype: str = "auto",
-        seed: int = 0,
-        block_size: int = 16,
-        num_blocks: int | None = None,
-        kv_cache_gib: float = 1.0,
-        host_kv_tokens: int | None = None,
-        host_kv_gib: float = 1.0,
-        prefetch_watermark: float = 0.01,
-        disk_path: str | None = None,
-        disk_kv_tokens: int | None = None,
-        disk_kv_gib: float = 8.0,
-        async_swap: bool = True,
-        max_num_seqs: int = 256,
-        max_prefill_tokens: int = 4096,
-        prefill_micro_batches: int = 4,
-        policy: str = "transition_minimizing",
-        refill_threshold: float = 0.2,
-        max_model_len: int | None = None,
-        workload: str = "sharegpt",
-    ) -> None:
-        self.seed = seed
-        if prefill == "auto":
+    def __init__(self, model: str | None = None, config: EngineConfig | None = None,
+                 **kwargs: Any) -> None:
+        if config is None:
+            if model is None:
+                raise SeesawError("LLM() needs a model folder (or config=EngineConfig(...))")
+            config = EngineConfig.from_kwargs(model, **kwargs)
+        elif model is not None or kwargs:
+            raise SeesawError("pass either config= or model and keyword arguments, not both")
+        quiet.configure(config.runtime.verbose)
+        if config.is_auto:
             from seesaw_mcore.planner import choose_plan
 
-            prefill, decode = choose_plan(model, workload)
-        self.engine = Engine(
-            model, PhasePlan.parse(prefill, decode), dtype=dtype,
-            cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
-                              kv_cache_gib=kv_cache_gib, host_kv_tokens=host_kv_tokens,
-                              host_kv_gib=host_kv_gib,
-                              prefetch_watermark=prefetch_watermark, disk_path=disk_path,
-                              disk_kv_tokens=disk_kv_tokens, disk_kv_gib=disk_kv_gib,
-                              async_swap=async_swap),
-            scheduler=SchedulerConfig(max_num_seqs=max_num_seqs,
-                                      max_prefill_tokens=max_prefill_tokens,
-                                      prefill_micro_batches=prefill_micro_batches,
-                                      policy=policy, refill_threshold=refill_threshold),
-            max_model_len=max_model_len,
-        )
-        self.tokenizer = _load_tokenizer(model)
-        self.eos_token_ids = _eos_ids(model, self.engine.model_cfg.eos_token_ids, self.tokenizer)
+            prefill, decode = choose_plan(config.model.path, config.workload)
+            config.plan = f"{prefill}:{decode}"
+        self.config = config
+        path = config.model.path
+        self.tokenizer = _load_tokenizer(path)
+        self.engine = Engine(config, _eos_ids(path, self.tokenizer))
 
     @property
     def is_driver(self) -> bool:
         return self.engine.is_driver
+
+    def get_tokenizer(self):
+        """The model's transformers tokenizer (``None`` when the folder has none)."""
+        return self.tokenizer
 
     def generate(
         self,
@@ -145,90 +115,63 @@ class LLM:
             if total is not None and isinstance(given, Sized) and len(given) != total:
                 raise SeesawError(f"got {len(given)} {name} for {total} prompts")
         if not self.is_driver:
-            self.engine.run([], lambda s: False)
+            self.engine.serve()
             return []
-        start = time.perf_counter()
-        live: dict[int, _Request] = {}  # admitted, not all samples finished
+        processor = OutputProcessor(self.tokenizer)
         results: dict[int, RequestOutput] = {}
-        bar = _progress(total, use_tqdm)
-
-        def after_token(seq: Sequence) -> bool:
-            if not self._check_stop(seq):
-                return False
-            req = live[seq.request_index]
-            req.unfinished -= 1
-            if req.unfinished == 0:
-                del live[seq.request_index]
-                out = self._request_output(req, start)
-                if keep_outputs:
-                    results[seq.request_index] = out
-                bar.update(1)
-                if on_output is not None:
-                    on_output(out)
-            return True
-
-        seqs = self._sequences(_requests(prompts, sampling_params, request_ids), live,
+        bar = quiet.progress(total, use_tqdm)
+        seqs = self._sequences(_requests(prompts, sampling_params, request_ids), processor,
                                on_reject)
+        engine = self.engine
         try:
-            self.engine.run(seqs, after_token)
+            with engine.session():
+                while True:
+                    while engine.num_waiting < engine.lookahead:  # top up, lazily
+                        seq = next(seqs, None)
+                        if seq is None:
+                            break
+                        engine.add(seq)
+                    if not engine.has_unfinished():
+                        break
+                    stopped, finished = processor.process(engine.step())
+                    for seq in stopped:
+                        engine.finish(seq)
+                    for index, out in finished:
+                        if keep_outputs:
+                            results[index] = out
+                        bar.update(1)
+                        if on_output is not None:
+                            on_output(out)
         finally:
             bar.close()
         return [results[i] for i in sorted(results)]
 
-    def _sequences(self, requests, live: dict[int, _Request], on_reject
+    def _sequences(self, requests, processor: OutputProcessor, on_reject
                    ) -> Iterator[Sequence]:
         """Every request's samples, made as the engine pulls them. Sample ``k`` of a request
         draws from ``sample_seed(SamplingParams.seed, "", k)`` when the request has a seed,
         else from ``sample_seed(engine seed, request id, k)``: the same samples on a rerun,
         a resumed run or another plan, whatever the request's position."""
-        eng = self.engine
         seq_id = 0
         for i, rid, prompt, p in requests:
+            label = "prompt" if on_reject else f"prompt {i}"
             try:  # a rejected prompt's message names it by its index only if raised
-                toks, max_tokens = self._admit("prompt" if on_reject else f"prompt {i}",
-                                               prompt, p)
+                toks = self._tokens(label, prompt)
+                max_tokens = self.engine.check_request(label, len(toks), p.max_tokens)
             except SeesawError as e:
                 if on_reject is None:
                     raise
                 on_reject(rid, str(e))
                 continue
-            live[i] = _Request(rid, prompt if isinstance(prompt, str) else None, toks,
-                               [], p.n)
-            base, key = (p.seed, "") if p.seed is not None else (self.seed, rid)
-            for k in range(p.n):
-                seq = Sequence(
-                    seq_id=seq_id, request_index=i, sample_index=k, prompt_token_ids=toks,
-                    params=p, seed=sample_seed(base, key, k), max_tokens=max_tokens,
-                    replica=i % eng.plan.prefill.dp)
-                live[i].samples.append(seq)
-                seq_id += 1
-                yield seq
-
-    def _admit(self, label: str, prompt: PromptType, p: SamplingParams
-               ) -> tuple[list[int], int]:
-        """The prompt's tokens and its resolved ``max_tokens``, if it fits every cache."""
-        eng = self.engine
-        toks = self._tokens(label, prompt)
-        if len(toks) >= eng.max_model_len:
-            raise SeesawError(
-                f"{label} has {len(toks)} tokens; the model's context is "
-                f"{eng.max_model_len} (prompt + at least one generated token must fit)")
-        max_tokens = min(p.max_tokens or eng.max_model_len, eng.max_model_len - len(toks))
-        cap = eng.capacity_tokens()
-        if len(toks) + max_tokens > cap:
-            raise SeesawError(
-                f"{label} needs up to {len(toks) + max_tokens} tokens of KV cache "
-                f"(prompt {len(toks)} + max_tokens {max_tokens}) but the cache holds {cap}; "
-                "raise cache.num_blocks / cache.kv_cache_gib or lower max_tokens")
-        host, disk = eng.host_slots, eng.disk_slots
-        if host and len(toks) + max_tokens - 1 > max(host, disk):
-            holds = f"it holds {host}" + (f" and the disk tier {disk}" if disk else "")
-            raise SeesawError(
-                f"{label} needs up to {len(toks) + max_tokens - 1} token slots of the "
-                f"host KV tier (prompt {len(toks)} + max_tokens {max_tokens} - 1, if "
-                f"preempted) but {holds}; raise cache.host_kv_tokens / "
-                "cache.host_kv_gib or lower max_tokens")
-        return toks, max_tokens
+            base, key = (p.seed, "") if p.seed is not None else (self.config.seed, rid)
+            samples = [Sequence(seq_id=seq_id + k, request_index=i, sample_index=k,
+                                prompt_token_ids=toks, params=p,
+                                seed=sample_seed(base, key, k), max_tokens=max_tokens)
+                       for k in range(p.n)]
+            seq_id += p.n
+            processor.add_request(i, rid, prompt if isinstance(prompt, str) else None, toks,
+                                  samples)
+            yield from samples
 
     def _tokens(self, label: str, prompt: PromptType) -> list[int]:
         if isinstance(prompt, dict):
@@ -252,59 +195,15 @@ class LLM:
             raise SeesawError(f"{label} is empty")
         return list(toks)
 
-    def _check_stop(self, seq: Sequence) -> bool:
-        p, tok = seq.params, seq.output_token_ids[-1]
-        reason = None
-        if tok in p.stop_token_ids or (not p.ignore_eos and tok in self.eos_token_ids):
-            reason = "stop"
-        elif p.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-            hits = [text.find(s) for s in p.stop if s in text]
-            if hits:
-                seq.stop_text_len, reason = min(hits), "stop"
-        if reason is None and (len(seq.output_token_ids) >= seq.max_tokens
-                               or seq.num_tokens >= self.engine.max_model_len):
-            reason = "length"
-        seq.finish_reason = reason
-        return reason is not None
-
-    def _request_output(self, req: _Request, start: float) -> RequestOutput:
-        outs = []
-        for s in req.samples:
-            text = ""
-            if self.tokenizer is not None:
-                text = self.tokenizer.decode(s.output_token_ids, skip_special_tokens=True)
-                if s.stop_text_len is not None:
-                    text = text[: s.stop_text_len]
-            outs.append(CompletionOutput(
-                index=s.sample_index, text=text, token_ids=list(s.output_token_ids),
-                finish_reason=s.finish_reason,
-                logprobs=s.logprobs if s.params.logprobs is not None else None,
-                num_preemptions=s.num_preemptions))
-        return RequestOutput(
-            request_id=req.id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-            outputs=outs, latency_s=time.perf_counter() - start)
-
     def shutdown(self) -> None:
-        """Releases the host tier and destroys the process groups (the job can then exit
+        """Releases the tiers and destroys the process groups (the job can then exit
         cleanly)."""
         self.engine.shutdown()
 
     def close(self) -> None:
-        """Releases the host tier but keeps the process groups, for another ``LLM`` in the
+        """Releases the tiers but keeps the process groups, for another ``LLM`` in the
         same job."""
         self.engine.close()
-
-
-@dataclass
-class _Request:
-    """A request being generated: what its output needs once every sample is done."""
-
-    id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    samples: list[Sequence]  # in sample order
-    unfinished: int
 
 
 def _requests(prompts: Iterable[PromptType], sampling_params, request_ids
@@ -335,8 +234,10 @@ def _load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path)
 
 
-def _eos_ids(path: str, config_eos: tuple[int, ...], tokenizer) -> set[int]:
-    ids = set(config_eos)
+def _eos_ids(path: str, tokenizer) -> set[int]:
+    """EOS ids besides the model config's: ``generation_config.json``'s and the
+    tokenizer's."""
+    ids: set[int] = set()
     gen = os.path.join(path, "generation_config.json")
     if os.path.isfile(gen):
         with open(gen, encoding="utf-8") as f:
@@ -345,19 +246,3 @@ def _eos_ids(path: str, config_eos: tuple[int, ...], tokenizer) -> set[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(total: int | None, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc="requests", unit="req", dynamic_ncols=True)

@@ -412,7 +412,7 @@ def run(cfg: DictConfig) -> dict | None:
     return results
 
 
-@hydra.main(version_base="1.3", config_path="../../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=os.path.join(REPO, "conf"), config_name="bench")
 def main(cfg: DictConfig) -> None:
     from seesaw_mcore.runtime import groups
 

@@ -89,7 +89,7 @@ def run_setting(args, prompts, cores: str, threads: int) -> dict:
                 r = results.setdefault(name, {"seconds": [], "tokens": rec["tokens"]})
                 r["seconds"].append(round(rec["seconds"], 2))
     finally:
-        for name, (procs, _log) in workers.items():
+        for name in workers:
             open(os.path.join(work, f"{name}.stop"), "w").close()
         for procs, _log in workers.values():
             for p in procs:

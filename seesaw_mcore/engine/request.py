@@ -35,8 +35,8 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     host_slots: SlotRange | None = None  # host-tier slots holding its KV (SWAPPED)
-    finish_reason: str | None = None
-    stop_text_len: int | None = None  # text cut here when a stop string matched
+    finish_reason: str | None = None  # "stop" or "length" once finished
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
 
     @property
@@ -56,6 +56,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     finish_reason: str | None  # "stop" (EOS, stop token or stop string) or "length"
+    stop_reason: int | str | None = None  # the stop token id or string; None for EOS/length
     logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}, if asked
     num_preemptions: int = 0
 

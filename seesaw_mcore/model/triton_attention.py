@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 @triton.jit
 def _paged_attn_kernel(
-    Q, K, V, O, TABLES, CU_Q, SEQ_LENS, scale,
+    Q, K, V, Out, TABLES, CU_Q, SEQ_LENS, scale,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_ot, stride_oh, stride_bt,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
@@ -79,8 +79,8 @@ def _paged_attn_kernel(
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(O + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None],
-             out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok[None])
+    tl.store(Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None],
+             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None])
 
 
 def paged_attention_triton(

@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore import env
+from seesaw_mcore import env, quiet
 from seesaw_mcore.config import ParallelConfig, check_world
 from seesaw_mcore.contract import RankInfo
 from seesaw_mcore.errors import SeesawError
@@ -31,6 +31,7 @@ _PREPARED: "dict[ParallelConfig, tuple[dict[str, object], RankInfo]]" = {}
 
 def accelerator():
     """DeepSpeed's accelerator abstraction (CPU here, CUDA on GPUs)."""
+    quiet.quiet_accelerator_detection()
     from deepspeed.accelerator import get_accelerator
 
     return get_accelerator()
@@ -96,18 +97,19 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
 
         acc = accelerator()
         if acc.device_name() != "cpu":
-            local = int(os.environ.get("LOCAL_RANK", 0))
+            local = env.local_rank()
             if local >= acc.device_count():
                 raise SeesawError(
                     f"local rank {local} of {env.local_world_size()} on this node, but it has "
                     f"{acc.device_count()} {acc.device_name()} devices; start at most one "
                     f"rank per device{cluster.world_hint()}")
             acc.set_device(local)
-        deepspeed.init_distributed(
-            dist_backend=acc.communication_backend_name(),
-            timeout=datetime.timedelta(seconds=timeout_s),
-            verbose=False,
-        )
+        with quiet.native_output():  # DeepSpeed's shm op build prints compiler lines
+            deepspeed.init_distributed(
+                dist_backend=acc.communication_backend_name(),
+                timeout=datetime.timedelta(seconds=timeout_s),
+                verbose=False,
+            )
         _unlink_deepspeed_shm()
         _start_watchdog()
     return dist.get_rank(), dist.get_world_size()

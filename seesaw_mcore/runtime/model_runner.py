@@ -6,24 +6,20 @@ Every rank calls ``forward`` with the same step description; each runs its own s
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 import torch.distributed as dist
 
 from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan, kv_bytes_per_token
 from seesaw_mcore.contract import (
-    DISK,
     HOST,
     KVMove,
     RunnerOutput,
     SampledToken,
     SchedulerOutput,
-    SlotRange,
 )
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.kv.disk_tier import DiskKVTier
-from seesaw_mcore.kv.host_tier import HostKVBuffer
+from seesaw_mcore.kv.copier import KVCopier, KVView
 from seesaw_mcore.kv.layout import KVShardLayout
 from seesaw_mcore.kv.transfer import KVTransfer
 from seesaw_mcore.model import cpu_attention
@@ -73,26 +69,6 @@ def kv_bytes_per_block(
                                                dtype.itemsize, layout))
 
 
-def _copy_runs(moves: list[KVMove], block_size: int) -> list[tuple[int, int, int]]:
-    """Token runs contiguous in both the host slots and the flat ``[NB * BS]`` cache rows:
-    ``(slot start, row start, length)``. Fresh block tables are mostly ascending, so a
-    prefill step's moves usually collapse into a few runs."""
-    runs: list[list[int]] = []
-    for m in sorted(moves, key=lambda m: m.slots.start):
-        slot, left = m.slots.start, m.slots.length
-        for b in m.block_table:
-            n = min(block_size, left)
-            if n <= 0:
-                break
-            row = b * block_size
-            if runs and runs[-1][0] + runs[-1][2] == slot and runs[-1][1] + runs[-1][2] == row:
-                runs[-1][2] += n
-            else:
-                runs.append([slot, row, n])
-            slot, left = slot + n, left - n
-    return [tuple(r) for r in runs]
-
-
 class ModelRunner:
     """Holds this rank's stage and its paged KV cache under the active layout of a plan.
 
@@ -133,9 +109,8 @@ class ModelRunner:
         self.num_blocks: dict[ParallelConfig, int] = {}
         self._kv_flat: torch.Tensor | None = None
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.host: HostKVBuffer | None = None  # the node's host KV tier (Seesaw plans)
-        self.disk: DiskKVTier | None = None  # the node's disk KV tier (optional)
         self.transfer = KVTransfer(groups.accelerator(), async_swap)
+        self.copier = KVCopier(self.transfer, cfg.head_dim)  # host / disk tiers: set later
         self.model: LlamaStage | None = None
         self._resident: dict[ParallelConfig, LlamaStage] = {}  # stages that cost no memory
         self.use(plan.prefill)
@@ -186,7 +161,12 @@ class ModelRunner:
         shape = (n, 2, nb, self.block_size, hkv, self.cfg.head_dim)
         kv = self._kv_flat[: math.prod(shape)].view(shape)
         self.kv_cache = [(kv[i, 0], kv[i, 1]) for i in range(n)]
-        self._kv_rows = kv.flatten(2, 3)  # [n, 2, NB * BS, Hkv/TP, D]: tier copies
+        kvl = self.kv_layouts[layout]
+        self._kv_view = KVView(kv.flatten(2, 3), self.block_size,  # [n, 2, NB * BS, h, D]
+                               kvl.layer_range(self.info.rank)[0], kvl.head_range(self.info.rank))
+
+    def _swap(self, moves: list[KVMove], to_tier: bool, layers: range | None = None) -> None:
+        self.copier.swap(self._kv_view, moves, to_tier, layers)
 
     @torch.inference_mode()
     def forward(
@@ -273,61 +253,6 @@ class ModelRunner:
     def drain(self) -> None:
         """Waits for this rank's queued tier copies (before the host tier changes hands)."""
         self.transfer.drain()
-
-    def _swap(self, moves: list[KVMove], to_tier: bool, layers: range | None = None) -> None:
-        """Moves this rank's ``[its layers, k/v, its heads]`` part of each sequence's KV
-        between its device blocks and its tier slots (``layers``: only these local layers).
-        Host tier: one strided copy per layer, K/V and run of tokens contiguous on both
-        sides (adjacent slots and adjacent blocks). Disk tier: per sequence, through a
-        page-locked staging record and AIO."""
-        kvl, rank = self.kv_layouts[self.info.layout], self.info.rank
-        l0, _ = kvl.layer_range(rank)
-        h0, h1 = kvl.head_range(rank)
-        layers = range(len(self.kv_cache)) if layers is None else layers
-        for tier in (HOST, DISK):
-            mine = [m for m in moves if m.slots.tier == tier]
-            if not mine:
-                continue
-            t0 = time.perf_counter()
-            if tier == HOST:
-                self._copy(self.host.tensor[:, :, h0:h1], _copy_runs(mine, self.block_size),
-                           layers, l0, to_tier)
-            else:  # whole records: every local layer
-                self._disk_records(mine, l0, h0, h1, to_tier)
-            tokens = sum(m.slots.length for m in mine)
-            nbytes = 2 * len(layers) * tokens * (h1 - h0) * self.cfg.head_dim
-            self.transfer.stats.tiers[tier].add(to_tier, nbytes * self.dtype.itemsize,
-                                                time.perf_counter() - t0)
-
-    def _copy(self, side: torch.Tensor, runs, layers: range, l0: int, to_tier: bool) -> None:
-        """Copies token runs ``(slot, cache row, n)`` of local ``layers`` between the paged
-        cache and ``side`` ``[layers, 2, h, slots, D]`` (this rank's heads; local layer ``i``
-        is ``side``'s layer ``l0 + i``): one strided copy per run, K and V of every layer
-        at once."""
-        cache = self._kv_rows[layers.start:layers.stop]  # [l, 2, NB * BS, h, D]
-        part = side[l0 + layers.start:l0 + layers.stop]  # [l, 2, h, S, D]
-        for slot, row, n in runs:
-            dev = cache[:, :, row:row + n].transpose(2, 3)  # [l, 2, h, n, D]
-            tier = part[:, :, :, slot:slot + n]  # [l, 2, h, n, D]
-            if to_tier:
-                tier.copy_(dev)
-            else:
-                dev.copy_(tier, non_blocking=True)
-
-    def _disk_records(self, moves: list[KVMove], l0: int, h0: int, h1: int,
-                      to_tier: bool) -> None:
-        """Sequences' parts (every local layer) between their blocks and their disk records,
-        through page-locked staging; all of a step's AIO ops are in flight at once."""
-        records = [m.slots for m in moves]
-        layers = range(len(self.kv_cache))
-        staging = self.disk.staging(len(layers), h1 - h0, records)  # each [l, 2, h, R, D]
-        if not to_tier:
-            self.disk.transfer(staging, records, l0, h0, write=False)
-        for m, part in zip(moves, staging):
-            local = KVMove(m.seq_id, SlotRange(0, m.slots.length), m.block_table)
-            self._copy(part, _copy_runs([local], self.block_size), layers, 0, to_tier)
-        if to_tier:
-            self.disk.transfer(staging, records, l0, h0, write=True)
 
     def _stage(self, input_ids, query_lens, context_lens, block_tables, sends,
                after_attention=None):

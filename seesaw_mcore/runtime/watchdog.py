@@ -161,7 +161,7 @@ class Watchdog:
                 deadline = time.monotonic() + wait_s
                 while time.monotonic() < deadline and not self._store.check(keys):
                     time.sleep(0.05)
-        except Exception:  # noqa: BLE001 - the store may already be gone
+        except Exception:  # noqa: BLE001, S110 - the store may already be gone
             pass
 
     def exit_if_peer_lost(self, wait_s: float | None = None) -> None:
@@ -201,7 +201,7 @@ class Watchdog:
         try:
             if self._store is not None and self._store.check([f"{EXIT_KEY}/{r}"]):
                 self._clean_exits.add(r)
-        except Exception:  # noqa: BLE001 - no store: no announcement
+        except Exception:  # noqa: BLE001, S110 - no store: no announcement
             pass
         return r in self._clean_exits
 
@@ -223,7 +223,7 @@ class Watchdog:
         if self.rank != 0 and self._store is not None:  # rank 0 stops the job: tell it now
             try:
                 self._store.set(STOP_KEY, str(signum))
-            except Exception:  # noqa: BLE001 - the watchdog thread retries
+            except Exception:  # noqa: BLE001, S110 - the watchdog thread retries
                 pass
 
     def _loop(self) -> None:

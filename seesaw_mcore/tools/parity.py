@@ -79,7 +79,9 @@ def _bcast(t: torch.Tensor | None, shape: tuple[int, int], src: int) -> torch.Te
 def hf_reference(model_path: str, prompts: list[list[int]], max_new: int) -> dict:
     """Teacher-forced logits and ``generate`` greedy tokens from HF ``transformers``."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # one checkpoint load, no bar needed
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32,
                                                  use_safetensors=True)
     model.eval()
@@ -115,13 +117,18 @@ def check_logprobs_close(ours: list, ref: list) -> None:
         AssertionError: naming the prompt and position that break the rule.
     """
     for i, ((tok_a, lp_a), (tok_b, lp_b)) in enumerate(zip(ours, ref)):
-        assert len(tok_a) == len(tok_b), i
+        if len(tok_a) != len(tok_b):
+            raise AssertionError(f"prompt {i}: {len(tok_a)} tokens vs {len(tok_b)}")
         for pos, (a, b) in enumerate(zip(tok_a, tok_b)):
             if a != b:
                 top_a = {int(t) for t in lp_a[pos]}
                 top_b = {int(t) for t in lp_b[pos]}
-                assert b in top_a, f"prompt {i} pos {pos}: reference {b} not in ours {top_a}"
-                assert a in top_b, f"prompt {i} pos {pos}: our {a} not in reference {top_b}"
+                if b not in top_a:
+                    raise AssertionError(f"prompt {i} pos {pos}: reference {b} not in ours "
+                                         f"{top_a}")
+                if a not in top_b:
+                    raise AssertionError(f"prompt {i} pos {pos}: our {a} not in reference "
+                                         f"{top_b}")
                 break
 
 

@@ -15,7 +15,6 @@ import torch.distributed as dist
 
 from seesaw_mcore import LLM, SamplingParams
 from seesaw_mcore.runtime import groups
-
 from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
 
 # Policy runs: 24 prompts of 6-16 tokens (~260 tokens) through a host tier of 90 token slots

@@ -96,11 +96,11 @@ def test_demo_defaults_single_process(tmp_path):
     (["data.input=/nonexistent.jsonl"], "error: data.input '/nonexistent.jsonl' does not exist"),
     (["plan=p2_t2"], "error: layout P2 needs DP x TP x PP = 1 x 1 x 2 = 2 ranks, but the world "
                      "size is 1"),
-    (["plan.prefill=P2", "plan.decode=T4"], "error: plan P2 -> T4: prefill uses 2 ranks but "
+    (["plan=P2:T4"], "error: plan P2 -> T4: prefill uses 2 ranks but "
                                             "decode uses 4; both phases run on the same ranks"),
-    (["plan.prefill=P4", "plan.decode=T4"], "error: layout T4: TP=4 does not divide "
+    (["plan=P4:T4"], "error: layout T4: TP=4 does not divide "
                                             "num_key_value_heads=2"),
-    (["plan.prefill=P8", "plan.decode=T8"], "error: layout P8: PP=8 is greater than "
+    (["plan=P8:T8"], "error: layout P8: PP=8 is greater than "
                                             "num_hidden_layers=5"),
     (["cache.disk_path=/tmp"], "error: cache.disk_path needs a re-sharding plan; plan T1 is "
                                "static (its KV stays on the device)"),

@@ -115,7 +115,7 @@ def test_reads_hf_fields(tiny_models):
     ({"disk_kv_gib": 0}, "cache.disk_kv_gib must be > 0, got 0"),
 ])
 def test_cache_config_errors(kwargs, msg):
-    from seesaw_mcore.engine.engine import CacheConfig
+    from seesaw_mcore.config import CacheConfig
 
     with pytest.raises(SeesawError, match="^" + msg + "$"):
         CacheConfig(**kwargs)

@@ -10,10 +10,10 @@ import stat
 import pytest
 import torch
 
+from seesaw_mcore.contract import DISK
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv import disk_tier
 from seesaw_mcore.kv.disk_tier import DiskKVTier, check_disk_path, load_aio, page_tokens
-from seesaw_mcore.contract import DISK
 from seesaw_mcore.kv.slots import SlotAllocator
 
 L, H, D = 4, 2, 32  # layers, KV heads, head dim

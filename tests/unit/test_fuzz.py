@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from seesaw_mcore.config import ParallelConfig, PhasePlan
 from seesaw_mcore.errors import SeesawError

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from seesaw_mcore.config import ParallelConfig, PhasePlan
-from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.contract import SlotRange
+from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.host_tier import HostKVBuffer
-from seesaw_mcore.kv.slots import SlotAllocator
 from seesaw_mcore.kv.layout import KVShardLayout, plan_transfers
+from seesaw_mcore.kv.slots import SlotAllocator
 
 
 def test_first_fit_and_merge():

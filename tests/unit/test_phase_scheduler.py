@@ -4,12 +4,10 @@ DP degree changing between the phases."""
 
 from __future__ import annotations
 
-from seesaw_mcore.config import PhasePlan
-from seesaw_mcore.contract import Phase
-from seesaw_mcore.engine.phase_scheduler import PhaseScheduler
+from seesaw_mcore.config import PhasePlan, SchedulerConfig
+from seesaw_mcore.contract import DISK, HOST, Phase
 from seesaw_mcore.engine.request import SeqStatus
-from seesaw_mcore.engine.scheduler import SchedulerConfig
-from seesaw_mcore.contract import DISK, HOST
+from seesaw_mcore.engine.scheduler import PhaseScheduler
 from tests.unit.test_scheduler import create_requests
 
 

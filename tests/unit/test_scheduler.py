@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from seesaw_mcore.config import SchedulerConfig
 from seesaw_mcore.contract import Phase
-from seesaw_mcore.engine.request import Sequence, SeqStatus
-from seesaw_mcore.engine.scheduler import Scheduler, SchedulerConfig
+from seesaw_mcore.engine.request import SeqStatus, Sequence
+from seesaw_mcore.engine.scheduler import Scheduler
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.block_pool import BlockPool
 from seesaw_mcore.sampling_params import SamplingParams

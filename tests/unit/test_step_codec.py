@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 
 from seesaw_mcore.contract import (
+    DISK,
+    HOST,
     KVMove,
     Phase,
     SampledToken,
     SamplingSpec,
     ScheduledSeq,
     SchedulerOutput,
+    SlotRange,
     StepPlan,
 )
 from seesaw_mcore.runtime.step_codec import (
@@ -20,7 +23,6 @@ from seesaw_mcore.runtime.step_codec import (
     encode_tokens,
     token_width,
 )
-from seesaw_mcore.contract import DISK, HOST, SlotRange
 
 
 def _seq(i: int, n: int = 1, logprobs=None) -> ScheduledSeq:

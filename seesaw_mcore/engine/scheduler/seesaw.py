@@ -18,11 +18,10 @@ from __future__ import annotations
 import copy
 from collections import deque
 
-from seesaw_mcore.config import PhasePlan
+from seesaw_mcore.config import PhasePlan, SchedulerConfig
 from seesaw_mcore.contract import DISK, HOST, KVMove, Phase, SchedulerOutput, SlotRange, StepPlan
 from seesaw_mcore.engine.request import SeqStatus, Sequence
-from seesaw_mcore.engine.scheduler import (
-    SchedulerConfig,
+from seesaw_mcore.engine.scheduler.batching import (
     grow_running,
     prefill_parts,
     scheduled,

@@ -1,0 +1,128 @@
+"""The model's architecture facts, read from a local HF ``config.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from seesaw_mcore.config.parallel import ParallelConfig, layout_error
+from seesaw_mcore.errors import SeesawError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+_STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture facts the runtime needs, read from an HF ``config.json``."""
+
+    path: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    rope_parameters: dict = field(hash=False, compare=False)
+    torch_dtype: str = "float32"
+    eos_token_ids: tuple[int, ...] = ()
+    hf_config: Any = field(default=None, repr=False, hash=False, compare=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str) -> "ModelConfig":
+        """Reads and checks ``config.json`` of a local HF model folder (never downloads)."""
+        cfg_file = os.path.join(path, "config.json")
+        if not os.path.isdir(path):
+            raise SeesawError(f"model path {path!r} is not a directory")
+        if not os.path.isfile(cfg_file):
+            raise SeesawError(f"model path {path!r} has no config.json")
+        try:
+            with open(cfg_file, encoding="utf-8") as f:
+                raw = json.load(f)
+        except (OSError, ValueError) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise SeesawError(f"cannot read {cfg_file}: {e}") from None
+        if not isinstance(raw, dict):
+            raise SeesawError(f"{cfg_file} is not a JSON object")
+        try:
+            cfg = cls._from_raw(path, cfg_file, raw)
+        except SeesawError:
+            raise
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError, KeyError) as e:
+            raise SeesawError(f"{cfg_file} is not a valid model config: {type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from None
+        sizes = {k: getattr(cfg, k) for k in (
+            "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+            "num_kv_heads", "head_dim", "max_position_embeddings")}
+        bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+        if bad:
+            raise SeesawError(f"{cfg_file}: {', '.join(bad)} must be >= 1")
+        if cfg.num_heads % cfg.num_kv_heads:
+            raise SeesawError(f"{cfg_file}: num_attention_heads={cfg.num_heads} is not a "
+                              f"multiple of num_key_value_heads={cfg.num_kv_heads}")
+        return cfg
+
+    @classmethod
+    def _from_raw(cls, path: str, cfg_file: str, raw: dict) -> "ModelConfig":
+        archs = raw.get("architectures") or []
+        if not isinstance(archs, list):
+            archs = [archs]
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise SeesawError(
+                f"unsupported architectures {archs} in {cfg_file}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        from transformers import AutoConfig
+
+        try:
+            hf = AutoConfig.from_pretrained(path, local_files_only=True)
+        except Exception as e:  # noqa: BLE001 - transformers validates fields its own way
+            raise ValueError(str(e).replace("\n", " ")) from None
+        rope = dict(getattr(hf, "rope_parameters", None) or {})
+        rope.setdefault("rope_type", "default")
+        rope.setdefault("rope_theta", getattr(hf, "rope_theta", 10000.0))
+        if rope["rope_type"] not in _STATIC_ROPE_TYPES:
+            raise SeesawError(
+                f"rope type {rope['rope_type']!r} in {cfg_file} is not supported; "
+                f"supported: {', '.join(_STATIC_ROPE_TYPES)}"
+            )
+        heads = int(hf.num_attention_heads)
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos_ids):
+            raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        return cls(
+            path=os.path.abspath(path),
+            architecture=arch,
+            vocab_size=int(hf.vocab_size),
+            hidden_size=int(hf.hidden_size),
+            intermediate_size=int(hf.intermediate_size),
+            num_layers=int(hf.num_hidden_layers),
+            num_heads=heads,
+            num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(hf, "head_dim", None) or hf.hidden_size // heads),
+            rms_norm_eps=float(hf.rms_norm_eps),
+            max_position_embeddings=int(hf.max_position_embeddings),
+            tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
+            qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False)),
+            rope_parameters=rope,
+            torch_dtype=str(dtype),
+            eos_token_ids=eos_ids,
+            hf_config=hf,
+        )
+
+    def check_layout(self, layout: ParallelConfig) -> None:
+        """Raises ``SeesawError`` if ``layout`` cannot shard this model."""
+        error = layout_error(layout, self.num_heads, self.num_kv_heads, self.intermediate_size,
+                             self.num_layers)
+        if error:
+            raise SeesawError(error)

@@ -1,0 +1,40 @@
+"""The interface the engine drives: one scheduler for all DP replicas of a plan."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from seesaw_mcore.contract import StepPlan
+from seesaw_mcore.engine.request import Sequence
+
+
+class SchedulerInterface(Protocol):
+    """What ``Engine.step`` needs from a scheduler; ``ReplicaSchedulers`` (static plans) and
+    ``PhaseScheduler`` (Seesaw plans) implement it.
+
+    A scheduler holds queues and block/slot allocations, never tensors. ``schedule`` returns
+    every replica's next step or a switch; ``finish`` frees a finished sequence's KV.
+    """
+
+    num_preemptions: int  # recompute and swap
+    num_swap_preemptions: int  # of those, KV swapped out to a tier and back
+    num_handed_back: int  # swapped out mid-decode for a prefill phase (Seesaw policy)
+
+    def add(self, seq: Sequence) -> None:
+        """Queues a new sequence for prefill."""
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for prefill (new or preempted)."""
+
+    def has_work(self) -> bool:
+        """Whether any sequence is unfinished."""
+
+    def schedule(self) -> StepPlan:
+        """The next step of every replica, or a switch to the other phase."""
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes a finished sequence and frees what it holds."""
+
+    def tier_usage(self) -> float | None:
+        """The KV tiers' load (Seesaw plans), ``None`` without tiers."""

@@ -1,0 +1,143 @@
+"""Continuous batching for a static plan, one scheduler per DP replica: all-prefill or
+all-decode steps.
+
+Prefill packs waiting sequences up to ``max_prefill_tokens`` / ``max_num_seqs`` while device
+blocks allow; otherwise every running sequence decodes one token. When blocks run out in
+decode, the newest running sequence is preempted: its blocks are freed and it is recomputed
+(prefill over prompt + generated tokens) later. Holds no tensors.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from seesaw_mcore.config import SchedulerConfig
+from seesaw_mcore.contract import Phase, ScheduledSeq, SchedulerOutput, StepPlan
+from seesaw_mcore.engine.request import SeqStatus, Sequence
+from seesaw_mcore.engine.scheduler.batching import (
+    grow_running,
+    prefill_parts,
+    scheduled,
+    split_micro_batches,
+)
+from seesaw_mcore.kv.block_pool import BlockPool
+
+
+class Scheduler:
+    """Queues and block tables of one replica.
+
+    Args:
+        config: batching budgets.
+        pool: the replica's device block pool.
+        pp: pipeline stages (micro-batches per step).
+    """
+
+    def __init__(self, config: SchedulerConfig, pool: BlockPool, pp: int) -> None:
+        self.config, self.pool, self.pp = config, pool, pp
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput | None:
+        """Picks the next step, or ``None`` when there is nothing to run."""
+        batch = self._schedule_prefill()
+        if batch:
+            return SchedulerOutput(Phase.PREFILL, self._split(batch, by_tokens=True))
+        batch = self._schedule_decode()
+        if batch:
+            return SchedulerOutput(Phase.DECODE, self._split(batch, by_tokens=False))
+        return None
+
+    def _schedule_prefill(self) -> list[ScheduledSeq]:
+        batch: list[ScheduledSeq] = []
+        tokens = 0
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            n = seq.num_tokens
+            if batch and tokens + n > self.config.max_prefill_tokens:
+                break
+            if not self.pool.can_allocate(seq.block_table, n):
+                break
+            self.waiting.popleft()
+            self.pool.allocate(seq.block_table, n)
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            batch.append(scheduled(seq, seq.all_token_ids, 0))
+            tokens += n
+        return batch
+
+    def _schedule_decode(self) -> list[ScheduledSeq]:
+        grow_running(self.pool, self.running, self._preempt)
+        return [scheduled(s, s.output_token_ids[-1:], s.num_tokens - 1) for s in self.running]
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.pool.free(seq.block_table)
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Removes a finished sequence and frees its blocks."""
+        seq.status = SeqStatus.FINISHED
+        self.pool.free(seq.block_table)
+        self.running.remove(seq)
+
+    def _split(self, batch: list[ScheduledSeq], by_tokens: bool) -> list[list[ScheduledSeq]]:
+        parts = prefill_parts(self.config, self.pp) if by_tokens else self.pp
+        return split_micro_batches(batch, parts, by_tokens)
+
+
+class ReplicaSchedulers:
+    """A static plan's schedulers, one per DP replica; a sequence stays on its replica.
+
+    Args:
+        config: batching budgets.
+        dp: DP replicas.
+        pp: pipeline stages.
+        num_blocks: device blocks per rank.
+        block_size: tokens per block.
+    """
+
+    def __init__(self, config: SchedulerConfig, dp: int, pp: int, num_blocks: int,
+                 block_size: int) -> None:
+        self.replicas = [Scheduler(config, BlockPool(num_blocks, block_size), pp)
+                         for _ in range(dp)]
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(s.num_preemptions for s in self.replicas)
+
+    num_swap_preemptions = 0  # static plans have no host tier: preemption recomputes
+    num_handed_back = 0  # and never hand sequences back to a tier
+
+    def tier_usage(self) -> float | None:
+        """No KV tiers in a static plan."""
+        return None
+
+    def add(self, seq: Sequence) -> None:
+        self.replicas[seq.replica].add(seq)
+
+    @property
+    def num_waiting(self) -> int:
+        """Sequences waiting for prefill (new or preempted), over all replicas."""
+        return sum(len(s.waiting) for s in self.replicas)
+
+    def has_work(self) -> bool:
+        return any(s.has_work() for s in self.replicas)
+
+    def schedule(self) -> StepPlan:
+        """Every replica's next step."""
+        plans = [s.schedule() for s in self.replicas]
+        if not any(plans):
+            raise RuntimeError("scheduler stalled with work left (a bug)")
+        return StepPlan(plans)
+
+    def finish(self, seq: Sequence) -> None:
+        self.replicas[seq.replica].finish(seq)

@@ -1,0 +1,55 @@
+"""What the run report prints, and the per-step trace the benchmarks plot."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from seesaw_mcore.contract import Phase, StepPlan
+from seesaw_mcore.kv.transfer import TransferStats
+
+
+@dataclass
+class EngineStats:
+    """Counters over an engine's life (rank 0's view; ``swap`` is this rank's own)."""
+
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prefill_steps: int = 0
+    decode_steps: int = 0
+    preemptions: int = 0  # recompute and swap
+    swap_preemptions: int = 0  # of those, KV swapped out to a tier and back
+    handed_back: int = 0  # sequences swapped out mid-decode for a prefill phase (policy)
+    switches: int = 0
+    switch_s: float = 0.0
+    swap: TransferStats = field(default_factory=TransferStats)  # this rank's tier traffic
+
+    def add_step(self, step: StepPlan, seconds: float) -> None:
+        """Counts an executed (non-switch) step."""
+        if any(p is not None and p.phase == Phase.PREFILL for p in step.replicas):
+            self.prefill_s += seconds
+            self.prefill_steps += 1
+        else:
+            self.decode_s += seconds
+            self.decode_steps += 1
+
+    def add_switch(self, seconds: float) -> None:
+        self.switches += 1
+        self.switch_s += seconds
+
+    def add_scheduler(self, sched) -> None:
+        """Adds a finished run's scheduler counters (``SchedulerInterface``)."""
+        self.preemptions += sched.num_preemptions
+        self.swap_preemptions += sched.num_swap_preemptions
+        self.handed_back += sched.num_handed_back
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One step (or switch) as rank 0 saw it, for timelines."""
+
+    t: float  # seconds since the run started, at the end of the step
+    phase: str  # the phase the step ran in (a switch: the phase switched to)
+    switch: bool
+    num_seqs: int  # sequences in the step
+    num_tokens: int  # tokens fed in the step
+    tier_usage: float | None  # KV tiers' load (Seesaw plans), see ``PhaseScheduler``
