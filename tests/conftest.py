@@ -62,6 +62,17 @@ def launch(nprocs: int, args: list[str], timeout: float = 300.0,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def launch_job(nprocs: int, module: str, out, args: list[str], timeout: float = 500.0) -> dict:
+    """Runs a ``tests.distributed.*_job`` module that writes its report as JSON to ``out``;
+    fails the test with the ranks' output tails if it exits non-zero."""
+    proc = launch(nprocs, [module, *args[:1], str(out), *args[1:]], timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+
+    with open(out) as f:
+        return json.load(f)
+
+
 def launch_cmd(nprocs: int, args: list[str]) -> list[str]:
     """The command ``launch`` runs."""
     if nprocs == 1:

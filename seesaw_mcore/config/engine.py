@@ -77,6 +77,9 @@ class CacheConfig:
             raise SeesawError(f"cache.block_size must be >= 1, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise SeesawError(f"cache.num_blocks must be >= 1, got {self.num_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise SeesawError(f"cache.gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
         if self.kv_cache_gib <= 0:
             raise SeesawError(f"cache.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.host_kv_tokens is not None and self.host_kv_tokens < 1:

@@ -12,7 +12,6 @@ import contextlib
 import time
 from collections.abc import Iterable, Iterator
 
-import torch
 import torch.distributed as dist
 
 from seesaw_mcore import env
@@ -25,7 +24,8 @@ from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.tiers import open_disk_tier, open_host_tier
 from seesaw_mcore.model.loader import Checkpoint
 from seesaw_mcore.runtime import cluster, groups
-from seesaw_mcore.runtime.model_runner import ModelRunner, kv_bytes_per_block, resolve_dtype
+from seesaw_mcore.runtime.kv_budget import kv_blocks
+from seesaw_mcore.runtime.model_runner import ModelRunner, resolve_dtype
 from seesaw_mcore.runtime.weights import ShardStore
 from seesaw_mcore.runtime.worker import Worker
 
@@ -53,7 +53,7 @@ class Engine:
         store = ShardStore(Checkpoint(self.model_cfg), self.plan, self.rank, self.dtype)
         self.runner = ModelRunner(self.model_cfg, self.plan, self.dtype, self.cache.block_size,
                                   store, self.cache.async_swap)
-        self.num_blocks = self._num_blocks()  # after the weights: free memory is known
+        self.num_blocks = kv_blocks(self.runner, self.cache)  # after the weights
         self.runner.allocate_kv(self.num_blocks)
         copier = self.runner.copier
         if not self.plan.is_static:
@@ -99,28 +99,6 @@ class Engine:
         """Waiting sequences a run keeps the scheduler topped up with: more than one prefill
         step of every replica can take."""
         return 2 * self.sched_cfg.max_num_seqs * self.plan.prefill.dp
-
-    def _num_blocks(self) -> dict[ParallelConfig, int]:
-        """Blocks per rank under each layout, the same on every rank: the config's, or what
-        memory allows."""
-        layouts = {self.plan.prefill, self.plan.decode}
-        if self.cache.num_blocks is not None:
-            return {lay: self.cache.num_blocks for lay in layouts}
-        acc = groups.accelerator()
-        if acc.device_name() == "cpu":
-            budget = self.cache.kv_cache_gib * 2**30
-            _check_host_memory(budget)
-        else:  # free memory after the weights, keeping (1 - utilization) of the card spare,
-            # and room for the larger of the two layouts' weights
-            total = acc.total_memory()
-            store = self.runner.store
-            extra = max(store.nbytes(lay) for lay in layouts) - store.nbytes(self.layout)
-            budget = (acc.available_memory() - (1 - self.cache.gpu_memory_utilization) * total
-                      - extra)
-        n = torch.tensor([max(int(budget), 1)], dtype=torch.int64, device=groups.device())
-        dist.all_reduce(n, op=dist.ReduceOp.MIN)  # every rank of every replica agrees
-        return {lay: max(int(n.item()) // kv_bytes_per_block(
-            self.model_cfg, lay, self.cache.block_size, self.dtype), 1) for lay in layouts}
 
     def capacity_tokens(self) -> int:
         """Longest sequence the device cache holds under every layout."""
@@ -310,16 +288,3 @@ def _is_comm_error(e: BaseException) -> bool:
     text = str(e)
     return isinstance(e, dist.DistError) or (
         isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection")))
-
-
-def _check_host_memory(per_rank_bytes: float) -> None:
-    """CPU ranks share the host: refuse a KV budget the node cannot hold."""
-    import psutil
-
-    ranks = env.local_world_size()
-    avail = psutil.virtual_memory().available
-    if per_rank_bytes * ranks > 0.9 * avail:
-        raise SeesawError(
-            f"cache.kv_cache_gib={per_rank_bytes / 2**30:g} x {ranks} ranks needs "
-            f"{per_rank_bytes * ranks / 2**30:.1f} GiB but the node has "
-            f"{avail / 2**30:.1f} GiB available; lower cache.kv_cache_gib")

@@ -90,15 +90,15 @@ def disk_abort(model: str, prefill: str, decode: str, disk_dir: str) -> dict:
               max_num_seqs=8, host_kv_tokens=HOST_TOKENS, disk_path=disk_dir,
               disk_kv_tokens=2048)
     steps = [0]
-    account = llm.engine._account
+    add_step = llm.engine.stats.add_step
 
-    def failing_account(dt, step):  # rank 0, between steps: every rank is idle
+    def failing_add_step(step, seconds):  # rank 0, between steps: every rank is idle
         steps[0] += 1
         if steps[0] == 6:
             raise RuntimeError("injected failure")
-        account(dt, step)
+        add_step(step, seconds)
 
-    llm.engine._account = failing_account
+    llm.engine.stats.add_step = failing_add_step
     error = None
     try:
         llm.generate([{"prompt_token_ids": p} for p in PROMPTS],

@@ -4,11 +4,9 @@ layouts."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.conftest import hf_greedy, launch
+from tests.conftest import hf_greedy, launch_job
 from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
 
 WORLDS = {1: ["T1"], 2: ["T2", "P2", "D2"]}
@@ -19,10 +17,8 @@ def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
     merged: dict[str, dict] = {}
     for world, layouts in WORLDS.items():
         out = tmp_path_factory.mktemp("engine") / f"w{world}.json"
-        proc = launch(world, ["tests.distributed.engine_job", tiny_models["llama"], str(out),
-                              *layouts], timeout=400)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        merged.update(json.loads(out.read_text()))
+        merged.update(launch_job(world, "tests.distributed.engine_job", out,
+                                 [tiny_models["llama"], *layouts], timeout=400))
     return merged
 
 

@@ -5,13 +5,11 @@ differ, each side's token is among the other's top-5 logprobs."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from seesaw_mcore.tools.parity import check_logprobs_close, hf_greedy_logprobs
-from tests.conftest import launch
+from tests.conftest import launch_job
 from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
 
 WORLDS = {1: ["T1"], 2: ["T2", "P2", "P2:T2"]}
@@ -25,10 +23,9 @@ def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
     for world, plans in WORLDS.items():
         out = tmp_path_factory.mktemp("half") / f"w{world}.json"
         extra = ["--disk", str(tmp_path_factory.mktemp("disk"))] if world == 2 else []
-        proc = launch(world, ["tests.distributed.halfprec_job", tiny_models["llama"], str(out),
-                              *plans, *extra], timeout=500)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        for dtype, reps in json.loads(out.read_text()).items():
+        report = launch_job(world, "tests.distributed.halfprec_job", out,
+                            [tiny_models["llama"], *plans, *extra])
+        for dtype, reps in report.items():
             merged[dtype].update(reps)
     return merged
 

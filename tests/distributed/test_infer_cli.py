@@ -96,12 +96,15 @@ def test_demo_defaults_single_process(tmp_path):
     (["data.input=/nonexistent.jsonl"], "error: data.input '/nonexistent.jsonl' does not exist"),
     (["plan=p2_t2"], "error: layout P2 needs DP x TP x PP = 1 x 1 x 2 = 2 ranks, but the world "
                      "size is 1"),
-    (["plan=P2:T4"], "error: plan P2 -> T4: prefill uses 2 ranks but "
-                                            "decode uses 4; both phases run on the same ranks"),
-    (["plan=P4:T4"], "error: layout T4: TP=4 does not divide "
-                                            "num_key_value_heads=2"),
-    (["plan=P8:T8"], "error: layout P8: PP=8 is greater than "
-                                            "num_hidden_layers=5"),
+    (["plan=P2:T4"], "error: plan P2 -> T4: prefill uses 2 ranks but decode uses 4; both "
+                     "phases run on the same ranks"),
+    (["plan=P4:T4"], "error: layout T4: TP=4 does not divide num_key_value_heads=2"),
+    (["plan=P8:T8"], "error: layout P8: PP=8 is greater than num_hidden_layers=5"),
+    (["plan=T3"], "error: layout T3: TP=3 does not divide num_attention_heads=4"),
+    (["plan=P2:T2:T4"], "error: invalid plan 'P2:T2:T4': expected a layout ('T2') or "
+                        "prefill:decode ('P2:T2')"),
+    (["plan=X2"], "error: invalid parallel layout 'X2': expected e.g. 'T2', 'P4', 'D2P2', "
+                  "'T2P2'"),
     (["cache.disk_path=/tmp"], "error: cache.disk_path needs a re-sharding plan; plan T1 is "
                                "static (its KV stays on the device)"),
     (["data.prompt_template=Question"], "error: data.prompt_template must contain {prompt}"),
@@ -110,6 +113,12 @@ def test_errors(overrides, message, tmp_path):
     proc = infer(1, f"data.output={tmp_path / 'o.jsonl'}", *overrides, timeout=120)
     assert proc.returncode == 1
     assert error_lines(proc) == [message]
+
+
+def test_hydra_type_checks_overrides(tmp_path):
+    proc = infer(1, f"data.output={tmp_path / 'o.jsonl'}", "cache.num_blocks=abc", timeout=120)
+    assert proc.returncode == 1
+    assert "Value 'abc' of type 'str' could not be converted to Integer" in proc.stderr
 
 
 SAMPLE = "data/sample_prompts.jsonl"  # as the tests' working directory (REPO) names it
@@ -183,7 +192,7 @@ def test_stop_strings_and_n_samples(tmp_path):
 def seesaw_run(prompts_file, tmp_path_factory):
     """P2 -> T2 with a host tier of 26 tokens: the prompts need several prefill phases."""
     out = tmp_path_factory.mktemp("cli") / "out.jsonl"
-    proc = infer(2, "plan=p2_t2", f"data.input={prompts_file}", f"data.output={out}",
+    proc = infer(2, "plan=P2:T2", f"data.input={prompts_file}", f"data.output={out}",
                  "sampling.max_tokens=16", "cache.num_blocks=10", "cache.block_size=4",
                  "cache.host_kv_tokens=26")
     return proc, out

@@ -9,11 +9,10 @@ static T2; no process-group or memory growth over 50 switches; no /dev/shm resid
 from __future__ import annotations
 
 import glob
-import json
 
 import pytest
 
-from tests.conftest import hf_greedy, launch
+from tests.conftest import hf_greedy, launch_job
 from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
 from tests.distributed.seesaw_job import POLICY_MAX_TOKENS, POLICY_PROMPTS
 
@@ -33,10 +32,9 @@ def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
         disk_dir = tmp_path_factory.mktemp("disk_tier")
         extra = ["--disk", str(disk_dir), ",".join(DISK[world])]
         extra += ["--leak", "--policies", "P2:T2"] if world == 2 else []
-        proc = launch(world, ["tests.distributed.seesaw_job", tiny_models[model], str(out),
-                              *plans, *extra], timeout=500)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        for plan, rep in json.loads(out.read_text()).items():
+        report = launch_job(world, "tests.distributed.seesaw_job", out,
+                            [tiny_models[model], *plans, *extra])
+        for plan, rep in report.items():
             merged[plan] = dict(rep, model=model)
     merged["shm_residue"] = sorted(_shm_files() - before)
     return merged

@@ -92,7 +92,7 @@ def test_reader_on_random_bytes(tmp_path_factory, data):
 
 
 def test_reader_huge_and_nested_lines(tmp_path, monkeypatch):
-    import seesaw_mcore.io as io
+    import seesaw_mcore.io.reader as io
 
     monkeypatch.setattr(io, "MAX_RECORD_BYTES", 1000)
     path = tmp_path / "huge.jsonl"
@@ -103,9 +103,9 @@ def test_reader_huge_and_nested_lines(tmp_path, monkeypatch):
     assert [r.id for r in reader] == ["ok"]
     assert reader.errors == [
         f"{path}:1: record is {len(big)} bytes; the limit is 1000 "
-        "(seesaw_mcore.io.MAX_RECORD_BYTES)",
+        "(seesaw_mcore.io.reader.MAX_RECORD_BYTES)",
         f"{path}:2: record is 100001 bytes; the limit is 1000 "
-        "(seesaw_mcore.io.MAX_RECORD_BYTES)"]
+        "(seesaw_mcore.io.reader.MAX_RECORD_BYTES)"]
 
 
 values = st.one_of(st.none(), st.booleans(), st.integers(-10**12, 10**12),

@@ -1,24 +1,17 @@
-"""JSONL in, JSONL out for ``launch/infer.py``.
-
-Input records: ``{"id": ..., "prompt": "..."}`` or ``{"id": ..., "messages": [...]}`` (chat,
-rendered with the tokenizer's chat template and ``add_generation_prompt``). A bad line is
-reported with its file and line number; the valid lines still run.
-
-Output is resumable: records are appended as requests finish; a rerun on the same output file
-keeps its complete records, drops a torn last line (a killed run) and runs only the ids not
-yet there.
+"""Prompts in, streamed: JSONL (line by line; a bad line is reported with its file and line
+number and the valid lines still run), or JSON / Parquet / CSV / ``datasets.save_to_disk``
+folders read with HF ``datasets``. Records are ``{"id": ..., "prompt": "..."}`` or
+``{"id": ..., "messages": [...]}`` (chat, rendered with the tokenizer's chat template and
+``add_generation_prompt``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from seesaw_mcore.engine.request import RequestOutput
 from seesaw_mcore.errors import SeesawError
 
 
@@ -156,8 +149,9 @@ def _jsonl_rows(path: str):
             n += 1
             if len(raw) > MAX_RECORD_BYTES and not raw.endswith(b"\n"):
                 size = len(raw) + _skip_line(f)
-                yield n, SeesawError(f"record is {size} bytes; the limit is "
-                                     f"{MAX_RECORD_BYTES} (seesaw_mcore.io.MAX_RECORD_BYTES)")
+                yield n, SeesawError(
+                    f"record is {size} bytes; the limit is {MAX_RECORD_BYTES} "
+                    "(seesaw_mcore.io.reader.MAX_RECORD_BYTES)")
                 continue
             if not raw.strip():
                 continue
@@ -260,107 +254,3 @@ def _chat(messages, tokenizer) -> dict:
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return {"prompt_token_ids": list(ids)}
-
-
-class OutputWriter:
-    """Appends one JSON line per finished request, flushed at once and fsynced at least every
-    ``fsync_every_s`` seconds (and at ``close``).
-
-    Args:
-        path: the output file, in an existing writable directory.
-        overwrite: start the file over; otherwise keep its complete records (``done``).
-        fsync_every_s: how often written records are forced to disk.
-    """
-
-    def __init__(self, path: str, overwrite: bool = False, fsync_every_s: float = 5.0) -> None:
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise SeesawError(f"data.output {path!r}: directory {folder!r} does not exist")
-        if not os.access(folder, os.W_OK) or (os.path.exists(path)
-                                              and not os.access(path, os.W_OK)):
-            raise SeesawError(f"data.output {path!r} is not writable")
-        self.path, self.fsync_every_s = path, fsync_every_s
-        self.done: set[str] = set()  # ids already in the file
-        self.dropped_bytes = 0  # a torn last line removed
-        if not overwrite and os.path.exists(path):
-            self.done, self.dropped_bytes = _recover(path)
-        self._f = open(path, "w" if overwrite else "a", encoding="utf-8")
-        self._synced = time.monotonic()
-        self.written = 0  # records appended by this run
-        self._lock = threading.Lock()  # the watchdog thread may close it on a failure
-
-    def write(self, out: RequestOutput) -> None:
-        """Appends ``out`` as one line (its id and text prompt, every sample)."""
-        first = out.outputs[0]
-        row = {
-            "id": out.request_id,
-            "prompt": out.prompt,
-            "prompt_token_ids": out.prompt_token_ids,
-            "num_prompt_tokens": len(out.prompt_token_ids),
-            "text": first.text,
-            "token_ids": first.token_ids,
-            "finish_reason": first.finish_reason,
-            "n": len(out.outputs),
-            "outputs": [{"index": o.index, "text": o.text, "token_ids": o.token_ids,
-                         "num_tokens": len(o.token_ids), "finish_reason": o.finish_reason}
-                        for o in out.outputs],
-            "latency_s": round(out.latency_s, 4),
-        }
-        line = json.dumps(row, ensure_ascii=False) + "\n"
-        with self._lock:
-            if self._f.closed:
-                return
-            self._f.write(line)
-            self._f.flush()
-            self.written += 1
-            if time.monotonic() - self._synced >= self.fsync_every_s:
-                self._sync()
-
-    def _sync(self) -> None:
-        os.fsync(self._f.fileno())
-        self._synced = time.monotonic()
-
-    def close(self) -> None:
-        """Flushes, fsyncs and closes (idempotent, thread-safe)."""
-        with self._lock:
-            if not self._f.closed:
-                self._f.flush()
-                self._sync()
-                self._f.close()
-
-
-def _recover(path: str) -> tuple[set[str], int]:
-    """Ids of the complete records of an earlier run's output; a torn last line (no newline,
-    or not a record) is cut off.
-
-    Returns:
-        ``(ids, bytes dropped)``.
-
-    Raises:
-        SeesawError: for a bad record before the last line (not a crash's doing).
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    ids: set[str] = set()
-    good = 0  # byte offset after the last complete record
-    lines = data.split(b"\n")
-    for n, raw in enumerate(lines, start=1):
-        last = n == len(lines)  # no newline after it: written in part
-        if last and not raw:
-            break
-        try:
-            obj = None if last else json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            obj = None
-        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
-            if n >= len(lines) - 1:  # the final line: torn by a killed run
-                break
-            raise SeesawError(f"data.output {path}:{n} is not a record of this tool; fix it or "
-                              f"set data.overwrite=true")
-        ids.add(obj["id"])
-        good += len(raw) + 1
-    dropped = len(data) - good
-    if dropped:
-        with open(path, "r+b") as f:
-            f.truncate(good)
-    return ids, dropped
