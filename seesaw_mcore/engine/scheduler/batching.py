@@ -4,11 +4,52 @@ splitting a step into pipeline micro-batches, and a sequence's entry in a step."
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from seesaw_mcore.config import SchedulerConfig
-from seesaw_mcore.contract import SamplingSpec, ScheduledSeq
+from seesaw_mcore.contract import KVMove, Phase, SamplingSpec, ScheduledSeq, SchedulerOutput
 from seesaw_mcore.engine.request import Sequence
 from seesaw_mcore.kv.block_pool import BlockPool
+
+
+@dataclass
+class PrefillPack:
+    """One replica's prefill step being packed, against the step budgets: at most
+    ``max_prefill_tokens`` prompt tokens (a longer prompt still runs, alone) and, with the
+    sequences already running on the replica, at most ``max_num_seqs``.
+
+    Args:
+        config: the budgets.
+        running: sequences already running on the replica (they count against
+            ``max_num_seqs``).
+    """
+
+    config: SchedulerConfig
+    running: int = 0
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    swap_out: list[KVMove] = field(default_factory=list)  # KV leaving for a tier in the step
+    tokens: int = 0
+
+    def fits(self, num_tokens: int) -> bool:
+        """Whether a sequence of ``num_tokens`` can join the step."""
+        if self.seqs and self.tokens + num_tokens > self.config.max_prefill_tokens:
+            return False
+        return self.running + len(self.seqs) < self.config.max_num_seqs
+
+    def add(self, entry: ScheduledSeq, swap_out: KVMove | None = None) -> None:
+        self.seqs.append(entry)
+        self.tokens += len(entry.token_ids)
+        if swap_out is not None:
+            self.swap_out.append(swap_out)
+
+    def output(self, pp: int) -> SchedulerOutput | None:
+        """The step, split into ``prefill_micro_batches`` per stage under PP; ``None`` if
+        empty."""
+        if not self.seqs:
+            return None
+        parts = prefill_parts(self.config, pp)
+        return SchedulerOutput(Phase.PREFILL, split_micro_batches(self.seqs, parts, True),
+                               swap_out=self.swap_out)
 
 
 def grow_running(pool: BlockPool, running: list[Sequence],

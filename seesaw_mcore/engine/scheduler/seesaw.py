@@ -22,8 +22,8 @@ from seesaw_mcore.config import PhasePlan, SchedulerConfig
 from seesaw_mcore.contract import DISK, HOST, KVMove, Phase, SchedulerOutput, SlotRange, StepPlan
 from seesaw_mcore.engine.request import SeqStatus, Sequence
 from seesaw_mcore.engine.scheduler.batching import (
+    PrefillPack,
     grow_running,
-    prefill_parts,
     scheduled,
     split_micro_batches,
 )
@@ -186,20 +186,15 @@ class PhaseScheduler:
     def _schedule_prefill(self) -> list[SchedulerOutput | None]:
         """Packs waiting prompts into the replica with the fewest tokens so far, while a
         tier, the budgets and the replica's scratch blocks allow."""
-        dp, cfg = self.plan.prefill.dp, self.config
-        batches: list[list] = [[] for _ in range(dp)]
-        moves: list[list[KVMove]] = [[] for _ in range(dp)]
-        tables: list[list[list[int]]] = [[] for _ in range(dp)]
-        tokens = [0] * dp
+        dp = self.plan.prefill.dp
+        packs = [PrefillPack(self.config) for _ in range(dp)]
         while self.waiting:
             seq = self.waiting[0]
             n = seq.num_tokens
             if not any(t.can_allocate(n) for t in self.tiers.values()):
                 break
-            r = next((r for r in sorted(range(dp), key=tokens.__getitem__)
-                      if (not batches[r] or tokens[r] + n <= cfg.max_prefill_tokens)
-                      and len(batches[r]) < cfg.max_num_seqs
-                      and self.prefill_pools[r].can_allocate([], n)), None)
+            r = next((r for r in sorted(range(dp), key=lambda r: packs[r].tokens)
+                      if packs[r].fits(n) and self.prefill_pools[r].can_allocate([], n)), None)
             if r is None:
                 break
             self.waiting.popleft()
@@ -208,16 +203,12 @@ class PhaseScheduler:
             seq.host_slots = self._allocate_slots(n)
             seq.status, seq.replica = SeqStatus.SWAPPED, r
             self.swapped.append(seq)
-            batches[r].append(scheduled(seq, seq.all_token_ids, 0, table))
-            moves[r].append(KVMove(seq.seq_id, seq.host_slots, list(table)))
-            tables[r].append(table)
-            tokens[r] += n
-        for r in range(dp):  # scratch only: the KV leaves for the host tier within the step
-            for table in tables[r]:
-                self.prefill_pools[r].free(table)
-        parts = prefill_parts(cfg, self.plan.prefill.pp)
-        return [SchedulerOutput(Phase.PREFILL, split_micro_batches(b, parts, True), swap_out=m)
-                if b else None for b, m in zip(batches, moves)]
+            packs[r].add(scheduled(seq, seq.all_token_ids, 0, table),
+                         KVMove(seq.seq_id, seq.host_slots, list(table)))
+        for r, pack in enumerate(packs):  # scratch only: the KV leaves for a tier in the step
+            for entry in pack.seqs:
+                self.prefill_pools[r].free(list(entry.block_table))
+        return [pack.output(self.plan.prefill.pp) for pack in packs]
 
     def _schedule_decode(self) -> list[SchedulerOutput | None]:
         """Last step's admissions join the batch; grows every running sequence by one token

@@ -15,8 +15,8 @@ from seesaw_mcore.config import SchedulerConfig
 from seesaw_mcore.contract import Phase, ScheduledSeq, SchedulerOutput, StepPlan
 from seesaw_mcore.engine.request import SeqStatus, Sequence
 from seesaw_mcore.engine.scheduler.batching import (
+    PrefillPack,
     grow_running,
-    prefill_parts,
     scheduled,
     split_micro_batches,
 )
@@ -46,31 +46,27 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput | None:
         """Picks the next step, or ``None`` when there is nothing to run."""
-        batch = self._schedule_prefill()
-        if batch:
-            return SchedulerOutput(Phase.PREFILL, self._split(batch, by_tokens=True))
+        prefill = self._schedule_prefill()
+        if prefill is not None:
+            return prefill
         batch = self._schedule_decode()
         if batch:
-            return SchedulerOutput(Phase.DECODE, self._split(batch, by_tokens=False))
+            return SchedulerOutput(Phase.DECODE, split_micro_batches(batch, self.pp, False))
         return None
 
-    def _schedule_prefill(self) -> list[ScheduledSeq]:
-        batch: list[ScheduledSeq] = []
-        tokens = 0
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
+    def _schedule_prefill(self) -> SchedulerOutput | None:
+        pack = PrefillPack(self.config, running=len(self.running))
+        while self.waiting:
             seq = self.waiting[0]
             n = seq.num_tokens
-            if batch and tokens + n > self.config.max_prefill_tokens:
-                break
-            if not self.pool.can_allocate(seq.block_table, n):
+            if not pack.fits(n) or not self.pool.can_allocate(seq.block_table, n):
                 break
             self.waiting.popleft()
             self.pool.allocate(seq.block_table, n)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            batch.append(scheduled(seq, seq.all_token_ids, 0))
-            tokens += n
-        return batch
+            pack.add(scheduled(seq, seq.all_token_ids, 0))
+        return pack.output(self.pp)
 
     def _schedule_decode(self) -> list[ScheduledSeq]:
         grow_running(self.pool, self.running, self._preempt)
@@ -88,10 +84,6 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         self.pool.free(seq.block_table)
         self.running.remove(seq)
-
-    def _split(self, batch: list[ScheduledSeq], by_tokens: bool) -> list[list[ScheduledSeq]]:
-        parts = prefill_parts(self.config, self.pp) if by_tokens else self.pp
-        return split_micro_batches(batch, parts, by_tokens)
 
 
 class ReplicaSchedulers:
