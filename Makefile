@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 	else \
 		$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX)); \
 	fi
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,eval]'
 	@# The disk KV tier uses DeepSpeed AIO: libaio headers (Debian libaio-dev), op built once.
 	@test -e /usr/include/libaio.h || $(SUDO) apt-get install -y -q libaio-dev >/dev/null \
 		|| ($(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q libaio-dev >/dev/null) \

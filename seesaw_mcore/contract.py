@@ -47,6 +47,13 @@ class SamplingSpec:
     step: int  # index of the token being sampled in the completion
     logprobs: int | None  # top-k alternatives to return, None: no logprobs
     min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0: off
+    repetition_penalty: float = 1.0  # on tokens in ``history``; 1: off
+    presence_penalty: float = 0.0  # on tokens in the completion part of ``history``
+    frequency_penalty: float = 0.0  # per occurrence in the completion part of ``history``
+    history: list[int] = field(default_factory=list)  # prompt + completion ids (penalties on)
+    prompt_len: int = 0  # the first ``prompt_len`` ids of ``history`` are the prompt
+    banned: list[int] = field(default_factory=list)  # ids that may not be drawn (min_tokens)
+    prompt_logprobs: int | None = None  # top-k of every prompt position (first prefill only)
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,11 @@ class SampledToken:
     seq_id: int
     token_id: int
     logprob: float | None = None
-    top_logprobs: dict[int, float] = field(default_factory=dict)
+    rank: int | None = None  # 1 = the most likely token (with logprob)
+    top_logprobs: dict[int, float] = field(default_factory=dict)  # in rank order
+    # with SamplingSpec.prompt_logprobs: per prompt position 1..L-1, the row
+    # [actual id, logprob, rank, k top ids, k top logprobs]
+    prompt_rows: list[list[float]] | None = None
 
 
 @dataclass

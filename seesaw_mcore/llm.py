@@ -65,7 +65,7 @@ class LLM:
             config.plan = f"{prefill}:{decode}"
         self.config = config
         path = config.model.path
-        self.tokenizer = _load_tokenizer(path)
+        self.tokenizer = _load_tokenizer(config.model.tokenizer or path)
         self.engine = Engine(config, _eos_ids(path, self.tokenizer))
 
     @property
@@ -75,6 +75,25 @@ class LLM:
     def get_tokenizer(self):
         """The model's transformers tokenizer (``None`` when the folder has none)."""
         return self.tokenizer
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """vLLM's ``LLM.chat``: one conversation (``[{"role", "content"}, ...]``) or a list
+        of them, rendered with the tokenizer's chat template (or ``chat_template``), then
+        generated like ``generate``; ``RequestOutput.prompt`` is the rendered text."""
+        from seesaw_mcore.io.reader import render_chat
+
+        if isinstance(messages, list) and messages and isinstance(messages[0], dict):
+            messages = [messages]
+        prompts = [render_chat(m, self.tokenizer, chat_template, add_generation_prompt)
+                   for m in messages]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def generate(
         self,
@@ -169,8 +188,8 @@ class LLM:
                                 seed=sample_seed(base, key, k), max_tokens=max_tokens)
                        for k in range(p.n)]
             seq_id += p.n
-            processor.add_request(i, rid, prompt if isinstance(prompt, str) else None, toks,
-                                  samples)
+            text = prompt if isinstance(prompt, str) else prompt.get("prompt")
+            processor.add_request(i, rid, text, toks, samples)
             yield from samples
 
     def _tokens(self, label: str, prompt: PromptType) -> list[int]:

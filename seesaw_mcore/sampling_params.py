@@ -25,7 +25,22 @@ class SamplingParams:
         stop_token_ids: token ids that end a completion (kept in ``token_ids``).
         ignore_eos: keep generating past EOS.
         logprobs: if set, return the logprob of each sampled token and the top ``logprobs``
-            alternatives.
+            alternatives (``dict[token_id, Logprob]`` per token, the sampled one always in).
+        prompt_logprobs: if set, return for every prompt position but the first the
+            logprob of the actual token and the top ``prompt_logprobs`` alternatives.
+        min_tokens: EOS and ``stop_token_ids`` cannot end a completion before this many
+            tokens (stop strings still can, as in vLLM).
+        repetition_penalty: > 1 discourages tokens already in the prompt or the completion
+            (a positive logit is divided by it, a negative one multiplied; 1.0: off).
+        presence_penalty: subtracted from the logit of every token already generated
+            (-2 to 2; 0: off).
+        frequency_penalty: subtracted once per earlier occurrence in the completion
+            (-2 to 2; 0: off).
+        skip_special_tokens: leave special tokens out of the text.
+        spaces_between_special_tokens: put spaces between special tokens in the text
+            (with ``skip_special_tokens=False``).
+        include_stop_str_in_output: keep the stop string that ended a completion in its
+            text.
     """
 
     n: int = 1
@@ -39,6 +54,14 @@ class SamplingParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
     _checked: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -69,10 +92,31 @@ class SamplingParams:
         _require(isinstance(self.ignore_eos, bool), "ignore_eos", self.ignore_eos, "a bool")
         _require(self.logprobs is None or (_is_int(self.logprobs) and self.logprobs >= 0),
                  "logprobs", self.logprobs, "an integer >= 0 or None")
+        _require(self.prompt_logprobs is None
+                 or (_is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
+                 "prompt_logprobs", self.prompt_logprobs, "an integer >= 0 or None")
+        _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
+                 self.min_tokens, "an integer >= 0")
+        _require(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
+                 self.min_tokens, f"<= max_tokens ({self.max_tokens})")
+        _require(_is_num(self.repetition_penalty) and 0 < self.repetition_penalty < float("inf"),
+                 "repetition_penalty", self.repetition_penalty, "a finite number > 0")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(_is_num(value) and -2 <= value <= 2, name, value, "a number in [-2, 2]")
+        for name in ("skip_special_tokens", "spaces_between_special_tokens",
+                     "include_stop_str_in_output"):
+            _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the sampler needs the sequence's token history."""
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
 
 
 def _is_int(x) -> bool:

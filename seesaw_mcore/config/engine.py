@@ -27,14 +27,25 @@ class ModelOptions:
     Attributes:
         path: local HF model folder (safetensors); never downloaded.
         max_model_len: longest prompt + output; ``None``: the model's context.
+        tokenizer: a local tokenizer folder; ``None``: the model's.
+        trust_remote_code: accepted for vLLM compatibility; ``True`` is refused (the engine
+            runs its own implementation of the supported architectures and never runs code
+            from a model folder).
     """
 
     path: str = ""
     max_model_len: int | None = None
+    tokenizer: str | None = None
+    trust_remote_code: bool = False
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and self.max_model_len < 2:
             raise SeesawError(f"model.max_model_len must be >= 2, got {self.max_model_len}")
+        if self.trust_remote_code:
+            raise SeesawError(
+                "trust_remote_code=True is not supported: seesaw_mcore runs Llama, Qwen2 and "
+                "Mistral checkpoints with its own megatron-core model and never runs code "
+                "from a model folder")
 
 
 @dataclass
@@ -150,10 +161,13 @@ class RuntimeConfig:
             this (the watchdog usually names it much sooner).
         verbose: show third-party output (DeepSpeed, megatron-core, compiler lines) that a
             run hides by default.
+        enforce_eager: accepted for vLLM compatibility; the engine runs eagerly either way
+            (no CUDA graphs yet).
     """
 
     dist_timeout_s: float = 300.0
     verbose: bool = False
+    enforce_eager: bool = False
 
     def __post_init__(self) -> None:
         if self.dist_timeout_s <= 0:
@@ -210,6 +224,7 @@ class EngineConfig:
         (``block_size`` -> ``cache.block_size``) or a top-level field; ``prefill=`` /
         ``decode=`` spell the plan as two layouts. Unknown names: a one-line error naming
         the closest known one."""
+        _vllm_names(kwargs)
         prefill, decode = kwargs.pop("prefill", None), kwargs.pop("decode", None)
         if prefill is not None or decode is not None:
             if "plan" in kwargs:
@@ -230,7 +245,7 @@ class EngineConfig:
             elif key in owner and key != "path":
                 sections[owner[key]][key] = value
             else:
-                known = sorted(tops | set(owner) | {"prefill", "decode"})
+                known = sorted(tops | set(owner) | {"prefill", "decode"} | set(VLLM_NAMES))
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise SeesawError(f"LLM() got an unknown keyword argument {key!r}{hint}")
@@ -243,6 +258,33 @@ class EngineConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: (_SECTIONS[k](**v) if k in _SECTIONS else v)
                       for k, v in raw.items() if k in names})
+
+
+# vLLM's LLM(...) names: a static plan's degrees, and aliases of our fields
+PARALLEL_SIZES = {"data_parallel_size": "D", "tensor_parallel_size": "T",
+                  "pipeline_parallel_size": "P"}
+ALIASES = {"max_num_batched_tokens": "max_prefill_tokens"}
+VLLM_NAMES = (*PARALLEL_SIZES, *ALIASES)
+
+
+def _vllm_names(kwargs: dict[str, Any]) -> None:
+    """Rewrites vLLM's keyword names in place: ``tensor_parallel_size=2`` (and pipeline /
+    data) -> ``plan="T2"``; aliases -> our names. Two spellings of one thing are an error."""
+    sizes = {k: kwargs.pop(k) for k in PARALLEL_SIZES if k in kwargs}
+    if sizes:
+        given = [k for k in ("plan", "prefill", "decode") if k in kwargs]
+        if given:
+            raise SeesawError(f"give the plan either as {given[0]}= or as "
+                              f"{'/'.join(sizes)}, not both (a Seesaw plan needs plan=)")
+        for k, v in sizes.items():
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise SeesawError(f"{k} must be an integer >= 1, got {v!r}")
+        kwargs["plan"] = "".join(f"{PARALLEL_SIZES[k]}{sizes.get(k, 1)}" for k in PARALLEL_SIZES)
+    for alias, name in ALIASES.items():
+        if alias in kwargs:
+            if name in kwargs:
+                raise SeesawError(f"give either {alias}= or {name}=, not both")
+            kwargs[name] = kwargs.pop(alias)
 
 
 _SECTIONS = {"model": ModelOptions, "cache": CacheConfig, "scheduler": SchedulerConfig,

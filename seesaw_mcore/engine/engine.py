@@ -17,7 +17,7 @@ import torch.distributed as dist
 from seesaw_mcore import env
 from seesaw_mcore.config import EngineConfig, ModelConfig, ParallelConfig, check_world
 from seesaw_mcore.contract import RunnerOutput, StepPlan
-from seesaw_mcore.engine.request import Sequence
+from seesaw_mcore.engine.request import Logprob, Sequence
 from seesaw_mcore.engine.scheduler import PhaseScheduler, ReplicaSchedulers, SchedulerInterface
 from seesaw_mcore.engine.stats import EngineStats, TraceEvent
 from seesaw_mcore.errors import SeesawError
@@ -157,6 +157,11 @@ class Engine:
     def add(self, seq: Sequence) -> None:
         """Queues a sequence (its replica: by its request's index)."""
         seq.replica = seq.request_index % self.plan.prefill.dp
+        p = seq.params
+        if p.min_tokens:  # what may not end it early: banned in the sampler until then
+            ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+            vocab = self.model_cfg.vocab_size
+            seq.min_tokens_banned = tuple(sorted(i for i in ids if 0 <= i < vocab))
         self._seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
 
@@ -201,8 +206,14 @@ class Engine:
             for tok in out.tokens if out is not None else ():
                 seq = self._seqs[tok.seq_id]
                 seq.output_token_ids.append(tok.token_id)
-                if seq.params.logprobs is not None:
-                    seq.logprobs.append({tok.token_id: tok.logprob, **tok.top_logprobs})
+                if seq.params.logprobs is not None:  # the sampled token first, as vLLM
+                    entry = {tok.token_id: Logprob(tok.logprob, tok.rank)}
+                    for r, (tid, lp) in enumerate(tok.top_logprobs.items(), 1):
+                        entry.setdefault(tid, Logprob(lp, r))
+                    seq.logprobs.append(entry)
+                    seq.cumulative_logprob += tok.logprob
+                if tok.prompt_rows is not None:
+                    seq.prompt_logprobs = [None, *map(_logprob_entry, tok.prompt_rows)]
                 if self._check_stop(seq):
                     self.finish(seq)
                 touched.append(seq)
@@ -274,6 +285,16 @@ class Engine:
                 if tier is not None:
                     tier.close()
             copier.host = copier.disk = None
+
+
+def _logprob_entry(row: list[float]) -> dict[int, Logprob]:
+    """``[actual id, logprob, rank, k ids, k logprobs]`` -> ``{id: Logprob}``, the actual
+    token first (vLLM's prompt-logprob entry)."""
+    k = (len(row) - 3) // 2
+    entry = {int(row[0]): Logprob(row[1], int(row[2]))}
+    for r, (tid, lp) in enumerate(zip(row[3:3 + k], row[3 + k:]), 1):
+        entry.setdefault(int(tid), Logprob(lp, r))
+    return entry
 
 
 def _exit_if_peer_lost(e: Exception) -> None:

@@ -22,22 +22,27 @@ class IncrementalDetokenizer:
     Args:
         tokenizer: a transformers tokenizer.
         skip_special_tokens: drop special tokens from the text.
+        spaces_between_special_tokens: passed to the tokenizer's ``decode`` (slow
+            tokenizers honour it; fast ones join special tokens their own way).
     """
 
-    def __init__(self, tokenizer, skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer, skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True) -> None:
         self.tokenizer, self.skip = tokenizer, skip_special_tokens
+        self.spaces = spaces_between_special_tokens
         self.ids: list[int] = []
         self.text = ""
         self._prefix = self._read = 0  # window start; tokens before _read are in ``text``
 
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+    def decode(self, ids: list[int]) -> str:
+        kw = {} if self.spaces else {"spaces_between_special_tokens": False}
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip, **kw)
 
     def add(self, token_id: int) -> str:
         """Appends a token; returns the text it completes (may be empty)."""
         self.ids.append(token_id)
-        before = self._decode(self.ids[self._prefix:self._read])
-        after = self._decode(self.ids[self._prefix:])
+        before = self.decode(self.ids[self._prefix:self._read])
+        after = self.decode(self.ids[self._prefix:])
         if len(after) > len(before) and not after.endswith("\ufffd"):
             delta = after[len(before):]
             self._prefix, self._read = self._read, len(self.ids)
@@ -45,11 +50,17 @@ class IncrementalDetokenizer:
             return delta
         return ""
 
+    def add_all(self, ids: list[int]) -> str:
+        """Feeds the ids of ``ids`` not fed yet (a completion so far); returns the new
+        text."""
+        new = "".join(self.add(t) for t in ids[len(self.ids):])
+        return new
+
     def flush(self) -> str:
         """The text including any tokens still held back (at the end of a sequence)."""
         if self._read < len(self.ids):
-            before = self._decode(self.ids[self._prefix:self._read])
-            self.text += self._decode(self.ids[self._prefix:])[len(before):]
+            before = self.decode(self.ids[self._prefix:self._read])
+            self.text += self.decode(self.ids[self._prefix:])[len(before):]
             self._prefix = self._read = len(self.ids)
         return self.text
 
@@ -110,11 +121,11 @@ class OutputProcessor:
     def _stop_string(self, seq: Sequence) -> bool:
         """Feeds the new token's text; on a stop string, cuts the text before it and marks
         the sequence finished (vLLM: the stop string is not in the output)."""
-        detok = self._detok.get(seq.seq_id)
-        if detok is None:
-            detok = self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer)
+        detok = self._detokenizer(seq)
         old = len(detok.text)
-        if not detok.add(seq.output_token_ids[-1]):
+        if not detok.add_all(seq.output_token_ids):
+            return False
+        if len(seq.output_token_ids) <= seq.params.min_tokens:  # vLLM: none counts yet
             return False
         longest = max(len(s) for s in seq.params.stop)
         start = max(0, old - longest + 1)  # a match must end in the new text
@@ -122,9 +133,19 @@ class OutputProcessor:
         if not hits:
             return False
         cut, stop = min(hits)
+        if seq.params.include_stop_str_in_output:
+            cut += len(stop)
         self._text[seq.seq_id] = detok.text[:cut]
         seq.finish_reason, seq.stop_reason = "stop", stop
         return True
+
+    def _detokenizer(self, seq: Sequence) -> IncrementalDetokenizer:
+        detok = self._detok.get(seq.seq_id)
+        if detok is None:
+            p = seq.params
+            detok = self._detok[seq.seq_id] = IncrementalDetokenizer(
+                self.tokenizer, p.skip_special_tokens, p.spaces_between_special_tokens)
+        return detok
 
     def _sample_done(self, seq: Sequence) -> RequestOutput | None:
         req = self._requests[seq.request_index]
@@ -132,8 +153,10 @@ class OutputProcessor:
         if req.unfinished:
             return None
         del self._requests[seq.request_index]
+        first = req.samples[0]
         return RequestOutput(
             request_id=req.id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
+            prompt_logprobs=self._decoded(first.prompt_logprobs),
             outputs=[self._completion(s) for s in req.samples],
             latency_s=time.perf_counter() - self.start)
 
@@ -141,14 +164,30 @@ class OutputProcessor:
         text = self._text.pop(s.seq_id, None)
         detok = self._detok.pop(s.seq_id, None)
         if text is None:
-            if detok is not None:
-                text = detok.flush()
-            elif self.tokenizer is not None:
-                text = self.tokenizer.decode(s.output_token_ids, skip_special_tokens=True)
-            else:
+            if self.tokenizer is None:
                 text = ""
+            elif detok is not None:  # stop strings were watched: finish the same text
+                detok.add_all(s.output_token_ids)
+                text = detok.flush()
+            else:  # one decode of the whole completion
+                text = IncrementalDetokenizer(
+                    self.tokenizer, s.params.skip_special_tokens,
+                    s.params.spaces_between_special_tokens).decode(s.output_token_ids)
+        asked = s.params.logprobs is not None
         return CompletionOutput(
             index=s.sample_index, text=text, token_ids=list(s.output_token_ids),
+            cumulative_logprob=s.cumulative_logprob if asked else None,
+            logprobs=self._decoded(s.logprobs) if asked else None,
             finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-            logprobs=s.logprobs if s.params.logprobs is not None else None,
             num_preemptions=s.num_preemptions)
+
+    def _decoded(self, entries: list | None) -> list | None:
+        """Fills each ``Logprob.decoded_token`` (one batched decode per list)."""
+        if entries is None or self.tokenizer is None:
+            return entries
+        ids = sorted({t for e in entries if e for t in e})
+        texts = dict(zip(ids, self.tokenizer.batch_decode([[t] for t in ids])))
+        for e in entries:
+            for t, lp in (e or {}).items():
+                lp.decoded_token = texts[t]
+        return entries

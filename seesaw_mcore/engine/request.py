@@ -31,13 +31,17 @@ class Sequence:
     max_tokens: int  # resolved: never past the model context
     replica: int = 0  # DP replica that owns it
     output_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[dict[int, float]] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # per token, if asked
+    cumulative_logprob: float = 0.0  # of the sampled tokens (with logprobs)
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # first prefill, if asked
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
     host_slots: SlotRange | None = None  # host-tier slots holding its KV (SWAPPED)
     finish_reason: str | None = None  # "stop" or "length" once finished
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
+    # ids that cannot end it before ``params.min_tokens`` (stop token ids, EOS): set on add
+    min_tokens_banned: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -49,25 +53,40 @@ class Sequence:
 
 
 @dataclass
+class Logprob:
+    """One token's logprob, shaped like vLLM's (``vllm.sequence.Logprob``)."""
+
+    logprob: float  # of the model's raw distribution (before temperature and filters)
+    rank: int | None = None  # 1 = the most likely token
+    decoded_token: str | None = None  # the token's text
+
+
+@dataclass
 class CompletionOutput:
-    """One completion, shaped like vLLM's."""
+    """One completion, shaped like vLLM's (same fields, same order)."""
 
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None  # "stop" (EOS, stop token or stop string) or "length"
+    cumulative_logprob: float | None = None  # sum of the sampled tokens' logprobs, if asked
+    logprobs: list[dict[int, Logprob]] | None = None  # per token: sampled + top-k, if asked
+    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) or "length"
     stop_reason: int | str | None = None  # the stop token id or string; None for EOS/length
-    logprobs: list[dict[int, float]] | None = None  # per token: {token_id: logprob}, if asked
     num_preemptions: int = 0
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
 
 
 @dataclass
 class RequestOutput:
-    """All completions of one prompt, shaped like vLLM's."""
+    """All completions of one prompt, shaped like vLLM's (same fields, same order)."""
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
+    # per prompt position: None for the first, else {actual token and top-k: Logprob}
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
     latency_s: float = 0.0  # from generate() start to this request's last token

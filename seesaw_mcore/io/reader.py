@@ -233,24 +233,35 @@ def _prompt(obj: dict, tokenizer, spec: InputSpec) -> str | dict:
                 messages and isinstance(messages[0], dict)
                 and messages[0].get("role") == "system"):
             messages = [{"role": "system", "content": spec.system_prompt}, *messages]
-        return _chat(messages, tokenizer)
+        return {"prompt_token_ids": render_chat(messages, tokenizer)["prompt_token_ids"]}
     raise SeesawError(f"record has neither {spec.prompt_field!r} nor {spec.messages_field!r} "
                       f"(its fields: {', '.join(map(str, obj)) or 'none'})")
 
 
-def _chat(messages, tokenizer) -> dict:
+def render_chat(messages, tokenizer, chat_template: str | None = None,
+                add_generation_prompt: bool = True) -> dict:
+    """A conversation rendered with the tokenizer's chat template (or ``chat_template``):
+    ``{"prompt_token_ids": [...], "prompt": text}``.
+
+    Raises:
+        SeesawError: malformed messages, no template, or the template rejecting them.
+    """
     ok = isinstance(messages, list) and messages and all(
         isinstance(m, dict) and isinstance(m.get("role"), str)
         and isinstance(m.get("content"), str) for m in messages)
     if not ok:
         raise SeesawError("'messages' must be a non-empty list of {role, content} strings")
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+    if tokenizer is None or not (chat_template or getattr(tokenizer, "chat_template", None)):
         raise SeesawError("'messages' given but the model's tokenizer has no chat template")
+    kw = {"chat_template": chat_template} if chat_template else {}
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        text = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=False, **kw)
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True, **kw)
     except Exception as e:  # noqa: BLE001 - a template may reject any conversation
         raise SeesawError(f"the chat template rejected 'messages': {type(e).__name__}: "
                           f"{str(e)[:200]}") from None
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
-    return {"prompt_token_ids": list(ids)}
+    return {"prompt_token_ids": list(ids), "prompt": text}

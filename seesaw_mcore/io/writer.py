@@ -52,12 +52,19 @@ class OutputWriter:
             "text": first.text,
             "token_ids": first.token_ids,
             "finish_reason": first.finish_reason,
+            "stop_reason": first.stop_reason,
             "n": len(out.outputs),
             "outputs": [{"index": o.index, "text": o.text, "token_ids": o.token_ids,
-                         "num_tokens": len(o.token_ids), "finish_reason": o.finish_reason}
+                         "num_tokens": len(o.token_ids), "finish_reason": o.finish_reason,
+                         "stop_reason": o.stop_reason,
+                         **({"cumulative_logprob": o.cumulative_logprob,
+                             "logprobs": logprobs_json(o.logprobs)}
+                            if o.logprobs is not None else {})}
                         for o in out.outputs],
             "latency_s": round(out.latency_s, 4),
         }
+        if out.prompt_logprobs is not None:
+            row["prompt_logprobs"] = logprobs_json(out.prompt_logprobs)
         line = json.dumps(row, ensure_ascii=False) + "\n"
         with self._lock:
             if self._f.closed:
@@ -116,3 +123,13 @@ def _recover(path: str) -> tuple[set[str], int]:
         with open(path, "r+b") as f:
             f.truncate(good)
     return ids, dropped
+
+
+def logprobs_json(entries: list | None) -> list | None:
+    """Per position ``{token id (str): {"logprob", "rank", "decoded_token"}}`` (``None`` for a
+    prompt's first position): vLLM's ``Logprob`` objects as JSON."""
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+                                             "decoded_token": lp.decoded_token}
+                                    for t, lp in e.items()} for e in entries]

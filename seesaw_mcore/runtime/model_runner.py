@@ -27,7 +27,7 @@ from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
 from seesaw_mcore.model.loader import Checkpoint
 from seesaw_mcore.runtime import groups
-from seesaw_mcore.runtime.sampler import sample
+from seesaw_mcore.runtime.sampler import PROMPT_CHUNK, prompt_logprob_rows, sample
 from seesaw_mcore.runtime.weights import ShardStore
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -243,12 +243,37 @@ class ModelRunner:
             last = meta.cu_query_lens[1:].long() - 1  # [B] each sequence's last token
             logits = self.model.logits(hidden[last])  # [B, V]
             if self.info.tp_rank == 0:
-                sampled += sample(logits, [s.seq_id for s in mb], [s.sampling for s in mb])
+                mb_tokens = sample(logits, [s.seq_id for s in mb], [s.sampling for s in mb])
+                sampled += mb_tokens
+            else:
+                mb_tokens = [None] * len(mb)
+            self._prompt_logprobs(mb, hidden, meta, mb_tokens)
         for work, _buf in sends:
             work.wait()
         if self.info.is_last_stage and self.info.tp_rank == 0:
             return RunnerOutput(sampled)
         return None
+
+    def _prompt_logprobs(self, mb, hidden: torch.Tensor, meta: AttentionMetadata,
+                         tokens: list) -> None:
+        """For sequences that ask (first prefill, ``SamplingSpec.prompt_logprobs``): every
+        prompt position's logprobs, in chunks (``logits`` gathers over the TP group, so every
+        TP rank runs this; TP rank 0 keeps the rows)."""
+        cu = meta.cu_query_lens.tolist()
+        for i, s in enumerate(mb):
+            k = s.sampling.prompt_logprobs
+            if k is None:
+                continue
+            rows: list[list[float]] = []
+            n = len(s.token_ids) - 1
+            actual = torch.tensor(s.token_ids[1:], dtype=torch.long, device=self.device)
+            for c in range(0, n, PROMPT_CHUNK):
+                m = min(PROMPT_CHUNK, n - c)
+                logits = self.model.logits(hidden[cu[i] + c:cu[i] + c + m])  # [m, V]
+                if self.info.tp_rank == 0:
+                    rows += prompt_logprob_rows(logits, actual[c:c + m], k)
+            if tokens[i] is not None:
+                tokens[i].prompt_rows = rows
 
     def drain(self) -> None:
         """Waits for this rank's queued tier copies (before the host tier changes hands)."""

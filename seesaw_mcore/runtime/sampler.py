@@ -1,6 +1,8 @@
 """Token sampling on the last pipeline stage, batched on the device.
 
-One pass over the step's ``[N, V]`` logits: greedy rows by argmax; sampled rows by
+One pass over the step's ``[N, V]`` logits: rows with penalties or banned ids (``min_tokens``)
+first get them applied (one scatter over the step's token histories); greedy rows by argmax;
+sampled rows by
 temperature, then top-k, top-p and min-p (per-row tensors, at most one sort per step), then a
 Gumbel-max draw; logprobs of every row in one ``log_softmax``; one device -> host transfer of
 the step's tokens (and logprobs). The O(steps) work does not grow with the batch.
@@ -140,6 +142,53 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return torch.where(batch.temperature > 0, drawn, greedy)
 
 
+def apply_penalties(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
+    """Repetition, presence and frequency penalties and banned ids, for the rows that have
+    them (vLLM's definitions), batched: one host -> device copy of the rows' histories and
+    one scatter each for the "seen" mask and the completion counts.
+
+    Args:
+        logits: ``[N, V]`` float32 logits.
+        specs: sampling settings per row.
+
+    Returns:
+        ``[N, V]`` logits (``logits`` itself when no row has any).
+    """
+    rows = [i for i, s in enumerate(specs) if s.history or s.banned]
+    if not rows:
+        return logits
+    dev, vocab = logits.device, logits.shape[1]
+    seen_r, seen_t, out_r, out_t, ban_r, ban_t, params = [], [], [], [], [], [], []
+    for j, i in enumerate(rows):
+        s = specs[i]
+        seen_r += [j] * len(s.history)
+        seen_t += s.history
+        done = s.history[s.prompt_len:]
+        out_r += [j] * len(done)
+        out_t += done
+        ban_r += [j] * len(s.banned)
+        ban_t += s.banned
+        params.append((s.repetition_penalty, s.presence_penalty, s.frequency_penalty))
+    flat = seen_r + seen_t + out_r + out_t + ban_r + ban_t
+    idx = torch.tensor(flat, dtype=torch.int64).to(dev)  # one copy: every index list
+    cuts = [len(seen_r)] * 2 + [len(out_r)] * 2 + [len(ban_r)] * 2
+    seen_r_t, seen_t_t, out_r_t, out_t_t, ban_r_t, ban_t_t = idx.split(cuts)
+    rep, pres, freq = torch.tensor(params, dtype=torch.float32).to(dev).unbind(1)  # [R] each
+    sub = logits[rows]  # [R, V]
+    seen = torch.zeros_like(sub, dtype=torch.bool)
+    seen[seen_r_t, seen_t_t] = True
+    counts = torch.zeros_like(sub)
+    counts.index_put_((out_r_t, out_t_t), torch.ones_like(out_t_t, dtype=sub.dtype),
+                      accumulate=True)  # [R, V]
+    rep = rep.unsqueeze(1)  # [R, 1]
+    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    sub = sub - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * (counts > 0)
+    sub[ban_r_t, ban_t_t.clamp(max=vocab - 1)] = float("-inf")
+    logits = logits.clone()
+    logits[rows] = sub
+    return logits
+
+
 def sample(
     logits: torch.Tensor, seq_ids: list[int], specs: list[SamplingSpec]
 ) -> list[SampledToken]:
@@ -155,22 +204,50 @@ def sample(
     """
     logits = logits.float()
     batch = SamplingBatch.build(specs, logits.device)
-    tokens = sample_tokens(logits, batch)  # [N]
+    tokens = sample_tokens(apply_penalties(logits, specs), batch)  # [N]
     if batch.max_logprobs is None:
         return [SampledToken(sid, t) for sid, t in zip(seq_ids, tokens.tolist())]
-    logp = torch.log_softmax(logits, dim=-1)  # [N, V]
-    cols = [tokens.double().unsqueeze(1), logp.gather(1, tokens.unsqueeze(1)).double()]
+    logp = torch.log_softmax(logits, dim=-1)  # [N, V] of the raw logits, as vLLM
+    chosen = logp.gather(1, tokens.unsqueeze(1))  # [N, 1]
+    rank = (logp > chosen).sum(dim=1, keepdim=True) + 1  # [N, 1]
+    cols = [tokens.double().unsqueeze(1), chosen.double(), rank.double()]
     k = min(batch.max_logprobs, logp.shape[-1])
     if k:
         top = logp.topk(k, dim=-1)  # [N, k]
         cols += [top.indices.double(), top.values.double()]
-    rows = torch.cat(cols, dim=1).tolist()  # one device -> host transfer: [N, 2 + 2k]
+    rows = torch.cat(cols, dim=1).tolist()  # one device -> host transfer: [N, 3 + 2k]
     out = []
     for sid, spec, want, row in zip(seq_ids, specs, batch.want_logprobs, rows):
         tok = SampledToken(sid, int(row[0]))
         if want:
-            tok.logprob = row[1]
+            tok.logprob, tok.rank = row[1], int(row[2])
             kk = min(spec.logprobs, k)
-            tok.top_logprobs = dict(zip(map(int, row[2:2 + kk]), row[2 + k:2 + k + kk]))
+            tok.top_logprobs = dict(zip(map(int, row[3:3 + kk]), row[3 + k:3 + k + kk]))
         out.append(tok)
     return out
+
+
+PROMPT_CHUNK = 1024  # prompt positions whose [rows, V] log-softmax is held at once
+
+
+def prompt_logprob_rows(logits: torch.Tensor, actual: torch.Tensor, k: int) -> list[list[float]]:
+    """Per row: the logprob and rank of the actual next token and the top ``k``, in one
+    device -> host transfer.
+
+    Args:
+        logits: ``[R, V]`` logits at prompt positions ``0 .. R-1``.
+        actual: ``[R]`` int64 the prompt's tokens at positions ``1 .. R``.
+        k: top alternatives per row.
+
+    Returns:
+        ``R`` rows ``[actual id, logprob, rank, k top ids, k top logprobs]``.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
+    chosen = logp.gather(1, actual.unsqueeze(1))  # [R, 1]
+    rank = (logp > chosen).sum(dim=1, keepdim=True) + 1  # [R, 1]
+    cols = [actual.double().unsqueeze(1), chosen.double(), rank.double()]
+    k = min(k, logp.shape[1])
+    if k:
+        top = logp.topk(k, dim=-1)  # [R, k]
+        cols += [top.indices.double(), top.values.double()]
+    return torch.cat(cols, dim=1).tolist()

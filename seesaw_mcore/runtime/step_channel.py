@@ -14,10 +14,13 @@ import torch.distributed as dist
 
 from seesaw_mcore.contract import RunnerOutput, ScheduledSeq, StepPlan
 from seesaw_mcore.runtime.step_codec import (
+    decode_prompt_rows,
     decode_step,
     decode_tokens,
+    encode_prompt_rows,
     encode_step,
     encode_tokens,
+    prompt_shape,
     token_width,
 )
 
@@ -72,10 +75,18 @@ def send_tokens(out: RunnerOutput, seqs: list[ScheduledSeq], dst: int,
     """A replica's last stage: its step's sampled tokens to ``dst``."""
     arr = encode_tokens(out.tokens, token_width(seqs))
     dist.send(torch.from_numpy(arr).to(device), dst=dst)
+    if prompt_shape(seqs)[0]:  # prompt logprobs: a second array, its shape known to both
+        dist.send(torch.from_numpy(encode_prompt_rows(out.tokens, seqs)).to(device), dst=dst)
 
 
 def recv_tokens(seqs: list[ScheduledSeq], src: int, device: torch.device) -> RunnerOutput:
     """Rank 0: the tokens replica rank ``src`` sampled for ``seqs``."""
     buf = torch.empty(len(seqs), token_width(seqs), dtype=torch.float64, device=device)
     dist.recv(buf, src=src)
-    return RunnerOutput(decode_tokens(np.asarray(buf.cpu()), seqs))
+    tokens = decode_tokens(np.asarray(buf.cpu()), seqs)
+    rows, width = prompt_shape(seqs)
+    if rows:
+        buf = torch.empty(rows, width, dtype=torch.float64, device=device)
+        dist.recv(buf, src=src)
+        decode_prompt_rows(np.asarray(buf.cpu()), seqs, tokens)
+    return RunnerOutput(tokens)

@@ -3,8 +3,9 @@ what a replica's last stage sends back, without pickling an object tree.
 
 ``encode_step`` writes a ``StepPlan`` as one int64 array (floats by their bits, the rare error
 text as code points); ``decode_step`` reads it back into the same dataclasses. Sampled tokens
-travel as one float64 array ``[N, 2 + 2k]``: token id, logprob (NaN: not asked), then ``k``
-top ids and ``k`` top logprobs; the receiver knows ``N`` and ``k`` from the step it sent.
+travel as one float64 array ``[N, 3 + 2k]``: token id, logprob (NaN: not asked), its rank,
+then ``k`` top ids and ``k`` top logprobs; the receiver knows ``N`` and ``k`` from the step it
+sent.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from seesaw_mcore.contract import (
     StepPlan,
 )
 
-_VERSION = 1
+_VERSION = 2
 _PHASES = [Phase.PREFILL, Phase.DECODE]
 _TIERS = [HOST, DISK]
 _F2I = struct.Struct("<d")
@@ -59,9 +60,14 @@ def encode_step(step: StepPlan) -> np.ndarray:
                 p = s.sampling
                 out += [s.seq_id, s.start_pos, len(s.token_ids), len(s.block_table),
                         _fbits(p.temperature), p.top_k, _fbits(p.top_p), p.seed, p.step,
-                        -1 if p.logprobs is None else p.logprobs, _fbits(p.min_p)]
+                        -1 if p.logprobs is None else p.logprobs, _fbits(p.min_p),
+                        _fbits(p.repetition_penalty), _fbits(p.presence_penalty),
+                        _fbits(p.frequency_penalty), p.prompt_len, len(p.history),
+                        len(p.banned), -1 if p.prompt_logprobs is None else p.prompt_logprobs]
                 out += s.token_ids
                 out += s.block_table
+                out += p.history
+                out += p.banned
         for moves in (rep.evict, rep.swap_in, rep.swap_out):
             out.append(len(moves))
             for m in moves:
@@ -97,12 +103,18 @@ def decode_step(arr: np.ndarray) -> StepPlan:
             n_seq, i = v[i], i + 1
             mb = []
             for _ in range(n_seq):
-                sid, start, nt, nb, temp, top_k, top_p, seed, stp, lp, min_p = v[i:i + 11]
-                i += 11
-                spec = SamplingSpec(_float(temp), top_k, _float(top_p), seed, stp,
-                                    None if lp < 0 else lp, _float(min_p))
-                mb.append(ScheduledSeq(sid, v[i:i + nt], start, v[i + nt:i + nt + nb], spec))
+                (sid, start, nt, nb, temp, top_k, top_p, seed, stp, lp, min_p, rep, pres, freq,
+                 plen, nh, nban, plp) = v[i:i + 18]
+                i += 18
+                tokens, table = v[i:i + nt], v[i + nt:i + nt + nb]
                 i += nt + nb
+                history, banned = v[i:i + nh], v[i + nh:i + nh + nban]
+                i += nh + nban
+                spec = SamplingSpec(_float(temp), top_k, _float(top_p), seed, stp,
+                                    None if lp < 0 else lp, _float(min_p), _float(rep),
+                                    _float(pres), _float(freq), history, plen, banned,
+                                    None if plp < 0 else plp)
+                mb.append(ScheduledSeq(sid, tokens, start, table, spec))
             mbs.append(mb)
         lists = []
         for _ in range(3):
@@ -121,34 +133,74 @@ def decode_step(arr: np.ndarray) -> StepPlan:
 
 
 def token_width(seqs: list[ScheduledSeq]) -> int:
-    """Columns of the sampled-token array for these rows: ``2 + 2k``."""
+    """Columns of the sampled-token array for these rows: ``3 + 2k``."""
     asks = [s.sampling.logprobs for s in seqs if s.sampling.logprobs is not None]
-    return 2 + 2 * (max(asks) if asks else 0)
+    return 3 + 2 * (max(asks) if asks else 0)
 
 
 def encode_tokens(tokens: list[SampledToken], width: int) -> np.ndarray:
     """Sampled tokens as ``[N, width]`` float64 (token ids are exact in float64)."""
-    k = (width - 2) // 2
+    k = (width - 3) // 2
     arr = np.full((len(tokens), width), math.nan)
     for row, t in zip(arr, tokens):
         row[0] = t.token_id
         if t.logprob is not None:
-            row[1] = t.logprob
+            row[1], row[2] = t.logprob, t.rank
             ids, vals = list(t.top_logprobs), list(t.top_logprobs.values())
-            row[2:2 + len(ids)] = ids
-            row[2 + k:2 + k + len(vals)] = vals
+            row[3:3 + len(ids)] = ids
+            row[3 + k:3 + k + len(vals)] = vals
     return arr
 
 
 def decode_tokens(arr: np.ndarray, seqs: list[ScheduledSeq]) -> list[SampledToken]:
     """The tokens ``encode_tokens`` wrote, for the rows ``seqs`` (in order)."""
-    k = (arr.shape[1] - 2) // 2
+    k = (arr.shape[1] - 3) // 2
     out = []
     for row, s in zip(arr.tolist(), seqs):
         tok = SampledToken(s.seq_id, int(row[0]))
         n = s.sampling.logprobs
         if n is not None:
-            tok.logprob = row[1]
-            tok.top_logprobs = dict(zip(map(int, row[2:2 + n]), row[2 + k:2 + k + n]))
+            tok.logprob, tok.rank = row[1], int(row[2])
+            tok.top_logprobs = dict(zip(map(int, row[3:3 + n]), row[3 + k:3 + k + n]))
         out.append(tok)
     return out
+
+
+def prompt_shape(seqs: list[ScheduledSeq]) -> tuple[int, int]:
+    """``(rows, columns)`` of a step's prompt-logprob array: one row per position 1..L-1 of
+    each sequence that asks (in order), ``3 + 2k`` columns (``k``: the most any asks); rows
+    is 0 when none asks."""
+    asks = [s for s in seqs if s.sampling.prompt_logprobs is not None]
+    if not asks:
+        return 0, 0
+    k = max(s.sampling.prompt_logprobs for s in asks)
+    return sum(len(s.token_ids) - 1 for s in asks), 3 + 2 * k
+
+
+def encode_prompt_rows(tokens: list[SampledToken], seqs: list[ScheduledSeq]) -> np.ndarray:
+    """The prompt-logprob rows of ``tokens`` (those whose sequence asked) as one array."""
+    n, width = prompt_shape(seqs)
+    big = (width - 3) // 2
+    arr = np.full((n, width), math.nan)
+    i = 0
+    for t in tokens:
+        for row in t.prompt_rows or ():
+            k = (len(row) - 3) // 2
+            arr[i, :3 + k] = row[:3 + k]
+            arr[i, 3 + big:3 + big + k] = row[3 + k:]
+            i += 1
+    return arr
+
+
+def decode_prompt_rows(arr: np.ndarray, seqs: list[ScheduledSeq],
+                       tokens: list[SampledToken]) -> None:
+    """Gives each token of an asking sequence its rows back (in place)."""
+    rows, i = arr.tolist(), 0
+    big = (arr.shape[1] - 3) // 2
+    for s, t in zip(seqs, tokens):
+        k = s.sampling.prompt_logprobs
+        if k is None:
+            continue
+        n = len(s.token_ids) - 1
+        t.prompt_rows = [r[:3 + k] + r[3 + big:3 + big + k] for r in rows[i:i + n]]
+        i += n

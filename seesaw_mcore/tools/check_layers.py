@@ -31,7 +31,7 @@ LAYERS: dict[str, int] = {
     "engine": 3,
     "planner": 4,
     "llm": 5, "io": 5, "": 5,
-    "bench": 6, "tools": 6,
+    "bench": 6, "tools": 6, "eval_harness": 6,
 }
 
 

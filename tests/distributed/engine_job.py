@@ -7,6 +7,7 @@ import json
 import sys
 
 from seesaw_mcore import LLM, SamplingParams
+from seesaw_mcore.io.writer import logprobs_json
 
 # Mixed lengths; with 12 blocks of 4 tokens the cache holds 48 tokens, far less than the
 # batch needs (~150), so decode must preempt and recompute.
@@ -32,7 +33,8 @@ def main() -> None:
                 "greedy": [o.outputs[0].token_ids for o in greedy],
                 "preemptions": sum(o.outputs[0].num_preemptions for o in greedy),
                 "sampled": [[c.token_ids for c in o.outputs] for o in sampled],
-                "logprobs": [o.outputs[0].logprobs for o in sampled],
+                "logprobs": [logprobs_json(o.outputs[0].logprobs) for o in sampled],
+                "cumulative": [o.outputs[0].cumulative_logprob for o in sampled],
             }
     if report:
         with open(out_path, "w") as f:

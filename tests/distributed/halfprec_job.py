@@ -29,7 +29,8 @@ def run(model: str, plan: str, dtype: str, disk_dir: str | None) -> dict:
                                        logprobs=5), use_tqdm=False)
     stats = llm.engine.stats
     rep = {"tokens": [o.outputs[0].token_ids for o in outs],
-           "logprobs": [o.outputs[0].logprobs for o in outs], "switches": stats.switches,
+           "logprobs": [[{t: lp.logprob for t, lp in e.items()} for e in o.outputs[0].logprobs]
+                        for o in outs], "switches": stats.switches,
            "preemptions": stats.preemptions, "disk_in": stats.swap.tiers["disk"].in_bytes,
            "kv_dtype": str(llm.engine.runner.kv_cache[0][0].dtype)}
     llm.close()

@@ -42,8 +42,15 @@ def test_seeded_sampling_same_across_runs_and_layouts(results, layout):
 def test_samples_differ_and_logprobs_shape(results):
     sampled = results["T1"]["sampled"]
     assert any(a != b for a, b in sampled)  # n=2 completions are distinct draws
-    for lp, toks in zip(results["T1"]["logprobs"], (s[0] for s in sampled)):
+    rep = results["T1"]
+    for lp, toks, cum in zip(rep["logprobs"], (s[0] for s in sampled), rep["cumulative"]):
         assert len(lp) == len(toks)
         for entry, tok in zip(lp, toks):
-            assert str(tok) in entry and len(entry) <= 3
-            assert all(v <= 0 for v in entry.values())
+            # vLLM's shape: the sampled token first, always in, with its own rank; then the
+            # top-2 with ranks 1 and 2
+            assert next(iter(entry)) == str(tok) and len(entry) <= 3
+            assert all(v["logprob"] <= 0 and v["rank"] >= 1 for v in entry.values())
+            top = sorted(entry.values(), key=lambda v: -v["logprob"])
+            assert top[0]["rank"] == 1
+            assert top[0]["decoded_token"] is None  # this checkpoint has no tokenizer
+        assert abs(cum - sum(e[str(t)]["logprob"] for e, t in zip(lp, toks))) < 1e-6

@@ -25,6 +25,16 @@ def test_kwargs_reach_every_section():
     assert cfg.runtime.verbose is True
 
 
+def test_vllm_keyword_names():
+    cfg = EngineConfig.from_kwargs(
+        "/m", tensor_parallel_size=2, pipeline_parallel_size=2, gpu_memory_utilization=0.9,
+        max_model_len=2048, max_num_seqs=64, max_num_batched_tokens=1024, seed=0,
+        dtype="float32", tokenizer="/tok", enforce_eager=True, trust_remote_code=False)
+    assert cfg.plan == "T2P2" and cfg.scheduler.max_prefill_tokens == 1024
+    assert cfg.model.tokenizer == "/tok" and cfg.runtime.enforce_eager
+    assert EngineConfig.from_kwargs("/m", data_parallel_size=2).plan == "D2"
+
+
 @pytest.mark.parametrize("kwargs,plan", [
     ({"prefill": "P2", "decode": "T2"}, "P2:T2"),
     ({"prefill": "T2"}, "T2"),
@@ -46,7 +56,17 @@ def test_plan_string_round_trip():
 
 
 @pytest.mark.parametrize("kwargs,msg", [
-    ({"tensor_paralel": 2}, "LLM() got an unknown keyword argument 'tensor_paralel'"),
+    ({"xyzzy": 2}, "LLM() got an unknown keyword argument 'xyzzy'"),
+    ({"tensor_paralel": 2}, "LLM() got an unknown keyword argument 'tensor_paralel'; did you "
+                            "mean 'tensor_parallel_size'?"),
+    ({"tensor_parallel_size": 2, "plan": "P2:T2"}, "give the plan either as plan= or as "
+     "tensor_parallel_size, not both (a Seesaw plan needs plan=)"),
+    ({"tensor_parallel_size": 0}, "tensor_parallel_size must be an integer >= 1, got 0"),
+    ({"max_num_batched_tokens": 8, "max_prefill_tokens": 8}, "give either "
+     "max_num_batched_tokens= or max_prefill_tokens=, not both"),
+    ({"trust_remote_code": True}, "trust_remote_code=True is not supported: seesaw_mcore runs "
+     "Llama, Qwen2 and Mistral checkpoints with its own megatron-core model and never runs "
+     "code from a model folder"),
     ({"block_sise": 8}, "LLM() got an unknown keyword argument 'block_sise'; did you mean "
                         "'block_size'?"),
     ({"plan": "T2", "prefill": "P2"}, "give the plan either as plan= or as prefill=/decode=, "

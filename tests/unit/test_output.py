@@ -91,3 +91,28 @@ def test_request_done_after_all_samples():
     _, [(index, out)] = proc.process([seqs[0]])
     assert index == 7 and out.request_id == "id-7" and [o.index for o in out.outputs] == [0, 1]
     assert [o.finish_reason for o in out.outputs] == ["stop", "length"]
+
+
+def test_include_stop_str_in_output(tok):
+    _, _, out = _run(tok, "The answer is 42. Next question: why?",
+                     SamplingParams(stop=["question"], include_stop_str_in_output=True))
+    assert out.text == "The answer is 42. Next question" and out.stop_reason == "question"
+
+
+def test_min_tokens_holds_back_stop_strings(tok):
+    text = "one two three four five six"
+    n_before = len(tok("one two", add_special_tokens=False)["input_ids"])
+    _, _, out = _run(tok, text, SamplingParams(stop=["two"], min_tokens=n_before + 1))
+    assert out.finish_reason == "length" and out.text == text  # "two" came too early
+
+
+def test_skip_special_tokens_false_keeps_them(tok):
+    ids = tok("hello", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    for skip, want in ((True, "hello"), (False, "hello" + tok.eos_token)):
+        seq = Sequence(seq_id=0, request_index=0, sample_index=0, prompt_token_ids=[1],
+                       params=SamplingParams(skip_special_tokens=skip), seed=0,
+                       max_tokens=len(ids), output_token_ids=ids, finish_reason="stop")
+        proc = OutputProcessor(tok)
+        proc.add_request(0, "r", None, [1], [seq])
+        _, [(_, out)] = proc.process([seq])
+        assert out.outputs[0].text == want

@@ -9,7 +9,12 @@ import pytest
 import torch
 
 from seesaw_mcore.contract import SamplingSpec
-from seesaw_mcore.runtime.sampler import sample, uniform_noise
+from seesaw_mcore.runtime.sampler import (
+    apply_penalties,
+    prompt_logprob_rows,
+    sample,
+    uniform_noise,
+)
 
 V = 50
 
@@ -93,3 +98,59 @@ def test_noise_is_counter_based():
     # per-row vocab ids (a top-k candidate list) draw the same values as the full row
     cand = torch.tensor([[5, 900, 3], [7, 7, 0], [999, 1, 2]])
     assert torch.equal(uniform_noise(seed, step, cand), u.gather(1, cand))
+
+
+def test_penalties_match_a_direct_computation():
+    """vLLM's definitions, row by row: repetition over prompt + completion, presence and
+    frequency over the completion only; rows without them untouched."""
+    logits = _logits(3)
+    prompt, done = [3, 5, 5], [5, 7, 7, 9]
+    s = SamplingSpec(0.0, -1, 1.0, 1, 0, None, repetition_penalty=1.5, presence_penalty=0.4,
+                     frequency_penalty=0.3, history=prompt + done, prompt_len=len(prompt))
+    plain = spec(temperature=0)
+    out = apply_penalties(logits, [plain, s, plain])
+    want = logits[1].clone()
+    for t in set(prompt + done):
+        want[t] = want[t] / 1.5 if want[t] > 0 else want[t] * 1.5
+    for t in set(done):
+        want[t] -= 0.3 * done.count(t) + 0.4
+    assert torch.equal(out[0], logits[0]) and torch.equal(out[2], logits[2])
+    assert torch.allclose(out[1], want, atol=1e-6)
+    # the penalized argmax is what sample() returns for a greedy row
+    [tok] = sample(logits[1:2], [0], [s])
+    assert tok.token_id == int(want.argmax())
+
+
+def test_banned_ids_are_never_drawn():
+    logits = _logits(2)
+    top = [int(logits[i].argmax()) for i in range(2)]
+    specs = [SamplingSpec(0.0, -1, 1.0, 1, 0, None, banned=[top[0]]),
+             SamplingSpec(1.0, -1, 1.0, 2, 0, None, banned=[top[1]])]
+    for step in range(20):
+        specs = [SamplingSpec(s.temperature, -1, 1.0, s.seed, step, 3, banned=s.banned)
+                 for s in specs]
+        toks = sample(logits, [0, 1], specs)
+        assert [t.token_id for t in toks] != top and all(
+            t.token_id != b for t, b in zip(toks, top))
+        # logprobs stay those of the raw distribution: the banned top token is rank 1
+        assert all(next(iter(t.top_logprobs)) == b for t, b in zip(toks, top))
+
+
+def test_sampled_token_rank():
+    logits = _logits(2)
+    toks = sample(logits, [0, 1], [spec(temperature=2.0, seed=s, logprobs=1) for s in (1, 2)])
+    logp = torch.log_softmax(logits, -1)
+    for i, t in enumerate(toks):
+        assert t.rank == int((logp[i] > logp[i, t.token_id]).sum()) + 1
+
+
+def test_prompt_logprob_rows():
+    logits = _logits(4)
+    actual = torch.tensor([3, 1, 4, 1])
+    rows = prompt_logprob_rows(logits, actual, 2)
+    logp = torch.log_softmax(logits, -1)
+    for i, row in enumerate(rows):
+        assert row[0] == actual[i] and math.isclose(row[1], float(logp[i, actual[i]]),
+                                                    abs_tol=1e-6)
+        assert row[2] == int((logp[i] > logp[i, actual[i]]).sum()) + 1
+        assert row[3:5] == logp[i].topk(2).indices.tolist()

@@ -15,10 +15,27 @@ from seesaw_mcore.sampling_params import SamplingParams
     ({"stop_token_ids": [-1]}, "stop_token_ids"), ({"ignore_eos": 1}, "ignore_eos"),
     ({"logprobs": -1}, "logprobs"), ({"n": True}, "n"), ({"temperature": float("nan")},
                                                          "temperature"),
+    ({"prompt_logprobs": -1}, "prompt_logprobs"), ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty"),
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"skip_special_tokens": "no"}, "skip_special_tokens"),
+    ({"spaces_between_special_tokens": None}, "spaces_between_special_tokens"),
+    ({"include_stop_str_in_output": 1}, "include_stop_str_in_output"),
 ])
 def test_invalid_values_name_the_field(kwargs, field):
     with pytest.raises(SeesawError, match=rf"^SamplingParams\.{field} must be "):
         SamplingParams(**kwargs)
+
+
+def test_exact_messages_for_new_fields():
+    with pytest.raises(SeesawError) as e:
+        SamplingParams(min_tokens=5, max_tokens=4)
+    assert str(e.value) == "SamplingParams.min_tokens must be <= max_tokens (4), got 5"
+    with pytest.raises(SeesawError) as e:
+        SamplingParams(presence_penalty=2.5)
+    assert str(e.value) == "SamplingParams.presence_penalty must be a number in [-2, 2], got 2.5"
 
 
 def test_defaults_and_normalization():

@@ -96,10 +96,20 @@ def scheduled(seq: Sequence, token_ids: list[int], start: int,
     """The step entry of ``seq``: feed ``token_ids`` at ``start`` (its own block table by
     default)."""
     p = seq.params
+    history = seq.all_token_ids if p.has_penalties else []
     spec = SamplingSpec(
         temperature=float(p.temperature), top_k=int(p.top_k), top_p=float(p.top_p),
         seed=seq.seed, step=len(seq.output_token_ids), logprobs=p.logprobs,
-        min_p=float(p.min_p),
+        min_p=float(p.min_p), repetition_penalty=float(p.repetition_penalty),
+        presence_penalty=float(p.presence_penalty),
+        frequency_penalty=float(p.frequency_penalty), history=history,
+        prompt_len=len(seq.prompt_token_ids) if history else 0,
+        banned=(list(seq.min_tokens_banned)
+                if len(seq.output_token_ids) < p.min_tokens else []),
+        # once per request: sample 0's first prefill (a recompute already has them)
+        prompt_logprobs=(p.prompt_logprobs if start == 0 and seq.sample_index == 0
+                         and not seq.output_token_ids and seq.prompt_logprobs is None
+                         else None),
     )
     table = seq.block_table if block_table is None else block_table
     return ScheduledSeq(seq.seq_id, list(token_ids), start, list(table), spec)
