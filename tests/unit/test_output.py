@@ -116,3 +116,19 @@ def test_skip_special_tokens_false_keeps_them(tok):
         proc.add_request(0, "r", None, [1], [seq])
         _, [(_, out)] = proc.process([seq])
         assert out.outputs[0].text == want
+
+
+def test_spaces_between_special_tokens_reaches_decode():
+    """Passed to the tokenizer's ``decode`` only when turned off (slow tokenizers honour it;
+    fast ones join special tokens their own way)."""
+    calls = []
+
+    class Tok:
+        def decode(self, ids, skip_special_tokens=True, **kw):
+            calls.append(kw)
+            return " ".join(map(str, ids))
+
+    for spaces, want in ((True, {}), (False, {"spaces_between_special_tokens": False})):
+        calls.clear()
+        IncrementalDetokenizer(Tok(), False, spaces).decode([1, 2])
+        assert calls == [want]
