@@ -247,20 +247,21 @@ class ModelRunner:
                 sampled += mb_tokens
             else:
                 mb_tokens = [None] * len(mb)
-            self._prompt_logprobs(mb, hidden, meta, mb_tokens)
+            self._prompt_logprobs(mb, hidden, mb_tokens)
         for work, _buf in sends:
             work.wait()
         if self.info.is_last_stage and self.info.tp_rank == 0:
             return RunnerOutput(sampled)
         return None
 
-    def _prompt_logprobs(self, mb, hidden: torch.Tensor, meta: AttentionMetadata,
+    def _prompt_logprobs(self, mb, hidden: torch.Tensor,
                          tokens: list) -> None:
         """For sequences that ask (first prefill, ``SamplingSpec.prompt_logprobs``): every
         prompt position's logprobs, in chunks (``logits`` gathers over the TP group, so every
         TP rank runs this; TP rank 0 keeps the rows)."""
-        cu = meta.cu_query_lens.tolist()
+        start = 0  # the sequence's first row in ``hidden``: offsets from the host, no sync
         for i, s in enumerate(mb):
+            start, first = start + len(s.token_ids), start
             k = s.sampling.prompt_logprobs
             if k is None:
                 continue
@@ -269,7 +270,7 @@ class ModelRunner:
             actual = torch.tensor(s.token_ids[1:], dtype=torch.long, device=self.device)
             for c in range(0, n, PROMPT_CHUNK):
                 m = min(PROMPT_CHUNK, n - c)
-                logits = self.model.logits(hidden[cu[i] + c:cu[i] + c + m])  # [m, V]
+                logits = self.model.logits(hidden[first + c:first + c + m])  # [m, V]
                 if self.info.tp_rank == 0:
                     rows += prompt_logprob_rows(logits, actual[c:c + m], k)
             if tokens[i] is not None:
