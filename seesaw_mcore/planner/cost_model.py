@@ -1,21 +1,28 @@
-"""Plan chooser: the Seesaw paper's roofline cost model (Appendix A) ranks every valid
-``(prefill, decode)`` layout pair for a model, a machine and a workload.
+"""Plan chooser: the Seesaw paper's roofline cost model (Appendix A), calibrated with what a
+step costs in software, ranks every valid ``(prefill, decode)`` layout pair for a model, a
+machine and a workload.
 
     python -m seesaw_mcore.planner --model PATH/config.json --gpu a10 --num-gpus 8 \
         --workload arxiv [--json]
 
-Per rank and layer, a micro-batch of ``m`` sequences with ``s`` new tokens each costs
-``max(weight bytes / HBM, linear FLOPs / peak) + max(KV bytes / HBM, attention FLOPs / peak)
-+ TP all-reduce`` (two per layer, ring: ``2 (TP-1)/TP x bytes / bandwidth``); the linear part
-and the all-reduce shrink with TP, the per-token work with DP x TP x PP. Decode runs PP
-micro-batches per step (each stage re-reads its weights once per micro-batch); prefill runs
-``4 x PP`` micro-batches with a ``PP - 1`` bubble (a step packs ``max_prefill_tokens`` of
-prompts, and at least one prompt per micro-batch). The decode batch is what the KV memory left
-after the weights holds (capped at 256). A Seesaw pair adds, per fill of the host KV tier, the
-weights copied host -> device at its two switches; KV copies through the host link run
-overlapped, so a phase takes at least its KV bytes over that link. Requests/s =
-``1 / (prompt / prefill tok/s + output / decode tok/s + switches per request)``; a static plan
-is the pair with the same layout twice and no switches.
+Per rank, a decoder layer on a micro-batch of ``m`` sequences with ``s`` new tokens each costs
+``max(weight bytes / HBM, linear FLOPs / peak) + max(KV bytes / attention bandwidth, attention
+FLOPs / peak) + TP all-reduces + layer_s`` (two ring all-reduces per layer, ``latency + 2
+(TP-1)/TP x bytes / bandwidth`` each; ``layer_s`` is the layer's launch and Python cost,
+``pp_layer_s`` on a pipeline stage). A step of one replica costs ``step_s (+ tp_step_s under
+TP) + (micro-batches + PP - 1) x stage + micro-batches x LM head``, where a stage is its layers plus, under PP, one send/recv
+(``p2p_latency_s + microbatch_s + bytes / bandwidth``). Decode runs PP micro-batches per
+step at context ``prompt + output / 2``; prefill packs ``max_prefill_tokens`` of prompts into
+``prefill_micro_batches x PP`` micro-batches. The decode batch is what the KV budget holds
+(the configured one, or the memory the weights leave), in whole blocks, capped by
+``max_num_seqs``, the job's requests per replica and, for a Seesaw pair, one fill of the host
+tier. A Seesaw pair pays two switches per fill of the host tier (``switch_s`` each, plus the
+weights copied host -> device where a switch copies them); KV copies through the host link
+run overlapped, so a phase takes at least its KV bytes over that link. Requests/s = ``1 /
+(prompt / prefill tok/s + output / decode tok/s + switch cost per request)``; a static plan
+is the pair with the same layout twice and no switches. The software terms (``step_s``,
+``tp_step_s``, ``layer_s``, ``pp_layer_s``, ``microbatch_s``, ``switch_s``, ``attn_gbs``) come from the
+``measure`` profile's calibration, or the presets' estimates (``planner/hardware.py``).
 """
 
 from __future__ import annotations
@@ -27,75 +34,11 @@ from dataclasses import dataclass
 
 from seesaw_mcore.config import ParallelConfig, kv_bytes_per_token, layout_error
 from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.planner.hardware import GIB, PRESETS, Hardware
+from seesaw_mcore.planner.workload import WORKLOADS, EngineLimits, Workload, workload
 
-GIB = 2**30
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """One accelerator (or CPU rank) and its links; bandwidths in GiB/s.
-
-    Attributes:
-        name: preset name or ``measured``.
-        mem_gib: device memory per rank for weights and KV.
-        mem_gbs: memory bandwidth.
-        tflops: dense matmul throughput at the model's dtype.
-        allreduce_gbs: all-reduce bus bandwidth between ranks.
-        p2p_gbs: send/recv bandwidth between pipeline neighbours.
-        host_link_gbs: host <-> device (weights reloaded at a switch, KV to the host tier).
-        host_gib: host memory per rank for the host KV tier.
-        dtype_bytes: bytes per weight / KV element.
-        allreduce_latency_s / p2p_latency_s: fixed cost per operation (0 in the paper's
-            model; measured profiles carry theirs).
-        mem_utilization: share of ``mem_gib`` the engine may use.
-    """
-
-    name: str
-    mem_gib: float
-    mem_gbs: float
-    tflops: float
-    allreduce_gbs: float
-    p2p_gbs: float
-    host_link_gbs: float
-    host_gib: float = 80.0
-    dtype_bytes: int = 2
-    allreduce_latency_s: float = 0.0
-    p2p_latency_s: float = 0.0
-    mem_utilization: float = 0.9
-
-
-# The paper's Table 1, per GPU, fp16. No NVLink on A10/L4: all-reduce and send/recv go over
-# PCIe 4.0 x8; A100 (SXM, 40 GiB) all-reduces over NVLink and reaches the host over PCIe 4.0
-# x16 (32 GiB/s, our figure: the table gives only NVLink).
-PRESETS = {
-    "a10": Hardware("a10", 24, 600, 125, 16, 16, 16),
-    "l4": Hardware("l4", 24, 300, 121, 16, 16, 16),
-    "a100": Hardware("a100", 40, 1555, 312, 600, 600, 32),
-}
-
-
-@dataclass(frozen=True)
-class Workload:
-    """Mean prompt and output lengths, in tokens."""
-
-    name: str
-    prompt_len: float
-    output_len: float
-
-
-# sharegpt: ShareGPT conversations as in vLLM's evaluation (Kwon et al., SOSP 2023, "Efficient
-# Memory Management for LLM Serving with PagedAttention", Fig. 11): mean input 161.31, mean
-# output 337.99 tokens. arxiv: arXiv summarization (Cohan et al., NAACL 2018, Table 1: documents
-# average 4,938 words, abstracts 220 words); at ~1.32 tokens per word an abstract is ~290 tokens
-# and a document ~6,500, truncated so that prompt + output <= 4096: 3,806 + 290.
-WORKLOADS = {
-    "sharegpt": Workload("sharegpt", 161.31, 337.99),
-    "arxiv": Workload("arxiv", 3806.0, 290.0),
-}
-
-MAX_DECODE_BATCH = 256  # SchedulerConfig.max_num_seqs
-PREFILL_TOKENS = 4096  # SchedulerConfig.max_prefill_tokens
-PREFILL_MICRO_BATCHES = 4  # per stage: SchedulerConfig.prefill_micro_batches
+__all__ = ["GIB", "PRESETS", "WORKLOADS", "CostModel", "EngineLimits", "Hardware",
+           "ModelShape", "Workload", "layouts", "workload"]
 
 
 @dataclass(frozen=True)
@@ -155,15 +98,17 @@ def layouts(world: int) -> list[ParallelConfig]:
 
 
 class CostModel:
-    """Appendix-A roofline of one model on one machine.
+    """Appendix-A roofline of one model on one machine, with its software costs.
 
     Args:
         shape: the model.
         hw: the per-rank hardware.
+        limits: the engine's batching and cache limits (defaults: the engine's).
     """
 
-    def __init__(self, shape: ModelShape, hw: Hardware) -> None:
-        self.shape, self.hw = shape, hw
+    def __init__(self, shape: ModelShape, hw: Hardware,
+                 limits: EngineLimits | None = None) -> None:
+        self.shape, self.hw, self.limits = shape, hw, limits or EngineLimits()
 
     def weight_bytes(self, lay: ParallelConfig) -> float:
         """Weights of the fullest rank: a first stage with the embedding (with PP, the last
@@ -173,8 +118,9 @@ class CostModel:
         vocab = 1 if lay.pp > 1 or s.tie_word_embeddings else 2
         return (layers * s.layer_params + vocab * s.vocab_size * s.hidden_size) * b / lay.tp
 
-    def kv_bytes_per_token(self, lay: ParallelConfig) -> float:
-        """KV one rank holds per token (its layers, its KV heads)."""
+    def kv_bytes_per_token(self, lay: ParallelConfig | None = None) -> float:
+        """KV one rank holds per token (its layers, its KV heads); ``None``: the whole
+        model's (a host-tier slot)."""
         s = self.shape
         return kv_bytes_per_token(s.num_layers, s.num_kv_heads, s.head_dim, self.hw.dtype_bytes,
                                   lay)
@@ -182,7 +128,7 @@ class CostModel:
     def layer_time(self, lay: ParallelConfig, m: float, s: float, ctx: float,
                    prefill: bool) -> float:
         """Seconds for one rank to run one layer on ``m`` sequences of ``s`` new tokens
-        attending over ``ctx`` tokens each."""
+        attending over ``ctx`` tokens each (one micro-batch)."""
         sh, hw, tp = self.shape, self.hw, lay.tp
         b, bw, peak = hw.dtype_bytes, hw.mem_gbs * GIB, hw.tflops * 1e12
         tokens = m * s
@@ -190,84 +136,136 @@ class CostModel:
         lin = max(w * b / bw, 2 * tokens * w / peak)
         hq, hkv, d = sh.num_heads / tp, sh.num_kv_heads / tp, sh.head_dim
         if prefill:  # write the new KV; causal attention over the prompt
-            kv, flops = 2 * tokens * hkv * d * b, 2 * m * s * s * hq * d
-        else:  # read every cached token's KV
-            kv, flops = 2 * m * ctx * hkv * d * b, 4 * m * ctx * hq * d
-        attn = max(kv / bw, flops / peak)
+            attn = max(2 * tokens * hkv * d * b / bw, 2 * m * s * s * hq * d / peak)
+        else:  # read every cached token's KV at the attention kernel's bandwidth
+            attn_bw = (hw.attn_gbs or hw.mem_gbs) * GIB
+            attn = max(2 * m * ctx * hkv * d * b / attn_bw, 4 * m * ctx * hq * d / peak)
         net = 0.0
         if tp > 1:
             nbytes = tokens * sh.hidden_size * b
             net = 2 * (hw.allreduce_latency_s
                        + 2 * (tp - 1) / tp * nbytes / (hw.allreduce_gbs * GIB))
-        return lin + attn + net
+        return lin + attn + net + (hw.pp_layer_s or hw.layer_s if lay.pp > 1 else hw.layer_s)
 
-    def _send(self, tokens: float) -> float:
+    def head_time(self, lay: ParallelConfig, rows: float) -> float:
+        """The LM head (vocab-parallel under TP) on ``rows`` positions of one micro-batch."""
+        sh, hw = self.shape, self.hw
+        w = sh.vocab_size * sh.hidden_size / lay.tp
+        return max(w * hw.dtype_bytes / (hw.mem_gbs * GIB), 2 * rows * w / (hw.tflops * 1e12))
+
+    def send_time(self, tokens: float) -> float:
+        """One micro-batch's hidden states from one stage to the next."""
         hw = self.hw
-        return hw.p2p_latency_s + tokens * self.shape.hidden_size * hw.dtype_bytes / (
-            hw.p2p_gbs * GIB)
+        return (hw.p2p_latency_s + hw.microbatch_s
+                + tokens * self.shape.hidden_size * hw.dtype_bytes / (hw.p2p_gbs * GIB))
+
+    def step_time(self, lay: ParallelConfig, mbs: int, m: float, s: float, ctx: float,
+                  prefill: bool) -> float:
+        """One replica's step: ``mbs`` micro-batches of ``m`` sequences (``s`` new tokens
+        each) through ``PP`` stages, plus the fixed costs."""
+        hw = self.hw
+        layers = math.ceil(self.shape.num_layers / lay.pp)
+        stage = layers * self.layer_time(lay, m, s, ctx, prefill)
+        if lay.pp > 1:
+            stage += self.send_time(m * s)
+        return (hw.step_s + (hw.tp_step_s if lay.tp > 1 else 0.0) + (mbs + lay.pp - 1) * stage
+                + mbs * self.head_time(lay, m))
 
     def prefill_batch(self, lay: ParallelConfig, wl: Workload) -> int:
-        """Prompts per replica step: ``max_prefill_tokens`` worth, and at least enough for
-        ``4 x PP`` micro-batches (long prompts: raise ``scheduler.max_prefill_tokens`` to
-        ``batch x prompt``), as a throughput job would run."""
-        return int(max(PREFILL_TOKENS // wl.prompt_len, PREFILL_MICRO_BATCHES * lay.pp
-                       if lay.pp > 1 else 1))
+        """Prompts per replica step: ``max_prefill_tokens`` worth (at least one), at most
+        ``max_num_seqs`` and the job's requests per replica. Without a job's limit, a step
+        packs 4,096 tokens or, under PP, at least one prompt per micro-batch (a long-prompt
+        job raises ``scheduler.max_prefill_tokens`` so that PP prefill pipelines)."""
+        lim = self.limits
+        if lim.max_prefill_tokens is None:  # as a throughput job sets it: every micro-batch
+            tokens = max(4096, lim.prefill_micro_batches * lay.pp * wl.prompt_len)  # a prompt
+        else:
+            tokens = lim.max_prefill_tokens
+        b = max(int(tokens // wl.prompt_len), 1)
+        return max(min(b, lim.max_num_seqs, self._per_replica(lay)), 1)
 
     def prefill_tps(self, lay: ParallelConfig, wl: Workload) -> float:
         """Prompt tokens per second of every replica together."""
-        s = wl.prompt_len
-        b = self.prefill_batch(lay, wl)
-        mbs = min(PREFILL_MICRO_BATCHES * lay.pp, b) if lay.pp > 1 else 1
-        per_stage = (math.ceil(self.shape.num_layers / lay.pp)
-                     * self.layer_time(lay, b / mbs, s, s, True)
-                     + (self._send(b / mbs * s) if lay.pp > 1 else 0.0))
-        step = (mbs + lay.pp - 1) * per_stage
-        return lay.dp * b * s / step
+        s, b = wl.prompt_len, self.prefill_batch(lay, wl)
+        parts = self.limits.prefill_micro_batches * lay.pp if lay.pp > 1 else 1
+        mbs = min(parts, b)
+        return lay.dp * b * s / self.step_time(lay, mbs, b / mbs, s, s, True)
+
+    def kv_budget(self, lay: ParallelConfig) -> float:
+        """Device KV bytes per rank under ``lay``."""
+        if self.limits.kv_cache_bytes is not None:
+            return self.limits.kv_cache_bytes
+        hw = self.hw
+        return hw.mem_gib * GIB * hw.mem_utilization - self.weight_bytes(lay)
 
     def decode_batch(self, lay: ParallelConfig, wl: Workload) -> int:
-        """Sequences one replica decodes at once: what the KV memory after the weights
-        holds at the mean context (prompt + half the output)."""
-        hw = self.hw
-        free = hw.mem_gib * GIB * hw.mem_utilization - self.weight_bytes(lay)
-        ctx = wl.prompt_len + wl.output_len / 2
-        return int(min(max(free, 0) // (self.kv_bytes_per_token(lay) * ctx), MAX_DECODE_BATCH))
+        """Sequences one replica decodes at once: what the KV budget holds at the mean
+        context (prompt + half the output) in whole blocks, at most ``max_num_seqs`` and
+        the job's requests per replica."""
+        bs = self.limits.block_size
+        ctx = math.ceil((wl.prompt_len + wl.output_len / 2) / bs) * bs
+        n = max(self.kv_budget(lay), 0) // (self.kv_bytes_per_token(lay) * ctx)
+        return int(min(n, self.limits.max_num_seqs, self._per_replica(lay)))
 
-    def decode_tps(self, lay: ParallelConfig, wl: Workload, batch: int) -> float:
+    def _per_replica(self, lay: ParallelConfig) -> float:
+        n = self.limits.num_requests
+        return math.inf if n is None else math.ceil(n / lay.dp)
+
+    def decode_tps(self, lay: ParallelConfig, wl: Workload, batch: float) -> float:
         """Generated tokens per second of every replica together at ``batch`` per replica."""
         ctx = wl.prompt_len + wl.output_len / 2
-        m = batch / lay.pp  # PP micro-batches per step
-        step = (self.shape.num_layers * self.layer_time(lay, m, 1, ctx, False)
-                + (lay.pp * self._send(m) if lay.pp > 1 else 0.0))
-        return lay.dp * batch / step
+        mbs = int(min(lay.pp, max(batch, 1))) if lay.pp > 1 else 1
+        return lay.dp * batch / self.step_time(lay, mbs, batch / mbs, 1, ctx, False)
 
-    def predict(self, prefill: ParallelConfig, decode: ParallelConfig, wl: Workload
+    def requests_per_fill(self, wl: Workload, world: int) -> float:
+        """Requests one fill of the host tier holds (a Seesaw pair switches twice per fill)."""
+        lim = self.limits
+        tier = (lim.host_tier_bytes if lim.host_tier_bytes is not None
+                else self.hw.host_gib * GIB * world)
+        n = max(tier / (self.kv_bytes_per_token() * (wl.prompt_len + wl.output_len)), 1.0)
+        return min(n, lim.num_requests) if lim.num_requests is not None else n
+
+    def switch_time(self, dst: ParallelConfig) -> float:
+        """One switch into ``dst``: its fixed cost and, where a switch copies weights, the
+        new layout's weights over the host link."""
+        hw = self.hw
+        copy = self.weight_bytes(dst) / (hw.host_link_gbs * GIB) if hw.switch_copies_weights \
+            else 0.0
+        return hw.switch_s + copy
+
+    def predict(self, prefill: ParallelConfig, decode: ParallelConfig, wl: Workload,
+                prefill_tps: float | None = None, decode_tps: float | None = None
                 ) -> dict | None:
-        """The pair's predicted throughput, or ``None`` when it is not a valid plan."""
-        sh, hw = self.shape, self.hw
+        """The pair's predicted throughput, or ``None`` when it is not a valid plan.
+
+        Args:
+            prefill_tps / decode_tps: measured phase rates (every replica together; decode
+                at this model's decode batch) to use instead of the model's.
+        """
+        sh = self.shape
         for lay in (prefill, decode):
             if layout_error(lay, sh.num_heads, sh.num_kv_heads, sh.intermediate_size,
                             sh.num_layers):
                 return None
+        world, seesaw = prefill.world_size, prefill != decode
         batch = self.decode_batch(decode, wl)
-        room = hw.mem_gib * GIB * hw.mem_utilization - self.weight_bytes(prefill)
+        per_fill = self.requests_per_fill(wl, world) if seesaw else math.inf
+        if seesaw:  # a decode phase holds one fill of the host tier
+            batch = int(min(batch, math.ceil(per_fill / decode.dp)))
         scratch = (self.prefill_batch(prefill, wl) * wl.prompt_len
                    * self.kv_bytes_per_token(prefill))
-        if batch < 1 or room < scratch:
+        if batch < 1 or self.kv_budget(prefill) < scratch:
             return None
-        world = prefill.world_size
-        p_tps = self.prefill_tps(prefill, wl)
-        d_tps = self.decode_tps(decode, wl, batch)
+        p_tps = prefill_tps or self.prefill_tps(prefill, wl)
+        d_tps = decode_tps or self.decode_tps(decode, wl, batch)
         t_prefill, t_decode = wl.prompt_len / p_tps, wl.output_len / d_tps
         switch = 0.0
-        if prefill != decode:
-            link = hw.host_link_gbs * GIB
-            kv_req = (2 * sh.num_layers * sh.num_kv_heads * sh.head_dim * hw.dtype_bytes
-                      * (wl.prompt_len + wl.output_len))
+        if seesaw:
+            link = self.hw.host_link_gbs * GIB
+            kv_req = self.kv_bytes_per_token() * (wl.prompt_len + wl.output_len)
             t_prefill = max(t_prefill, kv_req / (world * link))  # KV out, overlapped
             t_decode = max(t_decode, kv_req / (world * link))  # KV back in, overlapped
-            per_fill = hw.host_gib * GIB * world / kv_req  # requests per host-tier fill
-            reload = (self.weight_bytes(prefill) + self.weight_bytes(decode)) / link
-            switch = reload / max(per_fill, 1)
+            switch = (self.switch_time(prefill) + self.switch_time(decode)) / per_fill
         rps = 1 / (t_prefill + t_decode + switch)
         return {"prefill": str(prefill), "decode": str(decode),
                 "requests_per_s": rps,
@@ -295,17 +293,3 @@ class CostModel:
                 f"({self.hw.mem_gib:g} GiB each): no layout leaves room for its KV cache")
         rows.sort(key=lambda r: -r["tokens_per_s"])
         return rows
-
-
-def workload(name: str, prompt_len: float | None = None, output_len: float | None = None
-             ) -> Workload:
-    """A preset, with either length overridden."""
-    if name not in WORKLOADS:
-        raise SeesawError(f"unknown workload {name!r}; presets: {', '.join(WORKLOADS)}")
-    wl = WORKLOADS[name]
-    if prompt_len is not None or output_len is not None:
-        wl = Workload(f"{name} (custom)", prompt_len or wl.prompt_len,
-                      output_len or wl.output_len)
-    if wl.prompt_len < 1 or wl.output_len < 1:
-        raise SeesawError("prompt and output lengths must be >= 1 token")
-    return wl

@@ -19,15 +19,19 @@ import torch
 import torch.distributed as dist
 
 from seesaw_mcore import env
-from seesaw_mcore.planner.cost_model import GIB, Hardware
+from seesaw_mcore.planner.calibrate import calibrate
+from seesaw_mcore.planner.hardware import GIB, Hardware
+
+PROFILE_VERSION = 2  # bump when Hardware gains measured fields: old caches are re-measured
 
 
 def cache_file(world: int) -> str:
-    """``$SEESAW_CACHE_DIR`` (default ``~/.cache/seesaw_mcore``)/profile-HOST-DEVICE-WORLD.json."""
+    """``$SEESAW_CACHE_DIR`` (default ``~/.cache/seesaw_mcore``)/profile-vN-HOST-DEVICE-WORLD.json."""
     from deepspeed.accelerator import get_accelerator
 
     root = env.cache_dir()
-    name = f"profile-{socket.gethostname()}-{get_accelerator().device_name()}-{world}.json"
+    name = (f"profile-v{PROFILE_VERSION}-{socket.gethostname()}-"
+            f"{get_accelerator().device_name()}-{world}.json")
     return os.path.join(root, name)
 
 
@@ -64,7 +68,7 @@ def _launch(world: int) -> None:
         raise SeesawError(f"measuring the {world}-rank profile failed: {' | '.join(tail)}")
 
 
-def _best(fn, repeats: int = 5) -> float:
+def best_time(fn, repeats: int = 5) -> float:
     """Shortest of ``repeats`` timed calls (after a warm-up), every rank at once."""
     from seesaw_mcore.runtime import groups
 
@@ -95,19 +99,19 @@ def measure() -> Hardware:
     dtype = torch.float32 if cpu else torch.bfloat16
     n = 64 * 2**20 // dtype.itemsize
     src, dst = torch.ones(n, dtype=dtype, device=dev), torch.empty(n, dtype=dtype, device=dev)
-    mem_gbs = 2 * src.nbytes / _best(lambda: dst.copy_(src)) / GIB  # read + write
+    mem_gbs = 2 * src.nbytes / best_time(lambda: dst.copy_(src)) / GIB  # read + write
     m, k = (512, 2048) if cpu else (8192, 8192)
     a = torch.randn(m, k, dtype=dtype, device=dev)
     b = torch.randn(k, k, dtype=dtype, device=dev)
-    tflops = 2 * m * k * k / _best(lambda: a @ b) / 1e12
+    tflops = 2 * m * k * k / best_time(lambda: a @ b) / 1e12
     allreduce_gbs = p2p_gbs = 1e9  # one rank: no communication
     ar_lat = p2p_lat = 0.0
     if world > 1:
         reduce = TPAllReduce(dist.group.WORLD)  # the engine's route for TP = world
         big = torch.ones(512, 2048, dtype=dtype, device=dev)
         small = torch.ones(1, 2048, dtype=dtype, device=dev)
-        ar_lat = _best(lambda: reduce(small), repeats=20)
-        t = _best(lambda: reduce(big))
+        ar_lat = best_time(lambda: reduce(small), repeats=20)
+        t = best_time(lambda: reduce(big))
         allreduce_gbs = 2 * (world - 1) / world * big.nbytes / max(t - ar_lat, 1e-9) / GIB
 
         def send_recv(x: torch.Tensor) -> None:
@@ -116,15 +120,15 @@ def measure() -> Hardware:
             elif rank == 1:
                 dist.recv(x, src=0)
 
-        p2p_lat = _best(lambda: send_recv(small), repeats=20)
-        p2p_gbs = big.nbytes / max(_best(lambda: send_recv(big)) - p2p_lat, 1e-9) / GIB
+        p2p_lat = best_time(lambda: send_recv(small), repeats=20)
+        p2p_gbs = big.nbytes / max(best_time(lambda: send_recv(big)) - p2p_lat, 1e-9) / GIB
     if cpu:  # the host tier is a memcpy away; device and host memory are the same RAM
         host_link = mem_gbs / 2
         ram = psutil.virtual_memory().available / env.local_world_size() / GIB
         mem_gib, host_gib = ram / 2, ram / 2
     else:
         pinned = torch.empty(n, dtype=dtype).pin_memory()
-        host_link = pinned.nbytes / _best(lambda: dst.copy_(pinned, non_blocking=True)) / GIB
+        host_link = pinned.nbytes / best_time(lambda: dst.copy_(pinned, non_blocking=True)) / GIB
         mem_gib = acc.total_memory() / GIB
         host_gib = psutil.virtual_memory().available / env.local_world_size() / GIB
     mine = [mem_gbs, tflops, allreduce_gbs, p2p_gbs, host_link, -ar_lat, -p2p_lat, mem_gib,
@@ -135,7 +139,9 @@ def measure() -> Hardware:
     hw = Hardware(f"measured ({world} {dev.type} ranks)", mem_gib=worst[7], mem_gbs=worst[0],
                   tflops=worst[1], allreduce_gbs=worst[2], p2p_gbs=worst[3],
                   host_link_gbs=worst[4], host_gib=worst[8], dtype_bytes=dtype.itemsize,
-                  allreduce_latency_s=-worst[5], p2p_latency_s=-worst[6])
+                  allreduce_latency_s=-worst[5], p2p_latency_s=-worst[6],
+                  switch_copies_weights=not cpu)
+    hw = calibrate(hw, dtype)
     if rank == 0:
         path = cache_file(world)
         os.makedirs(os.path.dirname(path), exist_ok=True)
