@@ -106,6 +106,7 @@ class StepPlan:
     switch_to: Phase | None = None  # instead of a step: every rank re-shards to this phase
     stop: bool = False  # end of this run: workers return
     error: str | None = None  # with stop: rank 0 failed; workers raise this
+    use_plan: str | None = None  # instead of a step: every rank moves to this plan's prefill
 
 
 @dataclass

@@ -58,15 +58,24 @@ class LLM:
         elif model is not None or kwargs:
             raise SeesawError("pass either config= or model and keyword arguments, not both")
         quiet.configure(config.runtime.verbose)
+        self.trial = None  # plan=auto's measured trial (planner/trial.py), on rank 0
+        candidates = []
         if config.is_auto:
-            from seesaw_mcore.planner import choose_plan
+            from seesaw_mcore.config import PhasePlan
+            from seesaw_mcore.planner import auto_candidates, workload
+            from seesaw_mcore.planner.trial import PlanTrial
 
-            prefill, decode = choose_plan(config.model.path, config.workload)
-            config.plan = f"{prefill}:{decode}"
+            model, rows = auto_candidates(config)
+            candidates = [PhasePlan.parse(r["prefill"], r["decode"]) for r in rows]
+            config.plan = candidates[0].to_string()
+            if len(rows) > 1:
+                self.trial = PlanTrial(model, workload(config.workload), rows,
+                                       config.auto_trial_steps, config.auto_trial_seqs)
+                config.plan = self.trial.candidates[0].plan.to_string()  # runs first
         self.config = config
         path = config.model.path
         self.tokenizer = _load_tokenizer(config.model.tokenizer or path)
-        self.engine = Engine(config, _eos_ids(path, self.tokenizer))
+        self.engine = Engine(config, _eos_ids(path, self.tokenizer), candidates)
 
     @property
     def is_driver(self) -> bool:
@@ -142,17 +151,31 @@ class LLM:
         seqs = self._sequences(_requests(prompts, sampling_params, request_ids), processor,
                                on_reject)
         engine = self.engine
+        trial = self.trial if self.trial is not None and not self.trial.done else None
         try:
             with engine.session():
                 while True:
-                    while engine.num_waiting < engine.lookahead:  # top up, lazily
+                    while engine.num_waiting < engine.lookahead and (
+                            trial is None or trial.room()):  # top up, lazily
                         seq = next(seqs, None)
                         if seq is None:
                             break
                         engine.add(seq)
+                        if trial is not None:
+                            trial.added += 1
                     if not engine.has_unfinished():
+                        if trial is not None and not trial.room():  # its sequences are done
+                            trial.conclude(engine)
+                            trial = None
+                            continue
                         break
+                    if trial is not None:
+                        trial.before_step(engine)
+                        if trial.done:
+                            trial = None
                     stopped, finished = processor.process(engine.step())
+                    if trial is not None:
+                        trial.observe(engine.last_step)
                     for seq in stopped:
                         engine.finish(seq)
                     for index, out in finished:
@@ -163,6 +186,7 @@ class LLM:
                             on_output(out)
         finally:
             bar.close()
+            self.config.plan = engine.plan.to_string()  # plan=auto: where the trial is
         return [results[i] for i in sorted(results)]
 
     def _sequences(self, requests, processor: OutputProcessor, on_reject

@@ -183,6 +183,12 @@ class EngineConfig:
         plan: ``"T2"`` (static), ``"P2:T2"`` (prefill:decode, re-sharding between them) or
             ``"auto"`` (the planner's pick for this job's ranks and ``workload``).
         workload: ``plan="auto"``'s workload preset (``sharegpt``, ``arxiv``).
+        auto_trial: ``plan="auto"`` runs its top candidates for a few steps of the job's
+            first requests and continues on the fastest (``planner/trial.py``); ``False``:
+            the cost model's pick, untried.
+        auto_candidates: candidates the trial runs.
+        auto_trial_steps: decode steps the trial measures per candidate.
+        auto_trial_seqs: sequences (the job's first) the trial runs on.
         dtype: ``auto`` (float32 on CPU ranks, the checkpoint's dtype on GPUs), ``float32``,
             ``bfloat16`` or ``float16``.
         seed: engine seed, for requests whose ``SamplingParams.seed`` is ``None``.
@@ -194,6 +200,10 @@ class EngineConfig:
     model: ModelOptions = field(default_factory=ModelOptions)
     plan: str = "T1"
     workload: str = "sharegpt"
+    auto_trial: bool = True
+    auto_candidates: int = 3
+    auto_trial_steps: int = 16
+    auto_trial_seqs: int = 16
     dtype: str = "auto"
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -207,6 +217,9 @@ class EngineConfig:
             raise SeesawError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.plan != "auto":
             self.plan = PhasePlan.from_string(self.plan).to_string()
+        for name in ("auto_candidates", "auto_trial_steps", "auto_trial_seqs"):
+            if getattr(self, name) < 1:
+                raise SeesawError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def is_auto(self) -> bool:

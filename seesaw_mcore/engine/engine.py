@@ -15,11 +15,11 @@ from collections.abc import Iterable, Iterator
 import torch.distributed as dist
 
 from seesaw_mcore import env
-from seesaw_mcore.config import EngineConfig, ModelConfig, ParallelConfig, check_world
+from seesaw_mcore.config import EngineConfig, ModelConfig, ParallelConfig, PhasePlan, check_world
 from seesaw_mcore.contract import RunnerOutput, StepPlan
-from seesaw_mcore.engine.request import Logprob, Sequence
+from seesaw_mcore.engine.request import Logprob, SeqStatus, Sequence
 from seesaw_mcore.engine.scheduler import PhaseScheduler, ReplicaSchedulers, SchedulerInterface
-from seesaw_mcore.engine.stats import EngineStats, TraceEvent
+from seesaw_mcore.engine.stats import EngineStats, StepTiming, TraceEvent
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.tiers import open_disk_tier, open_host_tier
 from seesaw_mcore.model.loader import Checkpoint
@@ -34,56 +34,70 @@ class Engine:
     """Model shards on every rank; the scheduler and token-level stops on rank 0.
 
     Args:
-        config: the engine's configuration (``plan`` already resolved, not ``auto``).
+        config: the engine's configuration (``plan`` already resolved, not ``auto``): the
+            plan it starts on.
         eos_token_ids: ids that end a sequence (besides the model config's).
+        candidates: further plans it may move to during a run (``use_plan``): their
+            layouts' shards are loaded too (``plan=auto``'s trial).
     """
 
-    def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int] = ()) -> None:
+    def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int] = (),
+                 candidates: Iterable[PhasePlan] = ()) -> None:
         self.config = config
         self.model_cfg = ModelConfig.from_pretrained(config.model.path)
-        self.plan = config.phase_plan()
-        self.plan.check_model(self.model_cfg)
+        plan = config.phase_plan()
+        self.plans = list(dict.fromkeys([plan, *candidates]))
+        for p in self.plans:
+            p.check_model(self.model_cfg)
         self.cache, self.sched_cfg = config.cache, config.scheduler
         self.rank, world = groups.init_distributed(config.runtime.dist_timeout_s)
-        self._check_world(world)
+        for p in self.plans:
+            self._check_world(p, world)
         ctx = self.model_cfg.max_position_embeddings
         self.max_model_len = min(config.model.max_model_len or ctx, ctx)
         self.dtype = resolve_dtype(config.dtype, self.model_cfg)
         self.eos_token_ids = set(eos_token_ids) | set(self.model_cfg.eos_token_ids)
-        store = ShardStore(Checkpoint(self.model_cfg), self.plan, self.rank, self.dtype)
-        self.runner = ModelRunner(self.model_cfg, self.plan, self.dtype, self.cache.block_size,
-                                  store, self.cache.async_swap)
+        layouts = list(dict.fromkeys(lay for p in self.plans for lay in (p.prefill, p.decode)))
+        store = ShardStore(Checkpoint(self.model_cfg), layouts, self.rank, self.dtype)
+        self.runner = ModelRunner(self.model_cfg, plan, self.dtype, self.cache.block_size,
+                                  store, self.cache.async_swap, layouts)
         self.num_blocks = kv_blocks(self.runner, self.cache)  # after the weights
         self.runner.allocate_kv(self.num_blocks)
         copier = self.runner.copier
-        if not self.plan.is_static:
+        if not all(p.is_static for p in self.plans):
             copier.host = open_host_tier(self.model_cfg, self.cache, self.dtype)
         if self.cache.disk_path:
             copier.disk = open_disk_tier(self.model_cfg, self.cache, self.dtype)
         self.host_slots = copier.host.shape[3] if copier.host is not None else 0
         self.disk_slots = copier.disk.num_slots if copier.disk is not None else 0
-        self.worker = Worker(self.runner, self.plan)
+        self.worker = Worker(self.runner, plan)
         self.stats = EngineStats(swap=self.runner.transfer.stats)
         # Set to a list to record, on rank 0, one ``TraceEvent`` per step and switch.
         self.trace: list[TraceEvent] | None = None
+        self.last_step: StepTiming | None = None  # rank 0: the last step's timing
         self.scheduler: SchedulerInterface | None = None  # during a run, on rank 0
         self._seqs: dict[int, Sequence] = {}  # added and not finished
         self._t0 = 0.0
 
-    def _check_world(self, world: int) -> None:
+    def _check_world(self, plan: PhasePlan, world: int) -> None:
         try:
-            check_world(self.plan.prefill, world)
+            check_world(plan.prefill, world)
         except SeesawError as e:
             raise SeesawError(f"{e}{cluster.world_hint()}") from None
-        if self.cache.disk_path and self.plan.is_static:
-            raise SeesawError(f"cache.disk_path needs a re-sharding plan; plan {self.plan} is "
+        if self.cache.disk_path and all(p.is_static for p in self.plans):
+            raise SeesawError(f"cache.disk_path needs a re-sharding plan; plan {plan} is "
                               f"static (its KV stays on the device)")
-        if not self.plan.is_static and env.local_world_size() != world:
+        if not plan.is_static and env.local_world_size() != world:
             raise SeesawError(
-                f"plan {self.plan}: the host KV tier is per node, so a plan that re-shards "
+                f"plan {plan}: the host KV tier is per node, so a plan that re-shards "
                 f"must run all {world} ranks on one node (this node has "
                 f"{env.local_world_size()}); use a static plan across nodes"
                 f"{cluster.world_hint()}")
+
+    @property
+    def plan(self) -> PhasePlan:
+        """The plan the ranks run now."""
+        return self.worker.plan
 
     @property
     def layout(self) -> ParallelConfig:
@@ -187,13 +201,33 @@ class Engine:
         t0 = time.perf_counter()
         result = self.worker.execute(step)
         if step.switch_to is not None:
-            self.stats.add_switch(result.seconds)
-            self._record(step)
+            self._record(step, result.seconds)
             return []
         outputs = self.worker.collect(step, result)
-        self.stats.add_step(step, time.perf_counter() - t0)
-        self._record(step)
+        self._record(step, time.perf_counter() - t0)
         return self._update(outputs)
+
+    def use_plan(self, plan: PhasePlan) -> None:
+        """Rank 0, between steps of a run: every rank moves to ``plan`` (one the engine
+        was built with) through the re-sharding machinery, and a new scheduler takes every
+        unfinished sequence. They keep their tokens; those with KV recompute it (counted as
+        preemptions)."""
+        if plan not in self.plans:
+            raise SeesawError(f"plan {plan} is not one this engine was built for "
+                              f"({', '.join(map(str, self.plans))})")
+        step = StepPlan([], use_plan=plan.to_string())
+        self.worker.channel.send(step)
+        record = self.worker.execute(step)
+        self._record(step, record.seconds)
+        old, self.scheduler = self.scheduler, self._make_scheduler()
+        self.stats.add_scheduler(old)
+        for seq in sorted(self._seqs.values(), key=lambda s: s.seq_id):
+            if seq.status != SeqStatus.WAITING:
+                seq.num_preemptions += 1
+                self.stats.preemptions += 1
+            seq.block_table, seq.host_slots, seq.status = [], None, SeqStatus.WAITING
+            seq.replica = seq.request_index % plan.prefill.dp
+            self.scheduler.add(seq)
 
     def finish(self, seq: Sequence) -> None:
         """Ends a sequence (a stop string found by the output processor) and frees its KV."""
@@ -244,14 +278,20 @@ class Engine:
                               int(self.cache.prefetch_watermark * decode_blocks),
                               self.disk_slots, disk.page if disk else 1)
 
-    def _record(self, step: StepPlan) -> None:
-        if self.trace is None:
-            return
+    def _record(self, step: StepPlan, seconds: float) -> None:
+        """Counts the step (or switch) in the stats, ``last_step`` and the trace."""
+        switch = step.switch_to is not None or step.use_plan is not None
+        if switch:
+            self.stats.add_switch(seconds)
+        else:
+            self.stats.add_step(step, seconds)
         reps = [r for r in step.replicas if r is not None]
-        self.trace.append(TraceEvent(
-            time.perf_counter() - self._t0, self.worker.step_phase(step).value,
-            step.switch_to is not None, sum(len(r.seqs) for r in reps),
-            sum(r.num_tokens for r in reps), self.scheduler.tier_usage()))
+        seqs, tokens = sum(len(r.seqs) for r in reps), sum(r.num_tokens for r in reps)
+        phase = self.worker.step_phase(step)
+        self.last_step = StepTiming(phase, switch, seqs, tokens, seconds, step)
+        if self.trace is not None:
+            self.trace.append(TraceEvent(time.perf_counter() - self._t0, phase.value, switch,
+                                         seqs, tokens, self.scheduler.tier_usage()))
 
     # -- the other ranks --------------------------------------------------------------
 

@@ -44,6 +44,18 @@ class EngineStats:
 
 
 @dataclass(frozen=True)
+class StepTiming:
+    """The last step (or switch) rank 0 ran: what ``plan=auto``'s trial measures."""
+
+    phase: Phase  # the phase it ran in (a switch: the phase switched to)
+    switch: bool  # a phase switch or a move to another plan
+    num_seqs: int
+    num_tokens: int  # tokens fed (prompt tokens in prefill, one per sequence in decode)
+    seconds: float
+    step: StepPlan  # what ran (per replica: phase, sequences, tokens, context)
+
+
+@dataclass(frozen=True)
 class TraceEvent:
     """One step (or switch) as rank 0 saw it, for timelines."""
 

@@ -1,13 +1,16 @@
 """``plan=auto`` and the planner's ranking: the cost model on a preset or this machine's
-measured profile."""
+measured profile, under a job's engine limits."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import asdict
 
+from seesaw_mcore.config import EngineConfig, kv_bytes_per_token
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.planner.cost_model import PRESETS, CostModel, Hardware, ModelShape, workload
+from seesaw_mcore.planner.cost_model import CostModel, ModelShape
+from seesaw_mcore.planner.hardware import GIB, PRESETS, Hardware
+from seesaw_mcore.planner.workload import EngineLimits, workload
 
 
 def hardware(name: str, world: int) -> Hardware:
@@ -35,9 +38,36 @@ def plan(model: str, gpu: str, world: int, workload_name: str = "sharegpt",
             "hardware": asdict(hw), "workload": asdict(wl)}
 
 
-def choose_plan(model: str, workload_name: str = "sharegpt") -> tuple[str, str]:
-    """``plan=auto``: the best pair for this job's ranks under their measured profile (every
-    rank calls this; rank 0 decides, logs its choice and the runner-up, and broadcasts)."""
+def engine_limits(config: EngineConfig) -> EngineLimits:
+    """The limits a job's ``EngineConfig`` puts on the cost model's batches (the KV budget
+    as configured on CPU ranks, or blocks; the host tier as configured)."""
+    from seesaw_mcore.config import ModelConfig
+    from seesaw_mcore.runtime import groups
+
+    cache, sched = config.cache, config.scheduler
+    cfg = ModelConfig.from_pretrained(config.model.path)
+    cpu = groups.device().type == "cpu"
+    wide = config.dtype == "float32" or (config.dtype == "auto" and cpu)
+    kv_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                  4 if wide else 2)
+    host = (cache.host_kv_tokens * kv_token if cache.host_kv_tokens is not None
+            else cache.host_kv_gib * GIB)
+    return EngineLimits(max_num_seqs=sched.max_num_seqs,
+                        max_prefill_tokens=sched.max_prefill_tokens,
+                        prefill_micro_batches=sched.prefill_micro_batches,
+                        block_size=cache.block_size,
+                        kv_cache_bytes=cache.kv_cache_gib * GIB if cpu else None,
+                        kv_blocks=cache.num_blocks, host_tier_bytes=host)
+
+
+def auto_candidates(config: EngineConfig) -> tuple[CostModel, list[dict]]:
+    """``plan=auto``: the cost model of this job's ranks (their measured profile, the job's
+    limits) and its best ``config.auto_candidates`` plans (one without the trial), best
+    first. Every rank calls this; rank 0 ranks and broadcasts, and logs the pick.
+
+    Raises:
+        SeesawError: no plan of the job's ranks holds the model.
+    """
     import logging
 
     import torch.distributed as dist
@@ -45,27 +75,29 @@ def choose_plan(model: str, workload_name: str = "sharegpt") -> tuple[str, str]:
     from seesaw_mcore.planner.profile import cache_file, load_or_measure, measure
     from seesaw_mcore.runtime import groups
 
-    _, world = groups.init_distributed()
+    _, world = groups.init_distributed(config.runtime.dist_timeout_s)
     box: list = [os.path.isfile(cache_file(world))]
     dist.broadcast_object_list(box, src=0)  # measure together, or all load rank 0's file
     hw = load_or_measure(world) if box[0] else measure()
+    model = CostModel(ModelShape.from_config(config.model.path), hw,
+                      engine_limits(config))
+    n = config.auto_candidates if config.auto_trial else 1
     box = [None, None]
     if dist.get_rank() == 0:
         try:
-            ranking = CostModel(ModelShape.from_config(model), hw).rank(world,
-                                                                        workload(workload_name))
-            box[0] = ranking[:2]
+            box[0] = model.rank(world, workload(config.workload))[:max(n, 2)]
         except SeesawError as e:
             box[1] = str(e)
     dist.broadcast_object_list(box, src=0)
     if box[1] is not None:
         raise SeesawError(f"plan=auto: {box[1]}")
-    best, *rest = box[0]
+    rows = box[0]
     if dist.get_rank() == 0:
-        log = logging.getLogger("seesaw_mcore")
-        runner_up = (f"; runner-up {rest[0]['prefill']} -> {rest[0]['decode']} "
-                     f"({rest[0]['tokens_per_s']:.0f} tok/s)" if rest else "")
-        log.info("plan=auto (%s, workload %s): %s -> %s, predicted %.0f tok/s%s", hw.name,
-                 workload_name, best["prefill"], best["decode"], best["tokens_per_s"],
-                 runner_up)
-    return best["prefill"], best["decode"]
+        best, rest = rows[0], rows[1:]
+        others = "; ".join(f"{r['prefill']} -> {r['decode']} ({r['tokens_per_s']:.0f} tok/s)"
+                           for r in rest)
+        logging.getLogger("seesaw_mcore").info(
+            "plan=auto (%s, workload %s): %s -> %s, predicted %.0f tok/s%s", hw.name,
+            config.workload, best["prefill"], best["decode"], best["tokens_per_s"],
+            f"; {'trial candidates' if n > 1 else 'runner-up'} {others}" if rest else "")
+    return model, rows[:n]

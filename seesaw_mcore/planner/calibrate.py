@@ -31,20 +31,70 @@ from seesaw_mcore.planner.hardware import GIB, Hardware
 
 log = logging.getLogger("seesaw_mcore")
 
-_SHAPE = dict(hidden=128, heads=8, kv_heads=8, intermediate=256, vocab=512)
+_SHAPE = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=8,
+              intermediate_size=256, vocab_size=512)
 _PROMPT, _TOKENS, _ROUNDS = 8, 32, 3
 
 
-def _models(world: int) -> tuple[tuple[int, str], tuple[int, str]]:
-    """Two depths ``(layers, folder)``, built by rank 0 once per machine."""
-    from seesaw_mcore.tools.make_tiny import build_random
+def best_time(fn, repeats: int = 5) -> float:
+    """Shortest of ``repeats`` timed calls (after a warm-up), every rank at once."""
+    from seesaw_mcore.runtime import groups
 
+    acc = groups.accelerator()
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        dist.barrier()
+        acc.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        acc.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def write_llama(path: str, num_layers: int) -> str:
+    """A random-weight Llama HF folder (``config.json`` + ``model.safetensors``) of
+    ``_SHAPE`` and ``num_layers`` layers."""
+    import json
+
+    from safetensors.torch import save_file
+
+    h, i, v = _SHAPE["hidden_size"], _SHAPE["intermediate_size"], _SHAPE["vocab_size"]
+    d = h // _SHAPE["num_attention_heads"]
+    q, kv = _SHAPE["num_attention_heads"] * d, _SHAPE["num_key_value_heads"] * d
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
+              "lm_head.weight": (v, h)}
+    for n in range(num_layers):
+        p = f"model.layers.{n}."
+        for name, shape in (("self_attn.q_proj", (q, h)), ("self_attn.k_proj", (kv, h)),
+                            ("self_attn.v_proj", (kv, h)), ("self_attn.o_proj", (h, q)),
+                            ("mlp.gate_proj", (i, h)), ("mlp.up_proj", (i, h)),
+                            ("mlp.down_proj", (h, i)), ("input_layernorm", (h,)),
+                            ("post_attention_layernorm", (h,))):
+            shapes[f"{p}{name}.weight"] = shape
+    weights = {k: (torch.ones(s) if len(s) == 1 else torch.randn(*s, generator=g) * 0.02)
+               for k, s in shapes.items()}
+    os.makedirs(path, exist_ok=True)
+    save_file(weights, os.path.join(path, "model.safetensors"))
+    config = dict(architectures=["LlamaForCausalLM"], model_type="llama",
+                  num_hidden_layers=num_layers, max_position_embeddings=512, rms_norm_eps=1e-5,
+                  rope_theta=10000.0, tie_word_embeddings=False, torch_dtype="float32",
+                  bos_token_id=1, eos_token_id=2, **_SHAPE)
+    with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config, f)  # written last: a folder with config.json is complete
+    return path
+
+
+def _models(world: int) -> tuple[tuple[int, str], tuple[int, str]]:
+    """Two depths ``(layers, folder)``, written by rank 0 once per machine."""
     depths = (max(2, world), max(2, world) + 8)
     out = tuple((n, os.path.join(env.cache_dir(), f"calibrate-llama-{n}")) for n in depths)
     if dist.get_rank() == 0:
         for n, path in out:
             if not os.path.isfile(os.path.join(path, "config.json")):
-                build_random(path, num_layers=n, init_std=0.02, **_SHAPE)
+                write_llama(path, n)
     dist.barrier()
     return out
 
@@ -99,7 +149,6 @@ def _attention_gbs(dtype: torch.dtype) -> float:
     """KV bytes per second of one decode attention call (16 sequences x 1,024 tokens of
     context, 8 KV heads of 64), this rank's kernel, every rank at once."""
     from seesaw_mcore.model.attention import AttentionMetadata, paged_attention, random_paged_case
-    from seesaw_mcore.planner.profile import best_time
     from seesaw_mcore.runtime import groups
 
     dev, batch, ctx, hkv, d, bs = groups.device(), 16, 1024, 8, 64, 16

@@ -5,24 +5,30 @@ machine and a workload.
     python -m seesaw_mcore.planner --model PATH/config.json --gpu a10 --num-gpus 8 \
         --workload arxiv [--json]
 
-Per rank, a decoder layer on a micro-batch of ``m`` sequences with ``s`` new tokens each costs
-``max(weight bytes / HBM, linear FLOPs / peak) + max(KV bytes / attention bandwidth, attention
-FLOPs / peak) + TP all-reduces + layer_s`` (two ring all-reduces per layer, ``latency + 2
-(TP-1)/TP x bytes / bandwidth`` each; ``layer_s`` is the layer's launch and Python cost,
-``pp_layer_s`` on a pipeline stage). A step of one replica costs ``step_s (+ tp_step_s under
-TP) + (micro-batches + PP - 1) x stage + micro-batches x LM head``, where a stage is its layers plus, under PP, one send/recv
-(``p2p_latency_s + microbatch_s + bytes / bandwidth``). Decode runs PP micro-batches per
-step at context ``prompt + output / 2``; prefill packs ``max_prefill_tokens`` of prompts into
+Per rank, a decoder layer on a micro-batch of ``m`` sequences with ``s`` new tokens each
+costs ``max(weight bytes / HBM, linear FLOPs / peak) + max(KV bytes / attention bandwidth,
+attention FLOPs / peak) + TP all-reduces + layer_s``: two ring all-reduces per layer,
+``latency + 2 (TP-1)/TP x bytes / bandwidth`` each; ``layer_s`` is the layer's launch and
+Python cost (``pp_layer_s`` on a pipeline stage).
+
+A step of one replica costs ``step_s (+ tp_step_s under TP) + (micro-batches + PP - 1) x
+stage + micro-batches x LM head``; a stage is its layers plus, under PP, one send/recv
+(``p2p_latency_s + microbatch_s + bytes / bandwidth``). Decode runs PP micro-batches per step
+at context ``prompt + output / 2``; prefill packs ``max_prefill_tokens`` of prompts into
 ``prefill_micro_batches x PP`` micro-batches. The decode batch is what the KV budget holds
 (the configured one, or the memory the weights leave), in whole blocks, capped by
 ``max_num_seqs``, the job's requests per replica and, for a Seesaw pair, one fill of the host
-tier. A Seesaw pair pays two switches per fill of the host tier (``switch_s`` each, plus the
+tier.
+
+A Seesaw pair pays two switches per fill of the host tier (``switch_s`` each, plus the
 weights copied host -> device where a switch copies them); KV copies through the host link
 run overlapped, so a phase takes at least its KV bytes over that link. Requests/s = ``1 /
 (prompt / prefill tok/s + output / decode tok/s + switch cost per request)``; a static plan
-is the pair with the same layout twice and no switches. The software terms (``step_s``,
-``tp_step_s``, ``layer_s``, ``pp_layer_s``, ``microbatch_s``, ``switch_s``, ``attn_gbs``) come from the
-``measure`` profile's calibration, or the presets' estimates (``planner/hardware.py``).
+is the pair with the same layout twice and no switches.
+
+The software terms (``step_s``, ``tp_step_s``, ``layer_s``, ``pp_layer_s``, ``microbatch_s``,
+``switch_s``, ``attn_gbs``) come from the ``measure`` profile's calibration
+(``planner/calibrate.py``) or the presets' estimates (``planner/hardware.py``).
 """
 
 from __future__ import annotations
@@ -193,6 +199,8 @@ class CostModel:
 
     def kv_budget(self, lay: ParallelConfig) -> float:
         """Device KV bytes per rank under ``lay``."""
+        if self.limits.kv_blocks is not None:
+            return self.limits.kv_blocks * self.limits.block_size * self.kv_bytes_per_token(lay)
         if self.limits.kv_cache_bytes is not None:
             return self.limits.kv_cache_bytes
         hw = self.hw
@@ -203,8 +211,11 @@ class CostModel:
         context (prompt + half the output) in whole blocks, at most ``max_num_seqs`` and
         the job's requests per replica."""
         bs = self.limits.block_size
-        ctx = math.ceil((wl.prompt_len + wl.output_len / 2) / bs) * bs
-        n = max(self.kv_budget(lay), 0) // (self.kv_bytes_per_token(lay) * ctx)
+        blocks = math.ceil((wl.prompt_len + wl.output_len / 2) / bs)
+        if self.limits.kv_blocks is not None:
+            n = self.limits.kv_blocks // blocks
+        else:
+            n = max(self.kv_budget(lay), 0) // (self.kv_bytes_per_token(lay) * blocks * bs)
         return int(min(n, self.limits.max_num_seqs, self._per_replica(lay)))
 
     def _per_replica(self, lay: ParallelConfig) -> float:

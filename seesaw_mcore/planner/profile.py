@@ -12,21 +12,21 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
 from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
 
 from seesaw_mcore import env
-from seesaw_mcore.planner.calibrate import calibrate
+from seesaw_mcore.planner.calibrate import best_time, calibrate
 from seesaw_mcore.planner.hardware import GIB, Hardware
 
 PROFILE_VERSION = 2  # bump when Hardware gains measured fields: old caches are re-measured
 
 
 def cache_file(world: int) -> str:
-    """``$SEESAW_CACHE_DIR`` (default ``~/.cache/seesaw_mcore``)/profile-vN-HOST-DEVICE-WORLD.json."""
+    """``$SEESAW_CACHE_DIR`` (default ``~/.cache/seesaw_mcore``)/
+    ``profile-vN-HOST-DEVICE-WORLD.json``."""
     from deepspeed.accelerator import get_accelerator
 
     root = env.cache_dir()
@@ -39,14 +39,26 @@ def load_or_measure(world: int) -> Hardware:
     """The cached profile for ``world`` ranks, else measured now (and cached): on the running
     job's ranks when ``world`` is its world size, else on ranks spawned for it."""
     path = cache_file(world)
-    if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            return Hardware(**json.load(f))
+    hw = _read(path)
+    if hw is not None:
+        return hw
     if dist.is_initialized() and dist.get_world_size() == world:
         return measure()
     _launch(world)
-    with open(path, encoding="utf-8") as f:
-        return Hardware(**json.load(f))
+    hw = _read(path)
+    if hw is None:
+        raise RuntimeError(f"the profile measured for {world} ranks is unreadable: {path}")
+    return hw
+
+
+def _read(path: str) -> Hardware | None:
+    """The profile cached at ``path``; ``None`` when missing or written by another version
+    (then it is measured again)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return Hardware(**json.load(f))
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def _launch(world: int) -> None:
@@ -66,23 +78,6 @@ def _launch(world: int) -> None:
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
         raise SeesawError(f"measuring the {world}-rank profile failed: {' | '.join(tail)}")
-
-
-def best_time(fn, repeats: int = 5) -> float:
-    """Shortest of ``repeats`` timed calls (after a warm-up), every rank at once."""
-    from seesaw_mcore.runtime import groups
-
-    acc = groups.accelerator()
-    fn()
-    best = float("inf")
-    for _ in range(repeats):
-        dist.barrier()
-        acc.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        acc.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def measure() -> Hardware:

@@ -41,6 +41,7 @@ class EngineLimits:
         block_size: tokens per KV block (a sequence holds whole blocks).
         kv_cache_bytes: device KV budget per rank; ``None``: the memory the weights leave
             (``mem_gib x mem_utilization``).
+        kv_blocks: device KV blocks per rank (``cache.num_blocks``), instead of a budget.
         host_tier_bytes: the node's host KV tier (``cache.host_kv_gib``; one per node);
             ``None``: the machine's host memory (``host_gib`` per rank).
         num_requests: the job's requests, when known (a replica never decodes more).
@@ -51,6 +52,7 @@ class EngineLimits:
     prefill_micro_batches: int = 4
     block_size: int = 16
     kv_cache_bytes: float | None = None
+    kv_blocks: int | None = None
     host_tier_bytes: float | None = None
     num_requests: int | None = None
 

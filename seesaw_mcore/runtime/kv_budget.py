@@ -16,7 +16,7 @@ from seesaw_mcore.runtime.model_runner import ModelRunner, kv_bytes_per_block
 def kv_blocks(runner: ModelRunner, cache: CacheConfig) -> dict[ParallelConfig, int]:
     """Blocks per rank under each layout, the same on every rank: the config's, or what
     memory allows."""
-    layouts = {runner.plan.prefill, runner.plan.decode}
+    layouts = runner.layouts
     if cache.num_blocks is not None:
         return {lay: cache.num_blocks for lay in layouts}
     acc = groups.accelerator()
@@ -24,7 +24,7 @@ def kv_blocks(runner: ModelRunner, cache: CacheConfig) -> dict[ParallelConfig, i
         budget = cache.kv_cache_gib * 2**30
         _check_host_memory(budget)
     else:  # free memory after the weights, keeping (1 - utilization) of the card spare,
-        # and room for the larger of the two layouts' weights
+        # and room for the largest layout's weights
         total = acc.total_memory()
         store = runner.store
         extra = max(store.nbytes(lay) for lay in layouts) - store.nbytes(runner.info.layout)

@@ -84,6 +84,8 @@ class ModelRunner:
         block_size: tokens per KV block.
         store: both phases' shards of this rank (built from the checkpoint when omitted).
         async_swap: tier copies overlap compute on a background thread (False: inline).
+        layouts: every layout this runner may use (default: the plan's two); ``plan=auto``'s
+            trial passes every candidate's.
     """
 
     def __init__(
@@ -94,18 +96,22 @@ class ModelRunner:
         block_size: int,
         store: ShardStore | None = None,
         async_swap: bool = True,
+        layouts: list[ParallelConfig] | None = None,
     ) -> None:
         if isinstance(plan, ParallelConfig):
             plan = PhasePlan(plan, plan)
         plan.check_model(cfg)
-        self.cfg, self.plan, self.dtype, self.block_size = cfg, plan, dtype, block_size
-        groups.prepare([plan.prefill, plan.decode])
+        self.cfg, self.dtype, self.block_size = cfg, dtype, block_size
+        self.layouts = list(dict.fromkeys(layouts or [plan.prefill, plan.decode]))
+        for lay in self.layouts:
+            cfg.check_layout(lay)
+        groups.prepare(self.layouts)
         self.device = groups.device()
         if self.device.type == "cpu":  # build (once per machine) before the first step
             cpu_attention.available()
-        self.store = store or ShardStore(Checkpoint(cfg), plan, dist.get_rank(), dtype)
+        self.store = store or ShardStore(Checkpoint(cfg), self.layouts, dist.get_rank(), dtype)
         self.kv_layouts = {lay: KVShardLayout(lay, cfg.num_layers, cfg.num_kv_heads)
-                           for lay in (plan.prefill, plan.decode)}
+                           for lay in self.layouts}
         self.num_blocks: dict[ParallelConfig, int] = {}
         self._kv_flat: torch.Tensor | None = None
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -141,7 +147,7 @@ class ModelRunner:
         return copied
 
     def allocate_kv(self, num_blocks: int | dict[ParallelConfig, int]) -> None:
-        """Allocates the paged cache: ``num_blocks`` blocks under each layout of the plan
+        """Allocates the paged cache: ``num_blocks`` blocks under each of its layouts
         (one number: the same for every layout), in one buffer sized for the largest."""
         if isinstance(num_blocks, int):
             num_blocks = {lay: num_blocks for lay in self.kv_layouts}

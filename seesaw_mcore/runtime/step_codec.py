@@ -2,8 +2,8 @@
 what a replica's last stage sends back, without pickling an object tree.
 
 ``encode_step`` writes a ``StepPlan`` as one int64 array (floats by their bits, the rare error
-text as code points); ``decode_step`` reads it back into the same dataclasses. Sampled tokens
-travel as one float64 array ``[N, 3 + 2k]``: token id, logprob (NaN: not asked), its rank,
+or plan text as code points); ``decode_step`` reads it back into the same dataclasses. Sampled
+tokens travel as one float64 array ``[N, 3 + 2k]``: token id, logprob (NaN: not asked), its rank,
 then ``k`` top ids and ``k`` top logprobs; the receiver knows ``N`` and ``k`` from the step it
 sent.
 """
@@ -28,7 +28,7 @@ from seesaw_mcore.contract import (
     StepPlan,
 )
 
-_VERSION = 2
+_VERSION = 3
 _PHASES = [Phase.PREFILL, Phase.DECODE]
 _TIERS = [HOST, DISK]
 _F2I = struct.Struct("<d")
@@ -47,8 +47,9 @@ def encode_step(step: StepPlan) -> np.ndarray:
     """``step`` as a flat int64 array (see ``decode_step``)."""
     out: list[int] = [_VERSION, -1 if step.switch_to is None else _PHASES.index(step.switch_to),
                       int(step.stop)]
-    err = [] if step.error is None else [ord(c) for c in step.error]
-    out += [len(err) if step.error is not None else -1, *err, len(step.replicas)]
+    for text in (step.error, step.use_plan):
+        out += [-1] if text is None else [len(text), *map(ord, text)]
+    out.append(len(step.replicas))
     for rep in step.replicas:
         if rep is None:
             out.append(0)
@@ -83,11 +84,13 @@ def decode_step(arr: np.ndarray) -> StepPlan:
         raise ValueError(f"step plan format {v[0]}, expected {_VERSION}")
     switch_to = None if v[1] < 0 else _PHASES[v[1]]
     stop = bool(v[2])
-    i = 4
-    error = None
-    if v[3] >= 0:
-        error = "".join(map(chr, v[i:i + v[3]]))
-        i += v[3]
+    i = 3
+    texts: list[str | None] = []
+    for _ in range(2):  # error, use_plan
+        n, i = v[i], i + 1
+        texts.append(None if n < 0 else "".join(map(chr, v[i:i + n])))
+        i += max(n, 0)
+    error, use_plan = texts
     n_rep = v[i]
     i += 1
     replicas: list[SchedulerOutput | None] = []
@@ -129,7 +132,7 @@ def decode_step(arr: np.ndarray) -> StepPlan:
         replicas.append(SchedulerOutput(phase, mbs, *lists))
     if i != len(v):
         raise ValueError(f"step plan has {len(v) - i} trailing values")
-    return StepPlan(replicas, switch_to, stop, error)
+    return StepPlan(replicas, switch_to, stop, error, use_plan)
 
 
 def token_width(seqs: list[ScheduledSeq]) -> int:

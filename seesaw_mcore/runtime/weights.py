@@ -1,11 +1,14 @@
-"""Host shard store: one rank's weight shards for both phases of a ``PhasePlan``, cut from
-the safetensors checkpoint once at start and kept in pinned host memory.
+"""Host shard store: one rank's weight shards for every layout it may run (both phases of a
+``PhasePlan``, or every candidate of ``plan=auto``'s trial), cut from the safetensors
+checkpoint once at start and kept in pinned host memory.
 
-A tensor that is the same in both layouts (replicated norms, a layer the rank holds whole
-in both, everything when the plan is static) is stored once and shared by both shards.
+A tensor that is the same in several layouts (replicated norms, a layer the rank holds whole
+in both, everything when the plan is static) is stored once and shared by their shards.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
@@ -20,24 +23,26 @@ def shard_spec(layout: ParallelConfig, rank: int) -> ShardSpec:
 
 
 class ShardStore:
-    """Both phases' shards of one rank, in pinned host memory.
+    """The shards of one rank for each of its layouts, in pinned host memory.
 
     Args:
         ckpt: the opened checkpoint.
-        plan: prefill and decode layouts.
+        layouts: the layouts (a ``PhasePlan``: its prefill and decode layouts).
         rank: this rank.
         dtype: parameter dtype.
     """
 
-    def __init__(self, ckpt: Checkpoint, plan: PhasePlan, rank: int, dtype: torch.dtype) -> None:
+    def __init__(self, ckpt: Checkpoint, layouts: PhasePlan | Sequence[ParallelConfig],
+                 rank: int, dtype: torch.dtype) -> None:
         from deepspeed.accelerator import get_accelerator
 
         pin = get_accelerator().pin_memory
-        self.plan = plan
+        if isinstance(layouts, PhasePlan):
+            layouts = (layouts.prefill, layouts.decode)
         self.shards: dict[str, dict[str, torch.Tensor]] = {}
         by_identity: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self.unique_bytes = 0
-        for layout in (plan.prefill, plan.decode):
+        for layout in layouts:
             key = str(layout)
             if key in self.shards:
                 continue

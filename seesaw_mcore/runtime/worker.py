@@ -36,6 +36,8 @@ class Worker:
             else ``None``.
         """
         self.mark_phase(step)
+        if step.use_plan is not None:
+            return self.use_plan(PhasePlan.from_string(step.use_plan))
         dp = self.runner.info.dp_rank
         mine = step.replicas[dp] if dp < len(step.replicas) else None
         if step.switch_to is not None:  # a hand-back's swap-outs run after the barrier
@@ -43,6 +45,15 @@ class Worker:
             self.phase = step.switch_to
             return record
         return self.runner.execute(mine) if mine is not None else None
+
+    def use_plan(self, plan: PhasePlan) -> SwitchRecord:
+        """Every rank at the same step: from now on run ``plan`` (one of the layouts the
+        runner was built for), starting in its prefill layout. The scheduler that sent this
+        holds no KV of the old plan: every sequence in flight recomputes."""
+        self.plan = self.resharder.plan = plan
+        record = self.resharder.switch(Phase.PREFILL)
+        self.phase = Phase.PREFILL
+        return record
 
     def collect(self, step: StepPlan, mine: RunnerOutput | None) -> list[RunnerOutput | None]:
         """Rank 0: every replica's sampled tokens (its own, or received from the replica's
@@ -80,6 +91,8 @@ class Worker:
 
     def step_phase(self, step: StepPlan) -> Phase:
         """The phase a step runs in (a switch: the phase it switches to)."""
+        if step.use_plan is not None:
+            return Phase.PREFILL
         if step.switch_to is not None:
             return step.switch_to
         reps = [r for r in step.replicas if r is not None]
@@ -92,6 +105,8 @@ class Worker:
             return
         if step.stop:
             wd.set_phase("end", "the end of the run")
+        elif step.use_plan is not None:
+            wd.set_phase("switch", f"the move from plan {self.plan} to {step.use_plan}")
         elif step.switch_to is not None:
             src, dst = ((self.plan.decode, self.plan.prefill)
                         if step.switch_to == Phase.PREFILL
