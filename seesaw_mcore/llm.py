@@ -70,7 +70,8 @@ class LLM:
             config.plan = candidates[0].to_string()
             if len(rows) > 1:
                 self.trial = PlanTrial(model, workload(config.workload), rows,
-                                       config.auto_trial_steps, config.auto_trial_seqs)
+                                       config.auto_trial_steps, config.auto_trial_seqs,
+                                       config.scheduler.max_prefill_tokens)
                 config.plan = self.trial.candidates[0].plan.to_string()  # runs first
         self.config = config
         path = config.model.path
@@ -162,7 +163,7 @@ class LLM:
                             break
                         engine.add(seq)
                         if trial is not None:
-                            trial.added += 1
+                            trial.add(seq)
                     if not engine.has_unfinished():
                         if trial is not None and not trial.room():  # its sequences are done
                             trial.conclude(engine)

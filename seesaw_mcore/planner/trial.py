@@ -9,7 +9,8 @@ recompute their KV under the next candidate; nothing is lost or produced twice, 
 trial token is part of the job's output.
 
 Each candidate's window is its prefill steps plus ``decode_steps`` decode steps (at most
-``4 x decode_steps`` steps) over at most ``max_seqs`` of the job's first sequences. A
+``4 x decode_steps`` steps) over the job's first sequences: at most ``max_seqs`` and about
+one prefill step of prompt tokens, since each move recomputes what they hold. A
 ``generate`` call that ends inside the trial leaves it where it was; the next call goes on.
 
 For every step the cost model predicts how long that very step (its replicas' sequences,
@@ -70,18 +71,20 @@ class PlanTrial:
         rows: the candidates' rows, best predicted first.
         decode_steps: decode steps each candidate runs.
         max_seqs: sequences the trial admits (its sequences are the job's first ones).
+        max_tokens: prompt tokens the trial admits (at least one sequence): one prefill
+            step's worth keeps what a move recomputes small.
     """
 
     def __init__(self, model: CostModel, wl: Workload, rows: list[dict], decode_steps: int = 16,
-                 max_seqs: int = 16) -> None:
+                 max_seqs: int = 16, max_tokens: int = 4096) -> None:
         self.model, self.wl = model, wl
-        self.decode_steps, self.max_seqs = decode_steps, max_seqs
+        self.decode_steps, self.max_seqs, self.max_tokens = decode_steps, max_seqs, max_tokens
         plans = [Candidate(PhasePlan.parse(r["prefill"], r["decode"]), r) for r in rows]
         self.candidates = plans[1:] + plans[:1]  # the model's favourite last
         self._next = 0
         self.current: Candidate | None = None
         self.chosen: Candidate | None = None
-        self.added = 0
+        self.added = self.tokens = 0
 
     @property
     def done(self) -> bool:
@@ -89,7 +92,13 @@ class PlanTrial:
 
     def room(self) -> bool:
         """Whether the run may add another sequence while the trial lasts."""
-        return self.done or self.added < self.max_seqs
+        return self.done or (self.added < self.max_seqs
+                             and (self.added == 0 or self.tokens < self.max_tokens))
+
+    def add(self, seq) -> None:
+        """Counts a sequence the run added during the trial."""
+        self.added += 1
+        self.tokens += len(seq.prompt_token_ids)
 
     def before_step(self, engine) -> None:
         """Moves to the next candidate when the current one's window is over (the first
