@@ -17,6 +17,7 @@ Variable                                  Meaning
 ``SEESAW_DISABLE_SHM_ALLREDUCE=1``        CPU ranks: gloo all-reduce instead of DeepSpeed's shm one
 ``SEESAW_WATCHDOG_STALE_S``               seconds without a peer's heartbeat: it counts as lost
 ``SEESAW_FAULT_KILL=RANK:KIND:N``         tests: SIGKILL rank RANK at its N-th step of KIND
+``SEESAW_FAULT_SLOW=PLAN=S[,...]``        tests: every step of plan PLAN sleeps S seconds
 ``SEESAW_CACHE_DIR``                      where measured planner profiles are cached
 ``TORCH_EXTENSIONS_DIR``                  where the C++ ops are built (default: in the venv)
 ``TRITON_INTERPRET=1``                    run Triton kernels on CPU (tests)
@@ -69,8 +70,17 @@ def fault_kill() -> list[str] | None:
     return fault.split(":") if fault else None
 
 
+def fault_slow() -> dict[str, float]:
+    """``SEESAW_FAULT_SLOW`` as ``{plan: seconds}`` (``"P2:T2=0.05,D2=0.01"``)."""
+    out = {}
+    for item in filter(None, os.environ.get("SEESAW_FAULT_SLOW", "").split(",")):
+        plan, _, seconds = item.partition("=")
+        out[plan] = float(seconds)
+    return out
+
+
 def cache_dir() -> str:
-    """Where measured planner profiles are kept."""
+    """Where measured planner profiles (and their calibration models) are kept."""
     return os.environ.get("SEESAW_CACHE_DIR",
                           os.path.join(os.path.expanduser("~"), ".cache", "seesaw_mcore"))
 

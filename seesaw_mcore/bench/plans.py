@@ -1,90 +1,128 @@
-"""Benchmark: every same-DP plan of this job's ranks measured against the planner's
-predicted ranking (Spearman rank correlation), and the three phase-switch policies on one
-Seesaw plan, all on the same requests in one run (under the launcher).
+"""Benchmark: does ``plan=auto`` pick the fastest plan? Every valid plan of this job's ranks
+is measured on the sharegpt-like and arxiv-like workloads next to ``plan=auto`` with and
+without its measured trial, against the cost model's predicted ranking (Spearman rank
+correlation), all on the same requests in one run (under the launcher).
 
     deepspeed --no_local_rank --num_gpus 2 --module seesaw_mcore.bench.plans --json out.json
 
-The workload is ShareGPT-shaped but shortened for CPU ranks (seeded: prompts uniform in
-``--prompt-len``, outputs in ``--output-len``); the planner gets its mean lengths and the
-measured profile of this machine. Plans are run in interleaved rounds; each plan's best round.
+Requests are the suite's (``bench.suite.workload``: log-normal lengths around the planner's
+presets, scaled by ``--length-scale`` for CPU ranks); the model ranks with this machine's
+measured profile, the run's engine limits, the requests' mean lengths and their number; the
+``auto`` runs get the same mean lengths as ``workload="PROMPT:OUTPUT"``. Plans run in
+interleaved rounds (round -> workload -> plan); each plan's best round is reported. Each run
+is one job on a fresh engine without a warm-up call (first-call costs count alike for every
+plan; an ``auto`` run's trial is part of its job).
 """
 
 from __future__ import annotations
 
-import random
 import sys
+from dataclasses import replace
 
 from seesaw_mcore.bench.common import bench_parser, bench_setup, emit, machine
 
+KV = dict(kv_cache_gib=1.0)  # every run's device KV budget per rank
 
-def _spearman(a: list[float], b: list[float]) -> float:
-    def ranks(xs):
+
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rank correlation of two equally long lists (average ranks for ties)."""
+    def ranks(xs: list[float]) -> list[float]:
         order = sorted(range(len(xs)), key=lambda i: xs[i])
         r = [0.0] * len(xs)
-        for pos, i in enumerate(order):
-            r[i] = float(pos)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2
+            i = j + 1
         return r
 
-    ra, rb = ranks(a), ranks(b)
     n = len(a)
+    if n < 2:
+        return 1.0
+    ra, rb = ranks(a), ranks(b)
     d2 = sum((x - y) ** 2 for x, y in zip(ra, rb))
-    return 1 - 6 * d2 / (n * (n * n - 1)) if n > 1 else 1.0
+    return 1 - 6 * d2 / (n * (n * n - 1))
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = bench_parser(__doc__, prompt_len=(32, 288))
-    ap.add_argument("--output-len", type=int, nargs=2, default=[16, 112])
-    ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--policy-plan", default="P2:T2")
+    ap = bench_parser(__doc__, prompt_len=(0, 0))
+    ap.add_argument("--workloads", nargs="+", default=["sharegpt", "arxiv"])
+    ap.add_argument("--length-scale", type=float, default=0.25)
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    import json
+    import os
+
     import torch.distributed as dist
 
-    from seesaw_mcore.bench.suite import Request, run_engine
-    from seesaw_mcore.planner import CostModel, ModelShape, Workload, layouts
+    from seesaw_mcore.bench.suite import mean_lengths, run_engine, workload
+    from seesaw_mcore.config import EngineConfig
+    from seesaw_mcore.planner import CostModel, ModelShape, engine_limits, layouts
+    from seesaw_mcore.planner import workload as planner_workload
     from seesaw_mcore.planner.profile import load_or_measure
     from seesaw_mcore.runtime import groups
 
-    rank, world, path, prompts = bench_setup(args)
-    rng = random.Random(1)
-    outputs = [rng.randint(*args.output_len) for _ in prompts]
-    reqs = [Request(p, o) for p, o in zip(prompts, outputs)]
-    common = dict(kv_cache_gib=1.0, max_prefill_tokens=2048)
-    total = sum(map(len, prompts)) + sum(outputs)
-    wl = Workload("bench", sum(map(len, prompts)) / len(prompts), sum(outputs) / len(outputs))
+    rank, world, path, _ = bench_setup(args)
+    raw = json.load(open(os.path.join(path, "config.json")))
     hw = load_or_measure(world)
-    predicted = {(r["prefill"], r["decode"]): r["tokens_per_s"]
-                 for r in CostModel(ModelShape.from_config(path), hw).rank(world, wl)}
-    pairs = [(str(p), str(d)) for p in layouts(world) for d in layouts(world)
-             if p.dp == d.dp and (str(p), str(d)) in predicted]
-    host = max(total // 3, max(map(len, prompts)) + max(outputs))  # ~3 fills per run
-    measured: dict[tuple[str, str], list[dict]] = {pair: [] for pair in pairs}
-    policies = ("transition_minimizing", "prefill_first", "decode_first")
-    pol: dict[str, list[dict]] = {p: [] for p in policies}
-    pp, pd = args.policy_plan.split(":")
+    limits = engine_limits(EngineConfig.from_kwargs(path, **KV))
+    loads, models, pairs = {}, {}, {}
+    for name in args.workloads:
+        reqs = workload(name, args.num_prompts, args.length_scale, raw["vocab_size"],
+                        raw.get("max_position_embeddings", 2048), args.seed)
+        wl = planner_workload(mean_lengths(reqs))
+        model = CostModel(ModelShape.from_config(path), hw,
+                          replace(limits, num_requests=len(reqs)))
+        pred = {(r["prefill"], r["decode"]): r["tokens_per_s"] for r in model.rank(world, wl)}
+        loads[name], models[name] = (reqs, wl), pred
+        pairs[name] = [(str(p), str(d)) for p in layouts(world) for d in layouts(world)
+                       if (str(p), str(d)) in pred]
+    runs: dict[tuple[str, str], list[dict]] = {}
     for _ in range(args.rounds):  # interleaved: drift hits every run alike
-        for p, d in pairs:
-            kw = {} if p == d else {"host_kv_tokens": 4 * total}
-            measured[(p, d)].append(run_engine(path, p, d, reqs, **common, **kw))
-        for policy in policies:
-            pol[policy].append(run_engine(path, pp, pd, reqs, **common, host_kv_tokens=host,
-                                          policy=policy))
+        for name, (reqs, wl) in loads.items():
+            for p, d in pairs[name]:
+                runs.setdefault((name, f"{p}:{d}" if p != d else p), []).append(
+                    run_engine(path, p, d, reqs, warmup=False, **KV))
+            for trial in (True, False):
+                label = "auto" if trial else "auto (no trial)"
+                runs.setdefault((name, label), []).append(run_engine(
+                    path, "auto", None, reqs, warmup=False, workload=wl.name, auto_trial=trial,
+                    **KV))
     if rank == 0:
-        best = {pair: max(r["total_tokens_per_s"] for r in v) for pair, v in measured.items()}
-        rows = sorted(({"prefill": p, "decode": d, "measured_tokens_per_s": round(best[(p, d)], 1),
-                        "predicted_tokens_per_s": round(predicted[(p, d)], 1)}
-                       for p, d in pairs), key=lambda r: -r["measured_tokens_per_s"])
-        rho = _spearman([r["measured_tokens_per_s"] for r in rows],
-                        [r["predicted_tokens_per_s"] for r in rows])
-        res = {
-            "machine": machine(f"{world} CPU ranks x 1 thread"), "model": path,
-            "num_prompts": args.num_prompts, "prompt_len": args.prompt_len,
-            "output_len": args.output_len, "rounds": args.rounds,
-            "profile": hw.__dict__, "plans": rows, "spearman": round(rho, 3),
-            "policy_plan": args.policy_plan, "host_kv_tokens": host,
-            "policies": {p: {"tokens_per_s": round(max(r["total_tokens_per_s"] for r in runs),
-                                                   1),
-                             "switches": runs[-1]["switches"]} for p, runs in pol.items()},
-        }
+        res = {"machine": machine(f"{world} CPU ranks x 1 thread"), "model": path,
+               "num_requests": args.num_prompts, "length_scale": args.length_scale,
+               "rounds": args.rounds, "profile": hw.__dict__, "workloads": {}}
+        for name, (_, wl) in loads.items():
+            best = {label: max(rs, key=lambda r: r["total_tokens_per_s"])
+                    for (n, label), rs in runs.items() if n == name}
+            rows = []
+            for p, d in pairs[name]:
+                label = f"{p}:{d}" if p != d else p
+                r = best[label]
+                rows.append({"plan": label,
+                             "measured_tokens_per_s": round(r["total_tokens_per_s"], 1),
+                             "predicted_tokens_per_s": round(models[name][(p, d)], 1),
+                             **{k: round(r[k], 3) for k in ("wall_s", "prefill_s", "decode_s",
+                                                            "switch_s")}})
+            rows.sort(key=lambda r: -r["measured_tokens_per_s"])
+            top = rows[0]["measured_tokens_per_s"]
+            autos = {label: {"plan": best[label]["plan"],
+                             **{k: round(best[label][k], 3)
+                                for k in ("wall_s", "prefill_s", "decode_s", "switch_s")},
+                             "tokens_per_s": round(best[label]["total_tokens_per_s"], 1),
+                             "vs_best": round(best[label]["total_tokens_per_s"] / top, 3),
+                             "trial": best[label].get("trial")}
+                     for label in ("auto", "auto (no trial)")}
+            res["workloads"][name] = {
+                "mean_prompt": round(wl.prompt_len, 1), "mean_output": round(wl.output_len, 1),
+                "plans": rows, "best": rows[0]["plan"],
+                "spearman": round(spearman([r["measured_tokens_per_s"] for r in rows],
+                                           [r["predicted_tokens_per_s"] for r in rows]), 3),
+                "auto": autos}
         emit(res, args.json)
     dist.barrier()
     groups.shutdown()

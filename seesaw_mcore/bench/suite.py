@@ -89,6 +89,13 @@ def workload(name: str, n: int, scale: float, vocab: int, max_len: int, seed: in
     return out
 
 
+def mean_lengths(reqs: list[Request]) -> str:
+    """``"PROMPT:OUTPUT"``: the requests' mean lengths, as ``plan=auto``'s ``workload``."""
+    n = len(reqs)
+    return (f"{sum(len(r.prompt) for r in reqs) / n:.0f}:"
+            f"{sum(r.max_tokens for r in reqs) / n:.0f}")
+
+
 def sweep_workload(input_len: int, ratio: float, n: int, vocab: int, seed: int
                    ) -> list[Request]:
     """Fixed-length requests: ``input_len`` prompt tokens, ``ratio x input_len`` outputs."""
@@ -121,10 +128,11 @@ class PeakRSS:
         self.peak = max(self.peak, self._proc.memory_info().rss)
 
 
-def run_engine(path: str, prefill: str, decode: str, reqs: list[Request], trace: bool = False,
-               **llm_kw) -> dict:
-    """One plan on ``reqs`` (fresh engine built with ``llm_kw``, warmed up); metrics on
-    rank 0, ``{}`` elsewhere."""
+def run_engine(path: str, prefill: str, decode: str | None, reqs: list[Request],
+               trace: bool = False, warmup: bool = True, **llm_kw) -> dict:
+    """One plan on ``reqs`` (fresh engine built with ``llm_kw``, warmed up unless
+    ``warmup=False``; ``prefill="auto"``: ``plan=auto``); metrics on rank 0, ``{}``
+    elsewhere."""
     from seesaw_mcore import LLM, SamplingParams
     from seesaw_mcore.bench.common import gather
 
@@ -132,7 +140,8 @@ def run_engine(path: str, prefill: str, decode: str, reqs: list[Request], trace:
     prompts = [{"prompt_token_ids": r.prompt} for r in reqs]
     params = [SamplingParams(temperature=0, max_tokens=r.max_tokens, ignore_eos=True)
               for r in reqs]
-    llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    if warmup:
+        llm.generate(prompts[:2], params[:2], use_tqdm=False)
     eng = llm.engine
     st = eng.stats
     before = asdict(st)
@@ -147,6 +156,7 @@ def run_engine(path: str, prefill: str, decode: str, reqs: list[Request], trace:
     after = asdict(st)
     peaks = gather(rss.peak)
     events = [asdict(e) for e in eng.trace] if eng.trace is not None else None
+    plan, trial = llm.config.plan, llm.trial.summary() if llm.trial is not None else None
     llm.close()
     if dist.get_rank() != 0:
         return {}
@@ -158,8 +168,10 @@ def run_engine(path: str, prefill: str, decode: str, reqs: list[Request], trace:
         **{k: after[k] - before[k] for k in ("prefill_s", "decode_s", "switch_s", "switches",
                                              "preemptions")},
         "tier_copy_s": st.swap.busy_s - busy0, "tier_wait_s": st.swap.wait_s - wait0,
-        "peak_rss_mb": [round(p / 2**20, 1) for p in peaks],
+        "peak_rss_mb": [round(p / 2**20, 1) for p in peaks], "plan": plan,
     }
+    if trial is not None:
+        res["trial"] = trial
     if events is not None:
         res["timeline"] = events
     return res
@@ -222,10 +234,7 @@ def _plans(cfg: DictConfig, path: str, world: int) -> list[tuple[str, str, str]]
         if plan.prefill.world_size == world and _valid(model, plan):
             out.append((str(plan), p, d))
     if cfg.plans.auto:
-        from seesaw_mcore.planner import choose_plan
-
-        p, d = choose_plan(path, "sharegpt")
-        out.append((f"auto ({PhasePlan.parse(p, d)})", p, d))
+        out.append(("auto", "auto", "auto"))
     return out
 
 
@@ -301,7 +310,10 @@ def run(cfg: DictConfig) -> dict | None:
         for wl, reqs in loads.items():
             for label, p, d in plans:
                 want = label == seesaw and timeline is None and rnd == cfg.rounds - 1
-                res = run_engine(path, p, d, reqs, trace=want, **engine_kw(p, d))
+                kw = engine_kw(p, d)
+                if p == "auto":  # the requests' mean lengths; its trial is part of the run
+                    kw.update(workload=mean_lengths(reqs), warmup=False)
+                res = run_engine(path, p, d, reqs, trace=want, **kw)
                 if rank == 0:
                     if want:
                         timeline = {"plan": label, "workload": wl,

@@ -182,7 +182,8 @@ class EngineConfig:
         model: the checkpoint and ``max_model_len``.
         plan: ``"T2"`` (static), ``"P2:T2"`` (prefill:decode, re-sharding between them) or
             ``"auto"`` (the planner's pick for this job's ranks and ``workload``).
-        workload: ``plan="auto"``'s workload preset (``sharegpt``, ``arxiv``).
+        workload: ``plan="auto"``'s workload: a preset (``sharegpt``, ``arxiv``) or mean
+            lengths ``"PROMPT:OUTPUT"`` (``"40:85"``).
         auto_trial: ``plan="auto"`` runs its top candidates for a few steps of the job's
             first requests and continues on the fastest (``planner/trial.py``); ``False``:
             the cost model's pick, untried.
@@ -202,7 +203,7 @@ class EngineConfig:
     workload: str = "sharegpt"
     auto_trial: bool = True
     auto_candidates: int = 3
-    auto_trial_steps: int = 16
+    auto_trial_steps: int = 8
     auto_trial_seqs: int = 16
     dtype: str = "auto"
     seed: int = 0

@@ -179,7 +179,8 @@ class CostModel:
 
     def prefill_batch(self, lay: ParallelConfig, wl: Workload) -> int:
         """Prompts per replica step: ``max_prefill_tokens`` worth (at least one), at most
-        ``max_num_seqs`` and the job's requests per replica. Without a job's limit, a step
+        ``max_num_seqs``, the job's requests per replica and what the KV budget holds.
+        Without a job's limit, a step
         packs 4,096 tokens or, under PP, at least one prompt per micro-batch (a long-prompt
         job raises ``scheduler.max_prefill_tokens`` so that PP prefill pipelines)."""
         lim = self.limits
@@ -188,7 +189,13 @@ class CostModel:
         else:
             tokens = lim.max_prefill_tokens
         b = max(int(tokens // wl.prompt_len), 1)
-        return max(min(b, lim.max_num_seqs, self._per_replica(lay)), 1)
+        fit = self.kv_budget(lay) // (self.kv_bytes_per_token(lay) * self._rounded(wl.prompt_len))
+        return int(max(min(b, lim.max_num_seqs, self._per_replica(lay), fit), 1))
+
+    def _rounded(self, tokens: float) -> int:
+        """``tokens`` in whole KV blocks."""
+        bs = self.limits.block_size
+        return math.ceil(tokens / bs) * bs
 
     def prefill_tps(self, lay: ParallelConfig, wl: Workload) -> float:
         """Prompt tokens per second of every replica together."""
@@ -210,12 +217,8 @@ class CostModel:
         """Sequences one replica decodes at once: what the KV budget holds at the mean
         context (prompt + half the output) in whole blocks, at most ``max_num_seqs`` and
         the job's requests per replica."""
-        bs = self.limits.block_size
-        blocks = math.ceil((wl.prompt_len + wl.output_len / 2) / bs)
-        if self.limits.kv_blocks is not None:
-            n = self.limits.kv_blocks // blocks
-        else:
-            n = max(self.kv_budget(lay), 0) // (self.kv_bytes_per_token(lay) * blocks * bs)
+        ctx = self._rounded(wl.prompt_len + wl.output_len / 2)
+        n = max(self.kv_budget(lay), 0) // (self.kv_bytes_per_token(lay) * ctx)
         return int(min(n, self.limits.max_num_seqs, self._per_replica(lay)))
 
     def _per_replica(self, lay: ParallelConfig) -> float:
@@ -263,9 +266,8 @@ class CostModel:
         per_fill = self.requests_per_fill(wl, world) if seesaw else math.inf
         if seesaw:  # a decode phase holds one fill of the host tier
             batch = int(min(batch, math.ceil(per_fill / decode.dp)))
-        scratch = (self.prefill_batch(prefill, wl) * wl.prompt_len
-                   * self.kv_bytes_per_token(prefill))
-        if batch < 1 or self.kv_budget(prefill) < scratch:
+        prompt = self._rounded(wl.prompt_len) * self.kv_bytes_per_token(prefill)
+        if batch < 1 or self.kv_budget(prefill) < prompt:  # a prompt must fit to prefill
             return None
         p_tps = prefill_tps or self.prefill_tps(prefill, wl)
         d_tps = decode_tps or self.decode_tps(decode, wl, batch)

@@ -75,7 +75,7 @@ class PlanTrial:
             step's worth keeps what a move recomputes small.
     """
 
-    def __init__(self, model: CostModel, wl: Workload, rows: list[dict], decode_steps: int = 16,
+    def __init__(self, model: CostModel, wl: Workload, rows: list[dict], decode_steps: int = 8,
                  max_seqs: int = 16, max_tokens: int = 4096) -> None:
         self.model, self.wl = model, wl
         self.decode_steps, self.max_seqs, self.max_tokens = decode_steps, max_seqs, max_tokens

@@ -59,10 +59,17 @@ class EngineLimits:
 
 def workload(name: str, prompt_len: float | None = None, output_len: float | None = None
              ) -> Workload:
-    """A preset, with either length overridden."""
-    if name not in WORKLOADS:
-        raise SeesawError(f"unknown workload {name!r}; presets: {', '.join(WORKLOADS)}")
-    wl = WORKLOADS[name]
+    """A preset, or ``"PROMPT:OUTPUT"`` mean lengths (``"40:85"``), with either length
+    overridden."""
+    if name in WORKLOADS:
+        wl = WORKLOADS[name]
+    else:
+        try:
+            p, o = (float(x) for x in name.split(":"))
+        except ValueError:
+            raise SeesawError(f"unknown workload {name!r}; presets: {', '.join(WORKLOADS)}, "
+                              "or mean lengths as PROMPT:OUTPUT (e.g. 40:85)") from None
+        wl = Workload(name, p, o)
     if prompt_len is not None or output_len is not None:
         wl = Workload(f"{name} (custom)", prompt_len or wl.prompt_len,
                       output_len or wl.output_len)

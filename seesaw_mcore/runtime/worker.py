@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import time
+
+from seesaw_mcore import env
 from seesaw_mcore.config import PhasePlan
 from seesaw_mcore.contract import Phase, RunnerOutput, StepPlan
 from seesaw_mcore.errors import SeesawError
@@ -44,6 +47,9 @@ class Worker:
             record = self.resharder.switch(step.switch_to, mine)
             self.phase = step.switch_to
             return record
+        slow = env.fault_slow()
+        if slow:  # tests: a plan made artificially slow
+            time.sleep(slow.get(self.plan.to_string(), 0.0))
         return self.runner.execute(mine) if mine is not None else None
 
     def use_plan(self, plan: PhasePlan) -> SwitchRecord:
