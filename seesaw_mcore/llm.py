@@ -169,6 +169,8 @@ class LLM:
                             trial.conclude(engine)
                             trial = None
                             continue
+                        if trial is not None:
+                            trial.pause()
                         break
                     if trial is not None:
                         trial.before_step(engine)

@@ -8,7 +8,9 @@ correlation), all on the same requests in one run (under the launcher).
 Requests are the suite's (``bench.suite.workload``: log-normal lengths around the planner's
 presets, scaled by ``--length-scale`` for CPU ranks); the model ranks with this machine's
 measured profile, the run's engine limits, the requests' mean lengths and their number; the
-``auto`` runs get the same mean lengths as ``workload="PROMPT:OUTPUT"``. Plans run in
+``auto`` runs get the same mean lengths as ``workload="PROMPT:OUTPUT"``. ``--policy-plan
+P2:T2`` also compares the three switch policies on that plan with a host tier of about a
+third of the first workload's KV. Plans run in
 interleaved rounds (round -> workload -> plan); each plan's best round is reported. Each run
 is one job on a fresh engine without a warm-up call (first-call costs count alike for every
 plan; an ``auto`` run's trial is part of its job).
@@ -53,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length-scale", type=float, default=0.25)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--policy-plan", help="also run the three switch policies on this "
+                    "Seesaw plan (first workload, host tier ~1/3 of its KV)")
     args = ap.parse_args(argv)
     import json
     import os
@@ -82,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         pairs[name] = [(str(p), str(d)) for p in layouts(world) for d in layouts(world)
                        if (str(p), str(d)) in pred]
     runs: dict[tuple[str, str], list[dict]] = {}
+    policies = ("transition_minimizing", "prefill_first", "decode_first")
+    first = loads[args.workloads[0]][0]
+    host = max(sum(len(r.prompt) + r.max_tokens for r in first) // 3,
+               max(len(r.prompt) + r.max_tokens for r in first))  # ~3 fills per run
     for _ in range(args.rounds):  # interleaved: drift hits every run alike
         for name, (reqs, wl) in loads.items():
             for p, d in pairs[name]:
@@ -91,6 +99,12 @@ def main(argv: list[str] | None = None) -> int:
                 label = "auto" if trial else "auto (no trial)"
                 runs.setdefault((name, label), []).append(run_engine(
                     path, "auto", None, reqs, warmup=False, workload=wl.name, auto_trial=trial,
+                    **KV))
+        if args.policy_plan:
+            pp, _, pd = args.policy_plan.partition(":")
+            for policy in policies:
+                runs.setdefault(("policy", policy), []).append(run_engine(
+                    path, pp, pd, first, warmup=False, host_kv_tokens=host, policy=policy,
                     **KV))
     if rank == 0:
         res = {"machine": machine(f"{world} CPU ranks x 1 thread"), "model": path,
@@ -123,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
                 "spearman": round(spearman([r["measured_tokens_per_s"] for r in rows],
                                            [r["predicted_tokens_per_s"] for r in rows]), 3),
                 "auto": autos}
+        if args.policy_plan:
+            res["policies"] = {"plan": args.policy_plan, "workload": args.workloads[0],
+                               "host_kv_tokens": host, "runs": {
+                                   p: {"tokens_per_s": round(max(
+                                       r["total_tokens_per_s"] for r in runs[("policy", p)]), 1),
+                                       "switches": runs[("policy", p)][-1]["switches"]}
+                                   for p in policies}}
         emit(res, args.json)
     dist.barrier()
     groups.shutdown()

@@ -61,6 +61,10 @@ class Engine:
         store = ShardStore(Checkpoint(self.model_cfg), layouts, self.rank, self.dtype)
         self.runner = ModelRunner(self.model_cfg, plan, self.dtype, self.cache.block_size,
                                   store, self.cache.async_swap, layouts)
+        if len(self.plans) > 1 and self.runner.device.type == "cpu":
+            for lay in layouts:  # CPU stages view the store: build them all now, not mid-run
+                self.runner.use(lay)
+            self.runner.use(plan.prefill)
         self.num_blocks = kv_blocks(self.runner, self.cache)  # after the weights
         self.runner.allocate_kv(self.num_blocks)
         copier = self.runner.copier

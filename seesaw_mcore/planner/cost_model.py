@@ -299,6 +299,12 @@ class CostModel:
                     row = self.predict(p, d, wl)
                     if row is not None:
                         rows.append(row)
+        if not rows and any(self.kv_budget(lay) > 0 for lay in layouts(world)):
+            ctx = wl.prompt_len + wl.output_len / 2
+            raise SeesawError(
+                f"no layout's KV cache holds one sequence of workload {wl.name} (mean context "
+                f"{ctx:g} tokens); give the job's lengths as workload=PROMPT:OUTPUT or raise "
+                "the KV cache")
         if not rows:
             raise SeesawError(
                 f"the model ({self.shape.params * self.hw.dtype_bytes / GIB:.1f} GiB of "

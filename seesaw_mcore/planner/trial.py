@@ -150,6 +150,13 @@ class PlanTrial:
         if timing.phase == Phase.DECODE:
             cur.decode_steps += 1
 
+    def pause(self) -> None:
+        """Logs where a run that ended inside the trial left it."""
+        measured = sum(c.measured is not None for c in self.candidates)
+        log.info("plan=auto trial: the run ended during the trial (%d of %d candidates "
+                 "measured); it ran on %s, and the next run goes on with the trial", measured,
+                 len(self.candidates), self.current.plan if self.current else "-")
+
     def _predict(self, step: StepPlan, plan: PhasePlan) -> float:
         """The cost model's seconds for this step: its slowest replica's."""
         worst = 0.0

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tests.conftest import launch
+from tests.conftest import REPO, launch
 
 RUN_FIELDS = {"wall_s", "requests_per_s", "output_tokens_per_s", "total_tokens_per_s",
               "peak_rss_mb"}
@@ -65,3 +65,23 @@ def test_prints_ratio_table(bench):
     _, proc = bench
     assert "== sharegpt: best static T2 ==" in proc.stdout
     assert "vs best static" in proc.stdout
+
+
+def test_plans_bench_measures_every_plan_and_auto(tmp_path):
+    """``bench.plans`` on the tiny model: every valid 2-rank plan, ``plan=auto`` with and
+    without its trial, the model's ranking and Spearman per workload (no timing
+    assertions)."""
+    out = tmp_path / "plans.json"
+    proc = launch(2, ["seesaw_mcore.bench.plans", "--model", f"{REPO}/models/tiny-llama",
+                      "--num-prompts", "12", "--length-scale", "0.1", "--workloads", "sharegpt",
+                      "--json", str(out)], timeout=400, env={"SEESAW_CACHE_DIR": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    wl = res["workloads"]["sharegpt"]
+    assert {r["plan"] for r in wl["plans"]} == {"T2", "D2", "P2", "P2:T2", "T2:P2"}
+    assert all(r["measured_tokens_per_s"] > 0 and r["predicted_tokens_per_s"] > 0
+               for r in wl["plans"])
+    assert -1 <= wl["spearman"] <= 1 and wl["best"] == wl["plans"][0]["plan"]
+    auto, plain = wl["auto"]["auto"], wl["auto"]["auto (no trial)"]
+    assert auto["trial"] is not None and plain["trial"] is None
+    assert auto["vs_best"] > 0 and plain["plan"] in {r["plan"] for r in wl["plans"]}

@@ -240,19 +240,24 @@ def test_plan_auto_measures_once_logs_and_runs(tmp_path):
     out = tmp_path / "o.jsonl"
     runs = []
     for _ in range(2):  # the first measures this machine and caches it; the second reuses it
-        proc = launch(2, ["launch.infer", "plan=auto", "sampling.max_tokens=16",
+        proc = launch(2, ["launch.infer", "plan=auto", "workload=16:16", "sampling.max_tokens=16",
                           "cache.num_blocks=10", "cache.block_size=4", f"data.output={out}"],
                       timeout=240, env={"SEESAW_CACHE_DIR": str(cache)})
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         runs.append(proc.stdout + proc.stderr)
-    [profile] = cache.iterdir()
+    [profile] = cache.glob("profile-*.json")
     fields = json.loads(profile.read_text())
     assert fields["name"] == "measured (2 cpu ranks)" and fields["tflops"] > 0
     assert fields["allreduce_gbs"] > 0 and fields["p2p_gbs"] > 0
+    # the calibration timed the engine: a step and a layer cost something on CPU ranks
+    assert fields["step_s"] > 0 and fields["layer_s"] > 0 and fields["attn_gbs"] > 0
+    assert not fields["switch_copies_weights"]
     for text in runs:
         [line] = [x for x in text.splitlines() if "plan=auto (measured (2 cpu ranks), workload "
-                  "sharegpt): " in x]
-        assert "predicted" in line and "runner-up" in line
+                  "16:16): " in x]
+        assert "predicted" in line and "trial candidates" in line
+        assert ("plan=auto trial: continuing on" in text  # 12 requests, 16 tokens: the job
+                or "plan=auto trial: the run ended during the trial" in text)  # may end first
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 12 and all(r["text"] for r in rows)
 

@@ -1,5 +1,6 @@
-"""The planner: the Appendix-A cost model against hand-computed values, only valid plans
-ranked, the paper's qualitative result on its presets, clear errors, the CLI's JSON."""
+"""The planner: the Appendix-A cost model and each calibrated term against hand-computed
+values, only valid plans ranked, the paper's qualitative result and the GPU presets' picks,
+clear errors, the CLI's JSON shape, the trial's choice on a fake engine."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from seesaw_mcore.planner import (
     GIB,
     PRESETS,
     CostModel,
+    EngineLimits,
     Hardware,
     ModelShape,
     Workload,
     layouts,
+    workload,
 )
 from seesaw_mcore.planner.__main__ import main
 
@@ -62,8 +65,10 @@ def test_decode_batch_from_memory_left_after_weights():
     # T2 rank: (2 layers * 160 + embedding and LM head 2 * 10 * 4) params / 2 * 2 bytes = 400
     assert model.weight_bytes(T2) == 400
     assert model.kv_bytes_per_token(T2) == 2 * 2 * 1 * 2 * 2  # 16 bytes
-    wl = Workload("toy", 6, 8)  # mean context 6 + 8 / 2 = 10 tokens
-    assert model.decode_batch(T2, wl) == (2000 - 400) // (16 * 10)
+    wl = Workload("toy", 6, 8)  # mean context 6 + 8 / 2 = 10 tokens: one block of 16
+    assert model.decode_batch(T2, wl) == (2000 - 400) // (16 * 16)
+    exact = CostModel(SHAPE, hw, EngineLimits(block_size=1))
+    assert exact.decode_batch(T2, wl) == (2000 - 400) // (16 * 10)
 
 
 def _llama(layers, hidden, inter, heads, kv, vocab=32000) -> ModelShape:
@@ -125,7 +130,16 @@ def test_cli_json(tmp_path, capsys):
     assert main(["--model", _config(tmp_path), "--gpu", "a10", "--num-gpus", "8",
                  "--workload", "arxiv", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert {"prefill", "decode", "predicted_tokens_per_s", "ranking"} <= set(out)
+    # the shape scripts read: the same keys as before the calibrated model
+    assert set(out) == {"prefill", "decode", "predicted_tokens_per_s", "ranking", "hardware",
+                        "workload"}
+    assert all(set(r) == {"prefill", "decode", "requests_per_s", "tokens_per_s",
+                          "prefill_tokens_per_s", "decode_tokens_per_s", "prefill_batch",
+                          "decode_batch"} for r in out["ranking"])
+    assert {"name", "mem_gib", "mem_gbs", "tflops", "allreduce_gbs", "p2p_gbs", "host_link_gbs",
+            "host_gib", "dtype_bytes", "allreduce_latency_s", "p2p_latency_s",
+            "mem_utilization"} <= set(out["hardware"])  # and the software terms
+    assert set(out["workload"]) == {"name", "prompt_len", "output_len"}
     assert (out["prefill"], out["decode"]) == (out["ranking"][0]["prefill"],
                                                out["ranking"][0]["decode"])
     assert out["predicted_tokens_per_s"] == out["ranking"][0]["tokens_per_s"]
@@ -136,10 +150,11 @@ def test_cli_json(tmp_path, capsys):
     (["--gpu", "a10", "--num-gpus", "2"],
      "error: the model (128.5 GiB of weights) fits no layout of 2 x a10 (24 GiB each): no "
      "layout leaves room for its KV cache"),
-    (["--gpu", "h100", "--num-gpus", "8"],
-     "error: unknown gpu 'h100'; presets: a10, l4, a100, measure"),
+    (["--gpu", "b200", "--num-gpus", "8"],
+     "error: unknown gpu 'b200'; presets: a10, l4, a100, h100, h200, measure"),
     (["--gpu", "a10", "--num-gpus", "8", "--workload", "chat"],
-     "error: unknown workload 'chat'; presets: sharegpt, arxiv"),
+     "error: unknown workload 'chat'; presets: sharegpt, arxiv, or mean lengths as "
+     "PROMPT:OUTPUT (e.g. 40:85)"),
     (["--gpu", "a10", "--num-gpus", "0"], "error: --num-gpus must be >= 1, got 0"),
 ])
 def test_cli_errors(tmp_path, capsys, args, message):
@@ -154,3 +169,216 @@ def test_config_errors(tmp_path):
         ModelShape.from_config(str(tmp_path))
     with pytest.raises(SeesawError, match="^cannot read model config"):
         ModelShape.from_config(str(tmp_path / "missing.json"))
+
+
+# -- the calibrated terms, each against a hand computation -------------------------------
+
+def _soft(**kw) -> Hardware:
+    """Bytes and FLOPs free (huge bandwidth and peak): only the named costs remain."""
+    base = dict(name="soft", mem_gib=1, mem_gbs=1e12, tflops=1e12, allreduce_gbs=1e12,
+                p2p_gbs=1e12, host_link_gbs=1e12)
+    return Hardware(**{**base, **kw})
+
+
+def test_layer_fixed_cost_and_its_pipeline_variant():
+    model = CostModel(SHAPE, _soft(layer_s=3e-4, pp_layer_s=5e-4))
+    assert model.layer_time(ParallelConfig(), 4, 1, 10, False) == pytest.approx(3e-4)
+    assert model.layer_time(ParallelConfig(pp=2), 4, 1, 10, False) == pytest.approx(5e-4)
+    no_pp = CostModel(SHAPE, _soft(layer_s=3e-4))  # pp_layer_s 0: the same as layer_s
+    assert no_pp.layer_time(ParallelConfig(pp=2), 4, 1, 10, False) == pytest.approx(3e-4)
+
+
+def test_decode_attention_at_the_measured_attention_bandwidth():
+    # 4 sequences x context 1000 x 2 KV heads x dim 2 x 2 bytes x (K, V) = 64,000 bytes
+    kv = 2 * 4 * 1000 * 2 * 2 * 2
+    model = CostModel(SHAPE, _soft(attn_gbs=2.0))
+    assert model.layer_time(ParallelConfig(), 4, 1, 1000, False) == pytest.approx(
+        kv / (2.0 * GIB))
+    unset = CostModel(SHAPE, _soft(mem_gbs=4.0))  # attn_gbs 0: memory bandwidth
+    weights = SHAPE.layer_params * 2 / (4.0 * GIB)
+    assert unset.layer_time(ParallelConfig(), 4, 1, 1000, False) == pytest.approx(
+        weights + kv / (4.0 * GIB))
+
+
+def test_step_fixed_costs_micro_batches_and_sends_by_hand():
+    hw = _soft(step_s=1e-3, tp_step_s=4e-4, layer_s=1e-4, pp_layer_s=2e-4, microbatch_s=3e-5,
+               p2p_latency_s=2e-5, allreduce_latency_s=1e-5)
+    model = CostModel(SHAPE, hw)
+    # T2: step + TP step + one micro-batch through 2 layers, each with two all-reduces
+    assert model.step_time(T2, 1, 8, 1, 20, False) == pytest.approx(
+        1e-3 + 4e-4 + 2 * (1e-4 + 2 * 1e-5))
+    # P2, 2 micro-batches: 3 stage slots of (1 layer + one send), no TP
+    send = 2e-5 + 3e-5
+    assert model.send_time(4) == pytest.approx(send)
+    assert model.step_time(ParallelConfig(pp=2), 2, 4, 1, 20, False) == pytest.approx(
+        1e-3 + 3 * (2e-4 + send))
+    # D2: each replica its own step, no TP or PP cost
+    assert model.step_time(ParallelConfig(dp=2), 1, 4, 1, 20, False) == pytest.approx(
+        1e-3 + 2 * 1e-4)
+
+
+def test_lm_head_time_by_hand():
+    model = CostModel(SHAPE, _hw(mem_gbs=1, tflops=1e-9))  # 1000 FLOP/s
+    # vocab 10 x hidden 4 / TP 2 = 20 params: 40 bytes vs 2 x 3 rows x 20 = 120 FLOPs
+    assert model.head_time(T2, 3) == pytest.approx(max(40 / GIB, 120 / 1000))
+
+
+def test_switch_cost_per_fill_of_the_host_tier():
+    hw = _soft(switch_s=2e-3, host_link_gbs=1.0)
+    wl = Workload("toy", 6, 10)
+    # a host-tier slot: 2 layers x 2 KV heads x dim 2 x 2 bytes x (K, V) = 32 bytes/token
+    tier = 32 * 16 * 100  # 100 requests of 16 tokens
+    model = CostModel(SHAPE, hw, EngineLimits(host_tier_bytes=tier))
+    assert model.requests_per_fill(wl, 2) == pytest.approx(100)
+    assert model.switch_time(T2) == pytest.approx(2e-3 + model.weight_bytes(T2) / GIB)
+    views = CostModel(SHAPE, _soft(switch_s=2e-3, switch_copies_weights=False))
+    assert views.switch_time(T2) == pytest.approx(2e-3)  # CPU ranks: the stage views
+    capped = CostModel(SHAPE, hw, EngineLimits(host_tier_bytes=tier, num_requests=40))
+    assert capped.requests_per_fill(wl, 2) == 40  # a job smaller than one fill
+    # a pair's request time: its two phases plus two switches per fill of 100 requests
+    seesaw = CostModel(SHAPE, _soft(switch_s=2e-3, switch_copies_weights=False, step_s=1e-3),
+                       EngineLimits(host_tier_bytes=tier)).predict(ParallelConfig(pp=2), T2, wl)
+    t = (wl.prompt_len / seesaw["prefill_tokens_per_s"]
+         + wl.output_len / seesaw["decode_tokens_per_s"] + 2 * 2e-3 / 100)
+    assert seesaw["requests_per_s"] == pytest.approx(1 / t)
+
+
+def test_decode_batch_caps_by_sequences_requests_blocks_and_fill():
+    hw = _hw(mem_gib=1e6, mem_utilization=1.0)
+    wl = Workload("toy", 6, 8)
+    assert CostModel(SHAPE, hw, EngineLimits(max_num_seqs=7)).decode_batch(T2, wl) == 7
+    d2 = ParallelConfig(dp=2)
+    assert CostModel(SHAPE, hw, EngineLimits(num_requests=9)).decode_batch(d2, wl) == 5
+    # 12 blocks of 16 tokens hold 12 sequences of context 10 (one block each)
+    assert CostModel(SHAPE, hw, EngineLimits(kv_blocks=12)).decode_batch(T2, wl) == 12
+    tier = 32 * 14 * 3  # three requests of 14 tokens per fill
+    model = CostModel(SHAPE, hw, EngineLimits(host_tier_bytes=tier))
+    assert model.predict(ParallelConfig(pp=2), T2, wl)["decode_batch"] == 3
+    assert model.predict(T2, T2, wl)["decode_batch"] > 3  # a static plan has no fills
+
+
+def test_prefill_batch_from_the_jobs_token_budget_and_kv():
+    hw = _hw(mem_gib=1e6, mem_utilization=1.0)
+    wl = Workload("toy", 100, 8)
+    model = CostModel(SHAPE, hw, EngineLimits(max_prefill_tokens=1000))
+    assert model.prefill_batch(T2, wl) == 10
+    assert model.prefill_batch(ParallelConfig(pp=4), wl) == 10  # the job's limit holds
+    default = CostModel(SHAPE, hw)  # a throughput job: a prompt per PP micro-batch
+    assert default.prefill_batch(ParallelConfig(tp=1), wl) == 40
+    assert default.prefill_batch(ParallelConfig(pp=2), Workload("long", 3000, 8)) == 8
+    small = CostModel(SHAPE, hw, EngineLimits(max_prefill_tokens=1000, kv_blocks=21))
+    assert small.prefill_batch(T2, wl) == 3  # 21 blocks of 16 hold 3 prompts of 112 tokens
+
+
+def test_workload_as_mean_lengths():
+    assert workload("40:85") == Workload("40:85", 40, 85)
+    with pytest.raises(SeesawError, match="prompt and output lengths must be >= 1 token"):
+        workload("0:85")
+
+
+# -- the GPU presets: the picks the README explains term by term ---------------------------
+
+LLAMA8 = _llama(32, 4096, 14336, 32, 8, 128256)
+
+
+@pytest.mark.parametrize("shape,gpu,world,wl,pick", [
+    (LLAMA15, "a10", 4, "arxiv", ("P4", "T4")),  # PCIe: prefill all-reduces are dear
+    (LLAMA15, "a10", 4, "sharegpt", ("P4", "T4")),
+    (LLAMA70, "h100", 8, "sharegpt", ("D2T4", "D2T4")),  # NVLink: no re-sharding
+    (LLAMA70, "h200", 8, "sharegpt", ("D4T2", "D4T2")),  # 141 GB: two GPUs hold 70B
+    (LLAMA8, "h100", 8, "sharegpt", ("D8", "D8")),  # one GPU holds 8B: pure DP
+    (LLAMA8, "h200", 4, "arxiv", ("D4", "D4")),
+])
+def test_gpu_preset_picks(shape, gpu, world, wl, pick):
+    from seesaw_mcore.planner import WORKLOADS
+
+    best = CostModel(shape, PRESETS[gpu]).rank(world, WORKLOADS[wl])[0]
+    assert (best["prefill"], best["decode"]) == pick
+
+
+def test_presets_name_their_sources():
+    import importlib
+    import inspect
+
+    text = inspect.getsource(importlib.import_module("seesaw_mcore.planner.hardware"))
+    for source in ("Seesaw paper's Table 1", "H100 Tensor Core GPU datasheet",
+                   "H200 Tensor Core GPU datasheet"):
+        assert source in text
+    assert set(PRESETS) == {"a10", "l4", "a100", "h100", "h200"}
+
+
+# -- the trial's choice, on a fake engine ------------------------------------------------
+
+class _FakeEngine:
+    def __init__(self, plan):
+        self.plan, self.moves = plan, []
+
+    def use_plan(self, plan):
+        self.plan = plan
+        self.moves.append(plan.to_string())
+
+
+def _timing(plan, seconds: float, prefill: bool):
+    from seesaw_mcore.contract import Phase, SamplingSpec, ScheduledSeq, SchedulerOutput, StepPlan
+    from seesaw_mcore.engine.stats import StepTiming
+
+    spec = SamplingSpec(0.0, 0, 1.0, 0, 0, None)
+    n = 8 if prefill else 1
+    seqs = [ScheduledSeq(i, [5] * n, 0 if prefill else 20, [0], spec) for i in range(4)]
+    phase = Phase.PREFILL if prefill else Phase.DECODE
+    lay = plan.prefill if prefill else plan.decode
+    step = StepPlan([SchedulerOutput(phase, [seqs])] + [None] * (lay.dp - 1))
+    return StepTiming(phase, False, 4, 4 * n, seconds, step)
+
+
+def test_trial_runs_the_favourite_last_and_picks_the_fastest_measured():
+    from seesaw_mcore.config import PhasePlan
+    from seesaw_mcore.planner.trial import PlanTrial
+
+    model = CostModel(SHAPE, _soft(step_s=1e-3))
+    wl = Workload("toy", 8, 8)
+    rows = [model.predict(ParallelConfig.parse(p), ParallelConfig.parse(d), wl)
+            for p, d in (("T2", "T2"), ("P2", "T2"), ("D2", "D2"))]
+    trial = PlanTrial(model, wl, rows, decode_steps=2, max_seqs=4, max_tokens=100)
+    assert [c.plan.to_string() for c in trial.candidates] == ["P2:T2", "D2", "T2"]
+    engine = _FakeEngine(PhasePlan.parse("P2", "T2"))
+    slow = {"P2:T2": 5.0, "D2": 1.0, "T2": 10.0}  # seconds per step: D2 is the fastest
+    for _ in range(3):
+        trial.before_step(engine)
+        plan = engine.plan
+        for prefill in (True, False, False):
+            trial.observe(_timing(plan, slow[plan.to_string()] * 1e-3, prefill))
+    trial.before_step(engine)
+    assert trial.done and trial.chosen.plan.to_string() == "D2"
+    assert engine.moves == ["D2", "T2", "D2"]  # P2:T2 ran first without a move
+    measured = {c["plan"]: c["measured_tokens_per_s"] for c in trial.summary()["candidates"]}
+    assert measured["D2"] > measured["P2:T2"] > measured["T2"]
+
+
+def test_trial_admits_its_sequences_by_count_and_prompt_tokens():
+    from seesaw_mcore.planner.trial import PlanTrial
+
+    model = CostModel(SHAPE, _soft())
+    wl = Workload("toy", 8, 8)
+    rows = [model.predict(T2, T2, wl), model.predict(ParallelConfig(pp=2), T2, wl)]
+
+    class Seq:
+        def __init__(self, n):
+            self.prompt_token_ids = [1] * n
+
+    trial = PlanTrial(model, wl, rows, max_seqs=3, max_tokens=50)
+    trial.add(Seq(60))  # the first always fits
+    assert not trial.room()  # a prefill step's worth of tokens
+    trial = PlanTrial(model, wl, rows, max_seqs=3, max_tokens=500)
+    for _ in range(3):
+        assert trial.room()
+        trial.add(Seq(10))
+    assert not trial.room()
+
+
+def test_kv_too_small_for_the_workload_names_the_fix():
+    model = CostModel(SHAPE, _hw(mem_gib=1e6), EngineLimits(kv_blocks=1, block_size=4))
+    with pytest.raises(SeesawError, match=r"^no layout's KV cache holds one sequence of "
+                       r"workload sharegpt \(mean context 330\.305 tokens\); give the job's "
+                       r"lengths as workload=PROMPT:OUTPUT or raise the KV cache$"):
+        model.rank(2, workload("sharegpt"))
