@@ -119,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 r = best[label]
                 rows.append({"plan": label,
                              "measured_tokens_per_s": round(r["total_tokens_per_s"], 1),
+                             "rounds_tokens_per_s": [round(x["total_tokens_per_s"], 1)
+                                                     for x in runs[(name, label)]],
                              "predicted_tokens_per_s": round(models[name][(p, d)], 1),
                              **{k: round(r[k], 3) for k in ("wall_s", "prefill_s", "decode_s",
                                                             "switch_s")}})
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                                 for k in ("wall_s", "prefill_s", "decode_s", "switch_s")},
                              "tokens_per_s": round(best[label]["total_tokens_per_s"], 1),
                              "vs_best": round(best[label]["total_tokens_per_s"] / top, 3),
+                             "rounds_tokens_per_s": [round(x["total_tokens_per_s"], 1)
+                                                     for x in runs[(name, label)]],
                              "trial": best[label].get("trial")}
                      for label in ("auto", "auto (no trial)")}
             res["workloads"][name] = {

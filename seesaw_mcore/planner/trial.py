@@ -8,7 +8,8 @@ groups and stage, a new scheduler. Sequences in flight keep every token they hav
 recompute their KV under the next candidate; nothing is lost or produced twice, and every
 trial token is part of the job's output.
 
-Each candidate's window is its prefill steps plus ``decode_steps`` decode steps (at most
+Each candidate's window is its prefill steps plus ``decode_steps`` measured decode steps (after
+one that is not measured: a layout's first decode step carries one-time costs; at most
 ``4 x decode_steps`` steps) over the job's first sequences: at most ``max_seqs`` and about
 one prefill step of prompt tokens, since each move recomputes what they hold. A
 ``generate`` call that ends inside the trial leaves it where it was; the next call goes on.
@@ -69,7 +70,7 @@ class PlanTrial:
         model: the cost model the candidates were ranked with.
         wl: the workload they were ranked for.
         rows: the candidates' rows, best predicted first.
-        decode_steps: decode steps each candidate runs.
+        decode_steps: decode steps each candidate is measured on (it runs one more first).
         max_seqs: sequences the trial admits (its sequences are the job's first ones).
         max_tokens: prompt tokens the trial admits (at least one sequence): one prefill
             step's worth keeps what a move recomputes small.
@@ -104,7 +105,7 @@ class PlanTrial:
         """Moves to the next candidate when the current one's window is over (the first
         call starts the first), and after the last one moves to the fastest."""
         cur = self.current
-        if (cur is not None and cur.decode_steps < self.decode_steps
+        if (cur is not None and cur.decode_steps < self.decode_steps + 1
                 and cur.steps < 4 * self.decode_steps):
             return
         if cur is not None:
@@ -143,12 +144,14 @@ class PlanTrial:
         if cur is None or timing is None or timing.switch:
             return
         cur.steps += 1
+        if timing.phase == Phase.DECODE:
+            cur.decode_steps += 1
+            if cur.decode_steps == 1:  # the layout's first decode step carries one-time costs
+                return
         predicted = self._predict(timing.step, cur.plan)
         acc = cur.prefill if timing.phase == Phase.PREFILL else cur.decode
         acc[0] += timing.seconds
         acc[1] += predicted
-        if timing.phase == Phase.DECODE:
-            cur.decode_steps += 1
 
     def pause(self) -> None:
         """Logs where a run that ended inside the trial left it."""

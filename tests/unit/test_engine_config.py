@@ -82,6 +82,8 @@ def test_plan_string_round_trip():
     ({"dist_timeout_s": 0}, "runtime.dist_timeout_s must be > 0, got 0"),
     ({"policy": "fifo"}, "scheduler.policy must be one of transition_minimizing, "
                          "prefill_first, decode_first, got 'fifo'"),
+    ({"plan": "auto", "auto_candidates": 0}, "auto_candidates must be >= 1, got 0"),
+    ({"auto_trial_steps": 0}, "auto_trial_steps must be >= 1, got 0"),
 ])
 def test_errors(kwargs, msg):
     with pytest.raises(SeesawError) as e:
@@ -119,6 +121,15 @@ def test_hydra_builds_the_same_config(compose):
     assert eng == EngineConfig.from_kwargs(
         cfg.model.path, plan="P2:T2", gpu_memory_utilization=0.5, max_model_len=64,
         verbose=True, max_num_seqs=4)
+
+
+def test_hydra_auto_trial_switch(compose):
+    from omegaconf import OmegaConf
+
+    cfg = compose("plan=auto", "workload=40:85", "auto_trial=false", "auto_candidates=2")
+    eng = EngineConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+    assert (eng.plan, eng.workload, eng.auto_trial, eng.auto_candidates) == (
+        "auto", "40:85", False, 2)
 
 
 def test_hydra_type_checks_overrides(compose):

@@ -346,7 +346,7 @@ def test_trial_runs_the_favourite_last_and_picks_the_fastest_measured():
     for _ in range(3):
         trial.before_step(engine)
         plan = engine.plan
-        for prefill in (True, False, False):
+        for prefill in (True, False, False, False):  # the first decode step is not measured
             trial.observe(_timing(plan, slow[plan.to_string()] * 1e-3, prefill))
     trial.before_step(engine)
     assert trial.done and trial.chosen.plan.to_string() == "D2"
