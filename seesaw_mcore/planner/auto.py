@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 
+from seesaw_mcore import env
 from seesaw_mcore.config import EngineConfig, kv_bytes_per_token
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.planner.cost_model import CostModel, ModelShape
@@ -81,7 +82,7 @@ def auto_candidates(config: EngineConfig) -> tuple[CostModel, list[dict]]:
     hw = load_or_measure(world) if box[0] else measure()
     model = CostModel(ModelShape.from_config(config.model.path), hw,
                       engine_limits(config))
-    n = config.auto_candidates if config.auto_trial else 1
+    n = config.auto_candidates if config.auto_trial and not _time_shared() else 1
     box = [None, None]
     if dist.get_rank() == 0:
         try:
@@ -100,4 +101,16 @@ def auto_candidates(config: EngineConfig) -> tuple[CostModel, list[dict]]:
             "plan=auto (%s, workload %s): %s -> %s, predicted %.0f tok/s%s", hw.name,
             config.workload, best["prefill"], best["decode"], best["tokens_per_s"],
             f"; {'trial candidates' if n > 1 else 'runner-up'} {others}" if rest else "")
+        if config.auto_trial and n == 1:
+            logging.getLogger("seesaw_mcore").info(
+                "plan=auto: no trial: %d CPU ranks share %d cores, so step times measure the "
+                "OS scheduler", env.local_world_size(), os.cpu_count())
     return model, rows[:n]
+
+
+def _time_shared() -> bool:
+    """CPU ranks with fewer cores than ranks on the node: they time-share cores."""
+    from seesaw_mcore.runtime import groups
+
+    return (groups.device().type == "cpu"
+            and env.local_world_size() > (os.cpu_count() or 1))
