@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                                                             "switch_s")}})
             rows.sort(key=lambda r: -r["measured_tokens_per_s"])
             top = rows[0]["measured_tokens_per_s"]
-            autos = {label: {"plan": best[label]["plan"],
+            autos = {label: {"plan": best[label]["engine_plan"],
                              **{k: round(best[label][k], 3)
                                 for k in ("wall_s", "prefill_s", "decode_s", "switch_s")},
                              "tokens_per_s": round(best[label]["total_tokens_per_s"], 1),

@@ -168,7 +168,7 @@ def run_engine(path: str, prefill: str, decode: str | None, reqs: list[Request],
         **{k: after[k] - before[k] for k in ("prefill_s", "decode_s", "switch_s", "switches",
                                              "preemptions")},
         "tier_copy_s": st.swap.busy_s - busy0, "tier_wait_s": st.swap.wait_s - wait0,
-        "peak_rss_mb": [round(p / 2**20, 1) for p in peaks], "plan": plan,
+        "peak_rss_mb": [round(p / 2**20, 1) for p in peaks], "engine_plan": plan,
     }
     if trial is not None:
         res["trial"] = trial
