@@ -289,13 +289,14 @@ class Engine:
             self.stats.add_switch(seconds)
         else:
             self.stats.add_step(step, seconds)
-        reps = [r for r in step.replicas if r is not None]
-        seqs, tokens = sum(len(r.seqs) for r in reps), sum(r.num_tokens for r in reps)
         phase = self.worker.step_phase(step)
-        self.last_step = StepTiming(phase, switch, seqs, tokens, seconds, step)
-        if self.trace is not None:
-            self.trace.append(TraceEvent(time.perf_counter() - self._t0, phase.value, switch,
-                                         seqs, tokens, self.scheduler.tier_usage()))
+        self.last_step = StepTiming(phase, switch, seconds, step)
+        if self.trace is not None:  # per-step sums only when tracing (O(batch))
+            reps = [r for r in step.replicas if r is not None]
+            self.trace.append(TraceEvent(
+                time.perf_counter() - self._t0, phase.value, switch,
+                sum(len(r.seqs) for r in reps), sum(r.num_tokens for r in reps),
+                self.scheduler.tier_usage()))
 
     # -- the other ranks --------------------------------------------------------------
 

@@ -49,8 +49,6 @@ class StepTiming:
 
     phase: Phase  # the phase it ran in (a switch: the phase switched to)
     switch: bool  # a phase switch or a move to another plan
-    num_seqs: int
-    num_tokens: int  # tokens fed (prompt tokens in prefill, one per sequence in decode)
     seconds: float
     step: StepPlan  # what ran (per replica: phase, sequences, tokens, context)
 

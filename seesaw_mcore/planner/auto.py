@@ -44,13 +44,13 @@ def engine_limits(config: EngineConfig) -> EngineLimits:
     as configured on CPU ranks, or blocks; the host tier as configured)."""
     from seesaw_mcore.config import ModelConfig
     from seesaw_mcore.runtime import groups
+    from seesaw_mcore.runtime.model_runner import resolve_dtype
 
     cache, sched = config.cache, config.scheduler
     cfg = ModelConfig.from_pretrained(config.model.path)
     cpu = groups.device().type == "cpu"
-    wide = config.dtype == "float32" or (config.dtype == "auto" and cpu)
     kv_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                  4 if wide else 2)
+                                  resolve_dtype(config.dtype, cfg).itemsize)
     host = (cache.host_kv_tokens * kv_token if cache.host_kv_tokens is not None
             else cache.host_kv_gib * GIB)
     return EngineLimits(max_num_seqs=sched.max_num_seqs,

@@ -180,7 +180,8 @@ class PlanTrial:
         m, wl, plan = self.model, self.wl, cand.plan
         row = cand.predicted
         p_tps = m.prefill_tps(plan.prefill, wl) / cand.factor(Phase.PREFILL)
-        d_factor = cand.factor(Phase.DECODE) if cand.decode_steps else cand.factor(Phase.PREFILL)
+        measured_decode = cand.decode[1] > 0  # the first decode step is not measured
+        d_factor = cand.factor(Phase.DECODE if measured_decode else Phase.PREFILL)
         d_tps = row["decode_tokens_per_s"] / d_factor
         cand.measured = m.predict(plan.prefill, plan.decode, wl, p_tps, d_tps) or {
             **row, "tokens_per_s": 0.0}

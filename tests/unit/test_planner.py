@@ -328,7 +328,7 @@ def _timing(plan, seconds: float, prefill: bool):
     phase = Phase.PREFILL if prefill else Phase.DECODE
     lay = plan.prefill if prefill else plan.decode
     step = StepPlan([SchedulerOutput(phase, [seqs])] + [None] * (lay.dp - 1))
-    return StepTiming(phase, False, 4, 4 * n, seconds, step)
+    return StepTiming(phase, False, seconds, step)
 
 
 def test_trial_runs_the_favourite_last_and_picks_the_fastest_measured():
