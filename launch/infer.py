@@ -185,6 +185,11 @@ def _report(llm, totals: _Totals, elapsed: float, cfg: DictConfig) -> None:
           f"({st.decode_steps} steps) | preemptions {st.preemptions} "
           f"({st.swap_preemptions} swapped)"
           + (f" | handed back to a tier for prefill {st.handed_back}" if st.handed_back else ""))
+    if llm.engine.config.cache.enable_prefix_caching:
+        print(f"  prefix cache: hit rate {st.prefix_hit_rate:.1%} | prefill tokens computed "
+              f"{st.computed_tokens} of {st.prefill_tokens} given"
+              + (f" | {st.tier_shared_tokens} KV tokens shared in the tiers"
+                 if st.tier_shared_tokens else ""))
     if not llm.engine.plan.is_static:
         sw = st.swap
         print(f"  switches {st.switches} ({st.switch_s * 1e3:.1f} ms) | tier copies (rank 0) "

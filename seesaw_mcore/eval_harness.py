@@ -109,18 +109,21 @@ class SeesawLM(TemplateLM):
                               **kwargs: Any) -> list[tuple[float, bool]]:
         """Sum of the continuation's logprobs and whether each of its tokens is the argmax,
         from the prompt logprobs of ``context + continuation`` (left-truncated to leave
-        room for the one generated token)."""
+        room for the one generated token), asked for the continuation's positions only, so
+        contexts shared by several continuations are computed once (prefix caching)."""
         limit = self.max_length - 1
         prompts, ctxlens = [], []
         for _, ctx, cont in requests:
             full = (ctx + cont)[-limit:]
             prompts.append(full)
             ctxlens.append(len(full) - len(cont))
-        params = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0,
-                                ignore_eos=True)
+        # only the continuation's positions: the context may come from the prefix cache
+        params = [SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0,
+                                 prompt_logprobs_from=ctxlen, ignore_eos=True)
+                  for ctxlen in ctxlens]
         res = []
         for (cache_key, _, _), full, ctxlen, out in zip(
-                requests, prompts, ctxlens, self._generate(prompts, [params] * len(prompts))):
+                requests, prompts, ctxlens, self._generate(prompts, params)):
             entries = out.prompt_logprobs[ctxlen:]
             tokens = full[ctxlen:]
             answer = (sum(e[t].logprob for e, t in zip(entries, tokens)),

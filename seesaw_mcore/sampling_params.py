@@ -28,6 +28,10 @@ class SamplingParams:
             alternatives (``dict[token_id, Logprob]`` per token, the sampled one always in).
         prompt_logprobs: if set, return for every prompt position but the first the
             logprob of the actual token and the top ``prompt_logprobs`` alternatives.
+            Positions that would come from the prefix cache are computed (vLLM's rule).
+        prompt_logprobs_from: this engine's extension: prompt logprobs only from this
+            position on (earlier entries are ``None``), so the prefix before it may come
+            from the prefix cache (the lm-eval backend scores a continuation so).
         min_tokens: EOS and ``stop_token_ids`` cannot end a completion before this many
             tokens (stop strings still can, as in vLLM).
         repetition_penalty: > 1 discourages tokens already in the prompt or the completion
@@ -55,6 +59,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    prompt_logprobs_from: int = 0
     min_tokens: int = 0
     repetition_penalty: float = 1.0
     presence_penalty: float = 0.0
@@ -95,6 +100,8 @@ class SamplingParams:
         _require(self.prompt_logprobs is None
                  or (_is_int(self.prompt_logprobs) and self.prompt_logprobs >= 0),
                  "prompt_logprobs", self.prompt_logprobs, "an integer >= 0 or None")
+        _require(_is_int(self.prompt_logprobs_from) and self.prompt_logprobs_from >= 0,
+                 "prompt_logprobs_from", self.prompt_logprobs_from, "an integer >= 0")
         _require(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens",
                  self.min_tokens, "an integer >= 0")
         _require(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",

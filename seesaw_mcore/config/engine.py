@@ -69,6 +69,9 @@ class CacheConfig:
         disk_kv_gib: size of the disk tier (one file per node) when ``disk_kv_tokens`` is
             unset.
         async_swap: tier copies run on a background thread, overlapping compute.
+        enable_prefix_caching: automatic prefix caching (vLLM's): full KV blocks are found
+            by a chain hash of their tokens and shared by every sequence with that prefix;
+            a prompt computes only what no cached block holds.
     """
 
     block_size: int = 16
@@ -82,6 +85,7 @@ class CacheConfig:
     disk_kv_tokens: int | None = None
     disk_kv_gib: float = 8.0
     async_swap: bool = True
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
@@ -102,6 +106,10 @@ class CacheConfig:
                 f"cache.prefetch_watermark must be in [0, 1), got {self.prefetch_watermark}")
         if self.disk_kv_tokens is not None and self.disk_kv_tokens < 1:
             raise SeesawError(f"cache.disk_kv_tokens must be >= 1, got {self.disk_kv_tokens}")
+        for name in ("async_swap", "enable_prefix_caching"):
+            if not isinstance(getattr(self, name), bool):
+                raise SeesawError(f"cache.{name} must be true or false, got "
+                                  f"{getattr(self, name)!r}")
         if self.disk_kv_gib <= 0:
             raise SeesawError(f"cache.disk_kv_gib must be > 0, got {self.disk_kv_gib}")
 

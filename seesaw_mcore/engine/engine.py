@@ -251,7 +251,7 @@ class Engine:
                     seq.logprobs.append(entry)
                     seq.cumulative_logprob += tok.logprob
                 if tok.prompt_rows is not None:
-                    seq.prompt_logprobs = [None, *map(_logprob_entry, tok.prompt_rows)]
+                    seq.prompt_logprobs = _prompt_entries(seq, tok.prompt_rows)
                 if self._check_stop(seq):
                     self.finish(seq)
                 touched.append(seq)
@@ -273,14 +273,15 @@ class Engine:
         if self.plan.is_static:
             lay = self.plan.prefill
             return ReplicaSchedulers(self.sched_cfg, lay.dp, lay.pp, self.num_blocks[lay],
-                                     self.cache.block_size)
+                                     self.cache.block_size, self.cache.enable_prefix_caching)
         decode_blocks = self.num_blocks[self.plan.decode]
         disk = self.runner.copier.disk
         return PhaseScheduler(self.sched_cfg, self.plan, self.num_blocks[self.plan.prefill],
                               decode_blocks, self.cache.block_size, self.host_slots,
                               self.worker.phase,
                               int(self.cache.prefetch_watermark * decode_blocks),
-                              self.disk_slots, disk.page if disk else 1)
+                              self.disk_slots, disk.page if disk else 1,
+                              self.cache.enable_prefix_caching)
 
     def _record(self, step: StepPlan, seconds: float) -> None:
         """Counts the step (or switch) in the stats, ``last_step`` and the trace."""
@@ -330,6 +331,16 @@ class Engine:
                 if tier is not None:
                     tier.close()
             copier.host = copier.disk = None
+
+
+def _prompt_entries(seq: Sequence, rows: list[list[float]]) -> list[dict[int, Logprob] | None]:
+    """Per prompt position, its logprob entry (``None`` for the first position and before
+    ``prompt_logprobs_from``). ``rows`` cover the positions after the prefill's cached
+    prefix, up to the last."""
+    first = len(seq.prompt_token_ids) - len(rows)
+    start = seq.params.prompt_logprobs_from
+    return [None] * first + [_logprob_entry(r) if first + i >= start else None
+                             for i, r in enumerate(rows)]
 
 
 def _logprob_entry(row: list[float]) -> dict[int, Logprob]:

@@ -42,6 +42,8 @@ class Sequence:
     num_preemptions: int = 0
     # ids that cannot end it before ``params.min_tokens`` (stop token ids, EOS): set on add
     min_tokens_banned: tuple[int, ...] = ()
+    # prefix caching: chain hashes of its full blocks so far (``kv.block_pool.block_hashes``)
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

@@ -22,6 +22,19 @@ class EngineStats:
     switches: int = 0
     switch_s: float = 0.0
     swap: TransferStats = field(default_factory=TransferStats)  # this rank's tier traffic
+    prefill_tokens: int = 0  # tokens of sequences at their (re)prefill
+    cached_tokens: int = 0  # of those, taken from the prefix cache (not computed)
+    tier_shared_tokens: int = 0  # KV tokens stored in a tier by reference (not written)
+
+    @property
+    def computed_tokens(self) -> int:
+        """Prompt (and recomputed) tokens the prefill steps computed."""
+        return self.prefill_tokens - self.cached_tokens
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of (re)prefill tokens the prefix cache held (vLLM's hit rate)."""
+        return self.cached_tokens / self.prefill_tokens if self.prefill_tokens else 0.0
 
     def add_step(self, step: StepPlan, seconds: float) -> None:
         """Counts an executed (non-switch) step."""
@@ -41,6 +54,11 @@ class EngineStats:
         self.preemptions += sched.num_preemptions
         self.swap_preemptions += sched.num_swap_preemptions
         self.handed_back += sched.num_handed_back
+        self.prefill_tokens += sched.prefix.queried
+        self.cached_tokens += sched.prefix.hit
+        tier_kv = getattr(sched, "tier_kv", None)
+        if tier_kv is not None:
+            self.tier_shared_tokens += tier_kv.shared_tokens
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,42 @@
-"""Device paged-KV block accounting (scheduler side; holds no tensors)."""
+"""Device paged-KV block accounting with automatic prefix caching (scheduler side; holds no
+tensors).
+
+Prefix caching follows vLLM's semantics. A *full* block is identified by a chain hash: a
+128-bit BLAKE2b digest of its parent block's hash and its own token ids (``block_hashes``),
+so a hash names the whole prefix up to the block's end and a wrong hit would need a BLAKE2b
+collision. The KV of a block depends on nothing else here: one pool serves one layout of one
+model's weights, and positions are implied by the chain. Blocks are reference-counted; a
+block whose last user is gone keeps its KV and its hash (LRU order) until its memory is
+needed; a new sequence takes the longest run of cached full blocks (``match``) and computes
+only the rest. A shared block is never written: hits are full blocks before the sequence's
+last prompt token, and a sequence writes only past its hits.
+"""
 
 from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+
+ROOT_HASH = b""  # the parent of a sequence's first block
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, hashes: list[bytes]) -> list[bytes]:
+    """Extends ``hashes`` in place to every full block of ``token_ids`` and returns it (the
+    hashes already there must be of the same tokens: callers keep one list per sequence)."""
+    full = len(token_ids) // block_size
+    if len(hashes) >= full:
+        return hashes
+    start = len(hashes) * block_size
+    toks = np.asarray(token_ids[start:full * block_size], dtype=np.int64)
+    parent = hashes[-1] if hashes else ROOT_HASH
+    for i in range(full - len(hashes)):
+        block = toks[i * block_size:(i + 1) * block_size].tobytes()
+        parent = hashlib.blake2b(parent + block, digest_size=16).digest()
+        hashes.append(parent)
+    return hashes
 
 
 class BlockPool:
@@ -9,40 +45,121 @@ class BlockPool:
     Args:
         num_blocks: blocks in the device cache.
         block_size: tokens per block.
+        enable_caching: keep full blocks' KV after their last user, found by hash.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = False) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"need num_blocks >= 1 and block_size >= 1, got "
                              f"{num_blocks}, {block_size}")
         self.num_blocks, self.block_size = num_blocks, block_size
+        self.enable_caching = enable_caching
         self._free = list(range(num_blocks - 1, -1, -1))  # stack: pop() gives low ids first
+        self._refs = [0] * num_blocks
+        self._lru: OrderedDict[int, None] = OrderedDict()  # cached, unused: oldest first
+        self._hash_of: dict[int, bytes] = {}  # block -> its hash (cached blocks)
+        self._cached: dict[bytes, int] = {}  # hash -> block
+        self.num_evicted = 0  # cached blocks whose memory was taken back
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Blocks a sequence can be given: never used, or cached with no user."""
+        return len(self._free) + len(self._lru)
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
 
     def blocks_for(self, num_tokens: int) -> int:
         """Blocks needed to hold ``num_tokens`` tokens."""
         return -(-num_tokens // self.block_size)
 
-    def can_allocate(self, table: list[int], num_tokens: int) -> bool:
-        """Whether ``table`` can grow to hold ``num_tokens`` tokens."""
-        return self.blocks_for(num_tokens) - len(table) <= len(self._free)
+    def match(self, hashes: Sequence[bytes]) -> list[int]:
+        """The longest run of cached blocks for a prefix's ``hashes`` (no reference
+        taken)."""
+        out: list[int] = []
+        if not self.enable_caching:
+            return out
+        for h in hashes:
+            b = self._cached.get(h)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def can_allocate(self, table: list[int], num_tokens: int, shared: Sequence[int] = ()
+                     ) -> bool:
+        """Whether ``table``, after taking the cached blocks ``shared``, can grow to hold
+        ``num_tokens`` tokens."""
+        need = self.blocks_for(num_tokens) - len(table) - len(shared)
+        idle = sum(1 for b in shared if self._refs[b] == 0)  # leave the free count
+        return need <= self.num_free - idle
+
+    def share(self, table: list[int], blocks: Sequence[int]) -> None:
+        """Appends cached ``blocks`` (from ``match``) to ``table``, one reference each."""
+        for b in blocks:
+            if self._refs[b] == 0:
+                del self._lru[b]
+            self._refs[b] += 1
+            table.append(b)
 
     def allocate(self, table: list[int], num_tokens: int) -> None:
-        """Grows ``table`` in place to hold ``num_tokens`` tokens.
+        """Grows ``table`` in place to hold ``num_tokens`` tokens; takes never-used blocks
+        first, then the least recently used cached ones (their hashes are dropped).
 
         Raises:
             RuntimeError: if not enough blocks are free (call ``can_allocate`` first).
         """
         need = self.blocks_for(num_tokens) - len(table)
-        if need > len(self._free):
-            raise RuntimeError(f"out of KV blocks: need {need}, have {len(self._free)}")
+        if need > self.num_free:
+            raise RuntimeError(f"out of KV blocks: need {need}, have {self.num_free}")
         for _ in range(max(need, 0)):
-            table.append(self._free.pop())
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, _ = self._lru.popitem(last=False)
+                del self._cached[self._hash_of.pop(b)]
+                self.num_evicted += 1
+            self._refs[b] = 1
+            table.append(b)
+
+    def commit(self, table: Sequence[int], hashes: Sequence[bytes]) -> None:
+        """Makes the full blocks ``table[i]`` findable by ``hashes[i]`` (their KV is written
+        by the step that scheduled them, before any later reader in it: attention writes a
+        layer's new KV before it reads). A hash already cached in another block (computed
+        twice at once) keeps the first block."""
+        if not self.enable_caching:
+            return
+        for b, h in zip(table, hashes):
+            if b not in self._hash_of and h not in self._cached:
+                self._cached[h], self._hash_of[b] = b, h
+
+    def in_use(self, block: int) -> bool:
+        """Whether some sequence holds ``block``."""
+        return self._refs[block] > 0
+
+    def is_shared(self, block: int) -> bool:
+        """Whether ``block`` is cached (others may read it): it must not be written."""
+        return block in self._hash_of
 
     def free(self, table: list[int]) -> None:
-        """Returns every block of ``table`` to the pool and empties it."""
-        self._free.extend(reversed(table))
+        """Drops ``table``'s references and empties it. A block with no user left returns
+        to the pool; a cached one keeps its KV until taken back (tail blocks first, so a
+        shared prefix outlives the suffixes that used it)."""
+        for b in reversed(table):
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                if b in self._hash_of:
+                    self._lru[b] = None
+                else:
+                    self._free.append(b)
         table.clear()
+
+    def reset_cache(self) -> None:
+        """Forgets every cached block (their KV is about to be overwritten: a phase switch,
+        new weights). Blocks in use stay in use, uncached."""
+        for b in self._lru:
+            self._free.append(b)
+        self._lru.clear()
+        self._hash_of.clear()
+        self._cached.clear()

@@ -6,6 +6,7 @@ from typing import Protocol
 
 from seesaw_mcore.contract import StepPlan
 from seesaw_mcore.engine.request import Sequence
+from seesaw_mcore.engine.scheduler.batching import PrefixStats
 
 
 class SchedulerInterface(Protocol):
@@ -19,6 +20,7 @@ class SchedulerInterface(Protocol):
     num_preemptions: int  # recompute and swap
     num_swap_preemptions: int  # of those, KV swapped out to a tier and back
     num_handed_back: int  # swapped out mid-decode for a prefill phase (Seesaw policy)
+    prefix: PrefixStats  # (re)prefill tokens and prefix-cache hits
 
     def add(self, seq: Sequence) -> None:
         """Queues a new sequence for prefill."""

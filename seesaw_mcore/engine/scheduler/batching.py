@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from seesaw_mcore.config import SchedulerConfig
 from seesaw_mcore.contract import KVMove, Phase, SamplingSpec, ScheduledSeq, SchedulerOutput
 from seesaw_mcore.engine.request import Sequence
-from seesaw_mcore.kv.block_pool import BlockPool
+from seesaw_mcore.kv.block_pool import BlockPool, block_hashes
 
 
 @dataclass
@@ -52,12 +52,56 @@ class PrefillPack:
                                swap_out=self.swap_out)
 
 
+@dataclass
+class PrefixStats:
+    """Prefix-cache counters of a scheduler: prompt tokens given at (re)prefill, how many
+    came from cached blocks, how many were computed."""
+
+    queried: int = 0  # tokens of sequences at their (re)prefill
+    hit: int = 0  # of those, taken from cached blocks
+
+    def add(self, num_tokens: int, num_hit: int) -> None:
+        self.queried += num_tokens
+        self.hit += num_hit
+
+
+def needs_prompt_logprobs(seq: Sequence) -> bool:
+    """Whether this prefill of ``seq`` must return prompt logprobs: once per request,
+    sample 0's first prefill (a recompute already has them)."""
+    return (seq.params.prompt_logprobs is not None and seq.sample_index == 0
+            and not seq.output_token_ids and seq.prompt_logprobs is None)
+
+
+def prefix_hit(pool: BlockPool, seq: Sequence) -> list[int]:
+    """The cached blocks a (re)prefill of ``seq`` can take: full blocks before its last
+    token (which must be computed, for the logits) and before the first position whose
+    prompt logprobs it returns (``prompt_logprobs_from``; vLLM's rule: those are
+    computed)."""
+    if not pool.enable_caching:
+        return []
+    n, bs = seq.num_tokens, pool.block_size
+    limit = (n - 1) // bs
+    if needs_prompt_logprobs(seq):
+        limit = min(limit, max(seq.params.prompt_logprobs_from - 1, 0) // bs)
+    hashes = block_hashes(seq.all_token_ids, bs, seq.block_hashes)
+    return pool.match(hashes[:limit])
+
+
+def take_blocks(pool: BlockPool, seq: Sequence, table: list[int], hit: list[int]) -> None:
+    """Fills ``table`` for a prefill of ``seq``: the cached ``hit`` blocks shared, the rest
+    newly allocated; its full blocks become findable (``commit``)."""
+    pool.share(table, hit)
+    pool.allocate(table, seq.num_tokens)
+    pool.commit(table, seq.block_hashes)
+
+
 def grow_running(pool: BlockPool, running: list[Sequence],
                  preempt: Callable[[Sequence], None]) -> None:
     """Gives every running sequence the blocks for one more token; when they run out, the
     newest running sequence (maybe the one being grown) is removed and passed to
-    ``preempt``, which must free its blocks."""
-    i = 0
+    ``preempt``, which must free its blocks. With prefix caching, a block the step fills
+    becomes findable (its KV is written by the step)."""
+    i, bs = 0, pool.block_size
     while i < len(running):
         seq = running[i]
         if pool.can_allocate(seq.block_table, seq.num_tokens):
@@ -65,6 +109,11 @@ def grow_running(pool: BlockPool, running: list[Sequence],
             i += 1
         else:
             preempt(running.pop())
+    if pool.enable_caching:  # only those that run this step: a victim writes nothing
+        for seq in running:
+            if seq.num_tokens // bs > len(seq.block_hashes):
+                pool.commit(seq.block_table,
+                            block_hashes(seq.all_token_ids, bs, seq.block_hashes))
 
 
 def prefill_parts(config: SchedulerConfig, pp: int) -> int:
@@ -106,10 +155,7 @@ def scheduled(seq: Sequence, token_ids: list[int], start: int,
         prompt_len=len(seq.prompt_token_ids) if history else 0,
         banned=(list(seq.min_tokens_banned)
                 if len(seq.output_token_ids) < p.min_tokens else []),
-        # once per request: sample 0's first prefill (a recompute already has them)
-        prompt_logprobs=(p.prompt_logprobs if start == 0 and seq.sample_index == 0
-                         and not seq.output_token_ids and seq.prompt_logprobs is None
-                         else None),
+        prompt_logprobs=p.prompt_logprobs if needs_prompt_logprobs(seq) else None,
     )
     table = seq.block_table if block_table is None else block_table
     return ScheduledSeq(seq.seq_id, list(token_ids), start, list(table), spec)

@@ -11,6 +11,15 @@ here is the simple one: prefill
 while the host tier has room, then decode everything resident, then switch back. Holds no
 tensors; one instance drives every DP replica of both layouts (their DP degrees may differ:
 the host tier is shared by the node, so any replica can decode any sequence).
+
+Prefix caching (``enable_caching``): each layout's device pool caches full blocks for the
+length of a phase (a switch hands the device memory to the other layout, so that pool's
+cache is reset there). A prefill computes only what the prefill pool does not hold; its KV
+goes to the host tier once per prefix (``kv.tier_kv``: a prefix the tier holds is
+referenced and only the rest is written), and an admission into decode brings a shared
+prefix into the decode pool once for all its users. Across switches shared KV lives in the
+host tier, for as long as a sequence that uses it waits there; a prefill phase's device
+cache starts empty.
 """
 
 from __future__ import annotations
@@ -23,12 +32,17 @@ from seesaw_mcore.contract import DISK, HOST, KVMove, Phase, SchedulerOutput, Sl
 from seesaw_mcore.engine.request import SeqStatus, Sequence
 from seesaw_mcore.engine.scheduler.batching import (
     PrefillPack,
+    PrefixStats,
     grow_running,
+    prefix_hit,
     scheduled,
     split_micro_batches,
+    take_blocks,
 )
-from seesaw_mcore.kv.block_pool import BlockPool
+from seesaw_mcore.kv import tier_kv
+from seesaw_mcore.kv.block_pool import BlockPool, block_hashes
 from seesaw_mcore.kv.slots import SlotAllocator
+from seesaw_mcore.kv.tier_kv import Piece, TierKV
 
 
 class PhaseScheduler:
@@ -45,20 +59,25 @@ class PhaseScheduler:
         watermark_blocks: free decode blocks an admission from a tier must leave.
         disk_slots: token slots of the disk tier (0: none).
         disk_align: the disk tier's slot granularity (its page, in tokens).
+        enable_caching: prefix caching in the device pools and sharing in the host tier.
     """
 
     def __init__(self, config: SchedulerConfig, plan: PhasePlan, prefill_blocks: int,
                  decode_blocks: int, block_size: int, host_slots: int,
                  phase: Phase = Phase.PREFILL, watermark_blocks: int = 0,
-                 disk_slots: int = 0, disk_align: int = 1) -> None:
+                 disk_slots: int = 0, disk_align: int = 1, enable_caching: bool = False) -> None:
         self.config, self.plan, self.phase = config, plan, phase
-        self.watermark_blocks = watermark_blocks
-        self.prefill_pools = [BlockPool(prefill_blocks, block_size)
+        self.watermark_blocks, self.block_size = watermark_blocks, block_size
+        self.prefill_pools = [BlockPool(prefill_blocks, block_size, enable_caching)
                               for _ in range(plan.prefill.dp)]
-        self.decode_pools = [BlockPool(decode_blocks, block_size) for _ in range(plan.decode.dp)]
+        self.decode_pools = [BlockPool(decode_blocks, block_size, enable_caching)
+                             for _ in range(plan.decode.dp)]
         self.tiers = {HOST: SlotAllocator(host_slots, HOST)}  # filled in this order
         if disk_slots:
             self.tiers[DISK] = SlotAllocator(disk_slots, DISK, disk_align)
+        self.tier_kv = TierKV(self._allocate_slots, block_size, enable_caching)
+        self._kv: dict[int, list[Piece]] = {}  # seq id -> its KV in the tiers (SWAPPED)
+        self.prefix = PrefixStats()
         self.waiting: deque[Sequence] = deque()  # need prefill (new or preempted)
         self.swapped: deque[Sequence] = deque()  # KV in a tier, in prefill order
         self.running: list[list[Sequence]] = [[] for _ in range(plan.decode.dp)]
@@ -122,6 +141,8 @@ class PhaseScheduler:
         after the barrier, under the decode layout (the plan's ``replicas``)."""
         self.phase = phase
         self.num_switches += 1
+        for pool in self.prefill_pools + self.decode_pools:  # the other layout's memory now
+            pool.reset_cache()
         for r in self._dead_slots:
             self.tiers[r.tier].free(r)
         self._dead_slots.clear()
@@ -173,8 +194,7 @@ class PhaseScheduler:
         for r in range(len(self.running)):
             moves = []
             for seq in self.running[r] + self.arriving[r]:
-                seq.host_slots = self._allocate_slots(seq.num_tokens - 1)
-                moves.append(KVMove(seq.seq_id, seq.host_slots, list(seq.block_table)))
+                moves += self._store(seq, seq.block_table, seq.num_tokens - 1)
                 self.decode_pools[r].free(seq.block_table)
                 seq.status = SeqStatus.SWAPPED
                 self._evicted.append(seq)
@@ -183,30 +203,67 @@ class PhaseScheduler:
             out.append(SchedulerOutput(Phase.DECODE, [], evict=moves) if moves else None)
         return out
 
+    def _hashes(self, seq: Sequence) -> list[bytes]:
+        """``seq``'s full-block hashes (none without prefix caching)."""
+        if not self.tier_kv.sharing:
+            return []
+        return block_hashes(seq.all_token_ids, self.block_size, seq.block_hashes)
+
+    def _store(self, seq: Sequence, table: list[int], num_tokens: int) -> list[KVMove]:
+        """Places ``seq``'s KV of ``num_tokens`` tokens in the tiers (a prefix the host tier
+        holds by reference) and returns the move that writes the rest from ``table``; the
+        caller checked there is room."""
+        stored = self.tier_kv.store(self._hashes(seq), num_tokens)
+        if stored is None:
+            raise RuntimeError(f"no tier room for sequence {seq.seq_id} (a bug)")
+        pieces, first = stored
+        self._kv[seq.seq_id] = pieces
+        seq.status = SeqStatus.SWAPPED
+        if first >= num_tokens:
+            return []
+        return [KVMove(seq.seq_id, pieces[-1].slots(), table[first // self.block_size:])]
+
+    def _release(self, seq: Sequence) -> None:
+        """``seq``'s KV has left the tiers (admitted, finished): its spans lose a user; the
+        dead ones are freed at the next switch."""
+        for r in self.tier_kv.release(self._kv.pop(seq.seq_id)):
+            self._kill_slots(r)
+
+    def _fits_tiers(self, seq: Sequence, num_tokens: int) -> bool:
+        shared = self.tier_kv.lookup(self._hashes(seq)[:num_tokens // self.block_size])
+        need = num_tokens - (shared[-1].pos + shared[-1].length if shared else 0)
+        return need <= 0 or any(t.can_allocate(need) for t in self.tiers.values())
+
     def _schedule_prefill(self) -> list[SchedulerOutput | None]:
-        """Packs waiting prompts into the replica with the fewest tokens so far, while a
-        tier, the budgets and the replica's scratch blocks allow."""
+        """Packs waiting prompts, while a tier, the budgets and the replica's scratch blocks
+        allow, into the replica whose cache holds most of the prompt, else the one with the
+        fewest tokens so far."""
         dp = self.plan.prefill.dp
         packs = [PrefillPack(self.config) for _ in range(dp)]
         while self.waiting:
             seq = self.waiting[0]
             n = seq.num_tokens
-            if not any(t.can_allocate(n) for t in self.tiers.values()):
+            if not self._fits_tiers(seq, n):
                 break
-            r = next((r for r in sorted(range(dp), key=lambda r: packs[r].tokens)
-                      if packs[r].fits(n) and self.prefill_pools[r].can_allocate([], n)), None)
+            hits = [prefix_hit(pool, seq) for pool in self.prefill_pools]
+            bs = self.block_size
+            r = next((r for r in sorted(range(dp), key=lambda r: (-len(hits[r]), packs[r].tokens))
+                      if packs[r].fits(n - len(hits[r]) * bs)
+                      and self.prefill_pools[r].can_allocate([], n, hits[r])), None)
             if r is None:
                 break
             self.waiting.popleft()
             table: list[int] = []
-            self.prefill_pools[r].allocate(table, n)
-            seq.host_slots = self._allocate_slots(n)
-            seq.status, seq.replica = SeqStatus.SWAPPED, r
+            take_blocks(self.prefill_pools[r], seq, table, hits[r])
+            start = len(hits[r]) * bs
+            self.prefix.add(n, start)
+            moves = self._store(seq, table, n)
+            seq.replica = r
             self.swapped.append(seq)
-            packs[r].add(scheduled(seq, seq.all_token_ids, 0, table),
-                         KVMove(seq.seq_id, seq.host_slots, list(table)))
-        for r, pack in enumerate(packs):  # scratch only: the KV leaves for a tier in the step
-            for entry in pack.seqs:
+            packs[r].add(scheduled(seq, seq.all_token_ids[start:], start, table),
+                         moves[0] if moves else None)
+        for r, pack in enumerate(packs):  # scratch: the KV leaves for a tier in the step
+            for entry in pack.seqs:  # (cached blocks stay findable until this phase ends)
                 self.prefill_pools[r].free(list(entry.block_table))
         return [pack.output(self.plan.prefill.pp) for pack in packs]
 
@@ -215,7 +272,8 @@ class PhaseScheduler:
         (preempting the newest on shortage), then admits tier sequences where blocks remain
         (not into a replica that just preempted, and not a sequence evicted in this very
         step: its KV is written during the step). Admitted sequences' KV is prefetched
-        during this step; they decode from the next."""
+        during this step (what the decode pool already caches is shared instead); they
+        decode from the next."""
         for r, arrived in enumerate(self.arriving):
             self.running[r] += arrived
             arrived.clear()
@@ -228,19 +286,27 @@ class PhaseScheduler:
             grow_running(self.decode_pools[r], running,
                          lambda victim, out=evicted[r]: self._preempt(victim, out))
         while self.swapped:
-            r = self._replica_for(self.swapped[0], [bool(e) for e in evicted])
+            seq = self.swapped[0]
+            kv_len = seq.num_tokens - 1
+            full = self._hashes(seq)[:kv_len // self.block_size]
+            hits = [pool.match(full) for pool in self.decode_pools]
+            r = self._replica_for(seq, [bool(e) for e in evicted], hits)
             if r is None:
                 break
-            seq = self.swapped.popleft()
-            self.decode_pools[r].allocate(seq.block_table, seq.num_tokens)
-            admitted[r].append(KVMove(seq.seq_id, seq.host_slots, list(seq.block_table)))
-            self._kill_slots(seq.host_slots)
-            seq.host_slots, seq.status, seq.replica = None, SeqStatus.RUNNING, r
+            self.swapped.popleft()
+            pool = self.decode_pools[r]
+            pool.share(seq.block_table, hits[r])
+            pool.allocate(seq.block_table, seq.num_tokens)
+            pool.commit(seq.block_table, full)
+            admitted[r] += tier_kv.moves(seq.seq_id, self._kv[seq.seq_id], seq.block_table,
+                                         self.block_size, len(hits[r]) * self.block_size)
+            self._release(seq)
+            seq.status, seq.replica = SeqStatus.RUNNING, r
             self.arriving[r].append(seq)
         out: list[SchedulerOutput | None] = []
         for r, running in enumerate(self.running):
             batch = [scheduled(s, s.output_token_ids[-1:], s.num_tokens - 1) for s in running]
-            busy = batch or evicted[r] or admitted[r]
+            busy = batch or evicted[r] or admitted[r] or self.arriving[r]  # (no copy)
             mbs = split_micro_batches(batch, self.plan.decode.pp, False) if batch else []
             out.append(SchedulerOutput(Phase.DECODE, mbs, evict=evicted[r],
                                        swap_in=admitted[r]) if busy else None)
@@ -252,11 +318,9 @@ class PhaseScheduler:
         pool = self.decode_pools[victim.replica]
         victim.num_preemptions += 1
         self.num_preemptions += 1
-        slots = self._allocate_slots(victim.num_tokens - 1)  # all but the last token's KV
-        if slots is not None:
-            victim.host_slots = slots
-            evicted.append(KVMove(victim.seq_id, victim.host_slots, list(victim.block_table)))
-            victim.status = SeqStatus.SWAPPED
+        kv_len = victim.num_tokens - 1  # all but the last token's KV
+        if self._fits_tiers(victim, kv_len):
+            evicted += self._store(victim, victim.block_table, kv_len)
             self._evicted.append(victim)
             self.num_swap_preemptions += 1
         else:
@@ -264,19 +328,21 @@ class PhaseScheduler:
             self.waiting.appendleft(victim)
         pool.free(victim.block_table)
 
-    def _replica_for(self, seq: Sequence, preempting: list[bool]) -> int | None:
-        """The least-loaded decode replica that can take ``seq``, keep the watermark and
-        still grow every running (or arriving) sequence by one block (skipping replicas
-        that preempt)."""
-        def load(r: int) -> int:
-            return len(self.running[r]) + len(self.arriving[r])
+    def _replica_for(self, seq: Sequence, preempting: list[bool],
+                     hits: list[list[int]]) -> int | None:
+        """The decode replica that can take ``seq`` (sharing ``hits[r]``, the cached blocks
+        of its prefix), keep the watermark and still grow every running (or arriving)
+        sequence by one block (skipping replicas that preempt): most cached blocks first,
+        then the least loaded."""
+        def order(r: int) -> tuple[int, int]:
+            return -len(hits[r]), len(self.running[r]) + len(self.arriving[r])
 
-        for r in sorted(range(len(self.running)), key=load):
+        for r in sorted(range(len(self.running)), key=order):
             pool, running = self.decode_pools[r], self.running[r] + self.arriving[r]
             if preempting[r] or len(running) >= self.config.max_num_seqs:
                 continue
-            need = pool.blocks_for(seq.num_tokens)
-            left = pool.num_free - need
+            idle = sum(1 for b in hits[r] if not pool.in_use(b))
+            left = pool.num_free - idle - (pool.blocks_for(seq.num_tokens) - len(hits[r]))
             if left >= self.watermark_blocks and (not running or left > len(running)):
                 return r
         return None
@@ -285,8 +351,7 @@ class PhaseScheduler:
         """Removes a finished sequence and frees what it holds."""
         if seq.status == SeqStatus.SWAPPED:  # finished by its first token (prefill)
             self.swapped.remove(seq)
-            self._kill_slots(seq.host_slots)
-            seq.host_slots = None
+            self._release(seq)
         else:
             self.decode_pools[seq.replica].free(seq.block_table)
             self.running[seq.replica].remove(seq)

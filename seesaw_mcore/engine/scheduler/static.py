@@ -1,10 +1,12 @@
 """Continuous batching for a static plan, one scheduler per DP replica: all-prefill or
 all-decode steps.
 
-Prefill packs waiting sequences up to ``max_prefill_tokens`` / ``max_num_seqs`` while device
-blocks allow; otherwise every running sequence decodes one token. When blocks run out in
-decode, the newest running sequence is preempted: its blocks are freed and it is recomputed
-(prefill over prompt + generated tokens) later. Holds no tensors.
+Prefill packs waiting sequences up to ``max_prefill_tokens`` / ``max_num_seqs`` (counting
+only the tokens a step computes: with prefix caching, cached blocks are shared, not
+recomputed) while device blocks allow; otherwise every running sequence decodes one token.
+When blocks run out in decode, the newest running sequence is preempted: its blocks are
+freed (cached full blocks keep their KV until needed) and it is recomputed (prefill over
+prompt + generated tokens, from its longest cached prefix) later. Holds no tensors.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from seesaw_mcore.contract import Phase, ScheduledSeq, SchedulerOutput, StepPlan
 from seesaw_mcore.engine.request import SeqStatus, Sequence
 from seesaw_mcore.engine.scheduler.batching import (
     PrefillPack,
+    PrefixStats,
     grow_running,
+    prefix_hit,
     scheduled,
     split_micro_batches,
+    take_blocks,
 )
 from seesaw_mcore.kv.block_pool import BlockPool
 
@@ -37,6 +42,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.prefix = PrefixStats()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -59,13 +65,16 @@ class Scheduler:
         while self.waiting:
             seq = self.waiting[0]
             n = seq.num_tokens
-            if not pack.fits(n) or not self.pool.can_allocate(seq.block_table, n):
+            hit = prefix_hit(self.pool, seq)
+            start = len(hit) * self.pool.block_size
+            if not pack.fits(n - start) or not self.pool.can_allocate(seq.block_table, n, hit):
                 break
             self.waiting.popleft()
-            self.pool.allocate(seq.block_table, n)
+            take_blocks(self.pool, seq, seq.block_table, hit)
+            self.prefix.add(n, start)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            pack.add(scheduled(seq, seq.all_token_ids, 0))
+            pack.add(scheduled(seq, seq.all_token_ids[start:], start))
         return pack.output(self.pp)
 
     def _schedule_decode(self) -> list[ScheduledSeq]:
@@ -98,13 +107,23 @@ class ReplicaSchedulers:
     """
 
     def __init__(self, config: SchedulerConfig, dp: int, pp: int, num_blocks: int,
-                 block_size: int) -> None:
-        self.replicas = [Scheduler(config, BlockPool(num_blocks, block_size), pp)
-                         for _ in range(dp)]
+                 block_size: int, enable_caching: bool = False) -> None:
+        self.config = config
+        self.replicas = [Scheduler(config, BlockPool(num_blocks, block_size, enable_caching),
+                                   pp) for _ in range(dp)]
+        self._last: tuple[int, int] | None = None  # (request index, replica) of the last add
 
     @property
     def num_preemptions(self) -> int:
         return sum(s.num_preemptions for s in self.replicas)
+
+    @property
+    def prefix(self) -> PrefixStats:
+        """Prefix-cache counters over all replicas."""
+        out = PrefixStats()
+        for s in self.replicas:
+            out.add(s.prefix.queried, s.prefix.hit)
+        return out
 
     num_swap_preemptions = 0  # static plans have no host tier: preemption recomputes
     num_handed_back = 0  # and never hand sequences back to a tier
@@ -114,7 +133,26 @@ class ReplicaSchedulers:
         return None
 
     def add(self, seq: Sequence) -> None:
+        """Queues ``seq`` on a replica: with prefix caching, the one whose cache holds the
+        longest part of its prompt unless that one is busier than the least loaded by more
+        than half a batch (else the least loaded); a request's samples stay together.
+        Without caching, ``seq.replica`` as the engine set it."""
+        if len(self.replicas) > 1 and self.replicas[0].pool.enable_caching:
+            if self._last is not None and self._last[0] == seq.request_index:
+                seq.replica = self._last[1]
+            else:
+                seq.replica = self._route(seq)
+            self._last = (seq.request_index, seq.replica)
         self.replicas[seq.replica].add(seq)
+
+    def _route(self, seq: Sequence) -> int:
+        loads = [len(s.waiting) + len(s.running) for s in self.replicas]
+        least = min(range(len(loads)), key=loads.__getitem__)
+        hits = [len(prefix_hit(s.pool, seq)) for s in self.replicas]
+        best = max(range(len(loads)), key=lambda r: (hits[r], -loads[r]))
+        if hits[best] > hits[least] and loads[best] <= loads[least] + self.config.max_num_seqs // 2:
+            return best
+        return least
 
     @property
     def num_waiting(self) -> int:

@@ -1,0 +1,246 @@
+"""Prefix caching: chain hashes, the caching block pool, the host tier's shared spans, and
+both schedulers driven by a fake runner whose "KV" of a position is the exact token prefix
+it was computed from - so every read of a cached, shared, swapped or recomputed block is
+checked, and a shared block being rewritten is caught."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from seesaw_mcore.config import PhasePlan, SchedulerConfig
+from seesaw_mcore.contract import SlotRange
+from seesaw_mcore.engine.request import Sequence
+from seesaw_mcore.engine.scheduler import PhaseScheduler, ReplicaSchedulers
+from seesaw_mcore.kv.block_pool import BlockPool, block_hashes
+from seesaw_mcore.kv.tier_kv import TierKV
+from seesaw_mcore.sampling_params import SamplingParams
+
+BS = 4
+
+
+def test_chain_hash_names_the_whole_prefix():
+    a = block_hashes(list(range(12)), BS, [])
+    b = block_hashes([0, 1, 2, 3, 9, 5, 6, 7, 8, 9, 10, 11], BS, [])
+    assert len(a) == 3 and a[0] == b[0] and a[1] != b[1] and a[2] != b[2]  # parent differs
+    grown: list[bytes] = []
+    block_hashes(list(range(6)), BS, grown)  # one full block, then two more as it grows
+    assert block_hashes(list(range(13)), BS, grown) == a
+    assert len({*a, *b}) == 5 and all(len(h) == 16 for h in a)
+
+
+def test_pool_shares_caches_and_evicts_least_recent_tails_first():
+    pool = BlockPool(6, BS, enable_caching=True)
+    toks = list(range(10))
+    hashes = block_hashes(toks, BS, [])
+    first: list[int] = []
+    pool.allocate(first, 10)
+    pool.commit(first, hashes)
+    assert pool.match(hashes) == first[:2] and pool.num_free == 3
+    second: list[int] = []
+    hit = pool.match(hashes[:1])
+    assert pool.can_allocate(second, 10, hit)
+    pool.share(second, hit)
+    pool.allocate(second, 10)
+    assert second[0] == first[0] and second[1:] != first[1:] and pool.num_free == 1
+    head = first[0]
+    pool.free(first)  # block 0 still used by `second`; first's tail blocks stay cached
+    assert pool.num_free == 3 and pool.num_cached == 2 and pool.in_use(head)
+    pool.free(second)
+    assert pool.num_free == 6 and pool.match(hashes) == [0, 1]  # KV kept after the last user
+    idle_hit = pool.match(hashes)
+    assert pool.can_allocate([], 4 * 6, idle_hit) and not pool.can_allocate([], 4 * 7, idle_hit)
+    taken: list[int] = []
+    pool.allocate(taken, 4 * 5)  # four never-used blocks, then the LRU tail (block 1)
+    assert pool.num_evicted == 1 and pool.match(hashes) == [0]
+    pool.reset_cache()
+    assert pool.match(hashes) == [] and pool.num_free == 1
+
+
+def test_pool_without_caching_never_hits():
+    pool = BlockPool(4, BS)
+    t: list[int] = []
+    pool.allocate(t, 8)
+    pool.commit(t, block_hashes(list(range(8)), BS, []))
+    assert pool.match(block_hashes(list(range(8)), BS, [])) == []
+
+
+def test_tier_stores_a_shared_prefix_once():
+    slots = iter([SlotRange(0, 10), SlotRange(10, 3), SlotRange(13, 10)])
+    kv = TierKV(lambda n: next(slots), BS, sharing=True)
+    a = block_hashes(list(range(10)), BS, [])
+    b = block_hashes(list(range(8)) + [50, 51, 52], BS, [])
+    pa, first_a = kv.store(a, 10)
+    pb, first_b = kv.store(b, 11)  # blocks 0-1 in a's span: only 3 tokens written
+    assert first_a == 0 and first_b == 8 and pa[0].span.users == 2
+    assert [(p.slots().start, p.slots().length, p.pos) for p in pb] == [(0, 8, 0), (10, 3, 8)]
+    assert kv.shared_tokens == 8
+    assert kv.release(pa) == []  # b still reads a's span
+    assert kv.release(pb) == [SlotRange(0, 10), SlotRange(10, 3)] and kv.index == {}
+    pc, first_c = kv.store(a, 10)
+    assert first_c == 0  # nothing left to share
+
+
+# -- the schedulers on a fake runner ----------------------------------------------------
+
+
+class FakeKV:
+    """Device caches (one per layout) and the host tier as dicts of slot -> the token
+    prefix whose KV it holds; runs steps the way the model runner does."""
+
+    def __init__(self) -> None:
+        self.devices: dict[int, dict[int, tuple]] = {}  # per DP replica
+        self.device: dict[int, tuple] = {}  # the replica being run
+        self.host: dict[tuple[str, int], tuple] = {}  # (tier, slot) -> KV
+        self.writes = 0
+        self.step_rows: set[int] = set()
+
+    def move(self, m, to_tier: bool) -> None:
+        for j in range(m.slots.length):
+            row = m.block_table[j // BS] * BS + j % BS
+            slot = (m.slots.tier, m.slots.start + j)
+            if to_tier:
+                self.host[slot] = self.device[row]
+            else:
+                self.device[row] = self.host[slot]
+
+    def forward(self, s, seq: Sequence, protected: dict[int, tuple]) -> None:
+        toks = seq.all_token_ids
+        for p in range(s.start_pos):  # cached context: read in place
+            row = s.block_table[p // BS] * BS + p % BS
+            assert self.device.get(row) == tuple(toks[:p + 1]), (seq.seq_id, p)
+        for p in range(s.start_pos, s.start_pos + len(s.token_ids)):
+            row = s.block_table[p // BS] * BS + p % BS
+            new = tuple(toks[:p + 1])
+            owner, kept = protected.get(row, (seq.seq_id, new))
+            assert owner == seq.seq_id or kept == new, (
+                f"sequence {seq.seq_id} rewrote KV that sequence {owner} holds")
+            assert row not in self.step_rows, "two writers of one slot in a step"
+            self.step_rows.add(row)
+            self.device[row] = new
+            self.writes += 1
+
+
+def _requests(num_questions=6, n=3, prefix_len=13, max_tokens=6, seed=0) -> list[Sequence]:
+    rng = random.Random(seed)
+    shot = [rng.randrange(50) for _ in range(prefix_len)]
+    seqs = []
+    for q in range(num_questions):
+        prompt = shot + [rng.randrange(50) for _ in range(rng.randrange(1, 9))]
+        p = SamplingParams(n=n, max_tokens=max_tokens)
+        seqs += [Sequence(seq_id=len(seqs) + k, request_index=q, sample_index=k,
+                          prompt_token_ids=prompt, params=p, seed=k, max_tokens=max_tokens)
+                 for k in range(n)]
+    return seqs
+
+
+def _run(sched, seqs: list[Sequence]) -> FakeKV:
+    """Drives ``sched`` to the end; every sequence's k-th token is a function of its id."""
+    kv, by_id = FakeKV(), {s.seq_id: s for s in seqs}
+    for s in seqs:
+        sched.add(s)
+    for _ in range(10_000):
+        if not sched.has_work():
+            return kv
+        step = sched.schedule()
+        for r, rep in enumerate(step.replicas):
+            kv.device = kv.devices.setdefault(r, {})
+            for m in rep.evict if rep else ():
+                kv.move(m, to_tier=True)
+        if step.switch_to is not None:
+            kv.devices.clear()  # the other layout owns the device memory now
+            continue
+        for r, rep in enumerate(step.replicas):
+            if rep is None:
+                continue
+            kv.device = kv.devices.setdefault(r, {})
+            for m in rep.swap_in:
+                kv.move(m, to_tier=False)
+            # slot -> (holder, its KV) for every computed position of every sequence
+            # holding blocks on this replica: no other sequence may change it
+            protected: dict[int, tuple] = {}
+            steps = {s.seq_id: s for s in rep.seqs}
+            for q in by_id.values():
+                s = steps.get(q.seq_id)
+                table, done = ((s.block_table, s.start_pos) if s is not None else
+                               (q.block_table, q.num_tokens - 1))
+                if s is None and (q.replica != r or q.finish_reason is not None):
+                    continue
+                for p in range(min(done, len(table) * BS)):
+                    protected[table[p // BS] * BS + p % BS] = (q.seq_id, tuple(
+                        q.all_token_ids[:p + 1]))
+            kv.step_rows = set()
+            for s in rep.seqs:
+                kv.forward(s, by_id[s.seq_id], protected)
+            for m in rep.swap_out:
+                kv.move(m, to_tier=True)
+        for rep in step.replicas:
+            for s in rep.seqs if rep else ():
+                seq = by_id[s.seq_id]
+                seq.output_token_ids.append((seq.seq_id * 7 + seq.num_tokens) % 50)
+                if len(seq.output_token_ids) >= seq.max_tokens:
+                    seq.finish_reason = "length"
+                    sched.finish(seq)
+    raise AssertionError("scheduler did not finish")
+
+
+@pytest.mark.parametrize("dp,num_blocks", [(1, 64), (1, 9), (2, 64), (2, 10)])
+def test_static_scheduler_shares_and_reads_exact_kv(dp, num_blocks):
+    seqs = _requests()
+    sched = ReplicaSchedulers(SchedulerConfig(max_num_seqs=8), dp, 1, num_blocks, BS,
+                              enable_caching=True)
+    kv = _run(sched, seqs)
+    p = sched.prefix
+    assert p.hit > 0
+    if num_blocks == 64:  # no preemption: prompts' full blocks computed once per replica
+        assert sched.num_preemptions == 0
+        prompt = sum(len(s.prompt_token_ids) for s in seqs[::3])
+        assert p.queried - p.hit < prompt  # n=3 samples and the shared prefix
+    else:
+        assert sched.num_preemptions > 0  # recompute preemption re-reads cached blocks
+    off = ReplicaSchedulers(SchedulerConfig(max_num_seqs=8), dp, 1, num_blocks, BS)
+    assert _run(off, _requests()).writes > kv.writes
+    assert off.prefix.hit == 0
+
+
+@pytest.mark.parametrize("plan,host_slots,decode_blocks,disk_slots", [
+    ("P2:T2", 400, 40, 0), ("P2:T2", 60, 12, 0), ("P2:T2", 40, 9, 0), ("D2:T2", 60, 12, 0),
+    ("P2:D2", 40, 9, 0), ("D2:D2", 30, 8, 0), ("P2:T2", 24, 9, 96)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_seesaw_scheduler_shares_across_tiers_and_switches(plan, host_slots, decode_blocks,
+                                                           disk_slots, seed):
+    def run(caching: bool):
+        sched = PhaseScheduler(SchedulerConfig(max_num_seqs=8), PhasePlan.from_string(plan),
+                               32, decode_blocks, BS, host_slots, watermark_blocks=1,
+                               disk_slots=disk_slots, disk_align=8, enable_caching=caching)
+        return sched, _run(sched, _requests(num_questions=8, seed=seed))
+
+    sched, kv = run(True)
+    assert sched.prefix.hit > 0 and sched.tier_kv.shared_tokens > 0
+    assert not sched._kv  # every span released ...
+    assert all(t.used == 0 for t in sched.tiers.values()) or sched._dead_slots  # ... or dying
+    if host_slots < 100:
+        assert sched.num_switches > 2
+    off, kv_off = run(False)
+    assert kv_off.writes > kv.writes and off.tier_kv.shared_tokens == 0
+
+
+def test_prompt_logprobs_positions_are_computed():
+    """A request that returns prompt logprobs takes no cached block at or after the first
+    position it scores (vLLM: those positions are computed)."""
+    sched = ReplicaSchedulers(SchedulerConfig(), 1, 1, 32, BS, enable_caching=True)
+    toks = list(range(20))
+    warm = Sequence(0, 0, 0, toks, SamplingParams(max_tokens=1), 0, 1)
+    scored = Sequence(1, 1, 0, toks, SamplingParams(max_tokens=1, prompt_logprobs=0,
+                                                    prompt_logprobs_from=10), 0, 1)
+    full = Sequence(2, 2, 0, toks, SamplingParams(max_tokens=1, prompt_logprobs=1), 0, 1)
+    starts = []
+    for seq in (warm, scored, full):
+        sched.add(seq)
+        step = sched.schedule()
+        starts.append(step.replicas[0].seqs[0].start_pos)
+        seq.output_token_ids.append(1)
+        sched.finish(seq)
+    assert starts == [0, 8, 0]  # 8: the full blocks before position 9 (logits for 10)
+    assert len(sched.replicas[0].pool.match(block_hashes(toks, BS, []))) == 5
