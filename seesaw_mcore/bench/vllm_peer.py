@@ -1,14 +1,23 @@
-"""A persistent generation worker for ``bench_vllm``: vLLM (run with the vLLM environment's
+"""A persistent generation worker for ``bench.vllm``: vLLM (run with the vLLM environment's
 Python) or this engine (run with ours, one rank or several under the launcher).
 
-    <vllm-env>/bin/python seesaw_mcore/bench/vllm_peer.py vllm WORKDIR MODEL
-    deepspeed --no_local_rank --num_gpus 2 seesaw_mcore/bench/vllm_peer.py engine WORKDIR MODEL D2
+    <vllm-env>/bin/python seesaw_mcore/bench/vllm_peer.py vllm WORKDIR MODEL [off]
+    deepspeed --no_local_rank --num_gpus 2 seesaw_mcore/bench/vllm_peer.py engine WORKDIR MODEL D2 [off]
 
-It loads the model once, writes ``WORKDIR/NAME.ready``, then for each ``WORKDIR/NAME.go.I``
-the driver writes, generates greedily for every prompt in ``WORKDIR/prompts.json`` and writes
-``WORKDIR/NAME.done.I`` (seconds and tokens); ``WORKDIR/NAME.stop`` ends it. Files keep the
-two engines in separate processes and environments while the driver interleaves their runs.
-This file imports neither package at module level, so either environment can run it.
+(``off``: prefix caching off.) It loads the model once, writes ``WORKDIR/NAME.ready``, then
+for each ``WORKDIR/NAME.go.I`` the driver writes (holding a workload's name) runs that
+workload of ``WORKDIR/workloads.json`` and writes ``WORKDIR/NAME.done.I`` (seconds and
+results); ``WORKDIR/NAME.stop`` ends it. Workloads:
+
+- ``unique``: greedy completions of distinct prompts (``prompts``, ``max_tokens``);
+- ``eval``: ``n`` sampled completions (``temperature``, ``top_p``) of each prompt;
+- ``mc``: loglikelihoods of ``(context, continuation)`` pairs, the way lm-eval asks them
+  (this engine: through its lm-eval backend, ``SeesawLM``; vLLM: as lm-eval's vLLM backend
+  does, prompt logprobs of context + continuation).
+
+Each run starts from an empty prefix cache (vLLM's is reset; this engine's lasts one
+``generate``). This file imports neither package at module level, so either environment can
+run it.
 """
 
 from __future__ import annotations
@@ -19,17 +28,12 @@ import sys
 import time
 
 
-def _wait(path: str) -> None:
-    while not os.path.exists(path):
-        time.sleep(0.02)
-
-
-def _serve(work: str, name: str, generate, is_driver: bool, barrier=lambda: None) -> None:
-    """Runs ``generate(prompts, max_tokens) -> token lists`` whenever the driver asks."""
-    with open(os.path.join(work, "prompts.json")) as f:
-        job = json.load(f)
-    prompts, max_tokens = job["prompts"], job["max_tokens"]
-    generate(prompts[:2], 4)  # warm-up (vLLM also compiles at start)
+def _serve(work: str, name: str, run, is_driver: bool, barrier=lambda: None) -> None:
+    """Runs ``run(workload) -> results`` whenever the driver asks."""
+    with open(os.path.join(work, "workloads.json")) as f:
+        jobs = json.load(f)
+    for job in jobs.values():  # warm-up (vLLM also compiles at start)
+        run(_shrink(job))
     if is_driver:
         open(os.path.join(work, f"{name}.ready"), "w").close()
     i = 0
@@ -40,56 +44,85 @@ def _serve(work: str, name: str, generate, is_driver: bool, barrier=lambda: None
         barrier()
         if os.path.exists(stop):
             return
+        with open(go) as f:
+            job = jobs[f.read().strip()]
         t0 = time.perf_counter()
-        tokens = generate(prompts, max_tokens)
+        results = run(job)
         seconds = time.perf_counter() - t0
         if is_driver:
             tmp = os.path.join(work, f"{name}.done.{i}.tmp")
             with open(tmp, "w") as f:
-                json.dump({"seconds": seconds, "tokens": tokens}, f)
+                json.dump({"seconds": seconds, "results": results}, f)
             os.replace(tmp, os.path.join(work, f"{name}.done.{i}"))
         i += 1
 
 
-def serve_vllm(work: str, model: str) -> None:
+def _shrink(job: dict) -> dict:
+    """A two-request version of ``job`` for the warm-up."""
+    small = dict(job)
+    for key in ("prompts", "pairs"):
+        if key in small:
+            small[key] = small[key][:2]
+    small["max_tokens"] = min(job.get("max_tokens", 1), 4)
+    return small
+
+
+def serve_vllm(work: str, model: str, caching: bool) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    # no prefix caching: this engine has none, and the rounds repeat the same prompts
     llm = LLM(model=model, dtype="float32", skip_tokenizer_init=True, seed=0,
-              max_model_len=1024, enable_prefix_caching=False)
+              max_model_len=2048, enable_prefix_caching=caching)
 
-    def generate(prompts, max_tokens):
-        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True,
-                            detokenize=False)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp,
+    def run(job: dict):
+        if caching:
+            llm.reset_prefix_cache()  # every run starts cold, like this engine's
+        if job["kind"] == "mc":  # lm-eval's vLLM backend: prompt_logprobs=1, max_tokens=1
+            sp = SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=1,
+                                detokenize=False)
+            outs = llm.generate([TokensPrompt(prompt_token_ids=c + x) for c, x in job["pairs"]],
+                                sp, use_tqdm=False)
+            return [sum(o.prompt_logprobs[len(c) + j][t].logprob for j, t in enumerate(x))
+                    for o, (c, x) in zip(outs, job["pairs"])]
+        sp = SamplingParams(n=job.get("n", 1), temperature=job.get("temperature", 0.0),
+                            top_p=job.get("top_p", 1.0), max_tokens=job["max_tokens"],
+                            ignore_eos=True, detokenize=False)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], sp,
                             use_tqdm=False)
-        return [list(o.outputs[0].token_ids) for o in outs]
+        return [[list(c.token_ids) for c in o.outputs] for o in outs]
 
-    _serve(work, "vllm", generate, True)
+    _serve(work, "vllm" if caching else "vllm-nocache", run, True)
 
 
-def serve_engine(work: str, model: str, plan: str) -> None:
+def serve_engine(work: str, model: str, plan: str, caching: bool) -> None:
     import torch.distributed as dist
 
-    from seesaw_mcore import LLM, SamplingParams
+    from seesaw_mcore import SamplingParams
+    from seesaw_mcore.eval_harness import SeesawLM
 
-    prefill, _, decode = plan.partition(":")
-    llm = LLM(model, prefill=prefill, decode=decode or None, dtype="float32",
-              kv_cache_gib=1.0)
+    lm = SeesawLM(model, plan=plan, dtype="float32", kv_cache_gib=1.0,
+                  enable_prefix_caching=caching)
+    llm = lm.llm
 
-    def generate(prompts, max_tokens):
-        sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs]
+    def run(job: dict):
+        if job["kind"] == "mc":
+            ll = lm._loglikelihood_tokens([(None, c, x) for c, x in job["pairs"]])
+            return [s for s, _ in ll]
+        sp = SamplingParams(n=job.get("n", 1), temperature=job.get("temperature", 0.0),
+                            top_p=job.get("top_p", 1.0), max_tokens=job["max_tokens"],
+                            ignore_eos=True)
+        outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], sp,
+                            use_tqdm=False)
+        return [[c.token_ids for c in o.outputs] for o in outs]
 
-    _serve(work, f"engine-{plan}", generate, llm.is_driver, dist.barrier)
+    name = f"engine-{plan}" + ("" if caching else "-nocache")
+    _serve(work, name, run, llm.is_driver, dist.barrier)
     llm.shutdown()
 
 
 if __name__ == "__main__":
     kind, work, model = sys.argv[1:4]
     if kind == "vllm":
-        serve_vllm(work, model)
+        serve_vllm(work, model, sys.argv[4:5] != ["off"])
     else:
-        serve_engine(work, model, sys.argv[4])
+        serve_engine(work, model, sys.argv[4], sys.argv[5:6] != ["off"])

@@ -1,7 +1,9 @@
 """lm-evaluation-harness on the engine gives lm-eval's own HF backend's results on the same
 model: a multiple-choice task (loglikelihoods within 1e-3, same argmax flags and accuracy),
 a generation task (identical greedy generations) and a rolling-loglikelihood task, through
-``lm_eval.simple_evaluate`` on one rank and through ``launch/eval.py`` on two (P2 -> T2)."""
+``lm_eval.simple_evaluate`` on one rank and through ``launch/eval.py`` on two (P2 -> T2);
+the same results with prefix caching off, and with it on the multiple-choice contexts are
+shared (the backend asks for the continuations' prompt logprobs only)."""
 
 from __future__ import annotations
 
@@ -55,12 +57,14 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("lm_eval")
     tasks = _task_dir(root)
     out = {}
-    for mode in ("hf", "seesaw"):
-        path = root / f"{mode}.json"
-        proc = launch(1, ["tests.distributed.lm_eval_job", mode, TINY, tasks, str(path)],
+    for name, mode, extra in (("hf", "hf", []), ("seesaw", "seesaw", []),
+                              ("seesaw nocache", "seesaw", ["enable_prefix_caching=false"])):
+        path = root / f"{name.replace(' ', '_')}.json"
+        proc = launch(1, ["tests.distributed.lm_eval_job", mode, TINY, tasks, str(path),
+                          *extra],
                       timeout=400, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        out[mode] = json.loads(path.read_text())
+        out[name] = json.loads(path.read_text())
     path = root / "p2t2.json"
     proc = launch(2, ["launch.eval", "plan=P2:T2", f"model.path={TINY}", "dtype=float32",
                       f"eval.tasks=[{','.join(TASKS)}]", f"eval.include_path={tasks}",
@@ -70,6 +74,28 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     assert "seesaw_mc" in proc.stdout  # rank 0's table
     out["seesaw P2:T2"] = summarize(json.loads(path.read_text()))
     return out
+
+
+def _close(a, b) -> bool:
+    """Equal structures; numbers (loglikelihoods) within 1e-4."""
+    if isinstance(a, (list, tuple, dict)):
+        if type(a) is not type(b) or len(a) != len(b):
+            return False
+        if isinstance(a, dict):
+            return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+        return all(_close(x, y) for x, y in zip(a, b))
+    try:
+        return abs(float(a) - float(b)) < 1e-4
+    except (TypeError, ValueError):
+        return a == b
+
+
+def test_prefix_caching_shares_contexts_and_changes_no_result(runs):
+    on, off = runs["seesaw"], runs["seesaw nocache"]
+    assert on["results"] == off["results"]
+    assert _close(on["samples"], off["samples"])
+    assert on["prefix"]["cached"] > 0 and off["prefix"]["cached"] == 0
+    assert on["prefix"]["prefill_tokens"] == off["prefix"]["prefill_tokens"]
 
 
 @pytest.mark.parametrize("ours", ["seesaw", "seesaw P2:T2"])

@@ -84,6 +84,8 @@ def test_plan_string_round_trip():
                          "prefill_first, decode_first, got 'fifo'"),
     ({"plan": "auto", "auto_candidates": 0}, "auto_candidates must be >= 1, got 0"),
     ({"auto_trial_steps": 0}, "auto_trial_steps must be >= 1, got 0"),
+    ({"enable_prefix_caching": "maybe"},
+     "cache.enable_prefix_caching must be true or false, got 'maybe'"),
 ])
 def test_errors(kwargs, msg):
     with pytest.raises(SeesawError) as e:
@@ -138,5 +140,19 @@ def test_hydra_type_checks_overrides(compose):
     with pytest.raises(ConfigCompositionException) as e:
         compose("cache.num_blocks=abc")
     assert "could not be converted to Integer" in str(e.value.__cause__)
+    with pytest.raises(ConfigCompositionException) as e:
+        compose("cache.enable_prefix_caching=maybe")
+    assert "Value 'maybe' is not a valid bool" in str(e.value.__cause__)
     with pytest.raises(ConfigCompositionException):
         compose("cache.no_such_field=1")
+
+
+def test_prefix_caching_is_on_by_default_and_switchable(compose):
+    from omegaconf import OmegaConf
+
+    assert EngineConfig.from_kwargs("/m").cache.enable_prefix_caching is True
+    cfg = compose("cache.enable_prefix_caching=false")
+    eng = EngineConfig.from_mapping(OmegaConf.to_container(cfg, resolve=True))
+    assert eng.cache.enable_prefix_caching is False
+    assert not EngineConfig.from_kwargs("/m", enable_prefix_caching=False).cache \
+        .enable_prefix_caching
