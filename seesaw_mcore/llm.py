@@ -241,6 +241,12 @@ class LLM:
             raise SeesawError(f"{label} is empty")
         return list(toks)
 
+    def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (vLLM's ``reset_prefix_cache``). A static plan's
+        cache lasts across ``generate`` calls; a Seesaw plan's lasts one call (its device
+        caches last a phase, its host tier empties by the end of a call)."""
+        self.engine.reset_prefix_cache()
+
     def shutdown(self) -> None:
         """Releases the tiers and destroys the process groups (the job can then exit
         cleanly)."""

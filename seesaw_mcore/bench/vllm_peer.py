@@ -2,7 +2,8 @@
 Python) or this engine (run with ours, one rank or several under the launcher).
 
     <vllm-env>/bin/python seesaw_mcore/bench/vllm_peer.py vllm WORKDIR MODEL [off]
-    deepspeed --no_local_rank --num_gpus 2 seesaw_mcore/bench/vllm_peer.py engine WORKDIR MODEL D2 [off]
+    deepspeed --no_local_rank --num_gpus 2 seesaw_mcore/bench/vllm_peer.py \
+        engine WORKDIR MODEL D2 [off]
 
 (``off``: prefix caching off.) It loads the model once, writes ``WORKDIR/NAME.ready``, then
 for each ``WORKDIR/NAME.go.I`` the driver writes (holding a workload's name) runs that
@@ -15,9 +16,8 @@ results); ``WORKDIR/NAME.stop`` ends it. Workloads:
   (this engine: through its lm-eval backend, ``SeesawLM``; vLLM: as lm-eval's vLLM backend
   does, prompt logprobs of context + continuation).
 
-Each run starts from an empty prefix cache (vLLM's is reset; this engine's lasts one
-``generate``). This file imports neither package at module level, so either environment can
-run it.
+Each run starts from an empty prefix cache (both engines' caches are reset). This file
+imports neither package at module level, so either environment can run it.
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ import json
 import os
 import sys
 import time
+
+# run as a script, this folder is sys.path[0]: its vllm.py (the driver) would shadow vLLM
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
 def _serve(work: str, name: str, run, is_driver: bool, barrier=lambda: None) -> None:
@@ -71,8 +75,10 @@ def serve_vllm(work: str, model: str, caching: bool) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
+    with open(os.path.join(model, "config.json")) as f:
+        context = json.load(f)["max_position_embeddings"]
     llm = LLM(model=model, dtype="float32", skip_tokenizer_init=True, seed=0,
-              max_model_len=2048, enable_prefix_caching=caching)
+              max_model_len=min(2048, context), enable_prefix_caching=caching)
 
     def run(job: dict):
         if caching:
@@ -105,6 +111,7 @@ def serve_engine(work: str, model: str, plan: str, caching: bool) -> None:
     llm = lm.llm
 
     def run(job: dict):
+        llm.reset_prefix_cache()  # every run starts cold (a static plan's cache persists)
         if job["kind"] == "mc":
             ll = lm._loglikelihood_tokens([(None, c, x) for c, x in job["pairs"]])
             return [s for s, _ in ll]

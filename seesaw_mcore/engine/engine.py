@@ -80,6 +80,8 @@ class Engine:
         self.trace: list[TraceEvent] | None = None
         self.last_step: StepTiming | None = None  # rank 0: the last step's timing
         self.scheduler: SchedulerInterface | None = None  # during a run, on rank 0
+        # A static plan's block pools between runs: cached prefixes stay findable (rank 0)
+        self._pools: tuple[PhasePlan, list] | None = None
         self._seqs: dict[int, Sequence] = {}  # added and not finished
         self._t0 = 0.0
 
@@ -169,6 +171,8 @@ class Engine:
             raise
         self.worker.stop()
         self.stats.add_scheduler(self.scheduler)
+        if isinstance(self.scheduler, ReplicaSchedulers):  # no sequence left: no user
+            self._pools = (self.plan, [s.pool for s in self.scheduler.replicas])
         self.scheduler = None
         self._end_run()
 
@@ -233,6 +237,11 @@ class Engine:
             seq.replica = seq.request_index % plan.prefill.dp
             self.scheduler.add(seq)
 
+    def reset_prefix_cache(self) -> None:
+        """Rank 0, between runs: forgets every cached prefix (vLLM's
+        ``reset_prefix_cache``; needed when the weights change)."""
+        self._pools = None
+
     def finish(self, seq: Sequence) -> None:
         """Ends a sequence (a stop string found by the output processor) and frees its KV."""
         self.scheduler.finish(seq)
@@ -272,8 +281,10 @@ class Engine:
     def _make_scheduler(self) -> SchedulerInterface:
         if self.plan.is_static:
             lay = self.plan.prefill
+            pools, self._pools = self._pools, None
             return ReplicaSchedulers(self.sched_cfg, lay.dp, lay.pp, self.num_blocks[lay],
-                                     self.cache.block_size, self.cache.enable_prefix_caching)
+                                     self.cache.block_size, self.cache.enable_prefix_caching,
+                                     pools[1] if pools and pools[0] == self.plan else None)
         decode_blocks = self.num_blocks[self.plan.decode]
         disk = self.runner.copier.disk
         return PhaseScheduler(self.sched_cfg, self.plan, self.num_blocks[self.plan.prefill],

@@ -158,6 +158,7 @@ class OutputProcessor:
             request_id=req.id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
             prompt_logprobs=self._decoded(first.prompt_logprobs),
             outputs=[self._completion(s) for s in req.samples],
+            num_cached_tokens=first.num_cached_tokens,
             latency_s=time.perf_counter() - self.start)
 
     def _completion(self, s: Sequence) -> CompletionOutput:

@@ -44,6 +44,7 @@ class Sequence:
     min_tokens_banned: tuple[int, ...] = ()
     # prefix caching: chain hashes of its full blocks so far (``kv.block_pool.block_hashes``)
     block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens its first prefill took from the prefix cache
 
     @property
     def num_tokens(self) -> int:
@@ -91,4 +92,5 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = True
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache held (vLLM's; first sample)
     latency_s: float = 0.0  # from generate() start to this request's last token

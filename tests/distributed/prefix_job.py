@@ -29,13 +29,16 @@ def run(model: str, plan: str, caching: bool) -> dict:
     params = [SamplingParams(n=N, temperature=0.8, top_p=0.9, seed=7 + i,
                              max_tokens=MAX_TOKENS, ignore_eos=True)
               for i in range(len(PROMPTS))]
-    sampled = llm.generate(prompts, params, use_tqdm=False)
+    cached_first = llm.engine.stats.cached_tokens
+    sampled = llm.generate(prompts, params, use_tqdm=False)  # a static plan's cache persists
     st = llm.engine.stats
     report = {"greedy": [o.outputs[0].token_ids for o in greedy],
               "sampled": [[c.token_ids for c in o.outputs] for o in sampled],
               "prefill_tokens": st.prefill_tokens, "cached_tokens": st.cached_tokens,
               "tier_shared_tokens": st.tier_shared_tokens, "preemptions": st.preemptions,
-              "switches": st.switches}
+              "switches": st.switches, "cached_first_call": cached_first,
+              "first_prompt_hit_second_call": sampled[0].num_cached_tokens if sampled else 0,
+              "num_cached_tokens": [o.num_cached_tokens for o in sampled]}
     llm.close()
     return report
 

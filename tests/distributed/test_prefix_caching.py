@@ -40,6 +40,14 @@ def test_caching_computes_less(results, plan):
     assert on["preemptions"] > 0 or plan in ("D2",)  # the small cache preempts
 
 
+@pytest.mark.parametrize("plan", ["T1", "T2", "P2", "D2"])
+def test_static_cache_lasts_across_generate_calls(results, plan):
+    """The second call (n=3 samples of the same prompts) finds the first call's blocks:
+    sample 0 of the first prompt is already a hit."""
+    on = results[f"{plan} on"]
+    assert on["first_prompt_hit_second_call"] > 0
+
+
 def test_seesaw_plan_switches_and_shares_the_host_tier(results):
     on = results["P2:T2 on"]
     assert on["switches"] >= 4 and on["tier_shared_tokens"] > 0

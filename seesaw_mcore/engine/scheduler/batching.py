@@ -93,6 +93,8 @@ def take_blocks(pool: BlockPool, seq: Sequence, table: list[int], hit: list[int]
     pool.share(table, hit)
     pool.allocate(table, seq.num_tokens)
     pool.commit(table, seq.block_hashes)
+    if not seq.output_token_ids:  # its first prefill
+        seq.num_cached_tokens = len(hit) * pool.block_size
 
 
 def grow_running(pool: BlockPool, running: list[Sequence],

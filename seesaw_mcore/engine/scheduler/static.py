@@ -104,13 +104,17 @@ class ReplicaSchedulers:
         pp: pipeline stages.
         num_blocks: device blocks per rank.
         block_size: tokens per block.
+        enable_caching: prefix caching in the replicas' pools.
+        pools: the replicas' pools of an earlier run of the same plan (their cached
+            prefixes stay findable), instead of new ones.
     """
 
     def __init__(self, config: SchedulerConfig, dp: int, pp: int, num_blocks: int,
-                 block_size: int, enable_caching: bool = False) -> None:
+                 block_size: int, enable_caching: bool = False,
+                 pools: list[BlockPool] | None = None) -> None:
         self.config = config
-        self.replicas = [Scheduler(config, BlockPool(num_blocks, block_size, enable_caching),
-                                   pp) for _ in range(dp)]
+        pools = pools or [BlockPool(num_blocks, block_size, enable_caching) for _ in range(dp)]
+        self.replicas = [Scheduler(config, pool, pp) for pool in pools]
         self._last: tuple[int, int] | None = None  # (request index, replica) of the last add
 
     @property
