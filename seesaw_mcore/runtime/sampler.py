@@ -3,8 +3,8 @@
 One pass over the step's ``[N, V]`` logits: rows with penalties or banned ids (``min_tokens``)
 first get them applied (one scatter over the step's token histories); greedy rows by argmax;
 sampled rows by
-temperature, then top-k, top-p and min-p (per-row tensors, at most one sort per step), then a
-Gumbel-max draw; logprobs of every row in one ``log_softmax``; one device -> host transfer of
+temperature, then top-k, top-p and min-p (per-row tensors, at most one sort per step, over
+the top ``CANDIDATES`` tokens when they hold every row's nucleus), then a Gumbel-max draw; logprobs of every row in one ``log_softmax``; one device -> host transfer of
 the step's tokens (and logprobs). The O(steps) work does not grow with the batch.
 
 Randomness is counter-based: the Gumbel noise of row ``r`` at vocab index ``v`` is a hash of
@@ -21,6 +21,9 @@ import torch
 from seesaw_mcore.contract import SampledToken, SamplingSpec
 
 _M64 = (1 << 64) - 1
+# Top-p / min-p without top-k: the most likely tokens looked at first; when they hold every
+# row's nucleus (almost always with a trained model), no sort of the whole vocabulary.
+CANDIDATES = 1024
 
 
 def _i64(x: int) -> int:
@@ -125,14 +128,17 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         vocab_ids = torch.arange(vocab, device=logits.device)  # [V]
         drawn = (scores + _gumbel(batch, vocab_ids)).argmax(dim=-1)  # [N]
         return torch.where(batch.temperature > 0, drawn, greedy)
+    full = None  # [N, K] full-vocabulary probabilities of the kept columns (no top-k rows)
     if 0 < batch.all_top_k < vocab:  # every sampled row keeps <= K tokens: no full sort
         scores, order = scores.topk(batch.all_top_k, dim=-1)  # [N, K] each, descending
     else:
-        scores, order = scores.sort(dim=-1, descending=True)  # [N, V] each
+        scores, order, full = _candidates(scores, batch)
     rank = torch.arange(scores.shape[1], device=logits.device)  # [K]
     k = torch.where(batch.top_k > 0, batch.top_k, vocab).unsqueeze(1)  # [N, 1]
     scores = scores.masked_fill(rank >= k, float("-inf"))  # top-k
-    probs = scores.softmax(dim=-1)  # [N, K]
+    probs = scores.softmax(dim=-1)  # [N, K] (top-k rows: renormalized over their k)
+    if full is not None:
+        probs = torch.where((batch.top_k > 0).unsqueeze(1), probs, full)
     drop = probs.cumsum(dim=-1) - probs >= batch.top_p.unsqueeze(1)  # top-p
     drop |= probs < batch.min_p.unsqueeze(1) * probs[:, :1]  # min-p (of the max)
     drop[:, 0] = False  # the most likely token always stays
@@ -140,6 +146,32 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     pick = (scores + _gumbel(batch, order)).argmax(dim=-1, keepdim=True)  # [N, 1]
     drawn = order.gather(1, pick).squeeze(1)  # [N]
     return torch.where(batch.temperature > 0, drawn, greedy)
+
+
+def _candidates(scores: torch.Tensor, batch: SamplingBatch
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Rows' tokens in descending order, as far as the filters can keep any: the top
+    ``CANDIDATES`` when, for every sampled row, they hold all a filter can keep (top-k with
+    k <= CANDIDATES, the top-p nucleus, or every token above min-p), else the full sort.
+
+    Returns:
+        ``(scores, order, full)``: ``[N, K]`` sorted scores and their vocab ids, and the
+        full-vocabulary probabilities of those columns (``None`` after a full sort).
+    """
+    vocab = scores.shape[1]
+    sampled = batch.temperature > 0
+    probs = scores.softmax(dim=-1) if CANDIDATES < vocab else None  # [N, V]
+    # a nucleus needs at least top_p / max prob tokens: flat rows cannot fit (one sync)
+    if probs is not None and not bool((sampled & (batch.top_k <= 0) & (batch.top_p < 1) & (
+            batch.top_p > CANDIDATES * probs.amax(dim=-1))).any()):
+        top, order = probs.topk(CANDIDATES, dim=-1)  # [N, C] each, descending
+        kept = ((batch.top_k > 0) & (batch.top_k <= CANDIDATES)) \
+            | ((batch.top_p < 1) & (top.sum(dim=-1) >= batch.top_p)) \
+            | ((batch.min_p > 0) & (top[:, -1] < batch.min_p * top[:, 0]))
+        if bool((kept | ~sampled).all()):  # one sync; else the full sort below
+            return scores.gather(1, order), order, top
+    scores, order = scores.sort(dim=-1, descending=True)  # [N, V] each
+    return scores, order, None
 
 
 def apply_penalties(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:

@@ -154,3 +154,27 @@ def test_prompt_logprob_rows():
                                                     abs_tol=1e-6)
         assert row[2] == int((logp[i] > logp[i, actual[i]]).sum()) + 1
         assert row[3:5] == logp[i].topk(2).indices.tolist()
+
+
+@pytest.mark.parametrize("peaked", [True, False])
+def test_nucleus_from_candidates_equals_full_sort(monkeypatch, peaked):
+    """Top-p / min-p rows (no top-k) on a 5000-token vocabulary: drawn from the top
+    ``CANDIDATES`` when they hold every nucleus (peaked logits), else from the full sort
+    (flat logits); either way the same tokens as the full sort."""
+    from seesaw_mcore.runtime import sampler as sampler_mod
+
+    gen = torch.Generator().manual_seed(9)
+    logits = torch.randn(24, 5000, generator=gen) * (6.0 if peaked else 0.05)
+    specs = [spec(temperature=0.8, seed=i, step=3, top_p=0.9 if i % 3 else 1.0,
+                  min_p=0.05 if i % 3 == 0 else 0.0, top_k=40 if i == 5 else -1)
+             for i in range(24)] + [spec(temperature=0)]
+    logits = torch.cat([logits, logits[:1]])
+    calls = []
+    real_sort = torch.Tensor.sort
+    monkeypatch.setattr(torch.Tensor, "sort", lambda *a, **k: calls.append(1) or real_sort(
+        *a, **k))
+    got = [t.token_id for t in sample(logits, list(range(25)), specs)]
+    assert bool(calls) == (not peaked)  # peaked: no sort of the vocabulary
+    monkeypatch.setattr(sampler_mod, "CANDIDATES", 5000)  # always the full sort
+    want = [t.token_id for t in sample(logits, list(range(25)), specs)]
+    assert got == want
