@@ -2,10 +2,10 @@
 
 One pass over the step's ``[N, V]`` logits: rows with penalties or banned ids (``min_tokens``)
 first get them applied (one scatter over the step's token histories); greedy rows by argmax;
-sampled rows by
-temperature, then top-k, top-p and min-p (per-row tensors, at most one sort per step, over
-the top ``CANDIDATES`` tokens when they hold every row's nucleus), then a Gumbel-max draw; logprobs of every row in one ``log_softmax``; one device -> host transfer of
-the step's tokens (and logprobs). The O(steps) work does not grow with the batch.
+sampled rows by temperature, then top-k, top-p and min-p (per-row tensors, at most one sort
+per step, over the top ``CANDIDATES`` tokens when they hold every row's nucleus), then a
+Gumbel-max draw; logprobs of every row in one ``log_softmax``; one device -> host transfer
+of the step's tokens (and logprobs). The O(steps) work does not grow with the batch.
 
 Randomness is counter-based: the Gumbel noise of row ``r`` at vocab index ``v`` is a hash of
 ``(seed_r, step_r, v)`` computed on the device (splitmix64), so a completion's tokens do not
