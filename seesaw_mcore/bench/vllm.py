@@ -101,7 +101,8 @@ def run_setting(args, jobs: dict, cores: str, threads: int) -> dict:
                     runs[name] += 1
                     rec = json.load(open(done))
                     r = results[w].setdefault(name, {"seconds": [],
-                                                     "results": rec["results"]})
+                                                     "results": rec["results"],
+                                                     "stats": rec.get("stats")})
                     r["seconds"].append(round(rec["seconds"], 2))
     finally:
         for name in workers:
@@ -125,6 +126,8 @@ def _table(job: dict, results: dict[str, dict]) -> dict:
     for name, r in results.items():
         best = min(r["seconds"])
         row = {"seconds": r["seconds"], "vs_vllm": round(vllm_best / best, 2)}
+        if r.get("stats"):  # this engine: prefill tokens given / computed, hit rate
+            row["prefix_cache"] = r["stats"]
         if job["kind"] == "unique":
             row["tok_s"] = round(len(job["prompts"]) * job["max_tokens"] / best, 1)
             row["greedy_same_as_vllm"] = sum(a == b for a, b in zip(r["results"], ref))

@@ -33,7 +33,7 @@ sys.path = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
 
 
 def _serve(work: str, name: str, run, is_driver: bool, barrier=lambda: None) -> None:
-    """Runs ``run(workload) -> results`` whenever the driver asks."""
+    """Runs ``run(workload) -> (results, stats or None)`` whenever the driver asks."""
     with open(os.path.join(work, "workloads.json")) as f:
         jobs = json.load(f)
     for job in jobs.values():  # warm-up (vLLM also compiles at start)
@@ -51,12 +51,12 @@ def _serve(work: str, name: str, run, is_driver: bool, barrier=lambda: None) -> 
         with open(go) as f:
             job = jobs[f.read().strip()]
         t0 = time.perf_counter()
-        results = run(job)
+        results, stats = run(job)
         seconds = time.perf_counter() - t0
         if is_driver:
             tmp = os.path.join(work, f"{name}.done.{i}.tmp")
             with open(tmp, "w") as f:
-                json.dump({"seconds": seconds, "results": results}, f)
+                json.dump({"seconds": seconds, "results": results, "stats": stats}, f)
             os.replace(tmp, os.path.join(work, f"{name}.done.{i}"))
         i += 1
 
@@ -89,13 +89,13 @@ def serve_vllm(work: str, model: str, caching: bool) -> None:
             outs = llm.generate([TokensPrompt(prompt_token_ids=c + x) for c, x in job["pairs"]],
                                 sp, use_tqdm=False)
             return [sum(o.prompt_logprobs[len(c) + j][t].logprob for j, t in enumerate(x))
-                    for o, (c, x) in zip(outs, job["pairs"])]
+                    for o, (c, x) in zip(outs, job["pairs"])], None
         sp = SamplingParams(n=job.get("n", 1), temperature=job.get("temperature", 0.0),
                             top_p=job.get("top_p", 1.0), max_tokens=job["max_tokens"],
                             ignore_eos=True, detokenize=False)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], sp,
                             use_tqdm=False)
-        return [[list(c.token_ids) for c in o.outputs] for o in outs]
+        return [[list(c.token_ids) for c in o.outputs] for o in outs], None
 
     _serve(work, "vllm" if caching else "vllm-nocache", run, True)
 
@@ -112,15 +112,22 @@ def serve_engine(work: str, model: str, plan: str, caching: bool) -> None:
 
     def run(job: dict):
         llm.reset_prefix_cache()  # every run starts cold (a static plan's cache persists)
+        st = llm.engine.stats
+        before = (st.prefill_tokens, st.cached_tokens, st.switches)
         if job["kind"] == "mc":
             ll = lm._loglikelihood_tokens([(None, c, x) for c, x in job["pairs"]])
-            return [s for s, _ in ll]
-        sp = SamplingParams(n=job.get("n", 1), temperature=job.get("temperature", 0.0),
-                            top_p=job.get("top_p", 1.0), max_tokens=job["max_tokens"],
-                            ignore_eos=True)
-        outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], sp,
-                            use_tqdm=False)
-        return [[c.token_ids for c in o.outputs] for o in outs]
+            results = [s for s, _ in ll]
+        else:
+            sp = SamplingParams(n=job.get("n", 1), temperature=job.get("temperature", 0.0),
+                                top_p=job.get("top_p", 1.0), max_tokens=job["max_tokens"],
+                                ignore_eos=True)
+            outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], sp,
+                                use_tqdm=False)
+            results = [[c.token_ids for c in o.outputs] for o in outs]
+        given, cached = st.prefill_tokens - before[0], st.cached_tokens - before[1]
+        return results, {"prefill_tokens": given, "computed_tokens": given - cached,
+                         "hit_rate": round(cached / given, 3) if given else 0.0,
+                         "switches": st.switches - before[2]}
 
     name = f"engine-{plan}" + ("" if caching else "-nocache")
     _serve(work, name, run, llm.is_driver, dist.barrier)

@@ -244,3 +244,22 @@ def test_prompt_logprobs_positions_are_computed():
         sched.finish(seq)
     assert starts == [0, 8, 0]  # 8: the full blocks before position 9 (logits for 10)
     assert len(sched.replicas[0].pool.match(block_hashes(toks, BS, []))) == 5
+
+
+def test_hash_chains_of_the_tests_prompts_never_collide():
+    """Every full-block prefix of every prompt the tests run (and of random ones): equal
+    chain hashes only for equal token prefixes."""
+    from tests.distributed.engine_job import PROMPTS
+    from tests.distributed.prefix_job import PROMPTS as SHARED
+    from tests.distributed.seesaw_job import POLICY_PROMPTS
+
+    rng = random.Random(3)
+    prompts = [*PROMPTS, *SHARED, *POLICY_PROMPTS,
+               *([rng.randrange(5) for _ in range(rng.randrange(40))] for _ in range(500))]
+    seen: dict[bytes, tuple] = {}
+    for bs in (1, 4, 16):
+        for p in prompts:
+            for i, h in enumerate(block_hashes(p, bs, [])):
+                prefix = (bs, tuple(p[:(i + 1) * bs]))
+                assert seen.setdefault(h, prefix) == prefix
+    assert len(seen) > 1000
