@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from seesaw_mcore.model.cascade import cascade_attention_cpu, common_prefix_blocks
+
 # A CPU prefill is padded into one SDPA call while padded FLOPs <= this x the real ones.
 PAD_FLOPS_LIMIT = 2.0
 
@@ -48,6 +50,7 @@ class AttentionMetadata:
     block_size: int
     fresh: bool  # every sequence is a fresh prefill: its K/V are all this step's
     decode: bool  # every sequence feeds one token
+    common_blocks: int = 0  # leading blocks every sequence shares (cascade attention, CPU)
     _cpu: dict = field(default_factory=dict, repr=False)  # per-step CPU index tensors
 
     @property
@@ -89,7 +92,9 @@ class AttentionMetadata:
         parts = flat.split([t, t, len(cu), len(c), tables.size])
         return cls(q, c, parts[0], parts[1], parts[4].view(tables.shape).int(),
                    parts[2].int(), parts[3].int(), block_size, bool((q == c).all()),
-                   bool((q == 1).all()))
+                   bool((q == 1).all()),
+                   common_prefix_blocks(tables, q, c, block_size) if device.type == "cpu"
+                   else 0)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -131,6 +136,8 @@ def paged_attention(
     from seesaw_mcore.model import cpu_attention
 
     if cpu_attention.available():
+        if meta.common_blocks:
+            return cascade_attention_cpu(q, k_cache, v_cache, meta)
         return cpu_attention.paged_attention_cpu(q, k_cache, v_cache, meta.block_tables,
                                                  meta.cu_query_lens, meta.seq_lens)
     return _context_cpu(q, k_cache, v_cache, meta)

@@ -55,7 +55,7 @@ constexpr int64_t PF = 16;  // keys fetched ahead
 template <typename T, int DC>
 static void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                 const at::Tensor& tables, const at::Tensor& cu_q, const at::Tensor& lens,
-                at::Tensor& out, double scale) {
+                at::Tensor& out, double scale, float* LSE) {
   const int64_t B = lens.size(0), HQ = q.size(1), D = DC > 0 ? DC : q.size(2);
   const int64_t BS = kc.size(1), HKV = kc.size(2), G = HQ / HKV, W = tables.size(1);
   const int64_t sqt = q.stride(0), sqh = q.stride(1), sot = out.stride(0), soh = out.stride(1);
@@ -121,6 +121,7 @@ static void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
         const float inv = 1.f / sum;
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) s[j] *= inv;
+        if (LSE) LSE[(q0 + r / G) * HQ + h * G + r % G] = m + std::log(sum);
       }
       for (int64_t j = 0; j < ctx; ++j) {  // pass 2: values, V read in place
         const float* v32 = row(V, svb, svs, svh, j);
@@ -140,9 +141,9 @@ static void run(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
   });
 }
 
-at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+static at::Tensor dispatch(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
                            const at::Tensor& tables, const at::Tensor& cu_q,
-                           const at::Tensor& lens, double scale) {
+                           const at::Tensor& lens, double scale, float* lse) {
   TORCH_CHECK(q.stride(2) == 1 && kc.stride(3) == 1 && vc.stride(3) == 1,
               "paged_attention: the head dimension must be contiguous");
   TORCH_CHECK(tables.scalar_type() == at::kInt && cu_q.scalar_type() == at::kInt &&
@@ -151,12 +152,28 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kc, const at::
   auto t = tables.contiguous(), c = cu_q.contiguous(), l = lens.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attn", [&] {
     switch (q.size(2)) {
-      case 64: run<scalar_t, 64>(q, kc, vc, t, c, l, out, scale); break;
-      case 128: run<scalar_t, 128>(q, kc, vc, t, c, l, out, scale); break;
-      default: run<scalar_t, 0>(q, kc, vc, t, c, l, out, scale);
+      case 64: run<scalar_t, 64>(q, kc, vc, t, c, l, out, scale, lse); break;
+      case 128: run<scalar_t, 128>(q, kc, vc, t, c, l, out, scale, lse); break;
+      default: run<scalar_t, 0>(q, kc, vc, t, c, l, out, scale, lse);
     }
   });
   return out;
+}
+
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc,
+                           const at::Tensor& tables, const at::Tensor& cu_q,
+                           const at::Tensor& lens, double scale) {
+  return dispatch(q, kc, vc, tables, cu_q, lens, scale, nullptr);
+}
+
+// The same, plus each query row's log-sum-exp of its scaled scores [T, Hq] (float32): what
+// merging this part with attention over other keys (a shared prefix) needs.
+std::vector<at::Tensor> paged_attention_lse(
+    const at::Tensor& q, const at::Tensor& kc, const at::Tensor& vc, const at::Tensor& tables,
+    const at::Tensor& cu_q, const at::Tensor& lens, double scale) {
+  auto lse = at::empty({q.size(0), q.size(1)}, q.options().dtype(at::kFloat));
+  auto out = dispatch(q, kc, vc, tables, cu_q, lens, scale, lse.data_ptr<float>());
+  return {out, lse};
 }
 """
 
@@ -168,7 +185,7 @@ def _ext():
     from seesaw_mcore.jit_ops import load_op
 
     return load_op(_NAME, lambda: load_inline(
-        name=_NAME, cpp_sources=[_SOURCE], functions=["paged_attention"],
+        name=_NAME, cpp_sources=[_SOURCE], functions=["paged_attention", "paged_attention_lse"],
         extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"],
         verbose=False))
 
@@ -187,6 +204,16 @@ def available() -> bool:
                       f"decode attention gathers each step's context instead (slower)",
                       stacklevel=2)
         return False
+
+
+def paged_attention_lse_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                            block_tables: torch.Tensor, cu_query_lens: torch.Tensor,
+                            seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``paged_attention_cpu`` and each query row's log-sum-exp ``[T, Hq]`` (float32) of its
+    scaled scores, for merging with attention over other keys."""
+    out, lse = _ext().paged_attention_lse(q, k_cache, v_cache, block_tables, cu_query_lens,
+                                          seq_lens, q.shape[-1] ** -0.5)
+    return out, lse
 
 
 def paged_attention_cpu(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

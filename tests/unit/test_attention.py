@@ -85,3 +85,36 @@ def test_cpu_extension_matches_reference_and_fallback(head_dim):
         assert out.dtype == dtype
         torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
         torch.testing.assert_close(out, _context_cpu(q, kc, vc, meta), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("qlens", [[1] * 9, [1, 3, 1, 1, 2, 1, 1, 4, 1]])
+def test_cascade_over_a_shared_prefix_matches_reference(qlens):
+    """Nine sequences whose tables start with the same 20 blocks of 16 (a few-shot prefix
+    under prefix caching): the step takes the cascade path, and it matches the dense
+    reference (decode, and steps of a few tokens each) in float32 and bfloat16, and the
+    plain paged kernel."""
+    from seesaw_mcore.model import cascade, cpu_attention
+    from seesaw_mcore.model.attention import random_paged_case, reference_attention
+
+    bs, shared = 16, 20
+    own = [1, 3, 2, 5, 1, 4, 2, 3, 6]  # own blocks after the prefix
+    ctx = [(shared + n) * bs - 5 for n in own]
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        q, kc, vc, tables = random_paged_case(qlens, [c - (shared * bs) for c in ctx],
+                                              heads=6, kv_heads=2, head_dim=64,
+                                              block_size=bs, dtype=dtype,
+                                              num_blocks=shared + sum(own), seed=5)
+        used = {b for t in tables for b in t}
+        prefix = [b for b in range(shared + sum(own)) if b not in used]  # the shared blocks
+        assert len(prefix) == shared
+        tables = [prefix + t for t in tables]
+        meta = AttentionMetadata.build(qlens, ctx, tables, bs, torch.device("cpu"))
+        assert meta.common_blocks == shared
+        out = cascade.cascade_attention_cpu(q, kc, vc, meta)
+        ref = reference_attention(q, kc, vc, qlens, ctx, tables)
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
+        plain = cpu_attention.paged_attention_cpu(q, kc, vc, meta.block_tables,
+                                                  meta.cu_query_lens, meta.seq_lens)
+        torch.testing.assert_close(out, plain, rtol=tol, atol=tol)
+    few = AttentionMetadata.build([1] * 7, ctx[:7], tables[:7], bs, torch.device("cpu"))
+    assert few.common_blocks == 0  # below MIN_SEQS: the plain kernel
