@@ -19,7 +19,19 @@ MAX_TOKENS = 10
 N = 3
 
 
-def run(model: str, plan: str, caching: bool) -> dict:
+def run(model: str, plan: str, caching: bool, cascade_tokens: int | None = None) -> dict:
+    from seesaw_mcore.model import attention, cascade
+
+    saved = cascade.MIN_SEQS, cascade.MIN_TOKENS, attention.cascade_attention_cpu
+    calls = [0]
+    if cascade_tokens is not None:  # cascade attention over this job's 20-token prefix
+        cascade.MIN_SEQS, cascade.MIN_TOKENS = 2, cascade_tokens
+
+        def counted(*args):
+            calls[0] += 1
+            return saved[2](*args)
+
+        attention.cascade_attention_cpu = counted
     kw = {"host_kv_tokens": 96} if ":" in plan else {}
     llm = LLM(model, plan=plan, num_blocks=24, block_size=4, max_num_seqs=8,
               enable_prefix_caching=caching, **kw)
@@ -40,6 +52,8 @@ def run(model: str, plan: str, caching: bool) -> dict:
               "first_prompt_hit_second_call": sampled[0].num_cached_tokens if sampled else 0,
               "num_cached_tokens": [o.num_cached_tokens for o in sampled]}
     llm.close()
+    cascade.MIN_SEQS, cascade.MIN_TOKENS, attention.cascade_attention_cpu = saved
+    report["cascade_calls"] = calls[0]
     return report
 
 
@@ -47,6 +61,8 @@ def main() -> None:
     model, out_path, plans = sys.argv[1], sys.argv[2], sys.argv[3:]
     report = {f"{plan} {'on' if c else 'off'}": run(model, plan, c)
               for plan in plans for c in (True, False)}
+    report.update({f"{plan} cascade": run(model, plan, True, cascade_tokens=8)
+                   for plan in plans})
     import torch.distributed as dist
 
     if dist.get_rank() == 0:

@@ -1,6 +1,6 @@
 """Prefix caching end to end: on an eval-shaped workload (shared few-shot prefix, n=3
-samples) the outputs with caching on equal those with it off, greedy and seeded, under T1,
-T2, P2, D2 and P2:T2, on device caches that preempt and a host tier that switches; the
+samples) the outputs with caching on (and with cascade attention over the shared prefix)
+equal those with it off, greedy and seeded, under T1, T2, P2, D2 and P2:T2, on device caches that preempt and a host tier that switches; the
 cache computes fewer prompt tokens and, on the Seesaw plan, stores shared KV once."""
 
 from __future__ import annotations
@@ -29,6 +29,15 @@ def test_outputs_identical_with_caching_on_and_off(results, plan):
     assert on["greedy"] == off["greedy"]
     assert on["sampled"] == off["sampled"]
     assert any(a != b for s in on["sampled"] for a, b in zip(s, s[1:]))  # distinct draws
+
+
+@pytest.mark.parametrize("plan", PLANS)
+def test_cascade_attention_changes_no_output(results, plan):
+    """Cascade attention (thresholds lowered to this job's shared 20-token prefix): the same
+    outputs as without caching."""
+    on, off = results[f"{plan} cascade"], results[f"{plan} off"]
+    assert on["cascade_calls"] > 0  # (rank 0's layers)
+    assert on["greedy"] == off["greedy"] and on["sampled"] == off["sampled"]
 
 
 @pytest.mark.parametrize("plan", PLANS)
