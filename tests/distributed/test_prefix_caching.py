@@ -1,7 +1,8 @@
 """Prefix caching end to end: on an eval-shaped workload (shared few-shot prefix, n=3
 samples) the outputs with caching on (and with cascade attention over the shared prefix)
-equal those with it off, greedy and seeded, under T1, T2, P2, D2 and P2:T2, on device caches that preempt and a host tier that switches; the
-cache computes fewer prompt tokens and, on the Seesaw plan, stores shared KV once."""
+equal those with it off, greedy and seeded, under T1, T2, P2, D2 and P2:T2, on device
+caches that preempt and a host tier that switches; the cache computes fewer prompt tokens
+and, on the Seesaw plan, stores shared KV once."""
 
 from __future__ import annotations
 
