@@ -62,6 +62,17 @@ def launch(nprocs: int, args: list[str], timeout: float = 300.0,
                           capture_output=True, text=True, timeout=timeout)
 
 
+def launch_worlds(module: str, worlds: dict[int, list[str]], model: str, tmp_path_factory,
+                  timeout: float = 500.0) -> dict:
+    """``launch_job`` once per world size (``{ranks: [plans]}``), each job given the model
+    and its plans; their reports merged."""
+    merged: dict = {}
+    for world, plans in worlds.items():
+        out = tmp_path_factory.mktemp(module.rsplit(".", 1)[-1]) / f"w{world}.json"
+        merged.update(launch_job(world, module, out, [model, *plans], timeout=timeout))
+    return merged
+
+
 def launch_job(nprocs: int, module: str, out, args: list[str], timeout: float = 500.0) -> dict:
     """Runs a ``tests.distributed.*_job`` module that writes its report as JSON to ``out``;
     fails the test with the ranks' output tails if it exits non-zero."""

@@ -221,7 +221,24 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.json, "w") as f:
                 json.dump(res, f, indent=2)
     emit(res, args.json)
+    print(markdown(res))
     return 0
+
+
+def markdown(res: dict) -> str:
+    """The results as one Markdown table: per setting, workload and worker, the best round's
+    seconds, the speed against vLLM and this engine's prefix-cache counters."""
+    lines = ["| cores | workload | worker | best s | vs vLLM | prefill tokens computed / given "
+             "| hit rate |", "| --- | --- | --- | ---: | ---: | ---: | ---: |"]
+    for st in res["settings"]:
+        for w, table in st["workloads"].items():
+            for name, row in table.items():
+                pc = row.get("prefix_cache") or {}
+                tokens = (f"{pc['computed_tokens']} / {pc['prefill_tokens']}" if pc else "")
+                rate = f"{pc['hit_rate']:.1%}" if pc else ""
+                lines.append(f"| {st['cores']} | {w} | {name} | {min(row['seconds']):.2f} "
+                             f"| {row['vs_vllm']:.2f}x | {tokens} | {rate} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import hf_greedy, launch_job
+from tests.conftest import hf_greedy, launch_worlds
 from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
 
 WORLDS = {1: ["T1"], 2: ["T2", "P2", "D2"]}
@@ -14,12 +14,8 @@ WORLDS = {1: ["T1"], 2: ["T2", "P2", "D2"]}
 
 @pytest.fixture(scope="module")
 def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
-    merged: dict[str, dict] = {}
-    for world, layouts in WORLDS.items():
-        out = tmp_path_factory.mktemp("engine") / f"w{world}.json"
-        merged.update(launch_job(world, "tests.distributed.engine_job", out,
-                                 [tiny_models["llama"], *layouts], timeout=400))
-    return merged
+    return launch_worlds("tests.distributed.engine_job", WORLDS, tiny_models["llama"],
+                         tmp_path_factory, timeout=400)
 
 
 @pytest.fixture(scope="module")

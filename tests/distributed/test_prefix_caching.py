@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import launch_job
+from tests.conftest import launch_worlds
 
 WORLDS = {1: ["T1"], 2: ["T2", "P2", "D2", "P2:T2"]}
 PLANS = [p for plans in WORLDS.values() for p in plans]
@@ -16,12 +16,8 @@ PLANS = [p for plans in WORLDS.values() for p in plans]
 
 @pytest.fixture(scope="module")
 def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
-    merged: dict[str, dict] = {}
-    for world, plans in WORLDS.items():
-        out = tmp_path_factory.mktemp("prefix") / f"w{world}.json"
-        merged.update(launch_job(world, "tests.distributed.prefix_job", out,
-                                 [tiny_models["llama"], *plans], timeout=500))
-    return merged
+    return launch_worlds("tests.distributed.prefix_job", WORLDS, tiny_models["llama"],
+                         tmp_path_factory, timeout=500)
 
 
 @pytest.mark.parametrize("plan", PLANS)

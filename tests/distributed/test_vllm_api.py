@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.conftest import launch_job
+from tests.conftest import launch_worlds
 from tests.distributed.vllm_api_job import MAX_TOKENS, PENALTIES, PROMPTS
 
 WORLDS = {1: ["T1"], 2: ["T2", "P2", "P2:T2"]}
@@ -16,12 +16,8 @@ CASES = [p + s for ps in WORLDS.values() for p in ps for s in ("", "+preempt")]
 
 @pytest.fixture(scope="module")
 def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
-    merged: dict[str, dict] = {}
-    for world, plans in WORLDS.items():
-        out = tmp_path_factory.mktemp("vllm_api") / f"w{world}.json"
-        merged.update(launch_job(world, "tests.distributed.vllm_api_job", out,
-                                 [tiny_models["llama"], *plans]))
-    return merged
+    return launch_worlds("tests.distributed.vllm_api_job", WORLDS, tiny_models["llama"],
+                         tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
