@@ -263,3 +263,28 @@ def test_hash_chains_of_the_tests_prompts_never_collide():
                 prefix = (bs, tuple(p[:(i + 1) * bs]))
                 assert seen.setdefault(h, prefix) == prefix
     assert len(seen) > 1000
+
+
+def test_dp_routes_shared_contexts_together_before_they_are_computed():
+    """Multiple-choice style: 4 requests per context, all queued before any step. Each
+    context's requests go to one replica (its prefix is pending there), the contexts
+    alternate between the two replicas (least loaded), and a request with nothing shared
+    goes to the least loaded replica."""
+    sched = ReplicaSchedulers(SchedulerConfig(), 2, 1, 64, BS, enable_caching=True)
+    rng = random.Random(1)
+    seqs = []
+    for q in range(4):
+        ctx = [rng.randrange(50) for _ in range(13)]
+        for c in range(4):
+            seqs.append(Sequence(len(seqs), len(seqs), 0, ctx + [100 + c, 101], SamplingParams(),
+                                 0, 4))
+    for s in seqs:
+        sched.add(s)
+    replicas = [s.replica for s in seqs]
+    assert [len(set(replicas[i:i + 4])) for i in range(0, 16, 4)] == [1, 1, 1, 1]
+    assert replicas[::4] == [0, 1, 0, 1]
+    step = sched.schedule()  # each replica computes each of its contexts once
+    for rep in step.replicas:
+        starts = [s.start_pos for s in rep.seqs]
+        assert starts == [0, 12, 12, 12, 0, 12, 12, 12]
+    assert not any(sched._pending)  # prefilled: no longer pending

@@ -116,6 +116,10 @@ class ReplicaSchedulers:
         pools = pools or [BlockPool(num_blocks, block_size, enable_caching) for _ in range(dp)]
         self.replicas = [Scheduler(config, pool, pp) for pool in pools]
         self._last: tuple[int, int] | None = None  # (request index, replica) of the last add
+        # per replica: full-block hashes of the prompts routed there and not yet prefilled
+        # (a prompt routed behind them finds its prefix there before it is computed)
+        self._pending: list[dict[bytes, int]] = [{} for _ in self.replicas]
+        self._pending_of: dict[int, list[bytes]] = {}  # seq id -> its hashes in _pending
 
     @property
     def num_preemptions(self) -> int:
@@ -147,16 +151,30 @@ class ReplicaSchedulers:
             else:
                 seq.replica = self._route(seq)
             self._last = (seq.request_index, seq.replica)
+            pending = self._pending[seq.replica]
+            for h in seq.block_hashes:
+                pending[h] = pending.get(h, 0) + 1
+            self._pending_of[seq.seq_id] = list(seq.block_hashes)
         self.replicas[seq.replica].add(seq)
 
     def _route(self, seq: Sequence) -> int:
         loads = [len(s.waiting) + len(s.running) for s in self.replicas]
         least = min(range(len(loads)), key=loads.__getitem__)
-        hits = [len(prefix_hit(s.pool, seq)) for s in self.replicas]
+        hits = [max(len(prefix_hit(s.pool, seq)), self._pending_hit(r, seq))
+                for r, s in enumerate(self.replicas)]
         best = max(range(len(loads)), key=lambda r: (hits[r], -loads[r]))
         if hits[best] > hits[least] and loads[best] <= loads[least] + self.config.max_num_seqs // 2:
             return best
         return least
+
+    def _pending_hit(self, r: int, seq: Sequence) -> int:
+        """Leading full blocks of ``seq`` that prompts already routed to replica ``r`` will
+        compute (``seq.block_hashes`` is filled by ``prefix_hit``)."""
+        n, pending = 0, self._pending[r]
+        limit = (seq.num_tokens - 1) // self.replicas[r].pool.block_size
+        while n < min(limit, len(seq.block_hashes)) and seq.block_hashes[n] in pending:
+            n += 1
+        return n
 
     @property
     def num_waiting(self) -> int:
@@ -171,6 +189,14 @@ class ReplicaSchedulers:
         plans = [s.schedule() for s in self.replicas]
         if not any(plans):
             raise RuntimeError("scheduler stalled with work left (a bug)")
+        for r, plan in enumerate(plans):  # prefilled: cached from now on, no longer pending
+            for entry in plan.seqs if plan is not None and plan.phase == Phase.PREFILL else ():
+                for h in self._pending_of.pop(entry.seq_id, ()):
+                    left = self._pending[r][h] - 1
+                    if left:
+                        self._pending[r][h] = left
+                    else:
+                        del self._pending[r][h]
         return StepPlan(plans)
 
     def finish(self, seq: Sequence) -> None:
