@@ -273,7 +273,7 @@ def test_dp_routes_shared_contexts_together_before_they_are_computed():
     sched = ReplicaSchedulers(SchedulerConfig(), 2, 1, 64, BS, enable_caching=True)
     rng = random.Random(1)
     seqs = []
-    for q in range(4):
+    for _ in range(4):
         ctx = [rng.randrange(50) for _ in range(13)]
         for c in range(4):
             seqs.append(Sequence(len(seqs), len(seqs), 0, ctx + [100 + c, 101], SamplingParams(),
