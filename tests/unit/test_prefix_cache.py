@@ -10,7 +10,7 @@ import random
 import pytest
 
 from seesaw_mcore.config import PhasePlan, SchedulerConfig
-from seesaw_mcore.contract import SlotRange
+from seesaw_mcore.contract import DISK, SlotRange
 from seesaw_mcore.engine.request import Sequence
 from seesaw_mcore.engine.scheduler import PhaseScheduler, ReplicaSchedulers
 from seesaw_mcore.kv.block_pool import BlockPool, block_hashes
@@ -18,6 +18,7 @@ from seesaw_mcore.kv.tier_kv import TierKV
 from seesaw_mcore.sampling_params import SamplingParams
 
 BS = 4
+DISK_ALIGN = 8
 
 
 def test_chain_hash_names_the_whole_prefix():
@@ -97,6 +98,8 @@ class FakeKV:
         self.step_rows: set[int] = set()
 
     def move(self, m, to_tier: bool) -> None:
+        if m.slots.tier == DISK:  # whole O_DIRECT records: page-aligned starts
+            assert m.slots.start % DISK_ALIGN == 0, m
         for j in range(m.slots.length):
             row = m.block_table[j // BS] * BS + j % BS
             slot = (m.slots.tier, m.slots.start + j)
@@ -213,7 +216,8 @@ def test_seesaw_scheduler_shares_across_tiers_and_switches(plan, host_slots, dec
     def run(caching: bool):
         sched = PhaseScheduler(SchedulerConfig(max_num_seqs=8), PhasePlan.from_string(plan),
                                32, decode_blocks, BS, host_slots, watermark_blocks=1,
-                               disk_slots=disk_slots, disk_align=8, enable_caching=caching)
+                               disk_slots=disk_slots, disk_align=DISK_ALIGN,
+                               enable_caching=caching)
         return sched, _run(sched, _requests(num_questions=8, seed=seed))
 
     sched, kv = run(True)

@@ -288,7 +288,11 @@ class PhaseScheduler:
         while self.swapped:
             seq = self.swapped[0]
             kv_len = seq.num_tokens - 1
-            full = self._hashes(seq)[:kv_len // self.block_size]
+            # cached blocks may replace a host piece's start, never a disk record's (whole
+            # O_DIRECT pages are read)
+            disk = next((p.pos for p in self._kv[seq.seq_id] if p.span.slots.tier == DISK),
+                        kv_len)
+            full = self._hashes(seq)[:min(kv_len, disk) // self.block_size]
             hits = [pool.match(full) for pool in self.decode_pools]
             r = self._replica_for(seq, [bool(e) for e in evicted], hits)
             if r is None:
