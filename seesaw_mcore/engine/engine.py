@@ -233,7 +233,7 @@ class Engine:
             if seq.status != SeqStatus.WAITING:
                 seq.num_preemptions += 1
                 self.stats.preemptions += 1
-            seq.block_table, seq.host_slots, seq.status = [], None, SeqStatus.WAITING
+            seq.block_table, seq.status = [], SeqStatus.WAITING
             seq.replica = seq.request_index % plan.prefill.dp
             self.scheduler.add(seq)
 

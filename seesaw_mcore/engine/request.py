@@ -5,7 +5,6 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from seesaw_mcore.contract import SlotRange
 from seesaw_mcore.sampling_params import SamplingParams
 
 
@@ -36,7 +35,6 @@ class Sequence:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # first prefill, if asked
     block_table: list[int] = field(default_factory=list)
     status: SeqStatus = SeqStatus.WAITING
-    host_slots: SlotRange | None = None  # host-tier slots holding its KV (SWAPPED)
     finish_reason: str | None = None  # "stop" or "length" once finished
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0

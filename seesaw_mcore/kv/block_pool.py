@@ -87,13 +87,19 @@ class BlockPool:
             out.append(b)
         return out
 
+    def blocks_left(self, table: list[int], num_tokens: int, shared: Sequence[int] = ()
+                    ) -> int:
+        """Free blocks left once ``table``, after taking the cached blocks ``shared``, grows
+        to hold ``num_tokens`` tokens (negative: that many missing)."""
+        need = self.blocks_for(num_tokens) - len(table) - len(shared)
+        idle = sum(1 for b in shared if self._refs[b] == 0)  # leave the free count
+        return self.num_free - idle - need
+
     def can_allocate(self, table: list[int], num_tokens: int, shared: Sequence[int] = ()
                      ) -> bool:
         """Whether ``table``, after taking the cached blocks ``shared``, can grow to hold
         ``num_tokens`` tokens."""
-        need = self.blocks_for(num_tokens) - len(table) - len(shared)
-        idle = sum(1 for b in shared if self._refs[b] == 0)  # leave the free count
-        return need <= self.num_free - idle
+        return self.blocks_left(table, num_tokens, shared) >= 0
 
     def share(self, table: list[int], blocks: Sequence[int]) -> None:
         """Appends cached ``blocks`` (from ``match``) to ``table``, one reference each."""
@@ -137,10 +143,6 @@ class BlockPool:
     def in_use(self, block: int) -> bool:
         """Whether some sequence holds ``block``."""
         return self._refs[block] > 0
-
-    def is_shared(self, block: int) -> bool:
-        """Whether ``block`` is cached (others may read it): it must not be written."""
-        return block in self._hash_of
 
     def free(self, table: list[int]) -> None:
         """Drops ``table``'s references and empties it. A block with no user left returns

@@ -137,7 +137,3 @@ class TierKV:
                         del self.index[h]
                 dead.append(span.slots)
         return dead
-
-    def clear_index(self) -> None:
-        """Forgets the index (the spans stay with their users)."""
-        self.index.clear()

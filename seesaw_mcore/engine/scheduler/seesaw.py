@@ -345,8 +345,7 @@ class PhaseScheduler:
             pool, running = self.decode_pools[r], self.running[r] + self.arriving[r]
             if preempting[r] or len(running) >= self.config.max_num_seqs:
                 continue
-            idle = sum(1 for b in hits[r] if not pool.in_use(b))
-            left = pool.num_free - idle - (pool.blocks_for(seq.num_tokens) - len(hits[r]))
+            left = pool.blocks_left([], seq.num_tokens, hits[r])
             if left >= self.watermark_blocks and (not running or left > len(running)):
                 return r
         return None
