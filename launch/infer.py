@@ -134,10 +134,13 @@ def run(cfg: DictConfig) -> int:
             keep_outputs=False,
         )
     except Interrupted as e:
+        # named by the watchdog's request now: a Ctrl-C's SIGINT may follow its relayed SIGTERM
+        stop = Interrupted(wd.stop_signal or e.signum)
         if writer:
-            e.args = (f"{e}: stopped admitting prompts; {writer.written} records finished in "
-                      f"this run are in {cfg.data.output}; rerun the same command to resume",)
-        raise
+            stop.args = (f"{stop}: stopped admitting prompts; {writer.written} records finished "
+                         f"in this run are in {cfg.data.output}; rerun the same command to "
+                         "resume",)
+        raise stop from None
     finally:
         if writer:
             writer.close()

@@ -213,10 +213,13 @@ class Watchdog:
         now = time.monotonic()
         if self.stop_signal is not None:
             # Ctrl-C reaches every process of the terminal and the launcher forwards a
-            # SIGTERM too: a repeat within a second is the same request.
+            # SIGTERM too: a repeat within a second is the same request, named by the
+            # SIGINT whichever of the two came first.
             if now - self._stop_requested_at > 1.0:
                 self._exit(128 + signum,
                            f"{signal.Signals(signum).name} again: stopping at once")
+            elif signum == signal.SIGINT:
+                self.stop_signal = signum
             return
         self.stop_signal, self._stop_requested_at = signum, now
         self._stop_deadline = now + self.grace_s
@@ -250,9 +253,14 @@ class Watchdog:
             store.set(f"seesaw/hb/{self.rank}", str(beat))
             if self.stop_signal is not None and self.rank != 0:
                 store.set(STOP_KEY, str(self.stop_signal))
-            if self.rank == 0 and self.stop_signal is None and store.check([STOP_KEY]):
-                self.stop_signal = int(store.get(STOP_KEY))
-                self._stop_deadline = now + self.grace_s
+            if self.rank == 0 and self.stop_signal in (None, signal.SIGTERM) \
+                    and store.check([STOP_KEY]):
+                relayed = int(store.get(STOP_KEY))
+                if self.stop_signal is None:
+                    self._stop_deadline = now + self.grace_s
+                    self.stop_signal, self._stop_requested_at = relayed, now
+                elif relayed == signal.SIGINT and now - self._stop_requested_at < 1.0:
+                    self.stop_signal = relayed  # Ctrl-C, whose SIGTERM relay came first here
             for r in range(self.world):
                 key = f"seesaw/hb/{r}"
                 if r == self.rank or not store.check([key]):
