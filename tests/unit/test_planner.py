@@ -276,7 +276,7 @@ def test_workload_as_mean_lengths():
         workload("0:85")
 
 
-# -- the GPU presets: the picks the README explains term by term ---------------------------
+# -- the GPU presets: the picks docs/planner.md explains term by term ---------------------------
 
 LLAMA8 = _llama(32, 4096, 14336, 32, 8, 128256)
 
