@@ -48,15 +48,21 @@ class ModelOptions:
                 "from a model folder")
 
 
+CPU_KV_CACHE_GIB = 1.0  # CPU ranks' KV budget per rank when none is given
+
+
 @dataclass
 class CacheConfig:
     """Device KV cache.
 
     Attributes:
         block_size: tokens per KV block.
-        num_blocks: blocks per rank; ``None``: from ``kv_cache_gib`` (CPU) or free memory (GPU).
-        kv_cache_gib: KV budget per rank on CPU ranks when ``num_blocks`` is unset.
-        gpu_memory_utilization: fraction of GPU memory the engine may use (GPU ranks).
+        num_blocks: blocks per rank; ``None``: from ``kv_cache_gib``, else on GPUs what
+            a profiling run leaves free under ``gpu_memory_utilization``.
+        kv_cache_gib: KV budget per rank when ``num_blocks`` is unset; ``None``: 1 GiB on
+            CPU ranks, profiled on GPUs (vLLM's ``kv_cache_memory_bytes``, in GiB).
+        gpu_memory_utilization: fraction of the GPU's memory the engine may use: weights,
+            peak activations, communicators and the KV cache (GPU ranks, vLLM's meaning).
         host_kv_tokens: token slots of the host KV tier (Seesaw plans); ``None``: from
             ``host_kv_gib``.
         host_kv_gib: size of the host KV tier (one shared buffer per node) when
@@ -76,7 +82,7 @@ class CacheConfig:
 
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_gib: float = 1.0
+    kv_cache_gib: float | None = None
     gpu_memory_utilization: float = 0.9
     host_kv_tokens: int | None = None
     host_kv_gib: float = 1.0
@@ -87,6 +93,13 @@ class CacheConfig:
     async_swap: bool = True
     enable_prefix_caching: bool = True
 
+    def kv_cache_bytes(self, on_cpu: bool) -> float | None:
+        """The KV budget per rank in bytes: ``kv_cache_gib``'s, else 1 GiB on CPU ranks;
+        ``None``: profiled (GPU ranks)."""
+        if self.kv_cache_gib is not None:
+            return self.kv_cache_gib * 2**30
+        return CPU_KV_CACHE_GIB * 2**30 if on_cpu else None
+
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise SeesawError(f"cache.block_size must be >= 1, got {self.block_size}")
@@ -95,7 +108,7 @@ class CacheConfig:
         if not 0 < self.gpu_memory_utilization <= 1:
             raise SeesawError(f"cache.gpu_memory_utilization must be in (0, 1], got "
                               f"{self.gpu_memory_utilization}")
-        if self.kv_cache_gib <= 0:
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
             raise SeesawError(f"cache.kv_cache_gib must be > 0, got {self.kv_cache_gib}")
         if self.host_kv_tokens is not None and self.host_kv_tokens < 1:
             raise SeesawError(f"cache.host_kv_tokens must be >= 1, got {self.host_kv_tokens}")

@@ -65,7 +65,9 @@ class Engine:
             for lay in layouts:  # CPU stages view the store: build them all now, not mid-run
                 self.runner.use(lay)
             self.runner.use(plan.prefill)
-        self.num_blocks = kv_blocks(self.runner, self.cache)  # after the weights
+        self.num_blocks, self.memory_profile = kv_blocks(  # after the weights; GPUs: profiled
+            self.runner, self.cache, max(self.sched_cfg.max_prefill_tokens, self.max_model_len),
+            self.sched_cfg.max_num_seqs, self.max_model_len)
         self.runner.allocate_kv(self.num_blocks)
         copier = self.runner.copier
         if not all(p.is_static for p in self.plans):
@@ -342,6 +344,7 @@ class Engine:
                 if tier is not None:
                     tier.close()
             copier.host = copier.disk = None
+            self.runner.release()  # the device KV cache and weights, back to the driver
 
 
 def _prompt_entries(seq: Sequence, rows: list[list[float]]) -> list[dict[int, Logprob] | None]:

@@ -76,6 +76,10 @@ class KVTransfer:
                       if async_ else None)
         gpu = accelerator.device_name() != "cpu"
         self._stream = accelerator.Stream() if gpu and async_ else None
+        # The worker thread starts on device 0: it sets this rank's device first, or every
+        # rank but 0 would make a CUDA context on GPU 0.
+        self._device_index = accelerator.current_device() if gpu else None
+        self._device_set = False
         self._pending: list[Future] = []
 
     @property
@@ -99,6 +103,9 @@ class KVTransfer:
 
     def _run(self, copy: Callable[[], None], event) -> float:
         t0 = time.perf_counter()
+        if self._device_index is not None and not self._device_set:
+            self._acc.set_device(self._device_index)
+            self._device_set = True
         if self._stream is None:
             copy()
         else:

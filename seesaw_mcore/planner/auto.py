@@ -57,7 +57,7 @@ def engine_limits(config: EngineConfig) -> EngineLimits:
                         max_prefill_tokens=sched.max_prefill_tokens,
                         prefill_micro_batches=sched.prefill_micro_batches,
                         block_size=cache.block_size,
-                        kv_cache_bytes=cache.kv_cache_gib * GIB if cpu else None,
+                        kv_cache_bytes=cache.kv_cache_bytes(cpu),
                         kv_blocks=cache.num_blocks, host_tier_bytes=host)
 
 

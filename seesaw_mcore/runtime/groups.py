@@ -26,6 +26,7 @@ from seesaw_mcore.runtime.watchdog import Watchdog
 _ACTIVE: "RankInfo | None" = None
 _WATCHDOG: "Watchdog | None" = None
 _CRASHED = False  # an uncaught exception is ending the process
+_HOST_GROUP = None  # see host_group()
 _PREPARED: "dict[ParallelConfig, tuple[dict[str, object], RankInfo]]" = {}
 
 
@@ -111,8 +112,19 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
                 verbose=False,
             )
         _unlink_deepspeed_shm()
+        global _HOST_GROUP
+        # Step plans and sampled tokens are host data: on GPUs they travel over a gloo group
+        # (no host->device copy, device broadcast and read-back per step, as vLLM's CPU
+        # message queue); on CPU ranks the default group is gloo already.
+        _HOST_GROUP = (dist.new_group(backend="gloo") if acc.device_name() != "cpu"
+                       and dist.get_world_size() > 1 else None)
         _start_watchdog()
     return dist.get_rank(), dist.get_world_size()
+
+
+def host_group():
+    """The whole world over gloo, for host tensors (``None``: the default group is gloo)."""
+    return _HOST_GROUP
 
 
 def _start_watchdog() -> None:
@@ -254,5 +266,7 @@ def shutdown() -> None:
         ps.destroy_model_parallel()
     _ACTIVE = None
     _PREPARED.clear()
+    global _HOST_GROUP
+    _HOST_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -1,7 +1,23 @@
-"""How many KV blocks each layout gets: the configured number, or what memory allows once
-the weights are loaded; every rank of every replica agrees on the smallest."""
+"""How many KV blocks each layout gets: the configured number or budget, or on GPUs what a
+profiling run leaves free (vLLM's ``determine_available_memory``); every rank of every
+replica agrees on the smallest.
+
+GPU sizing, per rank: every layout's communicators are created and its peak activations
+measured by a forward of ``max_prefill_tokens`` prompt tokens plus the sampler over
+``max_num_seqs`` rows (the largest step the scheduler sends), with a scratch KV of just
+their blocks; then, with PyTorch's cached blocks returned,
+
+    budget = total x gpu_memory_utilization - used - peak activations - extra weights
+
+where ``used`` is everything the card holds now (weights, CUDA context, NCCL buffers, other
+processes) and ``extra weights`` the largest layout's shard beyond the live one (a Seesaw
+switch loads it while the cache stays).
+"""
 
 from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -9,32 +25,98 @@ import torch.distributed as dist
 from seesaw_mcore import env
 from seesaw_mcore.config import CacheConfig, ParallelConfig
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.runtime import groups
+from seesaw_mcore.runtime import groups, memory
 from seesaw_mcore.runtime.model_runner import ModelRunner, kv_bytes_per_block
 
+GIB = 2**30
 
-def kv_blocks(runner: ModelRunner, cache: CacheConfig) -> dict[ParallelConfig, int]:
-    """Blocks per rank under each layout, the same on every rank: the config's, or what
-    memory allows."""
+
+@dataclass(frozen=True)
+class MemoryProfile:
+    """One rank's GPU memory at sizing time, in bytes."""
+
+    total: int
+    used: int  # everything the device holds with PyTorch's cache returned
+    activations: int  # the largest step's peak above the weights and scratch KV
+    extra_weights: int  # the largest layout's shard beyond the live one
+    utilization: float
+
+    @property
+    def budget(self) -> int:
+        return int(self.total * self.utilization - self.used - self.activations
+                   - self.extra_weights)
+
+    def error(self) -> str:
+        gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        return (f"no GPU memory left for the KV cache: {gib(self.total)} x "
+                f"gpu_memory_utilization {self.utilization:g} = "
+                f"{gib(self.total * self.utilization)}, of which {gib(self.used)} is in use "
+                f"(weights, CUDA context, communicators, other processes), "
+                f"{gib(self.activations)} is the largest step's activations and "
+                f"{gib(self.extra_weights)} another layout's weights; raise "
+                f"cache.gpu_memory_utilization, lower scheduler.max_prefill_tokens / "
+                f"max_num_seqs, or use more ranks")
+
+
+def kv_blocks(runner: ModelRunner, cache: CacheConfig, max_tokens: int, max_seqs: int,
+              max_model_len: int) -> tuple[dict[ParallelConfig, int], MemoryProfile | None]:
+    """Blocks per rank under each layout, the same on every rank (collective), and this
+    rank's memory profile when it was measured (GPU ranks without a configured budget).
+
+    Args:
+        runner: this rank's runner, weights loaded, no KV cache yet.
+        cache: ``num_blocks``, else ``kv_cache_gib``, else (GPU) a profiling run.
+        max_tokens / max_seqs: the largest step's prompt tokens and sequences.
+        max_model_len: the longest sequence (the profiling run's prompts are no longer).
+    """
     layouts = runner.layouts
     if cache.num_blocks is not None:
-        return {lay: cache.num_blocks for lay in layouts}
-    acc = groups.accelerator()
-    if acc.device_name() == "cpu":
-        budget = cache.kv_cache_gib * 2**30
+        return {lay: cache.num_blocks for lay in layouts}, None
+    mem, profile = memory.device_memory(), None
+    budget = cache.kv_cache_bytes(on_cpu=mem is None)
+    if mem is None:
         _check_host_memory(budget)
-    else:  # free memory after the weights, keeping (1 - utilization) of the card spare,
-        # and room for the largest layout's weights
-        total = acc.total_memory()
-        store = runner.store
-        extra = max(store.nbytes(lay) for lay in layouts) - store.nbytes(runner.info.layout)
-        budget = (acc.available_memory() - (1 - cache.gpu_memory_utilization) * total
-                  - extra)
-    n = torch.tensor([max(int(budget), 1)], dtype=torch.int64, device=groups.device())
+    elif budget is None:
+        profile = profile_memory(runner, mem, cache.gpu_memory_utilization, max_tokens,
+                                 max_seqs, max_model_len)
+        budget = profile.budget
+    n = torch.tensor([int(budget)], dtype=torch.int64, device=groups.device())
     dist.all_reduce(n, op=dist.ReduceOp.MIN)  # every rank of every replica agrees
-    return {lay: max(int(n.item()) // kv_bytes_per_block(
+    if profile is not None and int(n.item()) < max(
+            kv_bytes_per_block(runner.cfg, lay, cache.block_size, runner.dtype)
+            for lay in layouts):  # every rank raises (rank 0 reports)
+        raise SeesawError(profile.error())
+    blocks = {lay: max(int(n.item()) // kv_bytes_per_block(
         runner.cfg, lay, cache.block_size, runner.dtype), 1) for lay in layouts}
+    if profile is not None and env.is_rank_zero():
+        gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+        print(f"KV cache: {gib(int(n.item()))} per rank ({gib(profile.total)} x "
+              f"{profile.utilization:g} - {gib(profile.used)} in use - "
+              f"{gib(profile.activations)} peak activations - {gib(profile.extra_weights)} "
+              f"other layouts' weights; smallest rank)", file=sys.stderr)
+    return blocks, profile
 
+
+def profile_memory(runner: ModelRunner, mem: memory.DeviceMemory, utilization: float,
+                   max_tokens: int, max_seqs: int, max_model_len: int) -> MemoryProfile:
+    """Runs the largest step under every layout (collective; creates their communicators)
+    and reads this rank's memory (see the module doc)."""
+    start = runner.info.layout
+    activations = 0
+    for lay in [*[x for x in runner.layouts if x != start], start]:  # end on the live one
+        runner.use(lay)
+        with runner.scratch_kv(max_tokens, max_model_len):
+            mem.empty_cache()
+            base = mem.allocated()
+            mem.reset_peak()
+            runner.profile_step(max_tokens, max_seqs, max_model_len)
+            activations = max(activations, mem.peak() - base)
+    mem.empty_cache()
+    store = runner.store
+    extra = max(store.nbytes(lay) for lay in runner.layouts) - store.nbytes(start)
+    return MemoryProfile(total=mem.total(), used=mem.total() - mem.free(),
+                         activations=activations, extra_weights=extra,
+                         utilization=utilization)
 
 
 def _check_host_memory(per_rank_bytes: float) -> None:
@@ -45,6 +127,6 @@ def _check_host_memory(per_rank_bytes: float) -> None:
     avail = psutil.virtual_memory().available
     if per_rank_bytes * ranks > 0.9 * avail:
         raise SeesawError(
-            f"cache.kv_cache_gib={per_rank_bytes / 2**30:g} x {ranks} ranks needs "
-            f"{per_rank_bytes * ranks / 2**30:.1f} GiB but the node has "
-            f"{avail / 2**30:.1f} GiB available; lower cache.kv_cache_gib")
+            f"cache.kv_cache_gib={per_rank_bytes / GIB:g} x {ranks} ranks needs "
+            f"{per_rank_bytes * ranks / GIB:.1f} GiB but the node has "
+            f"{avail / GIB:.1f} GiB available; lower cache.kv_cache_gib")

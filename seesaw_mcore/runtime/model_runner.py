@@ -5,7 +5,9 @@ Every rank calls ``forward`` with the same step description; each runs its own s
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -16,6 +18,7 @@ from seesaw_mcore.contract import (
     KVMove,
     RunnerOutput,
     SampledToken,
+    SamplingSpec,
     SchedulerOutput,
 )
 from seesaw_mcore.errors import SeesawError
@@ -26,7 +29,7 @@ from seesaw_mcore.model import cpu_attention
 from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
 from seesaw_mcore.model.loader import Checkpoint
-from seesaw_mcore.runtime import groups
+from seesaw_mcore.runtime import groups, memory
 from seesaw_mcore.runtime.sampler import PROMPT_CHUNK, prompt_logprob_rows, sample
 from seesaw_mcore.runtime.weights import ShardStore
 
@@ -67,6 +70,13 @@ def kv_bytes_per_block(
     """KV bytes one block costs on the rank with the most layers (first stage)."""
     return int(block_size * kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                                dtype.itemsize, layout))
+
+
+def profile_lengths(max_tokens: int, max_len: int) -> list[int]:
+    """The memory-profiling step's prompts: ``max_tokens`` tokens in prompts of at most
+    ``max_len``."""
+    n = math.ceil(max_tokens / max_len)
+    return [min(max_len, max_tokens - i * max_len) for i in range(n)]
 
 
 class ModelRunner:
@@ -170,6 +180,50 @@ class ModelRunner:
         kvl = self.kv_layouts[layout]
         self._kv_view = KVView(kv.flatten(2, 3), self.block_size,  # [n, 2, NB * BS, h, D]
                                kvl.layer_range(self.info.rank)[0], kvl.head_range(self.info.rank))
+
+    def release(self) -> None:
+        """Drops the KV cache and the device stages and returns PyTorch's cached device
+        memory to the driver, so another engine in this process can size its cache."""
+        self.num_blocks, self._kv_flat, self.kv_cache, self._kv_view = {}, None, [], None
+        self.model, self._resident = None, {}
+        mem = memory.device_memory()
+        if mem is not None:
+            mem.empty_cache()
+
+    @contextlib.contextmanager
+    def scratch_kv(self, num_tokens: int, max_len: int) -> Iterator[None]:
+        """A KV cache of just the blocks ``profile_step`` writes, dropped on exit."""
+        lens = profile_lengths(num_tokens, max_len)
+        self.allocate_kv(sum(-(-n // self.block_size) for n in lens))
+        try:
+            yield
+        finally:
+            self.num_blocks, self._kv_flat, self.kv_cache, self._kv_view = {}, None, [], None
+
+    @torch.inference_mode()
+    def profile_step(self, num_tokens: int, max_seqs: int, max_len: int) -> None:
+        """The largest step the scheduler sends, for memory profiling (collective over the
+        replica): ``num_tokens`` prompt tokens in prompts of at most ``max_len`` through this
+        rank's stage, then logits and a top-p draw for ``max_seqs`` rows on the last stage."""
+        lens = profile_lengths(num_tokens, max_len)
+        tables, first = [], 0
+        for n in lens:
+            k = -(-n // self.block_size)
+            tables.append(list(range(first, first + k)))
+            first += k
+        sends: list = []
+        hidden, meta = self._stage([0] * sum(lens), lens, lens, tables, sends)
+        for work, _buf in sends:
+            work.wait()
+        if hidden is None:
+            return
+        rows = max(max_seqs, len(lens))
+        last = meta.cu_query_lens[1:].long() - 1  # [B]
+        logits = self.model.logits(hidden[last.repeat(-(-rows // len(lens)))[:rows]])  # [R, V]
+        if self.info.tp_rank == 0:
+            spec = SamplingSpec(temperature=1.0, top_k=0, top_p=0.9, seed=0, step=0,
+                                logprobs=None)
+            sample(logits, list(range(rows)), [spec] * rows)
 
     def _swap(self, moves: list[KVMove], to_tier: bool, layers: range | None = None) -> None:
         self.copier.swap(self._kv_view, moves, to_tier, layers)

@@ -3,12 +3,12 @@
 Rank 0 broadcasts each step as one int64 tensor of a capacity every rank knows (one
 collective per step; a plan that outgrows it announces the new capacity first). A replica's
 last stage sends its sampled tokens to rank 0 as one float64 tensor whose shape rank 0 knows
-from the step. A world of one rank moves nothing.
+from the step. A world of one rank moves nothing. Both are host tensors on a gloo group
+(``groups.host_group()``): on GPUs nothing is copied to the device and read back per step.
 """
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -29,12 +29,12 @@ class StepChannel:
     """Rank 0 -> every rank: one step plan per ``send`` / ``recv``.
 
     Args:
-        device: where collectives take their tensors (the rank's device under NCCL).
+        group: a gloo group of the world (``None``: the default group, gloo on CPU ranks).
         capacity: int64 slots broadcast per step; grows (on every rank) when a plan needs it.
     """
 
-    def __init__(self, device: torch.device, capacity: int = 4096) -> None:
-        self.device, self.capacity = device, capacity
+    def __init__(self, group=None, capacity: int = 4096) -> None:
+        self.group, self.capacity = group, capacity
         self.last_bytes = 0  # payload of the last step sent (encoded plan)
 
     def send(self, step: StepPlan) -> None:
@@ -65,28 +65,27 @@ class StepChannel:
     def _broadcast(self, host: torch.Tensor) -> torch.Tensor:
         if host.numel() < self.capacity:
             host = torch.cat([host, host.new_zeros(self.capacity - host.numel())])
-        dev = host.to(self.device)
-        dist.broadcast(dev, src=0)
-        return dev.cpu()
+        dist.broadcast(host, src=0, group=self.group)
+        return host
 
 
-def send_tokens(out: RunnerOutput, seqs: list[ScheduledSeq], dst: int,
-                device: torch.device) -> None:
-    """A replica's last stage: its step's sampled tokens to ``dst``."""
+def send_tokens(out: RunnerOutput, seqs: list[ScheduledSeq], dst: int, group=None) -> None:
+    """A replica's last stage: its step's sampled tokens to ``dst`` (host tensors over the
+    gloo ``group``)."""
     arr = encode_tokens(out.tokens, token_width(seqs))
-    dist.send(torch.from_numpy(arr).to(device), dst=dst)
+    dist.send(torch.from_numpy(arr), dst=dst, group=group)
     if prompt_shape(seqs)[0]:  # prompt logprobs: a second array, its shape known to both
-        dist.send(torch.from_numpy(encode_prompt_rows(out.tokens, seqs)).to(device), dst=dst)
+        dist.send(torch.from_numpy(encode_prompt_rows(out.tokens, seqs)), dst=dst, group=group)
 
 
-def recv_tokens(seqs: list[ScheduledSeq], src: int, device: torch.device) -> RunnerOutput:
+def recv_tokens(seqs: list[ScheduledSeq], src: int, group=None) -> RunnerOutput:
     """Rank 0: the tokens replica rank ``src`` sampled for ``seqs``."""
-    buf = torch.empty(len(seqs), token_width(seqs), dtype=torch.float64, device=device)
-    dist.recv(buf, src=src)
-    tokens = decode_tokens(np.asarray(buf.cpu()), seqs)
+    buf = torch.empty(len(seqs), token_width(seqs), dtype=torch.float64)
+    dist.recv(buf, src=src, group=group)
+    tokens = decode_tokens(buf.numpy(), seqs)
     rows, width = prompt_shape(seqs)
     if rows:
-        buf = torch.empty(rows, width, dtype=torch.float64, device=device)
-        dist.recv(buf, src=src)
-        decode_prompt_rows(np.asarray(buf.cpu()), seqs, tokens)
+        buf = torch.empty(rows, width, dtype=torch.float64)
+        dist.recv(buf, src=src, group=group)
+        decode_prompt_rows(buf.numpy(), seqs, tokens)
     return RunnerOutput(tokens)

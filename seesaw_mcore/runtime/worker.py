@@ -29,7 +29,7 @@ class Worker:
         self.runner, self.plan = runner, plan
         self.phase = Phase.PREFILL
         self.resharder = Resharder(runner, plan)
-        self.channel = StepChannel(runner.device)  # step plans as tensors, no pickle
+        self.channel = StepChannel(groups.host_group())  # step plans as tensors, no pickle
 
     def execute(self, step: StepPlan) -> RunnerOutput | SwitchRecord | None:
         """This rank's part of ``step``: the switch, or its replica's forward.
@@ -73,7 +73,7 @@ class Worker:
             elif src == 0:
                 outputs.append(mine)
             else:
-                outputs.append(recv_tokens(plan.seqs, src, self.runner.device))
+                outputs.append(recv_tokens(plan.seqs, src, groups.host_group()))
         return outputs
 
     def serve(self) -> None:
@@ -89,7 +89,7 @@ class Worker:
             out = self.execute(step)
             if isinstance(out, RunnerOutput):
                 mine = step.replicas[self.runner.info.dp_rank]
-                send_tokens(out, mine.seqs, 0, self.runner.device)
+                send_tokens(out, mine.seqs, 0, groups.host_group())
 
     def stop(self, error: str | None = None) -> None:
         """Rank 0: ends the workers' ``serve`` (with ``error``: makes it raise that)."""

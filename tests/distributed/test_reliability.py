@@ -201,7 +201,7 @@ def test_20000_prompts_complete_with_flat_memory(tmp_path):
     print(f"peak RSS per rank (MB): 2,000 prompts {small_peaks}, 20,000 prompts {peaks}")
     for a, b in zip(small_peaks, peaks):
         assert b - a < 64, (small_peaks, peaks)  # 10x the prompts: under 64 MB more
-        # the stated bound (docs/design.md, Reliability): 1 GiB of it is the KV cache, and 250-400 MB
+        # the stated bound (docs/design.md): 1 GiB of it is the KV cache, and 250-400 MB
         # torch's and DeepSpeed's library pages, which count as resident when the page cache
         # holds them (a fresh install: ~100 MB more than on a machine that has evicted them)
         assert b < 1900

@@ -1,0 +1,52 @@
+"""A device's memory as sizing reads it: CUDA through DeepSpeed's accelerator, nothing on
+CPU ranks (their budgets are configured), a fake in tests."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from seesaw_mcore.runtime import groups
+
+
+class DeviceMemory(Protocol):
+    """What sizing reads of a device's memory (CUDA through DeepSpeed's accelerator; tests
+    pass a fake)."""
+
+    def total(self) -> int: ...
+    def free(self) -> int: ...  # the driver's view: PyTorch's cached blocks count as used
+    def allocated(self) -> int: ...  # bytes in live tensors
+    def peak(self) -> int: ...  # most allocated since ``reset_peak``
+    def reset_peak(self) -> None: ...
+    def empty_cache(self) -> None: ...  # returns PyTorch's cached blocks to the driver
+
+
+class AcceleratorMemory:
+    """``DeviceMemory`` of this rank's device through DeepSpeed's accelerator."""
+
+    def __init__(self, acc) -> None:
+        self.acc = acc
+
+    def total(self) -> int:
+        return int(self.acc.total_memory())
+
+    def free(self) -> int:
+        return int(self.acc.available_memory())
+
+    def allocated(self) -> int:
+        return int(self.acc.memory_allocated())
+
+    def peak(self) -> int:
+        return int(self.acc.max_memory_allocated())
+
+    def reset_peak(self) -> None:
+        self.acc.reset_peak_memory_stats()
+
+    def empty_cache(self) -> None:
+        self.acc.empty_cache()
+
+
+def device_memory() -> DeviceMemory | None:
+    """This rank's device memory, ``None`` on CPU ranks (their budget is configured).
+    Callers look it up through the module (``memory.device_memory()``) so tests can fake it."""
+    acc = groups.accelerator()
+    return None if acc.device_name() == "cpu" else AcceleratorMemory(acc)

@@ -1,0 +1,107 @@
+"""The GPU-only paths, checked on CPU ranks: KV sizing by a profiling run (fake device
+memory, several engines in one process) and the copy thread's device."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from seesaw_mcore.kv.transfer import KVTransfer
+from tests.conftest import launch_job
+
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def sizing(tiny_models, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("sizing") / "report.json"
+    return launch_job(2, "tests.distributed.kv_sizing_job", out, [tiny_models["llama"]])
+
+
+def test_profiled_cache_takes_what_the_utilization_leaves(sizing):
+    from tests.distributed.kv_sizing_job import ACTIVATIONS, CONTEXT, TOTAL
+
+    e = sizing["engine0"]
+    assert e["profiles"] == 2  # both layouts of P2:T2 ran the largest step
+    assert ACTIVATIONS <= e["activations"] < ACTIVATIONS + 2**20
+    assert CONTEXT < e["used"] < CONTEXT + 64 * 2**20  # the context and the weights
+    assert e["min_budget"] > 0
+    for lay, n in e["blocks"].items():  # every rank's smallest budget, in whole blocks
+        assert n == e["min_budget"] // e["bpb"][lay]
+    assert e["min_budget"] < TOTAL * 0.5 - e["used"] - ACTIVATIONS + 1
+
+
+def test_engines_one_after_another_get_the_same_cache(sizing):
+    """``close`` returns the KV cache and the allocator's cache: the second engine in the
+    process sizes its cache from the same free memory as the first."""
+    a, b = sizing["engine0"], sizing["engine1"]
+    # the 0.2 GiB cache is returned; what stays is module-level scratch (RoPE tables, ...)
+    assert a["reserved_after_close"] < 2**20 and b["reserved_after_close"] < 2**20
+    assert a["min_budget"] > 0.2 * GIB
+    for lay, n in a["blocks"].items():  # without the release it would be ~half
+        assert abs(b["blocks"][lay] - n) <= n // 1000
+    assert a["tokens"] == b["tokens"] == sizing["reference"]  # and they run
+
+
+def test_too_little_memory_is_one_clear_error(sizing):
+    assert sizing["small"].startswith(
+        "no GPU memory left for the KV cache: 0.50 GiB x gpu_memory_utilization 0.01 = "
+        "0.01 GiB, of which ")
+    assert sizing["small"].endswith("raise cache.gpu_memory_utilization, lower "
+                                    "scheduler.max_prefill_tokens / max_num_seqs, or use "
+                                    "more ranks")
+
+
+def test_an_explicit_budget_is_honoured_without_profiling(sizing):
+    e = sizing["explicit"]
+    assert e["profiled"] == 0 and not e["profile"]
+    bpb = sizing["engine0"]["bpb"]
+    for lay, n in e["blocks"].items():
+        assert n == (GIB // 1024) // bpb[lay]
+
+
+class _FakeCuda:
+    """Enough of DeepSpeed's CUDA accelerator for ``KVTransfer``."""
+
+    def __init__(self) -> None:
+        self.set_on: list[tuple[str, int]] = []
+
+    def device_name(self, *_):
+        return "cuda"
+
+    def current_device(self):
+        return 3
+
+    def set_device(self, index):
+        self.set_on.append((threading.current_thread().name, index))
+
+    def Stream(self):  # noqa: N802 - DeepSpeed's name
+        return _Nothing()
+
+    def Event(self):  # noqa: N802
+        return _Nothing()
+
+    def stream(self, _s):
+        return _Nothing()
+
+
+class _Nothing:
+    def __getattr__(self, _name):
+        return lambda *a, **k: None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_copy_thread_sets_the_ranks_device_once():
+    acc = _FakeCuda()
+    t = KVTransfer(acc, async_=True)
+    ran = []
+    for _ in range(3):
+        t.submit(lambda: ran.append(threading.current_thread().name))
+    t.close()
+    assert len(ran) == 3 and acc.set_on == [(ran[0], 3)] and ran[0].startswith("seesaw-kv")
