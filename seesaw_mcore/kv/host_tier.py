@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -44,6 +45,7 @@ class HostKVBuffer:
         storage = torch.UntypedStorage.from_file(self.path, shared=True, nbytes=nbytes)
         self.tensor = torch.empty(0, dtype=dtype).set_(storage).view(shape)  # [L, 2, H, S, D]
         _touch_pages(self.tensor)  # every rank attaches before anything is written
+        self.registered = register_host(self.tensor)  # page-locked for the GPU
 
     def unlink(self) -> None:
         """Removes the file (creator only); mappings stay valid until ``close``. Call once
@@ -53,8 +55,34 @@ class HostKVBuffer:
 
     def close(self) -> None:
         """Unmaps (once nothing else references the tensor) and unlinks if still there."""
+        if self.registered and self.tensor is not None:
+            unregister_host(self.tensor)
+            self.registered = False
         self.tensor = None
         self.unlink()
+
+
+def register_host(t) -> bool:
+    """Page-locks an existing host tensor's memory in place (``cudaHostRegister``) so
+    copies between it and the GPU are DMA'd asynchronously instead of staged through a
+    pageable bounce buffer; the host KV tier's shared-memory mapping is registered once this
+    way. No-op on CPU ranks. Returns whether it is registered; a refusal (some sandboxes) is
+    one warning and the tier stays pageable."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cuda" or t.numel() == 0:
+        return False
+    err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+    if int(err) != 0:
+        print(f"warning: cudaHostRegister of the host KV tier failed (error {int(err)}); its "
+              "copies stay pageable (slower)", file=sys.stderr)
+        return False
+    return True
+
+
+def unregister_host(t) -> None:
+    """Undoes ``register_host`` (before the memory is unmapped)."""
+    torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
 
 
 def _touch_pages(t: torch.Tensor) -> None:

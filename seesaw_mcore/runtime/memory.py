@@ -50,3 +50,4 @@ def device_memory() -> DeviceMemory | None:
     Callers look it up through the module (``memory.device_memory()``) so tests can fake it."""
     acc = groups.accelerator()
     return None if acc.device_name() == "cpu" else AcceleratorMemory(acc)
+
