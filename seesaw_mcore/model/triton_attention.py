@@ -1,10 +1,15 @@
 """Paged attention as one Triton kernel launch per layer (the CUDA path).
 
-Each program takes one sequence, one KV head and a tile of ``BLOCK_M`` rows, where a row is a
-(query token, query head of that KV head's GQA group) pair; it walks the sequence's context
-``BLOCK_N`` tokens at a time, reading K/V blocks in place through the block table, with an
-online softmax in float32. Causal within the context: the query at position ``p`` sees keys
-``0..p``. Decode (one query per sequence) and prefill (many) are the same kernel.
+Each program takes one tile of ``BLOCK_M`` rows, one KV head and one sequence (grid axes 0, 1,
+2: tiles on the axis without CUDA's 65,535 limit, so a 131k-token prompt at GQA 8 still
+launches), where a row is a (query token, query head of that KV head's GQA group) pair; it
+walks the sequence's context ``BLOCK_N`` tokens at a time, reading K/V blocks in place through
+the block table, with an online softmax in float32. Causal within the context: the query at
+position ``p`` sees keys ``0..p``. Decode (one query per sequence) and prefill (many) are the
+same kernel. A tile past its sequence's queries (the grid is sized for the step's longest)
+exits at once. Tile sizes and warps follow the head size and the step's longest query
+(``_tiles``); the block table's width is not specialised on, so steps of new widths do not
+recompile.
 
 Triton ships with PyTorch's CUDA build, so nothing here is pinned to a CUDA version. The
 kernel's code runs on CPU under ``TRITON_INTERPRET=1`` (the test suite does so against a
@@ -25,18 +30,20 @@ if TYPE_CHECKING:
     from seesaw_mcore.model.attention import AttentionMetadata
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt", "stride_qt", "stride_ot"])
 def _paged_attn_kernel(
     Q, K, V, Out, TABLES, CU_Q, SEQ_LENS, scale,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_ot, stride_oh, stride_bt,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
 ):
-    seq = tl.program_id(0)
+    tile = tl.program_id(0)
     kvh = tl.program_id(1)
-    tile = tl.program_id(2)
+    seq = tl.program_id(2)
     q_start = tl.load(CU_Q + seq)
     q_len = tl.load(CU_Q + seq + 1) - q_start
+    if tile * BLOCK_M >= q_len * GROUP:  # past this sequence's queries: nothing to do
+        return
     ctx = tl.load(SEQ_LENS + seq)
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # [M]
     tok = rows // GROUP  # query token of each row
@@ -85,7 +92,7 @@ def _paged_attn_kernel(
 
 def paged_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    block_m: int = 16, block_n: int = 32,
+    block_m: int | None = None, block_n: int | None = None,
 ) -> torch.Tensor:
     """Every query of the step against its sequence's cached context, one launch.
 
@@ -94,8 +101,8 @@ def paged_attention_triton(
         k_cache: ``[num_blocks, block_size, Hkv, D]`` key blocks (this step's K written).
         v_cache: ``[num_blocks, block_size, Hkv, D]`` value blocks.
         meta: the step's metadata (``cu_query_lens``, ``seq_lens``, ``block_tables``).
-        block_m: rows per program (at least 16 for ``tl.dot``).
-        block_n: keys per inner iteration.
+        block_m: rows per program (at least 16 for ``tl.dot``); default ``_tiles``'.
+        block_n: keys per inner iteration; default ``_tiles``'.
 
     Returns:
         ``[T, Hq, D]`` attention output in ``q``'s dtype.
@@ -112,13 +119,38 @@ def paged_attention_triton(
         raise ValueError("paged_attention_triton needs a contiguous head dimension")
     out = torch.empty_like(q)
     b = len(meta.query_lens)
+    if b > MAX_GRID_YZ:
+        raise ValueError(f"paged_attention_triton: {b} sequences in one step, at most "
+                         f"{MAX_GRID_YZ}")
+    auto_m, auto_n, warps = _tiles(d, meta.max_query_len * group)
+    block_m, block_n = block_m or auto_m, block_n or auto_n
     tiles = triton.cdiv(meta.max_query_len * group, block_m)
     tables = meta.block_tables
-    _paged_attn_kernel[(b, hkv, tiles)](
+    _paged_attn_kernel[(tiles, hkv, b)](
         q, k_cache, v_cache, out, tables, meta.cu_query_lens, meta.seq_lens, d ** -0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), tables.stride(0),
         HEAD_DIM=d, GROUP=group, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(max(d, 16)), IEEE=ieee,
+        BLOCK_D=triton.next_power_of_2(max(d, 16)), IEEE=ieee, num_warps=warps,
     )
     return out
+
+
+MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2
+
+
+def _tiles(head_dim: int, max_rows: int) -> tuple[int, int, int]:
+    """``(BLOCK_M, BLOCK_N, num_warps)`` for a head size and the step's most rows per
+    (sequence, KV head) (query tokens x GQA group): decode-sized steps take 16-row tiles so
+    no program idles on padding; prefill takes 64-row tiles; wide heads take fewer keys per
+    iteration (registers) and more warps."""
+    block_m = 16 if max_rows <= 16 else (32 if max_rows <= 32 else 64)
+    if head_dim <= 64:
+        block_n, warps = 64, 4
+    elif head_dim <= 128:
+        block_n, warps = (64 if block_m <= 32 else 32), 4
+    else:
+        block_n, warps = 32, 8
+    if block_m == 64:
+        warps = max(warps, 8 if head_dim > 64 else 4)
+    return block_m, block_n, warps

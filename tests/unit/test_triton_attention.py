@@ -68,3 +68,31 @@ def test_agrees_with_cpu_path():
     cpu = paged_attention(q, k, v, kc, vc, meta)  # writes k, v into their slots
     triton_out = paged_attention_triton(q, kc, vc, meta)
     torch.testing.assert_close(triton_out, cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("d,hq,hkv,bs,dtype", [
+    (128, 32, 4, 16, torch.float32),   # GQA 8, Llama-3-8B's heads
+    (64, 8, 8, 32, torch.float32),     # GQA 1
+    (128, 16, 4, 32, torch.bfloat16),  # GQA 4, half precision
+])
+def test_real_shapes_long_contexts(d, hq, hkv, bs, dtype):
+    """Head sizes 64/128, GQA 1-8, blocks of 16/32, contexts past 4k, decode rows beside
+    a prefill over cached context (its tiles past the decode rows' one query exit early)."""
+    qlens, ctx = [1, 37, 1, 1], [4097, 4130, 4500, 130]
+    blocks = sum(-(-c // bs) for c in ctx) + 3
+    q, kc, vc, tables = random_paged_case(qlens, ctx, heads=hq, kv_heads=hkv, head_dim=d,
+                                          block_size=bs, dtype=dtype, num_blocks=blocks,
+                                          seed=7)
+    meta = AttentionMetadata.build(qlens, ctx, tables, bs, torch.device("cpu"))
+    out = paged_attention_triton(q, kc, vc, meta)
+    ref = reference_attention(q, kc, vc, qlens, ctx, tables)
+    torch.testing.assert_close(out.double(), ref, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_tiles_follow_head_size_and_rows():
+    from seesaw_mcore.model.triton_attention import _tiles
+
+    assert _tiles(128, 8) == (16, 64, 4)  # decode at GQA 8: one 16-row tile
+    assert _tiles(128, 8 * 512) == (64, 32, 8)  # prefill
+    assert _tiles(64, 1) == (16, 64, 4)
+    assert _tiles(256, 4) == (16, 32, 8)
