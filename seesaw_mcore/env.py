@@ -54,6 +54,12 @@ def cpu_packed_linear() -> bool:
     return os.environ.get("SEESAW_CPU_PACKED_LINEAR", "1") != "0"
 
 
+def decode_padding() -> bool:
+    """CPU ranks run decode steps padded to CUDA-graph buckets, as GPUs do (a test knob for
+    the padding path; ``SEESAW_DECODE_PADDING=1``)."""
+    return os.environ.get("SEESAW_DECODE_PADDING") == "1"
+
+
 def shm_allreduce_disabled() -> bool:
     """Whether DeepSpeed's shared-memory all-reduce is switched off."""
     return os.environ.get("SEESAW_DISABLE_SHM_ALLREDUCE") == "1"

@@ -182,8 +182,8 @@ class RuntimeConfig:
             this (the watchdog usually names it much sooner).
         verbose: show third-party output (DeepSpeed, megatron-core, compiler lines) that a
             run hides by default.
-        enforce_eager: accepted for vLLM compatibility; the engine runs eagerly either way
-            (no CUDA graphs yet).
+        enforce_eager: no CUDA graphs (vLLM's meaning); by default GPU decode steps replay
+            per-batch-size graphs (``runtime/cuda_graphs.py``).
     """
 
     dist_timeout_s: float = 300.0

@@ -24,6 +24,7 @@ from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.tiers import open_disk_tier, open_host_tier
 from seesaw_mcore.model.loader import Checkpoint
 from seesaw_mcore.runtime import cluster, groups
+from seesaw_mcore.runtime.cuda_graphs import capture_sizes
 from seesaw_mcore.runtime.kv_budget import kv_blocks
 from seesaw_mcore.runtime.model_runner import ModelRunner, resolve_dtype
 from seesaw_mcore.runtime.weights import ShardStore
@@ -59,8 +60,12 @@ class Engine:
         self.eos_token_ids = set(eos_token_ids) | set(self.model_cfg.eos_token_ids)
         layouts = list(dict.fromkeys(lay for p in self.plans for lay in (p.prefill, p.decode)))
         store = ShardStore(Checkpoint(self.model_cfg), layouts, self.rank, self.dtype)
+        graphs = (not config.runtime.enforce_eager
+                  and (groups.device().type == "cuda" or env.decode_padding()))
         self.runner = ModelRunner(self.model_cfg, plan, self.dtype, self.cache.block_size,
-                                  store, self.cache.async_swap, layouts)
+                                  store, self.cache.async_swap, layouts,
+                                  capture_sizes(self.sched_cfg.max_num_seqs) if graphs else None,
+                                  self.max_model_len)
         if len(self.plans) > 1 and self.runner.device.type == "cpu":
             for lay in layouts:  # CPU stages view the store: build them all now, not mid-run
                 self.runner.use(lay)

@@ -65,6 +65,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device,
+        width: int | None = None,
     ) -> "AttentionMetadata":
         """Computes positions, write slots and the padded block table as flat tensors.
 
@@ -74,10 +75,12 @@ class AttentionMetadata:
             block_tables: block ids per sequence, enough for ``context_lens``.
             block_size: tokens per block.
             device: where the tensors live.
+            width: block-table columns (default: the longest table's; CUDA graphs pad to a
+                fixed width).
         """
         q = np.asarray(query_lens, dtype=np.int64)  # [B]
         c = np.asarray(context_lens, dtype=np.int64)  # [B]
-        width = max(len(t) for t in block_tables)
+        width = max(max(len(t) for t in block_tables), width or 0)
         tables = np.zeros((len(block_tables), width), dtype=np.int64)  # [B, NBmax]
         for i, t in enumerate(block_tables):
             tables[i, : len(t)] = t

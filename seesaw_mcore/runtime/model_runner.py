@@ -30,6 +30,7 @@ from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
 from seesaw_mcore.model.loader import Checkpoint
 from seesaw_mcore.runtime import groups, memory
+from seesaw_mcore.runtime.cuda_graphs import DecodeGraphs
 from seesaw_mcore.runtime.sampler import PROMPT_CHUNK, prompt_logprob_rows, sample
 from seesaw_mcore.runtime.weights import ShardStore
 
@@ -96,6 +97,9 @@ class ModelRunner:
         async_swap: tier copies overlap compute on a background thread (False: inline).
         layouts: every layout this runner may use (default: the plan's two); ``plan=auto``'s
             trial passes every candidate's.
+        graph_sizes: decode batch sizes to capture as CUDA graphs (``runtime/cuda_graphs.py``);
+            ``None``: decode runs eagerly (``enforce_eager``).
+        max_model_len: the longest sequence (a graph's block-table width).
     """
 
     def __init__(
@@ -107,6 +111,8 @@ class ModelRunner:
         store: ShardStore | None = None,
         async_swap: bool = True,
         layouts: list[ParallelConfig] | None = None,
+        graph_sizes: list[int] | None = None,
+        max_model_len: int | None = None,
     ) -> None:
         if isinstance(plan, ParallelConfig):
             plan = PhasePlan(plan, plan)
@@ -129,6 +135,10 @@ class ModelRunner:
         self.copier = KVCopier(self.transfer, cfg.head_dim)  # host / disk tiers: set later
         self.model: LlamaStage | None = None
         self._resident: dict[ParallelConfig, LlamaStage] = {}  # stages that cost no memory
+        self.graph_sizes = graph_sizes
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        self._graphs: DecodeGraphs | None = None  # of the live stage and KV view
+        self.graph_steps = 0  # decode steps run padded to a bucket (replayed on CUDA)
         self.use(plan.prefill)
 
     def use(self, layout: ParallelConfig) -> int:
@@ -139,6 +149,7 @@ class ModelRunner:
             Weight bytes copied host -> device (0 on CPU ranks: the stage views the store).
         """
         self.transfer.drain()  # tier copies address the KV view of the old layout
+        self._graphs = None  # captured over the old stage
         self.info = groups.activate(layout)
         copied = 0
         if layout in self._resident:  # its weights are views of the store: reuse the stage
@@ -162,7 +173,9 @@ class ModelRunner:
         if isinstance(num_blocks, int):
             num_blocks = {lay: num_blocks for lay in self.kv_layouts}
         self.num_blocks = dict(num_blocks)
-        nbytes = max(n * kv_bytes_per_block(self.cfg, lay, self.block_size, self.dtype)
+        self._graphs = None
+        # one more block than the pool's: the null block decode padding writes to
+        nbytes = max((n + 1) * kv_bytes_per_block(self.cfg, lay, self.block_size, self.dtype)
                      for lay, n in self.num_blocks.items())
         self._kv_flat = None
         self._kv_flat = torch.zeros(nbytes // self.dtype.itemsize, dtype=self.dtype,
@@ -172,7 +185,7 @@ class ModelRunner:
     def _view_kv(self) -> None:
         """Per local layer, K and V ``[NB, BS, Hkv/TP, D]`` views of the flat buffer."""
         layout = self.info.layout
-        nb, n = self.num_blocks[layout], len(self.model.layers)
+        nb, n = self.num_blocks[layout] + 1, len(self.model.layers)  # + the null block
         hkv = self.cfg.num_kv_heads // layout.tp
         shape = (n, 2, nb, self.block_size, hkv, self.cfg.head_dim)
         kv = self._kv_flat[: math.prod(shape)].view(shape)
@@ -185,7 +198,7 @@ class ModelRunner:
         """Drops the KV cache and the device stages and returns PyTorch's cached device
         memory to the driver, so another engine in this process can size its cache."""
         self.num_blocks, self._kv_flat, self.kv_cache, self._kv_view = {}, None, [], None
-        self.model, self._resident = None, {}
+        self.model, self._resident, self._graphs = None, {}, None
         mem = memory.device_memory()
         if mem is not None:
             mem.empty_cache()
@@ -199,6 +212,7 @@ class ModelRunner:
             yield
         finally:
             self.num_blocks, self._kv_flat, self.kv_cache, self._kv_view = {}, None, [], None
+            self._graphs = None
 
     @torch.inference_mode()
     def profile_step(self, num_tokens: int, max_seqs: int, max_len: int) -> None:
@@ -300,7 +314,7 @@ class ModelRunner:
                 self.transfer.submit(lambda moves=after: self._swap(moves, to_tier=True))
             if hidden is None:
                 continue
-            last = meta.cu_query_lens[1:].long() - 1  # [B] each sequence's last token
+            last = meta.cu_query_lens[1:len(mb) + 1].long() - 1  # [B] each one's last token
             logits = self.model.logits(hidden[last])  # [B, V]
             if self.info.tp_rank == 0:
                 mb_tokens = sample(logits, [s.seq_id for s in mb], [s.sampling for s in mb])
@@ -347,6 +361,11 @@ class ModelRunner:
         to the next stage and returns ``(None, metadata)``.
         ``after_attention(i)`` runs once local layer ``i`` has written its KV."""
         info, dev = self.info, self.device
+        graphs = self._decode_graphs(query_lens, after_attention)
+        if graphs is not None:  # a decode step, replayed from its bucket's CUDA graph
+            x = torch.tensor(input_ids, dtype=torch.long, device=dev)  # [B]
+            self.graph_steps += 1
+            return graphs.forward(x, query_lens, context_lens, block_tables)  # ([B, H], meta)
         meta = AttentionMetadata.build(query_lens, context_lens, block_tables, self.block_size, dev)
         if info.is_first_stage:
             x = torch.tensor(input_ids, dtype=torch.long, device=dev)  # [T]
@@ -359,6 +378,21 @@ class ModelRunner:
         hidden = hidden.contiguous()
         sends.append((dist.isend(hidden, dst=info.next_rank), hidden))
         return None, meta
+
+    def _decode_graphs(self, query_lens: list[int], after_attention) -> DecodeGraphs | None:
+        """The live stage's decode graphs when this step can replay one: a decode step (one
+        token per sequence) within the largest bucket, a single-stage layout, no per-layer
+        hook; built lazily per stage and KV view."""
+        if (self.graph_sizes is None or after_attention is not None or self.info.layout.pp > 1
+                or len(query_lens) > self.graph_sizes[-1] or any(q != 1 for q in query_lens)):
+            return None
+        if self._graphs is None:
+            layout = self.info.layout
+            self._graphs = DecodeGraphs(
+                self.model, self.kv_cache, self.graph_sizes,
+                -(-self.max_model_len // self.block_size), self.num_blocks[layout],
+                self.block_size, capture=self.device.type == "cuda")
+        return self._graphs
 
     def last_stage_rank(self) -> int:
         """Global rank of TP rank 0 of the last stage in this rank's DP replica."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 
 import torch
@@ -109,6 +110,31 @@ def main(model: str, out: str) -> None:
     ref = LLM(model, **{**kw, "num_blocks": 64})  # the same tokens from a configured cache
     outs = ref.generate(prompts, greedy, use_tqdm=False)  # every rank runs it
     report["reference"] = [o.outputs[0].token_ids for o in outs]
+    # Decode padded to CUDA-graph buckets (eager on CPU): the batch shrinks 6 -> 1 through
+    # buckets 8, 4, 2, 1; tokens and logprobs as unpadded, under T2 and P2 -> T2.
+    varied = [SamplingParams(temperature=0, max_tokens=3 + 2 * i, ignore_eos=True, logprobs=2)
+              for i in range(len(prompts))]
+    for plan in ("T2", "P2:T2"):
+        ref.close()
+        runs = {}
+        for padded in (False, True):
+            os.environ["SEESAW_DECODE_PADDING"] = "1" if padded else "0"
+            ref = LLM(model, **{**kw, "num_blocks": 64, "plan": plan})
+            outs = ref.generate(prompts, varied, use_tqdm=False)
+            runs[padded] = dict(
+                steps=ref.engine.runner.graph_steps,
+                tokens=[o.outputs[0].token_ids for o in outs],
+                logprobs=[[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
+                                                           o.outputs[0].token_ids)]
+                          for o in outs])
+            if padded:
+                ref.close()
+                ref = LLM(model, **{**kw, "num_blocks": 64, "plan": plan,
+                                    "enforce_eager": True})
+                ref.generate(prompts[:2], greedy, use_tqdm=False)
+                runs["eager_steps"] = ref.engine.runner.graph_steps
+        report[f"padded_{plan}"] = runs
+    os.environ.pop("SEESAW_DECODE_PADDING")
     if ref.is_driver:
         with open(out, "w") as f:
             json.dump(report, f)

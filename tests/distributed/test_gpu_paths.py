@@ -61,6 +61,33 @@ def test_an_explicit_budget_is_honoured_without_profiling(sizing):
         assert n == (GIB // 1024) // bpb[lay]
 
 
+@pytest.mark.parametrize("plan", ["T2", "P2:T2"])
+def test_decode_padded_to_graph_buckets_changes_nothing(sizing, plan):
+    """The CUDA-graph path's padding (one-token rows on the null block, a fixed block-table
+    width), run eagerly on CPU ranks: same tokens and logprobs as unpadded decode."""
+    runs = sizing[f"padded_{plan}"]
+    plain, padded = runs["false"], runs["true"]
+    assert plain["steps"] == 0 and padded["steps"] >= 12  # every decode step went padded
+    assert runs["eager_steps"] == 0  # enforce_eager: none
+    assert padded["tokens"] == plain["tokens"]
+    for a, b in zip(padded["logprobs"], plain["logprobs"]):
+        assert a == pytest.approx(b, abs=1e-5)
+
+
+def test_capture_sizes_buckets_and_padding():
+    from seesaw_mcore.runtime.cuda_graphs import bucket, capture_sizes, pad_decode
+
+    assert capture_sizes(256)[:6] == [1, 2, 4, 8, 16, 24] and capture_sizes(256)[-1] == 256
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20] and capture_sizes(1) == [1]
+    assert capture_sizes(2000)[-1] == 512
+    sizes = capture_sizes(20)
+    assert [bucket(n, sizes) for n in (1, 3, 5, 9, 17, 20, 21)] == [1, 4, 8, 16, 20, 20, None]
+    q, c, t = pad_decode([1, 1], [9, 4], [[3, 5, 7], [2]], 4, null_block=99)
+    assert q == [1, 1, 1, 1] and c == [9, 4, 1, 1] and t == [[3, 5, 7], [2], [99], [99]]
+    with pytest.raises(ValueError):
+        pad_decode([1] * 5, [1] * 5, [[0]] * 5, 4, 0)
+
+
 class _FakeCuda:
     """Enough of DeepSpeed's CUDA accelerator for ``KVTransfer``."""
 
