@@ -17,7 +17,7 @@ ifneq ($(DS_ACCELERATOR),)
 export DS_ACCELERATOR
 endif
 
-.PHONY: install demo test slurm-test parity clean gpu-wheels gpu-check bench-vllm
+.PHONY: install demo test slurm-test parity clean gpu-wheels gpu-check gpu-rehearsal bench-vllm
 
 install: $(STAMP)
 
@@ -72,7 +72,8 @@ GPU_PY    ?= python3
 GPU_SITE  ?= /tmp/seesaw-site
 GPU_WHEELS = megatron-core==0.16.1 hydra-core==1.3.8 omegaconf==2.3.0 hjson pydantic \
 	pydantic-core annotated-types typing-inspection
-gpu-wheels:
+gpu-wheels: .whl/.stamp
+.whl/.stamp: Makefile | $(STAMP)
 	mkdir -p .whl
 	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
@@ -80,11 +81,37 @@ gpu-wheels:
 	@# sdist-only on PyPI: built here as pure-Python wheels
 	$(PY) -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
 	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
+	@touch $@
 
+GPU_CHECK_ARGS ?=
 gpu-check:
 	$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl
 	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PY) -m seesaw_mcore.tools.gpu_check \
-		--json $${OUT:-.}/gpu_check.json
+		$(GPU_CHECK_ARGS) --json $${OUT:-.}/gpu_check.json
+
+# A rehearsal of the device image on this CPU machine, run by CI: Python 3.12 holding only
+# what the image holds (the device's KINDS.md: torch 2.11.0 - PyPI's build, which runs on a
+# CPU too - triton 3.6.0, transformers 5.17.0, ...), the other packages only from the wheels
+# gpu-wheels carries, installed as gpu-check installs them there (pip --no-index), then
+# gpu_check --quick with the Triton kernel under its interpreter. A dependency the image
+# lacks and .whl/ does not carry fails here, not on the device. One deviation: numpy < 2.3
+# (the image has 2.5), because Triton 3.6's interpreter turns 1-element arrays into ints,
+# which numpy >= 2.3 refuses; on the GPU the kernel is compiled, not interpreted.
+REHEARSAL_VENV ?= .venv-rehearsal
+REHEARSAL_PY   ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
+	$(wildcard /usr/bin/python3.12 /usr/local/bin/python3.12))
+IMAGE_PKGS = torch==2.11.0 triton==3.6.0 transformers==5.17.0 tokenizers==0.23.2 \
+	huggingface-hub==1.33.0 safetensors==0.8.0 "numpy<2.3" psutil ninja py-cpuinfo pyyaml tqdm \
+	typing-extensions packaging msgpack nvidia-ml-py einops jinja2 regex requests filelock
+gpu-rehearsal: .whl/.stamp
+	@test -n "$(REHEARSAL_PY)" || (echo "error: gpu-rehearsal needs python3.12 (the device image's Python)"; exit 1)
+	@test -x $(REHEARSAL_VENV)/bin/python || $(REHEARSAL_PY) -m venv $(REHEARSAL_VENV)
+	@test -e $(REHEARSAL_VENV)/.image || (PIP_CONSTRAINT= $(REHEARSAL_VENV)/bin/pip install -q \
+		$(IMAGE_PKGS) && touch $(REHEARSAL_VENV)/.image)
+	rm -rf $(REHEARSAL_VENV)/carried
+	$(MAKE) --no-print-directory gpu-check GPU_PY=$(abspath $(REHEARSAL_VENV))/bin/python \
+		GPU_SITE=$(abspath $(REHEARSAL_VENV))/carried GPU_CHECK_ARGS=--quick \
+		OUT=$(abspath $(REHEARSAL_VENV)) TRITON_INTERPRET=1 DS_ACCELERATOR=cpu
 
 # Optional peer: vLLM's CPU build in its own environment, interleaved with this engine on
 # the same cores (docs in seesaw_mcore/bench/vllm.py): unique prompts, an eval-shaped job
