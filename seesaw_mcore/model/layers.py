@@ -146,25 +146,20 @@ class RMSNorm(nn.Module):
 
 class Rotary(nn.Module):
     """RoPE tables from transformers' own rope-parameter functions (default, linear, llama3,
-    yarn), so scaling matches HF exactly."""
+    yarn), so scaling matches HF exactly. The tables are computed once per process and device
+    (``rope_tables``) and shared by every stage, so a Seesaw switch that rebuilds a stage
+    neither recomputes them nor copies them to the device again."""
 
     def __init__(self, hf_config, head_dim: int, max_positions: int) -> None:
         super().__init__()
-        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        self._args = (hf_config, head_dim, max_positions)
+        cos, sin = rope_tables(*self._args, torch.device("cpu"))
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
 
-        rope = hf_config.rope_parameters or {}
-        rope_type = rope.get("rope_type", "default")
-        if rope_type == "default":
-            base = rope.get("rope_theta", 10000.0)
-            inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
-            scale = 1.0
-        else:
-            inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
-        pos = torch.arange(max_positions, dtype=torch.float32)
-        freqs = torch.outer(pos, inv_freq.float())  # [P, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
-        self.register_buffer("cos", emb.cos() * scale, persistent=False)
-        self.register_buffer("sin", emb.sin() * scale, persistent=False)
+    def place(self, device: torch.device) -> None:
+        """Uses ``device``'s shared tables (made there once)."""
+        self.cos, self.sin = rope_tables(*self._args, device)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
@@ -173,6 +168,35 @@ class Rotary(nn.Module):
         cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         sin = self.sin[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+_ROPE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_tables(hf_config, head_dim: int, max_positions: int, device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``[P, D]`` float32 for the config's rope parameters, cached per device."""
+    rope = hf_config.rope_parameters or {}
+    key = (repr(sorted(rope.items())), head_dim, max_positions, str(device))
+    if key not in _ROPE:
+        cpu_key = (*key[:3], "cpu")
+        if cpu_key not in _ROPE:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            rope_type = rope.get("rope_type", "default")
+            if rope_type == "default":
+                base = rope.get("rope_theta", 10000.0)
+                inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+                scale = 1.0
+            else:
+                inv_freq, scale = ROPE_INIT_FUNCTIONS[rope_type](hf_config, torch.device("cpu"))
+            pos = torch.arange(max_positions, dtype=torch.float32)
+            freqs = torch.outer(pos, inv_freq.float())  # [P, D/2]
+            emb = torch.cat((freqs, freqs), dim=-1)  # [P, D]
+            _ROPE[cpu_key] = (emb.cos() * scale, emb.sin() * scale)
+        cos, sin = _ROPE[cpu_key]
+        _ROPE[key] = (cos.to(device), sin.to(device))
+    return _ROPE[key]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -221,7 +221,8 @@ class LlamaStage(nn.Module):
                 t = t.to(device, non_blocking=True)
                 copied += t.numel() * t.element_size()
             p.data = t
-        self.to(device)  # buffers (rotary tables)
+        self.rotary.place(device)  # the device's shared RoPE tables: no copy per switch
+        self.to(device)  # other buffers
         for m in self.modules():
             if isinstance(m, CPUPackedLinear):
                 m.pack_for_cpu()
