@@ -34,10 +34,13 @@ if TYPE_CHECKING:
 def _paged_attn_kernel(
     Q, K, V, Out, TABLES, CU_Q, SEQ_LENS, scale,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_ot, stride_oh, stride_bt,
+    PART_ACC, PART_ML, chunk,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
+    SPLITS: tl.constexpr,
 ):
-    tile = tl.program_id(0)
+    tile = tl.program_id(0) // SPLITS
+    split = tl.program_id(0) % SPLITS
     kvh = tl.program_id(1)
     seq = tl.program_id(2)
     q_start = tl.load(CU_Q + seq)
@@ -59,7 +62,11 @@ def _paged_attn_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     last_tok = tl.minimum(q_len, (tile + 1) * BLOCK_M // GROUP + 1)
     hi = ctx - q_len + last_tok  # keys this tile can see: positions < hi
-    for start in range(0, hi, BLOCK_N):
+    lo = 0
+    if SPLITS > 1:  # split-context decode: this program takes one chunk of the keys
+        lo = split * chunk
+        hi = tl.minimum(hi, lo + chunk)
+    for start in range(lo, hi, BLOCK_N):
         n = start + tl.arange(0, BLOCK_N)  # [N] key positions
         n_ok = n < hi
         blk = tl.load(TABLES + seq * stride_bt + n // PAGE, mask=n_ok, other=0).to(tl.int64)
@@ -85,14 +92,20 @@ def _paged_attn_kernel(
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-    tl.store(Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh + d[None],
-             out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None])
+    if SPLITS > 1:  # partial softmax state, merged by log-sum-exp after the launch
+        part = ((q_start + tok) * (GROUP * tl.num_programs(1)) + head) * SPLITS + split  # [M]
+        tl.store(PART_ACC + part[:, None] * BLOCK_D + d[None], acc, mask=row_ok[:, None])
+        tl.store(PART_ML + part * 2, m_i, mask=row_ok)
+        tl.store(PART_ML + part * 2 + 1, l_i, mask=row_ok)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(Out + (q_start + tok)[:, None] * stride_ot + head[:, None] * stride_oh
+                 + d[None], out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None])
 
 
 def paged_attention_triton(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
-    block_m: int | None = None, block_n: int | None = None,
+    block_m: int | None = None, block_n: int | None = None, splits: int | None = None,
 ) -> torch.Tensor:
     """Every query of the step against its sequence's cached context, one launch.
 
@@ -103,6 +116,8 @@ def paged_attention_triton(
         meta: the step's metadata (``cu_query_lens``, ``seq_lens``, ``block_tables``).
         block_m: rows per program (at least 16 for ``tl.dot``); default ``_tiles``'.
         block_n: keys per inner iteration; default ``_tiles``'.
+        splits: context chunks per program, merged by log-sum-exp (split-context decode);
+            default ``decode_splits``'.
 
     Returns:
         ``[T, Hq, D]`` attention output in ``q``'s dtype.
@@ -125,15 +140,42 @@ def paged_attention_triton(
     auto_m, auto_n, warps = _tiles(d, meta.max_query_len * group)
     block_m, block_n = block_m or auto_m, block_n or auto_n
     tiles = triton.cdiv(meta.max_query_len * group, block_m)
+    block_d = triton.next_power_of_2(max(d, 16))
+    if splits is None:
+        sms = (torch.cuda.get_device_properties(q.device).multi_processor_count
+               if q.device.type == "cuda" else 0)
+        splits = decode_splits(b * hkv * tiles, meta.max_query_len,
+                               int(meta.context_lens.max()), sms)
+    chunk = triton.cdiv(triton.cdiv(int(meta.context_lens.max()), splits), block_n) * block_n
+    if splits > 1:
+        part_acc = torch.empty(t, hq, splits, block_d, dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(t, hq, splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        part_acc = part_ml = out  # unused
     tables = meta.block_tables
-    _paged_attn_kernel[(tiles, hkv, b)](
+    _paged_attn_kernel[(tiles * splits, hkv, b)](
         q, k_cache, v_cache, out, tables, meta.cu_query_lens, meta.seq_lens, d ** -0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), tables.stride(0),
+        out.stride(0), out.stride(1), tables.stride(0), part_acc, part_ml, chunk,
         HEAD_DIM=d, GROUP=group, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(max(d, 16)), IEEE=ieee, num_warps=warps,
+        BLOCK_D=block_d, IEEE=ieee, SPLITS=splits, num_warps=warps,
     )
-    return out
+    if splits == 1:
+        return out
+    m, lsum = part_ml.unbind(-1)  # [T, Hq, S] each
+    w = torch.exp(m - m.amax(-1, keepdim=True)) * (lsum > 0)  # [T, Hq, S] (empty chunks: 0)
+    merged = (part_acc[..., :d] * w[..., None]).sum(2) / (lsum * w).sum(-1, keepdim=True)
+    return merged.to(q.dtype)  # [T, Hq, D]
+
+
+def decode_splits(programs: int, max_query_len: int, max_context: int, sms: int) -> int:
+    """Context chunks per decode program (flash-decoding): when a decode step's programs
+    (sequences x KV heads) leave most of the ``sms`` multiprocessors idle and contexts are
+    long, each program's keys are split (chunks of at least 512) so the step fills the GPU;
+    1 for prefill, short contexts and on CPU (``sms`` 0)."""
+    if max_query_len > 1 or max_context < 1024 or programs >= sms:
+        return 1
+    return max(1, min(16, 2 * sms // programs, max_context // 512))
 
 
 MAX_GRID_YZ = 65535  # CUDA's limit on grid axes 1 and 2

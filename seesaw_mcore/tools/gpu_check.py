@@ -7,7 +7,8 @@ ends (a failure keeps what came before and is recorded without stopping the rest
 1. ``kernel``: the paged-attention kernel (Triton on CUDA; under ``TRITON_INTERPRET=1`` on a
    CPU) against a dense float64 reference in float32 and bf16 (on a GPU: the tensor-core
    path the interpreter cannot check), at small mixed shapes and at real ones (head_dim 128,
-   GQA 8, blocks of 16, contexts past 4k); its decode time against dense SDPA.
+   GQA 8, blocks of 16, contexts past 4k) and split-context decode; its decode time against
+   dense SDPA.
 2. ``closeness_bf16``: engine bf16 vs HF ``transformers`` bf16 on the same device (vLLM's
    ``check_logprobs_close``), with the KV cache sized by the profiling run.
 3. ``throughput``: tokens/s against HF ``generate`` on a ~1.1B random Llama (TinyLlama's
@@ -105,6 +106,16 @@ def kernel_check(dev: torch.device, quick: bool) -> dict:
             ref = reference_attention(q.cpu(), kc.cpu(), vc.cpu(), qlens, ctx, tables)
             err = float((out.double().cpu() - ref).abs().max())
             res[f"{prefix}max_abs_err" if prefix else f"max_abs_err_{str(dtype)[6:]}"] = err
+    if res["path"] == "triton":  # split-context decode (flash-decoding), forced
+        from seesaw_mcore.model.triton_attention import paged_attention_triton
+
+        qlens, ctx = [1, 1, 1], [1500 if not quick else 300, 65, 700 if not quick else 40]
+        q, kc, vc, tables = random_paged_case(qlens, ctx, heads=32, kv_heads=8, head_dim=128,
+                                              block_size=16, dtype=torch.bfloat16)
+        meta = AttentionMetadata.build(qlens, ctx, tables, 16, dev)
+        out = paged_attention_triton(q.to(dev), kc.to(dev), vc.to(dev), meta, splits=4)
+        ref = reference_attention(q, kc, vc, qlens, ctx, tables)
+        res["split_decode_max_abs_err"] = float((out.double().cpu() - ref).abs().max())
     # decode timing: B sequences, contexts up to L, bf16
     bs, hq, hkv, d = 16, 32, 8, 128
     b, length = (4, 64) if quick else (64, 2048)
@@ -346,6 +357,7 @@ def _verdict(res: dict) -> dict[str, bool]:
         "kernel_float32": k.get("max_abs_err_float32", 1.0) < 1e-4,
         "kernel_bfloat16": k.get("max_abs_err_bfloat16", 1.0) < 5e-2,
         "kernel_real_shapes": k.get("real_shapes_max_abs_err", 1.0) < 5e-2,
+        "kernel_split_decode": k.get("split_decode_max_abs_err", 0.0) < 5e-2,
         "closeness_bf16": c.get("close") == "ok",
         "graphs_same_tokens": t.get("graphs_same_tokens", False),
     }

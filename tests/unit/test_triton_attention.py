@@ -96,3 +96,29 @@ def test_tiles_follow_head_size_and_rows():
     assert _tiles(128, 8 * 512) == (64, 32, 8)  # prefill
     assert _tiles(64, 1) == (16, 64, 4)
     assert _tiles(256, 4) == (16, 32, 8)
+
+
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_context_decode_matches_dense(splits, dtype):
+    """Flash-decoding: each decode program's keys in ``splits`` chunks (some empty for the
+    short sequences), merged by log-sum-exp."""
+    qlens, ctx = [1, 1, 1, 1], [700, 65, 1, 333]
+    q, kc, vc, tables = random_paged_case(qlens, ctx, heads=8, kv_heads=2, head_dim=64,
+                                          block_size=16, dtype=dtype, seed=3)
+    meta = AttentionMetadata.build(qlens, ctx, tables, 16, torch.device("cpu"))
+    out = paged_attention_triton(q, kc, vc, meta, splits=splits)
+    ref = reference_attention(q, kc, vc, qlens, ctx, tables)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.double(), ref, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_decode_splits_only_for_idle_gpus_and_long_contexts():
+    from seesaw_mcore.model.triton_attention import decode_splits
+
+    assert decode_splits(4, 1, 8192, sms=0) == 1  # never on CPU
+    assert decode_splits(8, 1, 8192, sms=132) == 16  # 2 sequences x 4 KV heads on an H200
+    assert decode_splits(32, 1, 2048, sms=132) == 4  # chunks of at least 512 keys
+    assert decode_splits(8, 16, 8192, sms=132) == 1  # prefill
+    assert decode_splits(8, 1, 1000, sms=132) == 1  # short contexts
+    assert decode_splits(256, 1, 8192, sms=132) == 1  # the step fills the GPU already
