@@ -49,6 +49,47 @@ def _copy_runs(moves: list[KVMove], block_size: int) -> list[tuple[int, int, int
     return [tuple(r) for r in runs]
 
 
+def _copy_batched(cache: torch.Tensor, part: torch.Tensor, runs, to_tier: bool,
+                  pinned: bool) -> None:
+    """The device side of ``KVCopier._copy`` (GPU ranks): every run gathered into one
+    contiguous buffer, so a call is one asynchronous DMA between the device and a page-locked
+    staging buffer (PyTorch's pinned caching allocator keeps it until the copy is done) plus
+    strided copies on each side, instead of one synchronous pageable copy (with a device
+    temporary) per run.
+
+    Args:
+        cache: ``[l, 2, NB * BS, h, D]`` the device rows.
+        part: ``[l, 2, h, S, D]`` the tier side.
+        runs: ``(slot, cache row, n)`` token runs.
+        to_tier: device -> tier.
+        pinned: page-locked staging (False: tests on CPU).
+    """
+    total = sum(n for _, _, n in runs)
+    nl, two, _, h, d = cache.shape
+    staging = torch.empty(nl, two, total, h, d, dtype=cache.dtype, pin_memory=pinned)
+    if to_tier:
+        gathered = torch.cat([cache[:, :, row:row + n] for _, row, n in runs], dim=2)
+        staging.copy_(gathered, non_blocking=pinned)
+        if pinned:
+            from deepspeed.accelerator import get_accelerator
+
+            get_accelerator().current_stream().synchronize()  # the CPU side reads it next
+        off = 0
+        for slot, _, n in runs:
+            part[:, :, :, slot:slot + n].copy_(staging[:, :, off:off + n].transpose(2, 3))
+            off += n
+        return
+    off = 0
+    for slot, _, n in runs:
+        staging[:, :, off:off + n].copy_(part[:, :, :, slot:slot + n].transpose(2, 3))
+        off += n
+    dev = staging.to(cache.device, non_blocking=pinned)  # [l, 2, N, h, D]
+    off = 0
+    for _, row, n in runs:
+        cache[:, :, row:row + n].copy_(dev[:, :, off:off + n])
+        off += n
+
+
 class KVCopier:
     """This rank's side of the KV tiers.
 
@@ -95,6 +136,8 @@ class KVCopier:
         at once."""
         cache = view.rows[layers.start:layers.stop]  # [l, 2, NB * BS, h, D]
         part = side[l0 + layers.start:l0 + layers.stop]  # [l, 2, h, S, D]
+        if cache.device.type != "cpu":
+            return _copy_batched(cache, part, runs, to_tier, pinned=True)
         for slot, row, n in runs:
             dev = cache[:, :, row:row + n].transpose(2, 3)  # [l, 2, h, n, D]
             tier = part[:, :, :, slot:slot + n]  # [l, 2, h, n, D]

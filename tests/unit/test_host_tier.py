@@ -71,3 +71,33 @@ def test_phase_plan():
     with pytest.raises(SeesawError, match=r"^plan P4 -> T2: prefill uses 4 ranks but decode "
                        r"uses 2; both phases run on the same ranks$"):
         PhasePlan.parse("P4", "T2")
+
+
+@pytest.mark.parametrize("to_tier", [True, False])
+def test_batched_gpu_copy_moves_what_the_per_run_copy_moves(to_tier):
+    """The GPU ranks' batched copy (one staged DMA per call), run on CPU tensors, against
+    the per-run copy the CPU ranks use: same bytes in the same places, nothing else touched."""
+    from seesaw_mcore.contract import HOST, KVMove
+    from seesaw_mcore.kv.copier import _copy_batched, _copy_runs
+
+    bs, nb, h, d, layers, slots = 4, 12, 2, 8, 3, 40
+    moves = [KVMove(1, SlotRange(3, 10, HOST), [5, 6, 0]),
+             KVMove(2, SlotRange(20, 7, HOST), [9, 2])]
+    runs = _copy_runs(moves, bs)
+    results = []
+    for batched in (False, True):
+        cache = torch.randn(layers, 2, nb * bs, h, d, generator=torch.Generator().manual_seed(1))
+        part = torch.randn(layers, 2, h, slots, d, generator=torch.Generator().manual_seed(2))
+        if batched:
+            _copy_batched(cache, part, runs, to_tier, pinned=False)
+        else:
+            for slot, row, n in runs:
+                dev = cache[:, :, row:row + n].transpose(2, 3)
+                tier = part[:, :, :, slot:slot + n]
+                if to_tier:
+                    tier.copy_(dev)
+                else:
+                    dev.copy_(tier)
+        results.append((cache, part))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert len(runs) >= 3  # several runs, gathered into one buffer
