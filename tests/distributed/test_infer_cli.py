@@ -21,6 +21,40 @@ def infer(world: int, *overrides: str, timeout: float = 300):
     return launch(world, ["launch.infer", *overrides], timeout=timeout)
 
 
+class _Run:
+    """One case of ``cli_batch``: what a ``launch`` result offers the tests, and the case's
+    folder (``OUT`` in its overrides)."""
+
+    def __init__(self, rec: dict, folder) -> None:
+        self.returncode, self.stdout, self.stderr = rec["code"], rec["stdout"], rec["stderr"]
+        self.dir = folder
+
+
+_BATCH: dict[str, list[str]] = {}  # case name -> overrides, filled at collection
+
+
+def batched(name: str, *overrides: str) -> str:
+    """Registers a single-rank case for the module's one ``cli_batch`` process."""
+    _BATCH[name] = list(overrides)
+    return name
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory) -> dict[str, _Run]:
+    """Every registered single-rank case, run by ``tests/distributed/cli_batch.py`` in one
+    process (each case's output file in its own folder)."""
+    root = tmp_path_factory.mktemp("batch")
+    cases = {k: [o.replace("OUT", str(root / k)) for o in v] for k, v in _BATCH.items()}
+    for k in cases:
+        (root / k).mkdir()
+    (root / "cases.json").write_text(json.dumps(list(cases.values())))
+    proc = launch(1, ["tests.distributed.cli_batch", str(root / "cases.json"),
+                      str(root / "out.json")], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    recs = json.loads((root / "out.json").read_text())
+    return {k: _Run(r, root / k) for k, r in zip(cases, recs)}
+
+
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("cli") / "in.jsonl"
@@ -81,15 +115,17 @@ def test_chat_record_uses_template(t2_run):
     assert row["prompt_token_ids"] == list(want)
 
 
-def test_demo_defaults_single_process(tmp_path):
-    out = tmp_path / "demo.jsonl"
-    proc = infer(1, f"data.output={out}")
+def test_demo_defaults_single_process(batch):
+    proc = batch[DEMO]
+    out = proc.dir / "demo.jsonl"
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert len(out.read_text().splitlines()) == 12
     assert "seesaw_mcore run report (T1, 12 requests" in proc.stdout
 
 
-@pytest.mark.parametrize("overrides,message", [
+DEMO = batched("demo", "data.output=OUT/demo.jsonl")
+
+ERRORS = [
     (["sampling.max_tokens=0"], "error: SamplingParams.max_tokens must be an integer >= 1, got 0"),
     (["plan=t2"], "error: layout T2 needs DP x TP x PP = 1 x 2 x 1 = 2 ranks, but the world "
                   "size is 1"),
@@ -108,9 +144,13 @@ def test_demo_defaults_single_process(tmp_path):
     (["cache.disk_path=/tmp"], "error: cache.disk_path needs a re-sharding plan; plan T1 is "
                                "static (its KV stays on the device)"),
     (["data.prompt_template=Question"], "error: data.prompt_template must contain {prompt}"),
-])
-def test_errors(overrides, message, tmp_path):
-    proc = infer(1, f"data.output={tmp_path / 'o.jsonl'}", *overrides, timeout=120)
+]
+
+
+@pytest.mark.parametrize("case,message", [
+    (batched(f"errors{i}", "data.output=OUT/o.jsonl", *o), m) for i, (o, m) in enumerate(ERRORS)])
+def test_errors(batch, case, message):
+    proc = batch[case]
     assert proc.returncode == 1
     assert error_lines(proc) == [message]
 
@@ -124,19 +164,21 @@ def test_hydra_type_checks_overrides(tmp_path):
 SAMPLE = "data/sample_prompts.jsonl"  # as the tests' working directory (REPO) names it
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.max_model_len=3"], "prompt has N tokens; the model's context is 3 "
-                                "(prompt + at least one generated token must fit)"),
-    (["cache.num_blocks=1", "cache.block_size=4"],
+@pytest.mark.parametrize("case,message", [
+    (batched("max_len", "data.output=OUT/o.jsonl", f"data.input={SAMPLE}",
+             "model.max_model_len=3"),
+     "prompt has N tokens; the model's context is 3 "
+     "(prompt + at least one generated token must fit)"),
+    (batched("kv_fit", "data.output=OUT/o.jsonl", f"data.input={SAMPLE}", "cache.num_blocks=1",
+             "cache.block_size=4"),
      "prompt needs up to N tokens of KV cache (prompt N + max_tokens N) but the "
      "cache holds 4; raise cache.num_blocks / cache.kv_cache_gib or lower max_tokens"),
 ])
-def test_prompts_that_cannot_run_are_reported_per_record(overrides, message, tmp_path):
+def test_prompts_that_cannot_run_are_reported_per_record(batch, case, message):
     """None of the 12 sample prompts fits: each is rejected with its id, and the run still
     ends cleanly with exit 1 and an empty output."""
-    out = tmp_path / "o.jsonl"
-    proc = infer(1, f"data.output={out}", "data.input=data/sample_prompts.jsonl", *overrides,
-                 timeout=120)
+    proc = batch[case]
+    out = proc.dir / "o.jsonl"
     assert proc.returncode == 1
     errs = error_lines(proc)
     ids = [json.loads(line)["id"] for line in open(SAMPLE)]
@@ -147,15 +189,18 @@ def test_prompts_that_cannot_run_are_reported_per_record(overrides, message, tmp
     assert out.read_text() == ""
 
 
-def test_unknown_hydra_key():
-    proc = infer(1, "sampling.temprature=0", timeout=60)
+UNKNOWN = batched("unknown_key", "sampling.temprature=0")
+KV_MEMORY = batched("kv_memory", "data.output=OUT/o.jsonl", "cache.kv_cache_gib=100000")
+
+
+def test_unknown_hydra_key(batch):
+    proc = batch[UNKNOWN]
     assert proc.returncode != 0
     assert "Could not override 'sampling.temprature'" in proc.stderr
 
 
-def test_kv_budget_larger_than_memory(tmp_path):
-    proc = infer(1, f"data.output={tmp_path / 'o.jsonl'}", "cache.kv_cache_gib=100000",
-                 timeout=120)
+def test_kv_budget_larger_than_memory(batch):
+    proc = batch[KV_MEMORY]
     assert proc.returncode == 1
     [line] = error_lines(proc)
     assert line.startswith("error: cache.kv_cache_gib=100000 x 1 ranks needs 100000.0 GiB but "
@@ -163,12 +208,15 @@ def test_kv_budget_larger_than_memory(tmp_path):
     assert line.endswith("GiB available; lower cache.kv_cache_gib")
 
 
-def test_stop_strings_and_n_samples(tmp_path):
+STOPS = batched("stops", "data.output=OUT/o.jsonl", "sampling=random", "sampling.n=3",
+                "sampling.seed=5", 'sampling.stop=["."]', "sampling.max_tokens=24")
+
+
+def test_stop_strings_and_n_samples(batch):
     from transformers import AutoTokenizer
 
-    out = tmp_path / "o.jsonl"
-    proc = infer(1, f"data.output={out}", "sampling=random", "sampling.n=3", "sampling.seed=5",
-                 'sampling.stop=["."]', "sampling.max_tokens=24", timeout=120)
+    proc = batch[STOPS]
+    out = proc.dir / "o.jsonl"
     assert proc.returncode == 0, proc.stderr[-2000:]
     tok = AutoTokenizer.from_pretrained(TINY)
     stopped, distinct = 0, 0
