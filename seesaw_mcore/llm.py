@@ -21,6 +21,7 @@ from seesaw_mcore.engine.engine import Engine
 from seesaw_mcore.engine.output import OutputProcessor
 from seesaw_mcore.engine.request import RequestOutput, Sequence
 from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.model.loader import check_update
 from seesaw_mcore.sampling_params import SamplingParams
 
 PromptType = str | dict
@@ -240,6 +241,71 @@ class LLM:
         if not toks:
             raise SeesawError(f"{label} is empty")
         return list(toks)
+
+    def update_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Takes new weights in place (an RL or eval loop's new checkpoint), on every rank.
+
+        ``weights``: ``(name, tensor)`` pairs with HF parameter names
+        (``model.layers.3.self_attn.q_proj.weight``, or the fused ``qkv_proj`` /
+        ``gate_up_proj``) and full, unsharded tensors, as a trainer hands them over after
+        gathering; a subset of the model's names is a partial update. Every rank receives
+        the same pairs and takes its slices; every copy it holds is written: the live device
+        stage and, for a Seesaw plan, both layouts' host shards (the next switch brings the
+        new weights). Every pair is checked before anything is written (a foreign name, a
+        shape that is not the full tensor's, a non-float tensor: a one-line error, nothing
+        changed). The prefix cache is forgotten. Between ``generate`` calls only.
+        """
+        pairs = list(weights)
+        check_update(self.engine.model_cfg, pairs)
+        self.engine.update_weights(pairs)
+
+    def init_weight_update_group(self, master_address: str, master_port: int,
+                                 rank_offset: int, world_size: int) -> None:
+        """Joins a trainer's weight-update group (every rank; SGLang's and vLLM's RLHF
+        recipe): engine rank ``i`` is group rank ``rank_offset + i``; the trainer's rank 0
+        hosts the rendezvous at ``master_address:master_port`` and is group rank 0."""
+        from seesaw_mcore.runtime import groups
+        from seesaw_mcore.runtime.weight_sync import WeightUpdateGroup
+
+        rank = rank_offset + self.engine.rank
+        if not 0 < rank < world_size:
+            raise SeesawError(f"init_weight_update_group: engine rank {self.engine.rank} + "
+                              f"rank_offset {rank_offset} is outside 1..{world_size - 1}")
+        self._update_group = WeightUpdateGroup(
+            master_address, master_port, rank, world_size, groups.device(),
+            self.engine.config.runtime.dist_timeout_s)
+
+    def update_weights_from_distributed(self, names: list[str], dtypes: list, shapes: list
+                                        ) -> None:
+        """Receives ``names`` (full tensors, HF names, of ``dtypes`` and ``shapes``) from
+        the trainer's rank 0, in that order, over the group ``init_weight_update_group``
+        made, and takes them like ``update_weights`` (every rank). A bad name or shape is a
+        one-line error after the broadcasts are received (the trainer is never left
+        waiting); nothing is written then."""
+        import torch
+
+        group = getattr(self, "_update_group", None)
+        if group is None:
+            raise SeesawError("update_weights_from_distributed needs init_weight_update_group "
+                              "first")
+        if not len(names) == len(dtypes) == len(shapes):
+            raise SeesawError(f"update_weights_from_distributed: {len(names)} names, "
+                              f"{len(dtypes)} dtypes, {len(shapes)} shapes")
+        dtypes = [getattr(torch, d) if isinstance(d, str) else d for d in dtypes]
+        meta = [(n, torch.empty(s, dtype=d, device="meta")) for n, s, d in
+                zip(names, shapes, dtypes)]
+        try:
+            check_update(self.engine.model_cfg, meta)
+            error = None
+        except SeesawError as e:
+            error = e
+        received = []
+        for _, t in meta:
+            buf = torch.empty(t.shape, dtype=t.dtype, device=group.device)
+            received.append(group.broadcast(buf, src=0).to("cpu"))
+        if error is not None:
+            raise error
+        self.engine.update_weights(list(zip(names, received)))
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix (vLLM's ``reset_prefix_cache``). A static plan's

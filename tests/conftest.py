@@ -18,6 +18,8 @@ VENV_BIN = os.path.dirname(sys.executable)
 # name -> build_random kwargs: GQA everywhere; layer counts PP splits unevenly.
 MODELS = {
     "llama": dict(arch="llama", num_layers=3, vocab=250, seed=1),
+    # the same architecture, other weights: what update_weights loads into "llama"
+    "llama_b": dict(arch="llama", num_layers=3, vocab=250, seed=11),
     "qwen2": dict(arch="qwen2", num_layers=3, vocab=301, tie=True, seed=2),
     "llama3": dict(
         arch="llama", num_layers=5, vocab=260, seed=3, max_shard_size="100KB",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import torch.distributed as dist
 
@@ -29,6 +30,9 @@ from seesaw_mcore.runtime.kv_budget import kv_blocks
 from seesaw_mcore.runtime.model_runner import ModelRunner, resolve_dtype
 from seesaw_mcore.runtime.weights import ShardStore
 from seesaw_mcore.runtime.worker import Worker
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 
 class Engine:
@@ -248,6 +252,16 @@ class Engine:
         """Rank 0, between runs: forgets every cached prefix (vLLM's
         ``reset_prefix_cache``; needed when the weights change)."""
         self._pools = None
+
+    def update_weights(self, weights: list[tuple[str, Tensor]]) -> int:
+        """Every rank, between runs: writes new weights into every copy this rank holds (see
+        ``ModelRunner.update_weights``) and forgets the prefix cache, whose KV came from the
+        old weights. ``weights`` must be checked (``loader.check_update``)."""
+        if self._seqs:
+            raise SeesawError("update_weights during a run: call it between generate calls")
+        n = self.runner.update_weights(weights)
+        self.reset_prefix_cache()
+        return n
 
     def finish(self, seq: Sequence) -> None:
         """Ends a sequence (a stop string found by the output processor) and frees its KV."""

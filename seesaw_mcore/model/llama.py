@@ -223,7 +223,11 @@ class LlamaStage(nn.Module):
             p.data = t
         self.rotary.place(device)  # the device's shared RoPE tables: no copy per switch
         self.to(device)  # other buffers
+        self.repack()
+        return copied
+
+    def repack(self) -> None:
+        """Re-packs the oneDNN copies of float32 weights (CPU ranks) after they changed."""
         for m in self.modules():
             if isinstance(m, CPUPackedLinear):
                 m.pack_for_cpu()
-        return copied

@@ -61,37 +61,7 @@ class Checkpoint:
         self._validate()
 
     def _expected(self) -> dict[str, tuple[int, ...]]:
-        c = self.cfg
-        h, d, i = c.hidden_size, c.head_dim, c.intermediate_size
-        qo, kvo = c.num_heads * d, c.num_kv_heads * d
-        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h)}
-        for layer in range(c.num_layers):
-            p = f"model.layers.{layer}."
-            if self.fused_qkv:
-                shapes[p + "self_attn.qkv_proj.weight"] = (qo + 2 * kvo, h)
-            else:
-                shapes.update({p + "self_attn.q_proj.weight": (qo, h),
-                               p + "self_attn.k_proj.weight": (kvo, h),
-                               p + "self_attn.v_proj.weight": (kvo, h)})
-            if c.qkv_bias and self.fused_qkv:
-                shapes[p + "self_attn.qkv_proj.bias"] = (qo + 2 * kvo,)
-            elif c.qkv_bias:
-                shapes.update({p + "self_attn.q_proj.bias": (qo,),
-                               p + "self_attn.k_proj.bias": (kvo,),
-                               p + "self_attn.v_proj.bias": (kvo,)})
-            shapes[p + "self_attn.o_proj.weight"] = (h, qo)
-            if self.fused_gate_up:
-                shapes[p + "mlp.gate_up_proj.weight"] = (2 * i, h)
-            else:
-                shapes.update({p + "mlp.gate_proj.weight": (i, h),
-                               p + "mlp.up_proj.weight": (i, h)})
-            shapes[p + "mlp.down_proj.weight"] = (h, i)
-            shapes[p + "input_layernorm.weight"] = (h,)
-            shapes[p + "post_attention_layernorm.weight"] = (h,)
-        shapes["model.norm.weight"] = (h,)
-        if not c.tie_word_embeddings:
-            shapes["lm_head.weight"] = (c.vocab_size, h)
-        return shapes
+        return hf_shapes(self.cfg, self.fused_qkv, self.fused_gate_up)
 
     def _validate(self) -> None:
         for name, shape in self._expected().items():
@@ -119,6 +89,127 @@ class Checkpoint:
 
     def full(self, name: str) -> torch.Tensor:
         return self._handles[self.where[name]].get_tensor(name)
+
+
+def hf_shapes(c: ModelConfig, fused_qkv: bool, fused_gate_up: bool) -> dict[str, tuple[int, ...]]:
+    """Every HF parameter name of the model and its full shape (split or fused projections)."""
+    h, d, i = c.hidden_size, c.head_dim, c.intermediate_size
+    qo, kvo = c.num_heads * d, c.num_kv_heads * d
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h)}
+    for layer in range(c.num_layers):
+        p = f"model.layers.{layer}."
+        if fused_qkv:
+            shapes[p + "self_attn.qkv_proj.weight"] = (qo + 2 * kvo, h)
+        else:
+            shapes.update({p + "self_attn.q_proj.weight": (qo, h),
+                           p + "self_attn.k_proj.weight": (kvo, h),
+                           p + "self_attn.v_proj.weight": (kvo, h)})
+        if c.qkv_bias and fused_qkv:
+            shapes[p + "self_attn.qkv_proj.bias"] = (qo + 2 * kvo,)
+        elif c.qkv_bias:
+            shapes.update({p + "self_attn.q_proj.bias": (qo,),
+                           p + "self_attn.k_proj.bias": (kvo,),
+                           p + "self_attn.v_proj.bias": (kvo,)})
+        shapes[p + "self_attn.o_proj.weight"] = (h, qo)
+        if fused_gate_up:
+            shapes[p + "mlp.gate_up_proj.weight"] = (2 * i, h)
+        else:
+            shapes.update({p + "mlp.gate_proj.weight": (i, h),
+                           p + "mlp.up_proj.weight": (i, h)})
+        shapes[p + "mlp.down_proj.weight"] = (h, i)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, h)
+    return shapes
+
+
+def check_update(c: ModelConfig, weights: list[tuple[str, torch.Tensor]]) -> None:
+    """Raises a one-line ``SeesawError`` for the first name that is not the model's, a shape
+    that is not the full tensor's, or a tensor that is not floating point (nothing is
+    written before every one is checked)."""
+    known = hf_shapes(c, False, False) | hf_shapes(c, True, True)
+    for name, t in weights:
+        if name not in known:
+            raise SeesawError(f"update_weights: {name!r} is not a parameter of this model")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise SeesawError(f"update_weights: {name} must be a floating-point tensor, got "
+                              f"{getattr(t, 'dtype', type(t).__name__)}")
+        if tuple(t.shape) != known[name]:
+            raise SeesawError(f"update_weights: {name} has shape {list(t.shape)} but the "
+                              f"model's is {list(known[name])} (full, unsharded tensors)")
+
+
+def update_shard(shard: dict[str, torch.Tensor], spec: ShardSpec, c: ModelConfig, name: str,
+                 full: torch.Tensor, vocab_multiple: int = 64) -> list[str]:
+    """Writes this rank's slice of the HF tensor ``name`` into ``shard`` (a ``load_shard``
+    state dict) in place, exactly where ``load_shard`` would have put it.
+
+    Returns:
+        The shard's parameter names written (none when the tensor is not this rank's).
+    """
+    t, r = spec.tp, spec.tp_rank
+    qo, kvo, i = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
+    written: list[str] = []
+
+    def put(key: str, value: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
+        dst = shard[key] if rows is None else shard[key][rows[0]:rows[1]]
+        dst.copy_(value)
+        written.append(key)
+
+    def vocab(key: str) -> None:
+        start, end = _part(padded_vocab_size(c.vocab_size, t, vocab_multiple), t, r)
+        rows = full[min(start, c.vocab_size):min(end, c.vocab_size)]  # padding rows stay 0
+        put(key, rows, (0, rows.shape[0]))
+
+    if name == "model.embed_tokens.weight":
+        if spec.is_first:
+            vocab("embed.weight")
+        if spec.is_last and c.tie_word_embeddings:
+            vocab("lm_head.weight")
+        return written
+    if name in ("lm_head.weight", "model.norm.weight"):
+        if spec.is_last and name == "lm_head.weight":
+            vocab("lm_head.weight")
+        elif spec.is_last:
+            put("norm.weight", full)
+        return written
+    parts = name.split(".")  # model.layers.L.<module>.<param>
+    layer, rest = int(parts[2]), ".".join(parts[3:])
+    start, end = split_layers(c.num_layers, spec.pp)[spec.pp_rank]
+    if not start <= layer < end:
+        return written
+    q = f"layers.{layer - start}."
+    kind = rest.rsplit(".", 1)[1]  # weight / bias
+    qs, qe = _part(qo, t, r)
+    ks, ke = _part(kvo, t, r)
+    lq, lkv = qo // t, kvo // t  # local rows of q and of k (and v)
+    if rest.startswith("self_attn.q_proj."):
+        put(q + f"qkv.{kind}", full[qs:qe], (0, lq))
+    elif rest.startswith("self_attn.k_proj."):
+        put(q + f"qkv.{kind}", full[ks:ke], (lq, lq + lkv))
+    elif rest.startswith("self_attn.v_proj."):
+        put(q + f"qkv.{kind}", full[ks:ke], (lq + lkv, lq + 2 * lkv))
+    elif rest.startswith("self_attn.qkv_proj."):
+        put(q + f"qkv.{kind}", torch.cat([full[qs:qe], full[qo + ks:qo + ke],
+                                          full[qo + kvo + ks:qo + kvo + ke]]))
+    elif rest == "self_attn.o_proj.weight":
+        put(q + "o_proj.weight", full[:, qs:qe])
+    elif rest == "mlp.gate_proj.weight":
+        put(q + "gate_up.weight", full[slice(*_part(i, t, r))], (0, i // t))
+    elif rest == "mlp.up_proj.weight":
+        put(q + "gate_up.weight", full[slice(*_part(i, t, r))], (i // t, 2 * i // t))
+    elif rest == "mlp.gate_up_proj.weight":
+        s_, e_ = _part(i, t, r)
+        put(q + "gate_up.weight", torch.cat([full[s_:e_], full[i + s_:i + e_]]))
+    elif rest == "mlp.down_proj.weight":
+        put(q + "down.weight", full[:, slice(*_part(i, t, r))])
+    elif rest == "input_layernorm.weight":
+        put(q + "input_norm.weight", full)
+    elif rest == "post_attention_layernorm.weight":
+        put(q + "post_norm.weight", full)
+    return written
 
 
 def _weight_files(path: str) -> list[str]:

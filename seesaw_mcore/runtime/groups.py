@@ -16,7 +16,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore import env, quiet
+from seesaw_mcore import env, jit_ops, quiet
 from seesaw_mcore.config import ParallelConfig, check_world
 from seesaw_mcore.contract import RankInfo
 from seesaw_mcore.errors import SeesawError
@@ -105,6 +105,14 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
                     f"{acc.device_count()} {acc.device_name()} devices; start at most one "
                     f"rank per device{cluster.world_hint()}")
             acc.set_device(local)
+        if acc.device_name() == "cpu":
+            # DeepSpeed JIT-builds its shm all-reduce op in init_distributed: build it first
+            # under our build lock, so a build killed mid-way (Ctrl-C, a time limit) cannot
+            # leave torch's lock file to hang every later start (jit_ops.py)
+            from deepspeed.comm.torch import build_shm_op
+
+            with jit_ops.build_lock("deepspeed_shm_comm"), quiet.native_output():
+                build_shm_op()
         with quiet.native_output():  # DeepSpeed's shm op build prints compiler lines
             deepspeed.init_distributed(
                 dist_backend=acc.communication_backend_name(),

@@ -194,6 +194,30 @@ class ModelRunner:
         self._kv_view = KVView(kv.flatten(2, 3), self.block_size,  # [n, 2, NB * BS, h, D]
                                kvl.layer_range(self.info.rank)[0], kvl.head_range(self.info.rank))
 
+    @torch.no_grad()
+    def update_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
+        """New values for HF tensors (full, checked by ``loader.check_update``): every
+        layout's host shard takes its slices, the live device stage copies the parameters
+        that changed (CPU stages view the shards), packed CPU weights are re-packed. Tensors
+        keep their storage, so captured CUDA graphs stay valid.
+
+        Returns:
+            Parameters of the live stage written.
+        """
+        self.transfer.drain()
+        touched = self.store.update(weights)
+        layout = self.info.layout
+        names = touched.get(str(layout), set())
+        if self.model is not None and layout not in self._resident and names:
+            params, shard = dict(self.model.named_parameters()), self.store.shard(layout)
+            for name in names:
+                params[name].data.copy_(shard[name], non_blocking=True)
+            groups.accelerator().synchronize()
+        for stage in {id(s): s for s in [*self._resident.values(), self.model]
+                      if s is not None}.values():
+            stage.repack()
+        return len(names)
+
     def release(self) -> None:
         """Drops the KV cache and the device stages and returns PyTorch's cached device
         memory to the driver, so another engine in this process can size its cache."""

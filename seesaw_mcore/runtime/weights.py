@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 from seesaw_mcore.config import ParallelConfig, PhasePlan, split_layers
-from seesaw_mcore.model.loader import Checkpoint, ShardSpec, load_shard
+from seesaw_mcore.model.loader import Checkpoint, ShardSpec, load_shard, update_shard
 
 
 def shard_spec(layout: ParallelConfig, rank: int) -> ShardSpec:
@@ -39,7 +39,9 @@ class ShardStore:
         pin = get_accelerator().pin_memory
         if isinstance(layouts, PhasePlan):
             layouts = (layouts.prefill, layouts.decode)
+        self.cfg, self.rank = ckpt.cfg, rank
         self.shards: dict[str, dict[str, torch.Tensor]] = {}
+        self._layouts: dict[str, ParallelConfig] = {}
         by_identity: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self.unique_bytes = 0
         for layout in layouts:
@@ -47,6 +49,7 @@ class ShardStore:
             if key in self.shards:
                 continue
             spec = shard_spec(layout, rank)
+            self._layouts[key] = layout
             first_layer = split_layers(ckpt.cfg.num_layers, layout.pp)[spec.pp_rank][0]
             shard = {}
             for name, t in load_shard(ckpt, spec, dtype).items():
@@ -60,6 +63,22 @@ class ShardStore:
                 shard[name] = pinned
                 self.unique_bytes += pinned.numel() * pinned.element_size()
             self.shards[key] = shard
+
+    @torch.no_grad()
+    def update(self, weights: list[tuple[str, torch.Tensor]]) -> dict[str, set[str]]:
+        """Writes full HF tensors into every layout's shard, each layout taking its slices
+        (``loader.update_shard``); a tensor shared by layouts is written once per layout,
+        with the same values. The names must have been checked (``loader.check_update``).
+
+        Returns:
+            Per layout (``str``), the shard parameter names written.
+        """
+        touched: dict[str, set[str]] = {key: set() for key in self.shards}
+        for key, shard in self.shards.items():
+            spec = shard_spec(self._layouts[key], self.rank)
+            for name, full in weights:
+                touched[key].update(update_shard(shard, spec, self.cfg, name, full))
+        return touched
 
     def nbytes(self, layout: ParallelConfig) -> int:
         """Bytes of ``layout``'s shard."""

@@ -1,0 +1,15 @@
+"""A trainer's rank 0 for the weight-update test: hosts the update group's rendezvous and
+broadcasts a checkpoint's tensors (sorted by name) to the engine's ranks."""
+
+from __future__ import annotations
+
+import sys
+
+from seesaw_mcore.runtime.weight_sync import WeightUpdateGroup
+from tests.distributed.weights_job import tensors
+
+if __name__ == "__main__":
+    addr, port, world, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    group = WeightUpdateGroup(addr, port, rank=0, world_size=world)
+    for _, t in tensors(path):
+        group.broadcast(t.contiguous())

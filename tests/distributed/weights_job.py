@@ -1,0 +1,102 @@
+"""update_weights job run by test_update_weights.py under the launcher: per plan, an engine
+on checkpoint A generates, takes checkpoint B's tensors (all at once, then again from A and
+back to B in two partial halves), and generates again; bad updates are refused and change
+nothing. The Seesaw plan's host tier is small enough to switch several times per call.
+Rank 0 writes JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from safetensors.torch import load_file
+
+from seesaw_mcore import LLM, SamplingParams
+from seesaw_mcore.errors import SeesawError
+from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
+
+
+def tensors(path: str) -> list[tuple[str, object]]:
+    """A checkpoint's tensors as a trainer would hand them over (full, HF names)."""
+    out: dict = {}
+    for f in sorted(os.listdir(path)):
+        if f.endswith(".safetensors"):
+            out.update(load_file(os.path.join(path, f)))
+    return sorted(out.items())
+
+
+def from_trainer(llm, path: str, weights, run) -> list:
+    """``update_weights_from_distributed`` from ``trainer_stub.py`` (rank 0 starts it);
+    returns the greedy outputs after it."""
+    import subprocess
+
+    import torch.distributed as dist
+
+    from seesaw_mcore.runtime.groups import free_port
+
+    box = [free_port()]
+    dist.broadcast_object_list(box, src=0)
+    world = dist.get_world_size() + 1
+    trainer = None
+    if dist.get_rank() == 0:
+        trainer = subprocess.Popen([sys.executable, "-m", "tests.distributed.trainer_stub",
+                                    "127.0.0.1", str(box[0]), str(world), path])
+    llm.init_weight_update_group("127.0.0.1", box[0], rank_offset=1, world_size=world)
+    llm.update_weights_from_distributed([n for n, _ in weights],
+                                        [str(t.dtype).split(".")[1] for _, t in weights],
+                                        [tuple(t.shape) for _, t in weights])
+    if trainer is not None:
+        assert trainer.wait(timeout=60) == 0
+    return run()
+
+
+def main() -> None:
+    models, out_path, plans = sys.argv[1], sys.argv[2], sys.argv[3:]
+    a, b = models.split(",")
+    wa, wb = tensors(a), tensors(b)
+    greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    report = {}
+    for plan in plans:
+        kw = {"host_kv_tokens": 48} if ":" in plan else {}
+        llm = LLM(a, plan=plan, num_blocks=48, block_size=4, **kw)
+
+        def run(llm=llm):
+            outs = llm.generate(prompts, greedy, use_tqdm=False)
+            return [o.outputs[0].token_ids for o in outs]
+
+        rep = {"before": run()}
+        llm.update_weights(wb)
+        rep["after"] = run()
+        rep["switches"] = llm.engine.stats.switches
+        errors = []
+        norm, embed = dict(wb)["model.norm.weight"], dict(wb)["model.embed_tokens.weight"]
+        for bad in ([("model.norm.weight", 2 * norm), ("nope.weight", norm)],  # valid, bad
+                    [("model.embed_tokens.weight", embed[:1])],
+                    [("model.norm.weight", norm.long())]):
+            try:
+                llm.update_weights(bad)
+                errors.append(None)
+            except SeesawError as e:
+                errors.append(str(e))
+        rep["errors"] = errors
+        rep["after_refused"] = run()  # nothing changed
+        llm.update_weights(wa)
+        rep["back_to_a"] = run()
+        half = len(wb) // 2
+        llm.update_weights(wb[:half])  # a partial update, then the rest
+        llm.update_weights(wb[half:])
+        rep["halves"] = run()
+        if plan in ("T1", "P2:T2"):  # from a trainer process, over a group made for it
+            llm.update_weights(wa)
+            rep["distributed"] = from_trainer(llm, b, wb, run)
+        report[plan] = rep
+        llm.close()
+    if llm.is_driver:
+        with open(out_path, "w") as f:
+            json.dump(report, f)
+
+
+if __name__ == "__main__":
+    main()
