@@ -84,11 +84,7 @@ class DecodeGraphs:
         self.width, self.null_block, self.block_size = table_width, null_block, block_size
         self.capture = capture
         self.graphs: dict[int, _Captured] = {}
-        self.replays = 0
         self._pool = None
-
-    def fits(self, num_seqs: int) -> bool:
-        return bucket(num_seqs, self.sizes) is not None
 
     def forward(self, x: torch.Tensor, query_lens: list[int], context_lens: list[int],
                 block_tables: list[list[int]]) -> tuple[torch.Tensor, AttentionMetadata]:
@@ -113,7 +109,6 @@ class DecodeGraphs:
         from seesaw_mcore.runtime import groups
 
         groups.accelerator().replay_graph(cap.graph)
-        self.replays += 1
         return cap.out[:n], meta
 
     def _capture(self, size: int, xs: torch.Tensor, meta: AttentionMetadata

@@ -82,15 +82,15 @@ def kv_blocks(runner: ModelRunner, cache: CacheConfig, max_tokens: int, max_seqs
         budget = profile.budget
     n = torch.tensor([int(budget)], dtype=torch.int64, device=groups.device())
     dist.all_reduce(n, op=dist.ReduceOp.MIN)  # every rank of every replica agrees
-    if profile is not None and int(n.item()) < max(
-            kv_bytes_per_block(runner.cfg, lay, cache.block_size, runner.dtype)
-            for lay in layouts):  # every rank raises (rank 0 reports)
-        raise SeesawError(profile.error())
-    blocks = {lay: max(int(n.item()) // kv_bytes_per_block(
-        runner.cfg, lay, cache.block_size, runner.dtype), 1) for lay in layouts}
+    smallest = int(n.item())
+    per_block = {lay: kv_bytes_per_block(runner.cfg, lay, cache.block_size, runner.dtype)
+                 for lay in layouts}
+    if profile is not None and smallest < max(per_block.values()):
+        raise SeesawError(profile.error())  # on every rank (rank 0 reports)
+    blocks = {lay: max(smallest // b, 1) for lay, b in per_block.items()}
     if profile is not None and env.is_rank_zero():
         gib = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
-        print(f"KV cache: {gib(int(n.item()))} per rank ({gib(profile.total)} x "
+        print(f"KV cache: {gib(smallest)} per rank ({gib(profile.total)} x "
               f"{profile.utilization:g} - {gib(profile.used)} in use - "
               f"{gib(profile.activations)} peak activations - {gib(profile.extra_weights)} "
               f"other layouts' weights; smallest rank)", file=sys.stderr)

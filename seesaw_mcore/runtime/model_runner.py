@@ -218,11 +218,16 @@ class ModelRunner:
             stage.repack()
         return len(names)
 
+    def _drop_kv(self) -> None:
+        """Forgets the KV buffer, its views and the graphs captured over them."""
+        self.num_blocks, self._kv_flat, self.kv_cache, self._kv_view = {}, None, [], None
+        self._graphs = None
+
     def release(self) -> None:
         """Drops the KV cache and the device stages and returns PyTorch's cached device
         memory to the driver, so another engine in this process can size its cache."""
-        self.num_blocks, self._kv_flat, self.kv_cache, self._kv_view = {}, None, [], None
-        self.model, self._resident, self._graphs = None, {}, None
+        self._drop_kv()
+        self.model, self._resident = None, {}
         mem = memory.device_memory()
         if mem is not None:
             mem.empty_cache()
@@ -235,8 +240,7 @@ class ModelRunner:
         try:
             yield
         finally:
-            self.num_blocks, self._kv_flat, self.kv_cache, self._kv_view = {}, None, [], None
-            self._graphs = None
+            self._drop_kv()
 
     @torch.inference_mode()
     def profile_step(self, num_tokens: int, max_seqs: int, max_len: int) -> None:
