@@ -75,8 +75,8 @@ class LLM:
                                        config.scheduler.max_prefill_tokens)
                 config.plan = self.trial.candidates[0].plan.to_string()  # runs first
         self.config = config
-        path = config.model.path
-        self.tokenizer = _load_tokenizer(config.model.tokenizer or path)
+        path = config.model.tokenizer_path()
+        self.tokenizer = _load_tokenizer(path)
         self.engine = Engine(config, _eos_ids(path, self.tokenizer), candidates)
 
     @property
@@ -138,6 +138,7 @@ class LLM:
             On rank 0, one ``RequestOutput`` per prompt that ran, in input order; ``[]``
             elsewhere.
         """
+        self.engine.check_ready()
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         total = len(prompts) if isinstance(prompts, Sized) else None
@@ -306,6 +307,24 @@ class LLM:
         if error is not None:
             raise error
         self.engine.update_weights(list(zip(names, received)))
+
+    def sleep(self, level: int = 1) -> None:
+        """Frees memory between ``generate`` calls (vLLM's sleep mode, every rank), for a
+        trainer sharing the GPUs: level 1 frees the device KV cache and the device weights
+        (the host copies every rank keeps for re-sharding stay, so ``wake_up`` restores
+        them by a host -> device copy); level 2 also frees those host copies, so
+        ``update_weights`` with every parameter must follow ``wake_up``. Cached prefixes
+        are forgotten. On CPU ranks the weights are the host copies: level 1 frees the KV
+        cache and the packed copies, level 2 the weights too. The host and disk KV tiers
+        stay.
+        """
+        self.engine.sleep(level)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Allocates again what ``sleep`` freed (every rank): ``tags`` ``["weights"]`` or
+        ``["kv_cache"]`` wakes one part (vLLM's: weights first, update them, then the KV
+        cache, so the two never overlap in memory); default both."""
+        self.engine.wake_up(tags)
 
     def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix (vLLM's ``reset_prefix_cache``). A static plan's

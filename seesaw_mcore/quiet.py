@@ -21,6 +21,8 @@ NOISE = (
     (r"Transformer Engine and Apex are not installed", UserWarning),
     (r".*Apex is not installed", UserWarning),
     (r"Please install Transformer Engine", UserWarning),
+    # megatron-core's torch_dist reader calls torch's deprecated name (Megatron checkpoints)
+    (r"`load_state_dict` is deprecated", FutureWarning),
 )
 _VERBOSE = False
 

@@ -26,6 +26,8 @@ MODELS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
     ),
+    # sleep mode: weights large enough that freeing them shows in RSS (~70 MB)
+    "wide": dict(arch="llama", num_layers=2, hidden=256, intermediate=512, vocab=32000, seed=5),
     # T4 and P4: 4 KV heads, 4 layers.
     "llama4": dict(arch="llama", num_layers=4, heads=8, kv_heads=4, vocab=250, seed=4),
 }

@@ -13,9 +13,11 @@ import difflib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from seesaw_mcore.config.model import ModelConfig
 from seesaw_mcore.config.parallel import PhasePlan
 from seesaw_mcore.errors import SeesawError
 
+MODEL_FORMATS = ("auto", "hf", "megatron")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 POLICIES = ("transition_minimizing", "prefill_first", "decode_first")
 
@@ -25,20 +27,44 @@ class ModelOptions:
     """Which checkpoint, and how long a sequence may get.
 
     Attributes:
-        path: local HF model folder (safetensors); never downloaded.
+        path: local HF model folder (safetensors), or a Megatron checkpoint (a
+            ``torch_dist`` iteration folder or the save root naming its latest); never
+            downloaded.
+        format: ``"auto"`` (Megatron when ``path`` is a Megatron checkpoint), ``"hf"`` or
+            ``"megatron"``.
+        hf_config_path: an HF ``config.json`` (or the folder holding it) describing the
+            model; for a Megatron checkpoint, instead of the training arguments it saved.
         max_model_len: longest prompt + output; ``None``: the model's context.
-        tokenizer: a local tokenizer folder; ``None``: the model's.
+        tokenizer: a local tokenizer folder; ``None``: the model's (a Megatron
+            checkpoint has none: give one, or an ``hf_config_path`` folder holding one).
         trust_remote_code: accepted for vLLM compatibility; ``True`` is refused (the engine
             runs its own implementation of the supported architectures and never runs code
             from a model folder).
     """
 
     path: str = ""
+    format: str = "auto"
+    hf_config_path: str | None = None
     max_model_len: int | None = None
     tokenizer: str | None = None
     trust_remote_code: bool = False
 
+    def open(self) -> ModelConfig:
+        """The model's architecture facts (``ModelConfig.open``)."""
+        return ModelConfig.open(self.path, self.format, self.hf_config_path, self.tokenizer)
+
+    def tokenizer_path(self) -> str:
+        """Where the tokenizer (and ``generation_config.json``) are looked for."""
+        if self.tokenizer:
+            return self.tokenizer
+        if self.hf_config_path and not self.hf_config_path.endswith(".json"):
+            return self.hf_config_path
+        return self.path
+
     def __post_init__(self) -> None:
+        if self.format not in MODEL_FORMATS:
+            raise SeesawError(f"model.format must be one of {', '.join(MODEL_FORMATS)}, "
+                              f"got {self.format!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise SeesawError(f"model.max_model_len must be >= 2, got {self.max_model_len}")
         if self.trust_remote_code:
@@ -234,7 +260,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         if not self.model.path:
-            raise SeesawError("model.path is required (a local HF model folder)")
+            raise SeesawError("model.path is required (a local HF model folder or a Megatron "
+                              "checkpoint)")
         if self.dtype not in DTYPES:
             raise SeesawError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.plan != "auto":

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from seesaw_mcore.config import megatron
 from seesaw_mcore.config.parallel import ParallelConfig, layout_error
 from seesaw_mcore.errors import SeesawError
 
@@ -35,15 +37,54 @@ class ModelConfig:
     torch_dtype: str = "float32"
     eos_token_ids: tuple[int, ...] = ()
     hf_config: Any = field(default=None, repr=False, hash=False, compare=False)
+    format: str = "hf"  # how the weights at ``path`` are stored: "hf" or "megatron"
 
     @classmethod
-    def from_pretrained(cls, path: str) -> "ModelConfig":
-        """Reads and checks ``config.json`` of a local HF model folder (never downloads)."""
-        cfg_file = os.path.join(path, "config.json")
+    def open(cls, path: str, format: str = "auto", hf_config_path: str | None = None,
+             tokenizer: str | None = None) -> "ModelConfig":
+        """The model at ``path``: an HF folder, or a Megatron checkpoint (``format``
+        ``"megatron"``, or ``"auto"`` and ``path`` looks like one).
+
+        A Megatron checkpoint's architecture comes from ``hf_config_path`` (an HF folder or
+        its ``config.json``), else a ``config.json`` beside the checkpoint, else the
+        training arguments it saved (the vocabulary from ``tokenizer`` then).
+        """
+        if format == "auto":
+            format = "megatron" if megatron.looks_like_megatron(path) else "hf"
+        if format == "hf":
+            return cls.from_pretrained(path, hf_config_path)
+        ckpt = megatron.checkpoint_dir(path)
+        sources = [hf_config_path] if hf_config_path else [ckpt, path]
+        for src in sources:
+            if os.path.isfile(os.path.join(src, "config.json")) or src.endswith(".json"):
+                return dataclasses.replace(cls.from_pretrained(ckpt, src), format="megatron")
+        args = megatron.saved_args(ckpt)
+        if args is None:
+            raise SeesawError(f"{ckpt} saved no training arguments and has no config.json; "
+                              "give the model's HF config.json with model.hf_config_path")
+        vocab = None
+        if tokenizer:
+            from transformers import AutoTokenizer
+
+            vocab = len(AutoTokenizer.from_pretrained(tokenizer))
+        raw = megatron.hf_config_from_args(args, vocab, ckpt)
+        label = f"the training arguments saved in {ckpt}"
+        return dataclasses.replace(cls._checked(ckpt, label, raw), format="megatron")
+
+    @classmethod
+    def from_pretrained(cls, path: str, config_path: str | None = None) -> "ModelConfig":
+        """Reads and checks ``config.json`` of a local HF model folder (never downloads).
+
+        Args:
+            path: the model folder (its weights).
+            config_path: another folder (or ``config.json``) to read the config from.
+        """
         if not os.path.isdir(path):
             raise SeesawError(f"model path {path!r} is not a directory")
+        src = config_path or path
+        cfg_file = src if src.endswith(".json") else os.path.join(src, "config.json")
         if not os.path.isfile(cfg_file):
-            raise SeesawError(f"model path {path!r} has no config.json")
+            raise SeesawError(f"model path {src!r} has no config.json")
         try:
             with open(cfg_file, encoding="utf-8") as f:
                 raw = json.load(f)
@@ -51,6 +92,10 @@ class ModelConfig:
             raise SeesawError(f"cannot read {cfg_file}: {e}") from None
         if not isinstance(raw, dict):
             raise SeesawError(f"{cfg_file} is not a JSON object")
+        return cls._checked(path, cfg_file, raw)
+
+    @classmethod
+    def _checked(cls, path: str, cfg_file: str, raw: dict) -> "ModelConfig":
         try:
             cfg = cls._from_raw(path, cfg_file, raw)
         except SeesawError:
@@ -83,7 +128,10 @@ class ModelConfig:
         from transformers import AutoConfig
 
         try:
-            hf = AutoConfig.from_pretrained(path, local_files_only=True)
+            if os.path.isfile(cfg_file):
+                hf = AutoConfig.from_pretrained(cfg_file, local_files_only=True)
+            else:  # a dict made from a Megatron checkpoint's saved arguments
+                hf = AutoConfig.for_model(**raw)
         except Exception as e:  # noqa: BLE001 - transformers validates fields its own way
             raise ValueError(str(e).replace("\n", " ")) from None
         rope = dict(getattr(hf, "rope_parameters", None) or {})

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 
 from seesaw_mcore import env
-from seesaw_mcore.config import EngineConfig, ModelConfig, ParallelConfig, PhasePlan, check_world
+from seesaw_mcore.config import EngineConfig, ParallelConfig, PhasePlan, check_world
 from seesaw_mcore.contract import RunnerOutput, StepPlan
 from seesaw_mcore.engine.request import Logprob, SeqStatus, Sequence
 from seesaw_mcore.engine.scheduler import PhaseScheduler, ReplicaSchedulers, SchedulerInterface
 from seesaw_mcore.engine.stats import EngineStats, StepTiming, TraceEvent
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.tiers import open_disk_tier, open_host_tier
-from seesaw_mcore.model.loader import Checkpoint
+from seesaw_mcore.model.loader import open_checkpoint
 from seesaw_mcore.runtime import cluster, groups
 from seesaw_mcore.runtime.cuda_graphs import capture_sizes
 from seesaw_mcore.runtime.kv_budget import kv_blocks
@@ -33,6 +33,9 @@ from seesaw_mcore.runtime.worker import Worker
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+
+SLEEP_TAGS = ("weights", "kv_cache")  # what wake_up(tags=...) may name (vLLM's)
 
 
 class Engine:
@@ -49,7 +52,7 @@ class Engine:
     def __init__(self, config: EngineConfig, eos_token_ids: Iterable[int] = (),
                  candidates: Iterable[PhasePlan] = ()) -> None:
         self.config = config
-        self.model_cfg = ModelConfig.from_pretrained(config.model.path)
+        self.model_cfg = config.model.open()
         plan = config.phase_plan()
         self.plans = list(dict.fromkeys([plan, *candidates]))
         for p in self.plans:
@@ -63,7 +66,7 @@ class Engine:
         self.dtype = resolve_dtype(config.dtype, self.model_cfg)
         self.eos_token_ids = set(eos_token_ids) | set(self.model_cfg.eos_token_ids)
         layouts = list(dict.fromkeys(lay for p in self.plans for lay in (p.prefill, p.decode)))
-        store = ShardStore(Checkpoint(self.model_cfg), layouts, self.rank, self.dtype)
+        store = ShardStore(open_checkpoint(self.model_cfg), layouts, self.rank, self.dtype)
         graphs = (not config.runtime.enforce_eager
                   and (groups.device().type == "cuda" or env.decode_padding()))
         self.runner = ModelRunner(self.model_cfg, plan, self.dtype, self.cache.block_size,
@@ -94,6 +97,8 @@ class Engine:
         # A static plan's block pools between runs: cached prefixes stay findable (rank 0)
         self._pools: tuple[PhasePlan, list] | None = None
         self._seqs: dict[int, Sequence] = {}  # added and not finished
+        self._asleep: set[str] = set()  # what sleep() freed and wake_up() has not restored
+        self._sleep_blocks: dict[ParallelConfig, int] = {}
         self._t0 = 0.0
 
     def _check_world(self, plan: PhasePlan, world: int) -> None:
@@ -259,9 +264,50 @@ class Engine:
         old weights. ``weights`` must be checked (``loader.check_update``)."""
         if self._seqs:
             raise SeesawError("update_weights during a run: call it between generate calls")
+        if "weights" in self._asleep:
+            raise SeesawError("update_weights while asleep: call wake_up() (or "
+                              "wake_up(tags=['weights'])) first")
         n = self.runner.update_weights(weights)
         self.reset_prefix_cache()
         return n
+
+    def sleep(self, level: int = 1) -> None:
+        """Every rank, between runs: frees the device KV cache and device weights (level 1;
+        the host shards stay) or also the host shards (level 2). See ``LLM.sleep``."""
+        if self._seqs:
+            raise SeesawError("sleep during a run: call it between generate calls")
+        if level not in (1, 2):
+            raise SeesawError(f"sleep: level must be 1 or 2, got {level!r}")
+        if self._asleep:
+            return
+        self._sleep_blocks = self.runner.sleep(level)
+        self._pools = None  # the cached prefixes' KV is gone
+        self._asleep = {"weights", "kv_cache"}
+
+    def wake_up(self, tags: Iterable[str] | None = None) -> None:
+        """Every rank: allocates what ``sleep`` freed (``tags``: ``"weights"`` and/or
+        ``"kv_cache"``; default both)."""
+        tags = set(SLEEP_TAGS if tags is None else tags)
+        unknown = sorted(tags - set(SLEEP_TAGS))
+        if unknown:
+            raise SeesawError(f"wake_up: unknown tags {unknown}; known: {list(SLEEP_TAGS)}")
+        if "weights" in tags & self._asleep:
+            self.runner.wake_weights()
+        if "kv_cache" in tags & self._asleep:
+            self.runner.wake_kv(self._sleep_blocks)
+        self._asleep -= tags
+
+    def check_ready(self) -> None:
+        """Raises unless ``generate`` can run: awake, and after a level-2 sleep, every
+        weight written again."""
+        if self._asleep:
+            raise SeesawError(f"the engine is asleep ({', '.join(sorted(self._asleep))} "
+                              "freed by sleep()); call wake_up() first")
+        missing = self.runner.store.missing
+        if missing:
+            raise SeesawError(f"the weights were discarded by sleep(level=2): "
+                              f"{len(missing)} shard tensors have no values yet; call "
+                              "update_weights with every parameter before generate")
 
     def finish(self, seq: Sequence) -> None:
         """Ends a sequence (a stop string found by the output processor) and frees its KV."""

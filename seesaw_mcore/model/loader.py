@@ -1,4 +1,5 @@
-"""HF safetensors checkpoint -> the weight shard of one (tp_rank, pp_rank).
+"""HF safetensors checkpoint -> the weight shard of one (tp_rank, pp_rank); a Megatron
+checkpoint is read by ``megatron_checkpoint.py`` into the same shard.
 
 Every tensor is cut with ``safe_open(...).get_slice`` so a rank reads only its own rows or
 columns; no rank materializes the full model. Pickle checkpoints are refused.
@@ -10,12 +11,16 @@ import glob
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
 from seesaw_mcore.config import ModelConfig, padded_vocab_size, split_layers
 from seesaw_mcore.errors import SeesawError
+
+if TYPE_CHECKING:
+    from seesaw_mcore.model.megatron_checkpoint import MegatronCheckpoint
 
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
 
@@ -241,10 +246,21 @@ def _weight_files(path: str) -> list[str]:
     raise SeesawError(f"no model.safetensors or model.safetensors.index.json in {path}")
 
 
+def open_checkpoint(cfg: ModelConfig) -> "Checkpoint | MegatronCheckpoint":
+    """The model's weights: an HF safetensors folder, or a Megatron checkpoint."""
+    if cfg.format == "megatron":
+        from seesaw_mcore.model.megatron_checkpoint import MegatronCheckpoint
+
+        return MegatronCheckpoint(cfg)
+    return Checkpoint(cfg)
+
+
 def load_shard(
-    ckpt: Checkpoint, spec: ShardSpec, dtype: torch.dtype, vocab_multiple: int = 64
+    ckpt: "Checkpoint | MegatronCheckpoint", spec: ShardSpec, dtype: torch.dtype,
+    vocab_multiple: int = 64
 ) -> dict[str, torch.Tensor]:
-    """Cuts the shard of ``spec`` out of the checkpoint.
+    """Cuts the shard of ``spec`` out of the checkpoint (a Megatron one reads its regions
+    in one collective call: ``MegatronCheckpoint.load_shard``).
 
     Returns:
         A state dict keyed like ``LlamaStage`` parameters: ``embed.weight``,
@@ -252,6 +268,8 @@ def load_shard(
         (local ``[gate; up]`` rows), ..., ``norm.weight``, ``lm_head.weight``; layers are
         numbered locally from 0.
     """
+    if not isinstance(ckpt, Checkpoint):
+        return ckpt.load_shard(spec, dtype, vocab_multiple)
     c, t, r = ckpt.cfg, spec.tp, spec.tp_rank
     out: dict[str, torch.Tensor] = {}
     vocab_pad = padded_vocab_size(c.vocab_size, t, vocab_multiple)

@@ -42,12 +42,11 @@ def plan(model: str, gpu: str, world: int, workload_name: str = "sharegpt",
 def engine_limits(config: EngineConfig) -> EngineLimits:
     """The limits a job's ``EngineConfig`` puts on the cost model's batches (the KV budget
     as configured on CPU ranks, or blocks; the host tier as configured)."""
-    from seesaw_mcore.config import ModelConfig
     from seesaw_mcore.runtime import groups
     from seesaw_mcore.runtime.model_runner import resolve_dtype
 
     cache, sched = config.cache, config.scheduler
-    cfg = ModelConfig.from_pretrained(config.model.path)
+    cfg = config.model.open()
     cpu = groups.device().type == "cpu"
     kv_token = kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
                                   resolve_dtype(config.dtype, cfg).itemsize)
@@ -80,7 +79,7 @@ def auto_candidates(config: EngineConfig) -> tuple[CostModel, list[dict]]:
     box: list = [os.path.isfile(cache_file(world))]
     dist.broadcast_object_list(box, src=0)  # measure together, or all load rank 0's file
     hw = load_or_measure(world) if box[0] else measure()
-    model = CostModel(ModelShape.from_config(config.model.path), hw,
+    model = CostModel(ModelShape.of(config.model.open()), hw,
                       engine_limits(config))
     n = config.auto_candidates if config.auto_trial and not _time_shared() else 1
     box = [None, None]

@@ -38,7 +38,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from seesaw_mcore.config import ParallelConfig, kv_bytes_per_token, layout_error
+from seesaw_mcore.config import ModelConfig, ParallelConfig, kv_bytes_per_token, layout_error
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.planner.hardware import GIB, PRESETS, Hardware
 from seesaw_mcore.planner.workload import WORKLOADS, EngineLimits, Workload, workload
@@ -59,6 +59,12 @@ class ModelShape:
     head_dim: int
     vocab_size: int
     tie_word_embeddings: bool
+
+    @classmethod
+    def of(cls, cfg: ModelConfig) -> "ModelShape":
+        """The shape of an opened model (HF folder or Megatron checkpoint)."""
+        return cls(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
+                   cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.tie_word_embeddings)
 
     @classmethod
     def from_config(cls, path: str) -> "ModelShape":

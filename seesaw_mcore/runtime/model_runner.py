@@ -28,7 +28,7 @@ from seesaw_mcore.kv.transfer import KVTransfer
 from seesaw_mcore.model import cpu_attention
 from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
-from seesaw_mcore.model.loader import Checkpoint
+from seesaw_mcore.model.loader import open_checkpoint
 from seesaw_mcore.runtime import groups, memory
 from seesaw_mcore.runtime.cuda_graphs import DecodeGraphs
 from seesaw_mcore.runtime.sampler import PROMPT_CHUNK, prompt_logprob_rows, sample
@@ -125,7 +125,8 @@ class ModelRunner:
         self.device = groups.device()
         if self.device.type == "cpu":  # build (once per machine) before the first step
             cpu_attention.available()
-        self.store = store or ShardStore(Checkpoint(cfg), self.layouts, dist.get_rank(), dtype)
+        self.store = store or ShardStore(open_checkpoint(cfg), self.layouts, dist.get_rank(),
+                                         dtype)
         self.kv_layouts = {lay: KVShardLayout(lay, cfg.num_layers, cfg.num_kv_heads)
                            for lay in self.layouts}
         self.num_blocks: dict[ParallelConfig, int] = {}
@@ -180,7 +181,13 @@ class ModelRunner:
         self._kv_flat = None
         self._kv_flat = torch.zeros(nbytes // self.dtype.itemsize, dtype=self.dtype,
                                     device=self.device)
-        self._view_kv()
+        if self.model is not None:  # else ``use`` makes the views with the stage
+            self._view_kv()
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        """Bytes of the device KV buffer (0 when none is allocated)."""
+        return 0 if self._kv_flat is None else self._kv_flat.numel() * self.dtype.itemsize
 
     def _view_kv(self) -> None:
         """Per local layer, K and V ``[NB, BS, Hkv/TP, D]`` views of the flat buffer."""
@@ -231,6 +238,32 @@ class ModelRunner:
         mem = memory.device_memory()
         if mem is not None:
             mem.empty_cache()
+
+    def sleep(self, level: int) -> dict[ParallelConfig, int]:
+        """Frees device memory between runs (vLLM's sleep mode): the KV cache and the
+        device stages; level 2 also frees the host shards (``ShardStore.discard``), whose
+        values an update must then bring.
+
+        Returns:
+            The KV blocks per layout, for ``wake_kv``.
+        """
+        self.transfer.drain()
+        blocks = dict(self.num_blocks)
+        self.release()
+        if level == 2:
+            self.store.discard()
+        return blocks
+
+    def wake_weights(self) -> None:
+        """Rebuilds the live stage from the host shards (allocated again, zero, after a
+        level-2 sleep); other layouts' stages are rebuilt when next used."""
+        if self.store.discarded:
+            self.store.restore()
+        self.use(self.info.layout)
+
+    def wake_kv(self, blocks: dict[ParallelConfig, int]) -> None:
+        """Allocates the KV cache ``sleep`` freed (empty: nothing cached survives)."""
+        self.allocate_kv(blocks)
 
     @contextlib.contextmanager
     def scratch_kv(self, num_tokens: int, max_len: int) -> Iterator[None]:

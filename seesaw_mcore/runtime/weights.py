@@ -1,6 +1,6 @@
 """Host shard store: one rank's weight shards for every layout it may run (both phases of a
-``PhasePlan``, or every candidate of ``plan=auto``'s trial), cut from the safetensors
-checkpoint once at start and kept in pinned host memory.
+``PhasePlan``, or every candidate of ``plan=auto``'s trial), cut from the checkpoint
+(safetensors or Megatron) once at start and kept in pinned host memory.
 
 A tensor that is the same in several layouts (replicated norms, a layer the rank holds whole
 in both, everything when the plan is static) is stored once and shared by their shards.
@@ -9,11 +9,15 @@ in both, everything when the plan is static) is stored once and shared by their 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from seesaw_mcore.config import ParallelConfig, PhasePlan, split_layers
 from seesaw_mcore.model.loader import Checkpoint, ShardSpec, load_shard, update_shard
+
+if TYPE_CHECKING:
+    from seesaw_mcore.model.megatron_checkpoint import MegatronCheckpoint
 
 
 def shard_spec(layout: ParallelConfig, rank: int) -> ShardSpec:
@@ -32,8 +36,9 @@ class ShardStore:
         dtype: parameter dtype.
     """
 
-    def __init__(self, ckpt: Checkpoint, layouts: PhasePlan | Sequence[ParallelConfig],
-                 rank: int, dtype: torch.dtype) -> None:
+    def __init__(self, ckpt: Checkpoint | MegatronCheckpoint,
+                 layouts: PhasePlan | Sequence[ParallelConfig], rank: int,
+                 dtype: torch.dtype) -> None:
         from deepspeed.accelerator import get_accelerator
 
         pin = get_accelerator().pin_memory
@@ -44,6 +49,10 @@ class ShardStore:
         self._layouts: dict[str, ParallelConfig] = {}
         by_identity: dict[tuple[str, tuple[int, ...]], torch.Tensor] = {}
         self.unique_bytes = 0
+        # sleep(level=2): what ``discard`` freed, to allocate again, and what no update
+        # has written since (``(layout, name)``; the weights are not usable until empty)
+        self._discarded: dict[str, list[tuple[str, tuple[int, ...], torch.dtype, int]]] = {}
+        self.missing: set[tuple[str, str]] = set()
         for layout in layouts:
             key = str(layout)
             if key in self.shards:
@@ -78,7 +87,36 @@ class ShardStore:
             spec = shard_spec(self._layouts[key], self.rank)
             for name, full in weights:
                 touched[key].update(update_shard(shard, spec, self.cfg, name, full))
+            self.missing -= {(key, name) for name in touched[key]}
         return touched
+
+    def discard(self) -> None:
+        """Frees every shard (``sleep(level=2)``), remembering names, shapes and which
+        tensors layouts share, for ``restore``."""
+        self._discarded = {key: [(name, tuple(t.shape), t.dtype, id(t))
+                                 for name, t in shard.items()]
+                           for key, shard in self.shards.items()}
+        self.shards = {key: {} for key in self.shards}
+
+    def restore(self) -> None:
+        """Allocates the discarded shards again, pinned and zero, shared as before; every
+        tensor is ``missing`` until an update writes it."""
+        from deepspeed.accelerator import get_accelerator
+
+        pin = get_accelerator().pin_memory
+        made: dict[int, torch.Tensor] = {}
+        for key, entries in self._discarded.items():
+            for name, shape, dtype, ident in entries:
+                if ident not in made:
+                    made[ident] = pin(torch.zeros(shape, dtype=dtype))
+                self.shards[key][name] = made[ident]
+                self.missing.add((key, name))
+        self._discarded = {}
+
+    @property
+    def discarded(self) -> bool:
+        """``discard`` ran and ``restore`` has not."""
+        return bool(self._discarded)
 
     def nbytes(self, layout: ParallelConfig) -> int:
         """Bytes of ``layout``'s shard."""

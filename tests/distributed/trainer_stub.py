@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 
 from seesaw_mcore.runtime.weight_sync import WeightUpdateGroup
-from tests.distributed.weights_job import tensors
+from tests.distributed.training_loop_job import tensors
 
 if __name__ == "__main__":
     addr, port, world, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]

@@ -1,8 +1,14 @@
-"""update_weights job run by test_update_weights.py under the launcher: per plan, an engine
-on checkpoint A generates, takes checkpoint B's tensors (all at once, then again from A and
-back to B in two partial halves), and generates again; bad updates are refused and change
-nothing. The Seesaw plan's host tier is small enough to switch several times per call.
-Rank 0 writes JSON."""
+"""The post-training-loop job run by test_training_loop.py under the launcher, per plan:
+
+- update_weights: an engine on checkpoint A generates, takes checkpoint B's tensors (all at
+  once, then again from A and back to B in two partial halves), and generates again; bad
+  updates are refused and change nothing.
+- Megatron checkpoints (written by ``megatron_writer.py``) generate.
+- sleep / wake_up on a model with a measurable footprint: the memory returned (RSS), the
+  outputs after waking, the errors while asleep.
+
+The Seesaw plan's host tier is small enough to switch several times per call. Rank 0 writes
+JSON."""
 
 from __future__ import annotations
 
@@ -51,9 +57,72 @@ def from_trainer(llm, path: str, weights, run) -> list:
     return run()
 
 
+def rss() -> int:
+    """This process's resident memory, bytes."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS"))
+
+
+def megatron(plan: str, root: str, qwen2: str, greedy, prompts) -> dict:
+    """Greedy outputs of the two Megatron checkpoints under ``plan``."""
+    kw = {"host_kv_tokens": 48} if ":" in plan else {}
+    rep = {}
+    cases = [("llama", os.path.join(root, "llama_root"), {})]
+    if plan in ("T1", "P2", "P2:T2"):
+        cases.append(("qwen2", os.path.join(root, "qwen2_tp2"), {"hf_config_path": qwen2}))
+    for name, path, extra in cases:
+        llm = LLM(path, plan=plan, num_blocks=48, block_size=4, **kw, **extra)
+        assert llm.engine.model_cfg.format == "megatron"
+        outs = llm.generate(prompts, greedy, use_tqdm=False)
+        rep[name] = [o.outputs[0].token_ids for o in outs]
+        llm.close()
+    return rep
+
+
+def sleep_cycle(plan: str, wide: str) -> dict:
+    """sleep(1) / wake_up, sleep(2) / wake_up(weights) / update / wake_up(kv_cache), with
+    rank 0's RSS around each sleep and the outputs after each wake."""
+    kw = {"host_kv_tokens": 64} if ":" in plan else {}
+    llm = LLM(wide, plan=plan, kv_cache_gib=0.25, **kw)
+    greedy = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [1, 2, 3, 4, 5, 6, 7, 8, 9]}, {"prompt_token_ids": [7, 8]}]
+
+    def run() -> list:
+        return [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+
+    def error(fn, *args) -> str | None:
+        try:
+            fn(*args)
+        except SeesawError as e:
+            return str(e)
+        return None
+
+    runner = llm.engine.runner
+    rep = {"before": run(), "kv_bytes": runner.kv_cache_bytes,
+           "weight_bytes": runner.store.unique_bytes}
+    rss0 = rss()
+    llm.sleep(1)
+    rep["freed_1"] = rss0 - rss()
+    rep["asleep_error"] = error(run)
+    rep["update_asleep_error"] = error(llm.update_weights, [])
+    llm.wake_up()
+    rep["after_1"] = run()
+    rss1 = rss()
+    llm.sleep(2)
+    rep["freed_2"] = rss1 - rss()
+    rep["bad_tag_error"] = error(llm.wake_up, ["kv"])
+    llm.wake_up(["weights"])
+    llm.wake_up(["kv_cache"])
+    rep["discarded_error"] = error(run)
+    llm.update_weights(tensors(wide))
+    rep["after_2"] = run()
+    llm.close()
+    return rep
+
+
 def main() -> None:
     models, out_path, plans = sys.argv[1], sys.argv[2], sys.argv[3:]
-    a, b = models.split(",")
+    a, b, qwen2, megatron_root, wide = models.split(",")
     wa, wb = tensors(a), tensors(b)
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
@@ -91,8 +160,11 @@ def main() -> None:
         if plan in ("T1", "P2:T2"):  # from a trainer process, over a group made for it
             llm.update_weights(wa)
             rep["distributed"] = from_trainer(llm, b, wb, run)
-        report[plan] = rep
         llm.close()
+        rep["megatron"] = megatron(plan, megatron_root, qwen2, greedy, prompts)
+        if plan in ("T1", "P2:T2"):
+            rep["sleep"] = sleep_cycle(plan, wide)
+        report[plan] = rep
     if llm.is_driver:
         with open(out_path, "w") as f:
             json.dump(report, f)
