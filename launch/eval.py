@@ -3,6 +3,9 @@
     deepspeed --no_local_rank --num_gpus 2 launch/eval.py plan=P2:T2 \
         model.path=/models/llama eval.tasks=[hellaswag,gsm8k] eval.output=results.json
 
+A Megatron checkpoint the same way: ``model.format=megatron model.path=/ckpts/run1
+model.tokenizer=/models/llama`` (a save root or one ``iter_*`` folder).
+
 Why a launcher script and not ``lm_eval --model seesaw``: lm-eval's CLI runs one process and
 finds only the backends it ships, while this engine is SPMD (every rank runs the same calls)
 and is configured like ``launch/infer.py``; this script takes the same engine overrides
@@ -70,8 +73,10 @@ def run(cfg: DictConfig) -> int:
     opts = EvalOptions(**raw["eval"])
     if not opts.tasks:
         raise SeesawError("eval.tasks is empty: name at least one lm-eval task")
-    if not os.path.isabs(raw["model"]["path"]) and not os.path.exists(raw["model"]["path"]):
-        raw["model"]["path"] = os.path.join(REPO, raw["model"]["path"])
+    for key in ("path", "tokenizer", "hf_config_path"):  # relative: else the repo's
+        path = raw["model"].get(key)
+        if path and not os.path.isabs(path) and not os.path.exists(path):
+            raw["model"][key] = os.path.join(REPO, path)
     engine = EngineConfig.from_mapping(raw)
     manager = TaskManager(include_path=opts.include_path)
     unknown = [t for t in opts.tasks if t not in manager.all_tasks]

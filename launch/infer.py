@@ -85,7 +85,9 @@ def run(cfg: DictConfig) -> int:
     from seesaw_mcore.io import InputSpec, OutputWriter, PromptReader
 
     raw = OmegaConf.to_container(cfg, resolve=True)
-    raw["model"]["path"] = _resolve(raw["model"]["path"])
+    for key in ("path", "tokenizer", "hf_config_path"):
+        if raw["model"].get(key):
+            raw["model"][key] = _resolve(raw["model"][key])
     engine_cfg = EngineConfig.from_mapping(raw)
     sampling = SamplingParams(**raw["sampling"])
     llm = LLM(config=engine_cfg)

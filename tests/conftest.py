@@ -42,6 +42,20 @@ def tiny_models(tmp_path_factory) -> dict[str, str]:
     return {name: build_random(str(root / name), **kw) for name, kw in MODELS.items()}
 
 
+TINY = os.path.join(REPO, "models", "tiny-llama")  # the bundled demo model (has a tokenizer)
+
+
+@pytest.fixture(scope="session")
+def megatron_checkpoints(tiny_models, tmp_path_factory) -> str:
+    """Megatron checkpoints written by megatron-core's own save on 4 CPU ranks
+    (``tests/distributed/megatron_writer.py``): ``llama_root``, ``qwen2_tp2``, ``demo``."""
+    root = tmp_path_factory.mktemp("megatron")
+    proc = launch(4, ["tests.distributed.megatron_writer", tiny_models["llama"],
+                      tiny_models["qwen2"], TINY, str(root)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return str(root)
+
+
 def hf_greedy(model_path: str, prompts: list[list[int]], max_new: int) -> list[list[int]]:
     """HF ``generate`` greedy continuations (no EOS stop), the parity reference."""
     import torch

@@ -3,7 +3,7 @@ megatron-core ``GPTModel`` on each of 4 CPU ranks holds its TP/PP part of the HF
 (converted as Megatron-LM's HF loader does), and ``dist_checkpointing.save`` writes
 ``torch_dist``. Run under the launcher with 4 ranks:
 
-    python -m tests.distributed.megatron_writer <hf llama> <hf qwen2> <out root>
+    python -m tests.distributed.megatron_writer <hf llama> <hf qwen2> <hf demo> <out root>
 
 - ``<out>/llama_root``: a save root (``latest_checkpointed_iteration.txt`` ->
   ``iter_0000007``) of the untied Llama (3 layers) saved at TP=2, PP=2 (2 + 1 layers), layers
@@ -11,6 +11,8 @@ megatron-core ``GPTModel`` on each of 4 CPU ranks holds its TP/PP part of the HF
   it), the vocabulary padded as Megatron-LM pads it (256 rows; the padding holds noise).
 - ``<out>/qwen2_tp2``: the tied Qwen2 (q/k/v biases) saved at TP=2 (DP=2), one key per layer
   (``non_homogeneous_layers``), no arguments: its config comes from the HF folder.
+- ``<out>/demo``: the bundled demo model (tied, 5 layers) saved at TP=1 (DP=4), for the
+  command lines (``launch/infer.py``, ``launch/eval.py``) with ``model.tokenizer``.
 
 megatron-core 0.16.1's writer calls ``torch.cuda.synchronize`` and makes its failure flag on
 ``torch.cuda.current_device()``; on CPU ranks both are pointed at the CPU (nothing else in
@@ -146,12 +148,13 @@ def save(hf_path: str, out: str, tp: int, pp: int, per_layer_keys: bool,
 
 
 def main() -> None:
-    llama, qwen2, root = sys.argv[1:4]
+    llama, qwen2, demo, root = sys.argv[1:5]
     dist.init_process_group("gloo")
     torch.cuda.synchronize = lambda *a, **k: None  # megatron-core's writer, on CPU ranks
     torch.cuda.current_device = lambda: "cpu"
     save(llama, os.path.join(root, "llama_root", "iter_0000007"), 2, 2, False, True)
     save(qwen2, os.path.join(root, "qwen2_tp2"), 2, 1, True, False)
+    save(demo, os.path.join(root, "demo"), 1, 1, False, True)
     if dist.get_rank() == 0:
         with open(os.path.join(root, "llama_root", "latest_checkpointed_iteration.txt"),
                   "w") as f:

@@ -1,7 +1,8 @@
 """lm-evaluation-harness on the engine gives lm-eval's own HF backend's results on the same
 model: a multiple-choice task (loglikelihoods within 1e-3, same argmax flags and accuracy),
 a generation task (identical greedy generations) and a rolling-loglikelihood task, through
-``lm_eval.simple_evaluate`` on one rank and through ``launch/eval.py`` on two (P2 -> T2);
+``lm_eval.simple_evaluate`` on one rank and through ``launch/eval.py`` on two (P2 -> T2,
+from the same weights saved as a Megatron checkpoint);
 the same results with prefix caching off, and with it on the multiple-choice contexts are
 shared (the backend asks for the continuations' prompt logprobs only)."""
 
@@ -53,7 +54,7 @@ def _task_dir(root) -> str:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, dict]:
+def runs(tmp_path_factory, megatron_checkpoints) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("lm_eval")
     tasks = _task_dir(root)
     out = {}
@@ -66,7 +67,10 @@ def runs(tmp_path_factory) -> dict[str, dict]:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out[name] = json.loads(path.read_text())
     path = root / "p2t2.json"
-    proc = launch(2, ["launch.eval", "plan=P2:T2", f"model.path={TINY}", "dtype=float32",
+    # the command line on a Seesaw plan, from the demo model's Megatron checkpoint
+    proc = launch(2, ["launch.eval", "plan=P2:T2", "model.format=megatron",
+                      f"model.path={megatron_checkpoints}/demo", f"model.tokenizer={TINY}",
+                      "dtype=float32",
                       f"eval.tasks=[{','.join(TASKS)}]", f"eval.include_path={tasks}",
                       "eval.log_samples=true", f"eval.output={path}"],
                   timeout=400, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})

@@ -19,7 +19,7 @@ import pytest
 from seesaw_mcore.config import ModelConfig
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.model.megatron_checkpoint import MegatronCheckpoint
-from tests.conftest import hf_greedy, launch, launch_worlds
+from tests.conftest import TINY, hf_greedy, launch_worlds
 from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
 
 WORLDS = {1: ["T1"], 2: ["T2", "P2", "D2", "P2:T2"]}
@@ -27,19 +27,14 @@ PLANS = [p for plans in WORLDS.values() for p in plans]
 
 
 @pytest.fixture(scope="module")
-def megatron_root(tiny_models, tmp_path_factory) -> str:
-    """Megatron checkpoints of "llama" and "qwen2" (``megatron_writer.py``, 4 ranks)."""
-    root = tmp_path_factory.mktemp("megatron")
-    proc = launch(4, ["tests.distributed.megatron_writer", tiny_models["llama"],
-                      tiny_models["qwen2"], str(root)], timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return str(root)
+def megatron_root(megatron_checkpoints) -> str:
+    return megatron_checkpoints
 
 
 @pytest.fixture(scope="module")
 def results(tiny_models, megatron_root, tmp_path_factory) -> dict:
     models = ",".join([tiny_models["llama"], tiny_models["llama_b"], tiny_models["qwen2"],
-                       megatron_root, tiny_models["wide"]])
+                       megatron_root, tiny_models["wide"], TINY])
     return launch_worlds("tests.distributed.training_loop_job", WORLDS, models,
                          tmp_path_factory, timeout=600)
 
@@ -150,3 +145,12 @@ def test_sleep_returns_memory_and_wakes_to_the_same_outputs(results, plan):
     assert r["discarded_error"].endswith(" shard tensors have no values yet; call "
                                          "update_weights with every parameter before "
                                          "generate")
+
+
+@pytest.mark.parametrize("plan", ["T1", "P2:T2"])
+def test_infer_cli_runs_a_megatron_checkpoint(results, plan):
+    """``launch/infer.py model.format=megatron model.path=... model.tokenizer=...`` writes
+    what the API generates from the HF folder of the same weights."""
+    r = results[f"cli {plan}"]
+    assert r["code"] == 0
+    assert r["got"] == r["expected"] and all(r["expected"])

@@ -120,9 +120,49 @@ def sleep_cycle(plan: str, wide: str) -> dict:
     return rep
 
 
+CLI_PROMPTS = ["Return the number of", "This module provides", "If the file does not exist,"]
+
+
+def cli_on_megatron(plan: str, demo: str, tiny: str, folder: str) -> dict:
+    """``launch/infer.py model.format=megatron model.path=<demo> model.tokenizer=<tiny>``
+    (composed by Hydra as the command line does, run in this job's ranks), and the API's
+    greedy texts for the same prompts from the HF folder. Shuts the process groups down:
+    the job's last step."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    import infer  # launch/infer.py
+
+    llm = LLM(tiny, plan=plan, dtype="float32")
+    params = SamplingParams(temperature=0, max_tokens=12)
+    expected = [o.outputs[0].text for o in llm.generate(CLI_PROMPTS, params, use_tqdm=False)]
+    llm.close()
+    src, out = os.path.join(folder, "in.jsonl"), os.path.join(folder, "out.jsonl")
+    if llm.is_driver:
+        with open(src, "w") as f:
+            f.writelines(json.dumps({"id": f"p{i}", "prompt": p}) + "\n"
+                         for i, p in enumerate(CLI_PROMPTS))
+    overrides = [f"plan={plan}", "model.format=megatron", f"model.path={demo}",
+                 f"model.tokenizer={tiny}", "dtype=float32", f"data.input={src}",
+                 f"data.output={out}", "sampling.temperature=0", "sampling.max_tokens=12"]
+    import torch.distributed as dist
+
+    dist.barrier()  # the input file exists
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
+        code = infer.run(compose("infer", overrides=overrides))
+    if not llm.is_driver:
+        return {}
+    with open(out) as f:
+        got = {r["id"]: r["outputs"][0]["text"] for r in map(json.loads, f)}
+    return {"code": code, "expected": expected, "got": [got[f"p{i}"]
+                                                      for i in range(len(CLI_PROMPTS))]}
+
+
 def main() -> None:
     models, out_path, plans = sys.argv[1], sys.argv[2], sys.argv[3:]
-    a, b, qwen2, megatron_root, wide = models.split(",")
+    a, b, qwen2, megatron_root, wide, tiny = models.split(",")
     wa, wb = tensors(a), tensors(b)
     greedy = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
@@ -165,6 +205,9 @@ def main() -> None:
         if plan in ("T1", "P2:T2"):
             rep["sleep"] = sleep_cycle(plan, wide)
         report[plan] = rep
+    cli_plan = "P2:T2" if "P2:T2" in plans else "T1"
+    report[f"cli {cli_plan}"] = cli_on_megatron(cli_plan, os.path.join(megatron_root, "demo"),
+                                                tiny, os.path.dirname(out_path))
     if llm.is_driver:
         with open(out_path, "w") as f:
             json.dump(report, f)
