@@ -48,11 +48,22 @@ TINY = os.path.join(REPO, "models", "tiny-llama")  # the bundled demo model (has
 @pytest.fixture(scope="session")
 def megatron_checkpoints(tiny_models, tmp_path_factory) -> str:
     """Megatron checkpoints written by megatron-core's own save on 4 CPU ranks
-    (``tests/distributed/megatron_writer.py``): ``llama_root``, ``qwen2_tp2``, ``demo``."""
-    root = tmp_path_factory.mktemp("megatron")
-    proc = launch(4, ["tests.distributed.megatron_writer", tiny_models["llama"],
-                      tiny_models["qwen2"], TINY, str(root)], timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (``tests/distributed/megatron_writer.py``): ``llama_root``, ``qwen2_tp2``, ``demo``.
+    Written once per run: pytest-xdist workers share them (a file lock in the run's
+    common temp folder)."""
+    import fcntl
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # common to the run's workers
+    root = shared / "megatron"
+    with open(shared / "megatron.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done").exists():
+            proc = launch(4, ["tests.distributed.megatron_writer", tiny_models["llama"],
+                              tiny_models["qwen2"], TINY, str(root)], timeout=300)
+            assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+            (root / "done").touch()
     return str(root)
 
 

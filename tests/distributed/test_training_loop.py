@@ -154,3 +154,18 @@ def test_infer_cli_runs_a_megatron_checkpoint(results, plan):
     r = results[f"cli {plan}"]
     assert r["code"] == 0
     assert r["got"] == r["expected"] and all(r["expected"])
+
+
+def test_rl_loop_example_runs():
+    """``examples/rl_loop.py`` (generate n samples, sleep, train, wake, update, repeat) runs
+    as shipped, on one CPU rank."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, launch_env
+
+    proc = subprocess.run([sys.executable, "examples/rl_loop.py", "--rounds", "2"], cwd=REPO,
+                          env=launch_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [line.split(":")[0] for line in proc.stdout.splitlines()
+            if line.startswith("step ")] == ["step 0", "step 1"]
