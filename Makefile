@@ -5,6 +5,8 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 NPROC  ?= 2
+# pytest-xdist workers for `make test` (a module per worker: its launches start once)
+TEST_WORKERS ?= 2
 # Optional extra index for torch's CPU wheels on machines that do not keep them locally.
 TORCH_INDEX ?=
 # apt-get needs root: sudo when not root.
@@ -53,7 +55,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m ruff check seesaw_mcore launch tests
 	$(PY) -m seesaw_mcore.tools.check_layers
-	$(PY) -m pytest -q tests --ignore=tests/slurm
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests --ignore=tests/slurm
 
 # launch/slurm/infer.sbatch on a local two-node Slurm cluster (network namespaces; root).
 slurm-test: $(STAMP)

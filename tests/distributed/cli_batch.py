@@ -1,7 +1,9 @@
-"""Runs ``launch/infer.py``'s job once per override list, all in one process (one rank):
-the single-rank CLI tests' cases without a process start each. Each case is composed by
+"""Runs ``launch/infer.py``'s job once per override list, all in one process per rank: the
+CLI tests' cases without a process start each (one rank, or every rank of a launched job
+running the same cases in the same order; a case that ends in ``llm.shutdown()`` must come
+last there). Each case is composed by
 Hydra from ``conf/`` as ``@hydra.main`` composes it, run by ``launch.infer.run``, and its
-exit status and output recorded as ``main`` would give them. Writes JSON: one
+exit status and output recorded as ``main`` would give them. Rank 0 writes JSON: one
 ``{"code", "stdout", "stderr"}`` per case."""
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ def main(cases_path: str, out_path: str) -> None:
                     print("\n".join(chain), file=sys.stderr)
                     code = 1
             results.append({"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()})
-    with open(out_path, "w") as f:
-        json.dump(results, f)
+    if int(os.environ.get("RANK", "0")) == 0:  # rank 0's output, as the CLI shows it
+        with open(out_path, "w") as f:
+            json.dump(results, f)
 
 
 if __name__ == "__main__":

@@ -1,27 +1,26 @@
-"""lm-eval job run by test_lm_eval.py: ``MODE MODEL TASK_DIR OUT [KEY=VALUE ...]`` with MODE
-``hf`` (lm-eval's own HF backend) or ``seesaw`` (``SeesawLM`` through
-``lm_eval.simple_evaluate``, one rank, 4-token KV blocks, further ``LLM`` keywords as
-``KEY=VALUE``: ``enable_prefix_caching=false``); writes metrics, per-document responses and
-the engine's prefix-cache counters as JSON."""
+"""lm-eval job run by test_lm_eval.py in one process (one rank): ``MODEL TASK_DIR OUT``.
+Runs lm-eval's own HF backend, the ``seesaw`` backend (``SeesawLM`` through
+``lm_eval.simple_evaluate``, 4-token KV blocks) with prefix caching on and off, and
+``launch/eval.py``'s error cases (composed by Hydra as its command line does); writes
+metrics, per-document responses, the engine's prefix-cache counters and the error lines as
+JSON ``{"hf", "seesaw", "seesaw nocache", "cli_errors"}``."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 TASKS = ["seesaw_mc", "seesaw_gen", "seesaw_ppl"]
+CLI_ERRORS = [[], ["eval.tasks=[no_such_task]"]]  # overrides of launch/eval.py
 
 
-def main() -> None:
-    mode, model, task_dir, out = sys.argv[1:5]
-    extra = {k: v.lower() == "true" if v.lower() in ("true", "false") else v
-             for k, v in (a.split("=", 1) for a in sys.argv[5:])}
+def evaluate(mode: str, model: str, task_dir: str, **extra) -> dict:
     import lm_eval
     from lm_eval.tasks import TaskManager
 
     if mode == "hf":
-        lm = "hf"
-        args = f"pretrained={model},dtype=float32,device=cpu"
+        lm, args = "hf", f"pretrained={model},dtype=float32,device=cpu"
     else:
         from seesaw_mcore.eval_harness import SeesawLM
 
@@ -34,8 +33,29 @@ def main() -> None:
     if mode != "hf":
         st = lm.llm.engine.stats
         summary["prefix"] = {"prefill_tokens": st.prefill_tokens, "cached": st.cached_tokens}
-    with open(out, "w") as f:
-        json.dump(summary, f, default=str)
+        lm.llm.close()
+    return summary
+
+
+def cli_errors() -> list[str]:
+    """``launch/eval.py``'s one-line error for each of ``CLI_ERRORS``."""
+    from hydra import compose, initialize_config_dir
+
+    from seesaw_mcore.errors import SeesawError
+    from tests.conftest import REPO
+
+    sys.path.insert(0, os.path.join(REPO, "launch"))
+    import eval as eval_cli  # launch/eval.py
+
+    lines = []
+    with initialize_config_dir(config_dir=os.path.join(REPO, "conf"), version_base="1.3"):
+        for overrides in CLI_ERRORS:
+            try:
+                eval_cli.run(compose("eval", overrides=overrides))
+                lines.append("no error")
+            except SeesawError as e:  # as eval.main prints it
+                lines.append(f"error: {e}")
+    return lines
 
 
 def summarize(res: dict) -> dict:
@@ -43,6 +63,17 @@ def summarize(res: dict) -> dict:
     return {"results": res["results"],
             "samples": {t: {str(s["doc_id"]): s["resps"] for s in res["samples"][t]}
                         for t in res["samples"]}}
+
+
+def main() -> None:
+    model, task_dir, out = sys.argv[1:4]
+    report = {"hf": evaluate("hf", model, task_dir),
+              "seesaw": evaluate("seesaw", model, task_dir),
+              "seesaw nocache": evaluate("seesaw", model, task_dir,
+                                         enable_prefix_caching=False),
+              "cli_errors": cli_errors()}
+    with open(out, "w") as f:
+        json.dump(report, f, default=str)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ def test_trial_picks_the_one_candidate_not_slowed(report):
     slowed = report["slowed"]
     order, summary = slowed["order"], slowed["summary"]
     assert len(order) == 3 and len(set(order)) == 3
-    # the first-run candidate sleeps 20 ms a step, the model's favourite (run last) 100 ms
-    # (5x: wider than the spread of the model's step predictions between plans)
+    # the first-run candidate sleeps 80 ms a step, the model's favourite (run last) 250 ms:
+    # far wider than the plans' own step-time spread, also while other tests load the CPU
     assert summary["chosen"] == order[1] == slowed["plan"] == slowed["engine_plan"]
     measured = {c["plan"]: c["measured_tokens_per_s"] for c in summary["candidates"]}
     assert measured[order[1]] > measured[order[0]] > measured[order[2]]

@@ -39,20 +39,25 @@ def batched(name: str, *overrides: str) -> str:
     return name
 
 
-@pytest.fixture(scope="module")
-def batch(tmp_path_factory) -> dict[str, _Run]:
-    """Every registered single-rank case, run by ``tests/distributed/cli_batch.py`` in one
-    process (each case's output file in its own folder)."""
+def _run_batch(world: int, cases: dict[str, list[str]], tmp_path_factory) -> dict[str, _Run]:
+    """``cases`` run by ``tests/distributed/cli_batch.py`` in one job of ``world`` ranks,
+    each case's files in its own folder (``OUT`` in its overrides)."""
     root = tmp_path_factory.mktemp("batch")
-    cases = {k: [o.replace("OUT", str(root / k)) for o in v] for k, v in _BATCH.items()}
+    cases = {k: [o.replace("OUT", str(root / k)) for o in v] for k, v in cases.items()}
     for k in cases:
         (root / k).mkdir()
     (root / "cases.json").write_text(json.dumps(list(cases.values())))
-    proc = launch(1, ["tests.distributed.cli_batch", str(root / "cases.json"),
-                      str(root / "out.json")], timeout=600)
+    proc = launch(world, ["tests.distributed.cli_batch", str(root / "cases.json"),
+                          str(root / "out.json")], timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = json.loads((root / "out.json").read_text())
     return {k: _Run(r, root / k) for k, r in zip(cases, recs)}
+
+
+@pytest.fixture(scope="module")
+def batch(tmp_path_factory) -> dict[str, _Run]:
+    """Every registered single-rank case, in one process."""
+    return _run_batch(1, _BATCH, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -258,21 +263,30 @@ def test_seesaw_plan_same_outputs_as_static(seesaw_run, t2_run):
     assert rows == static
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["cache.host_kv_tokens=8", "sampling.max_tokens=8"],
-     f"error: {SAMPLE}: id 'doc-1': prompt needs up to 11 token slots of the host KV tier "
-     "(prompt 4 + max_tokens 8 - 1, if preempted) but it holds 8; raise "
-     "cache.host_kv_tokens / cache.host_kv_gib or lower max_tokens"),
-    (["cache.host_kv_gib=100000"], "error: host KV tier needs 100000.00 GiB but only "),
-    (["cache.disk_path=/nonexistent/dir"],
-     "error: cache.disk_path '/nonexistent/dir' is not a directory"),
-    (["cache.disk_path=TMP", "cache.disk_kv_gib=100000"],
-     "error: disk KV tier needs 100000.00 GiB but TMP has only "),
-])
-def test_tier_errors_two_ranks(overrides, message, tmp_path):
-    overrides = [o.replace("TMP", str(tmp_path)) for o in overrides]
-    message = message.replace("TMP", str(tmp_path))
-    proc = infer(2, "plan=p2_t2", f"data.output={tmp_path / 'o.jsonl'}", *overrides, timeout=180)
+TIER_ERRORS = {  # the one that fails after the run (a rejected prompt) last: it shuts down
+    "host_gib": (["cache.host_kv_gib=100000"], "error: host KV tier needs 100000.00 GiB but only "),
+    "disk_dir": (["cache.disk_path=/nonexistent/dir"],
+                 "error: cache.disk_path '/nonexistent/dir' is not a directory"),
+    "disk_gib": (["cache.disk_path=OUT", "cache.disk_kv_gib=100000"],
+                 "error: disk KV tier needs 100000.00 GiB but OUT has only "),
+    "prompt": (["cache.host_kv_tokens=8", "sampling.max_tokens=8"],
+               f"error: {SAMPLE}: id 'doc-1': prompt needs up to 11 token slots of the host KV "
+               "tier (prompt 4 + max_tokens 8 - 1, if preempted) but it holds 8; raise "
+               "cache.host_kv_tokens / cache.host_kv_gib or lower max_tokens"),
+}
+
+
+@pytest.fixture(scope="module")
+def tier_batch(tmp_path_factory) -> dict[str, _Run]:
+    """The two-rank tier-error cases, run by ``cli_batch`` in one two-rank job."""
+    return _run_batch(2, {k: ["plan=p2_t2", "data.output=OUT/o.jsonl", *o]
+                          for k, (o, _) in TIER_ERRORS.items()}, tmp_path_factory)
+
+
+@pytest.mark.parametrize("case", list(TIER_ERRORS))
+def test_tier_errors_two_ranks(tier_batch, case):
+    proc = tier_batch[case]
+    message = TIER_ERRORS[case][1].replace("OUT", str(proc.dir))
     assert proc.returncode == 1
     line, *rest = error_lines(proc)  # a prompt that cannot fit: one line per sample prompt
     assert len(rest) == (11 if "prompt needs" in message else 0)
@@ -280,7 +294,7 @@ def test_tier_errors_two_ranks(overrides, message, tmp_path):
     if "100000" in message:
         tier = "disk" if "disk" in message else "host"
         assert line.endswith(f"; lower cache.{tier}_kv_tokens or cache.{tier}_kv_gib")
-    assert list(tmp_path.glob("seesaw_kv_*")) == []
+    assert list(proc.dir.glob("seesaw_kv_*")) == []
 
 
 def test_plan_auto_measures_once_logs_and_runs(tmp_path):

@@ -70,15 +70,15 @@ def test_agrees_with_cpu_path():
     torch.testing.assert_close(triton_out, cpu, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("d,hq,hkv,bs,dtype", [
-    (128, 32, 4, 16, torch.float32),   # GQA 8, Llama-3-8B's heads
-    (64, 8, 8, 32, torch.float32),     # GQA 1
-    (128, 16, 4, 32, torch.bfloat16),  # GQA 4, half precision
+@pytest.mark.parametrize("d,hq,hkv,bs,dtype,ctx", [
+    (128, 32, 4, 16, torch.float32, [4097, 4130, 130]),   # GQA 8, Llama-3-8B's heads, 4k+
+    (64, 8, 8, 32, torch.float32, [1500, 1533, 130]),     # GQA 1
+    (128, 16, 4, 32, torch.bfloat16, [1100, 1137, 70]),   # GQA 4, half precision
 ])
-def test_real_shapes_long_contexts(d, hq, hkv, bs, dtype):
+def test_real_shapes_long_contexts(d, hq, hkv, bs, dtype, ctx):
     """Head sizes 64/128, GQA 1-8, blocks of 16/32, contexts past 4k, decode rows beside
     a prefill over cached context (its tiles past the decode rows' one query exit early)."""
-    qlens, ctx = [1, 37, 1, 1], [4097, 4130, 4500, 130]
+    qlens = [1, 37, 1]
     blocks = sum(-(-c // bs) for c in ctx) + 3
     q, kc, vc, tables = random_paged_case(qlens, ctx, heads=hq, kv_heads=hkv, head_dim=d,
                                           block_size=bs, dtype=dtype, num_blocks=blocks,
