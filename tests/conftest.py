@@ -67,6 +67,37 @@ def megatron_checkpoints(tiny_models, tmp_path_factory) -> str:
     return str(root)
 
 
+def shm_files() -> set[str]:
+    """Our host tiers and DeepSpeed's shm all-reduce buffers in /dev/shm."""
+    import glob
+
+    return set(glob.glob("/dev/shm/seesaw_kv_*") + glob.glob("/dev/shm/deepspeed_allreduce_*"))
+
+
+def leftover_shm(before: set[str]) -> list[str]:
+    """Files in /dev/shm that were not there ``before`` and that no live process maps: left
+    behind. (Tests in other pytest-xdist workers map their own while they run.)"""
+    import glob
+    import time
+
+    def mapped() -> set[str]:
+        seen: set[str] = set()
+        for maps in glob.glob("/proc/[0-9]*/maps"):
+            try:
+                with open(maps) as f:
+                    seen.update(line.split(maxsplit=5)[-1].strip() for line in f
+                                if "/dev/shm/" in line)
+            except OSError:  # the process ended
+                pass
+        return seen
+
+    new = shm_files() - before
+    if new:
+        time.sleep(1.0)  # one being created now is mapped (or gone) a moment later
+        new = {f for f in shm_files() - before if f not in mapped()}
+    return sorted(new)
+
+
 def hf_greedy(model_path: str, prompts: list[list[int]], max_new: int) -> list[list[int]]:
     """HF ``generate`` greedy continuations (no EOS stop), the parity reference."""
     import torch

@@ -145,6 +145,15 @@ def _line(points: list[tuple[int, float]]) -> tuple[float, float]:
     return y1 - slope * x1, slope
 
 
+def _costs(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """A step's fixed cost and a layer's cost from the line through two points, each at
+    least 5% of the shallow model's step (on a busy machine noise can tilt the line to a
+    negative intercept or slope; neither cost is ever zero)."""
+    step, layer = _line(points)
+    (x1, y1), _ = points
+    return max(step, 0.05 * y1), max(layer, 0.05 * y1 / x1)
+
+
 def _attention_gbs(dtype: torch.dtype) -> float:
     """KV bytes per second of one decode attention call (16 sequences x 1,024 tokens of
     context, 8 KV heads of 64), this rank's kernel, every rank at once."""
@@ -169,17 +178,17 @@ def calibrate(hw: Hardware, dtype: torch.dtype) -> Hardware:
     (l1, small), (l2, deep) = _models(world)
     models = ((l1, small), (l2, deep))
     tp = [(n, _decode_step_s(p, f"T{world}", 2 * world, dtype)[0]) for n, p in models]
-    step_s, layer_s = _line(tp)
-    terms = dict(attn_gbs=attn, step_s=max(step_s, 0.0), layer_s=max(layer_s, 0.0))
+    step_s, layer_s = _costs(tp)
+    terms = dict(attn_gbs=attn, step_s=step_s, layer_s=layer_s)
     if world > 1:
         dp = [(n, _decode_step_s(p, f"D{world}", 2 * world, dtype)[0]) for n, p in models]
         pp = [(n, *_decode_step_s(p, f"T{world}:P{world}", 2 * world, dtype)) for n, p in models]
-        step_s, layer_s = _line(dp)
+        step_s, layer_s = _costs(dp)
         tp_step, tp_slope = _line(tp)
         pp_step, pp_slope = _line([(n, t) for n, t, _ in pp])
         slots = 2 * world - 1
         terms.update(
-            step_s=max(step_s, 0.0), layer_s=max(layer_s, 0.0),
+            step_s=step_s, layer_s=layer_s,
             tp_step_s=max(tp_step - step_s, 0.0),
             allreduce_latency_s=max((tp_slope - layer_s) / 2, hw.allreduce_latency_s),
             pp_layer_s=max(pp_slope * world / slots, 0.0),

@@ -7,7 +7,6 @@ an uninterrupted run; 2,000 and 20,000 prompts with flat peak RSS."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -18,7 +17,15 @@ import time
 import psutil
 import pytest
 
-from tests.conftest import REPO, error_lines, launch, launch_cmd, launch_env
+from tests.conftest import (
+    REPO,
+    error_lines,
+    launch,
+    launch_cmd,
+    launch_env,
+    leftover_shm,
+    shm_files,
+)
 
 NUM_PROMPTS = 3000
 ARGS = ["plan=p2_t2", "sampling.max_tokens=16", "cache.host_kv_tokens=2048", "progress=false"]
@@ -50,8 +57,6 @@ def _outputs(path) -> dict[str, list]:
     return {r["id"]: [o["token_ids"] for o in r["outputs"]] for r in rows}
 
 
-def _kv_files() -> set[str]:
-    return set(glob.glob("/dev/shm/seesaw_kv_*"))
 
 
 @pytest.mark.parametrize("fault,message", [
@@ -153,7 +158,7 @@ SENDERS = {
 def test_signal_stops_cleanly_and_a_rerun_completes(prompts, reference, tmp_path, how):
     out, disk = tmp_path / "o.jsonl", tmp_path / "disk"
     disk.mkdir()
-    before = _kv_files()
+    before = shm_files()
     code, text, took = _interrupt(prompts, out, disk, SENDERS[how])
     assert code != 0 and took < 30, text[-3000:]
     name = "SIGINT" if how == "ctrl_c" else "SIGTERM"
@@ -163,7 +168,7 @@ def test_signal_stops_cleanly_and_a_rerun_completes(prompts, reference, tmp_path
                          "to resume")
     done = _outputs(out)  # complete records only, each once
     assert 50 <= len(done) < NUM_PROMPTS
-    assert os.listdir(disk) == [] and _kv_files() == before  # no KV file left
+    assert os.listdir(disk) == [] and leftover_shm(before) == []  # no KV file left
     for rid, toks in done.items():
         assert toks == reference[rid]
     if how != "sigterm_all":  # the rerun is the same for every signal: checked once

@@ -8,11 +8,9 @@ static T2; no process-group or memory growth over 50 switches; no /dev/shm resid
 
 from __future__ import annotations
 
-import glob
-
 import pytest
 
-from tests.conftest import hf_greedy, launch_job
+from tests.conftest import hf_greedy, launch_job, leftover_shm, shm_files
 from tests.distributed.engine_job import MAX_TOKENS, PROMPTS
 from tests.distributed.seesaw_job import POLICY_MAX_TOKENS, POLICY_PROMPTS
 
@@ -25,7 +23,7 @@ DISK_RUNS = ["disk", "disk_swap", "disk_sync"]
 
 @pytest.fixture(scope="module")
 def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
-    before = _shm_files()
+    before = shm_files()
     merged: dict[str, dict] = {}
     for world, (model, plans) in PLANS.items():
         out = tmp_path_factory.mktemp("seesaw") / f"w{world}.json"
@@ -36,13 +34,8 @@ def results(tiny_models, tmp_path_factory) -> dict[str, dict]:
                             [tiny_models[model], *plans, *extra])
         for plan, rep in report.items():
             merged[plan] = dict(rep, model=model)
-    merged["shm_residue"] = sorted(_shm_files() - before)
+    merged["shm_residue"] = leftover_shm(before)
     return merged
-
-
-def _shm_files() -> set[str]:
-    """Our host tiers and DeepSpeed's shm all-reduce buffers."""
-    return set(glob.glob("/dev/shm/seesaw_kv_*") + glob.glob("/dev/shm/deepspeed_allreduce_*"))
 
 
 @pytest.fixture(scope="module")
