@@ -142,6 +142,8 @@ class RankInfo:
     tp_group: object  # torch ProcessGroup of this rank's TP peers
     prev_rank: int | None  # global rank of the previous pipeline stage (None on the first)
     next_rank: int | None  # global rank of the next pipeline stage (None on the last)
+    ep_rank: int = 0  # place in the expert-parallel group (layouts with E)
+    ep_group: object = None  # torch ProcessGroup of this rank's expert-parallel peers
 
     @property
     def is_first_stage(self) -> bool:

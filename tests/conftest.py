@@ -26,6 +26,13 @@ MODELS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
     ),
+    # q/k norms, head_dim 32 != hidden / heads
+    "qwen3": dict(arch="qwen3", num_layers=3, vocab=280, seed=7, head_dim=32),
+    # mixture of experts: 4 experts, top 2; Qwen3-MoE with a dense layer 1 (mlp_only_layers)
+    "qwen3_moe": dict(arch="qwen3_moe", num_layers=3, vocab=260, seed=12, head_dim=16),
+    "mixtral": dict(arch="mixtral", num_layers=2, vocab=270, seed=13),
+    # a 64-token sliding window: exact with max_model_len <= 64
+    "mistral": dict(arch="mistral", num_layers=3, vocab=250, seed=8, sliding_window=64),
     # sleep mode: weights large enough that freeing them shows in RSS (~70 MB)
     "wide": dict(arch="llama", num_layers=2, hidden=256, intermediate=512, vocab=32000, seed=5),
     # T4 and P4: 4 KV heads, 4 layers.

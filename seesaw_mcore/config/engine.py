@@ -69,9 +69,9 @@ class ModelOptions:
             raise SeesawError(f"model.max_model_len must be >= 2, got {self.max_model_len}")
         if self.trust_remote_code:
             raise SeesawError(
-                "trust_remote_code=True is not supported: seesaw_mcore runs Llama, Qwen2 and "
-                "Mistral checkpoints with its own megatron-core model and never runs code "
-                "from a model folder")
+                "trust_remote_code=True is not supported: seesaw_mcore runs Llama, Qwen2, "
+                "Qwen3 and Mistral checkpoints with its own megatron-core model and never "
+                "runs code from a model folder")
 
 
 CPU_KV_CACHE_GIB = 1.0  # CPU ranks' KV budget per rank when none is given

@@ -12,7 +12,9 @@ from seesaw_mcore.config import megatron
 from seesaw_mcore.config.parallel import ParallelConfig, layout_error
 from seesaw_mcore.errors import SeesawError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           "MistralForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM")
+MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -38,6 +40,21 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     hf_config: Any = field(default=None, repr=False, hash=False, compare=False)
     format: str = "hf"  # how the weights at ``path`` are stored: "hf" or "megatron"
+    qk_norm: bool = False  # per-head RMSNorm of q and k before RoPE (Qwen3)
+    # attention window (tokens) when the config uses one; the engine runs it exactly only
+    # while every sequence fits in it (``Engine`` checks ``max_model_len``)
+    sliding_window: int | None = None
+    # mixture of experts (0 experts: dense): experts per MoE layer, experts per token, each
+    # expert's intermediate size, renormalized top-k weights, and which layers are MoE
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    expert_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    moe_layers: tuple[int, ...] = ()
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether global layer ``layer`` has a mixture-of-experts MLP."""
+        return layer in self.moe_layers
 
     @classmethod
     def open(cls, path: str, format: str = "auto", hf_config_path: str | None = None,
@@ -162,15 +179,75 @@ class ModelConfig:
             max_position_embeddings=int(hf.max_position_embeddings),
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
             qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False)),
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
+            sliding_window=_sliding_window(arch, hf),
+            **_moe_fields(arch, hf),
             rope_parameters=rope,
             torch_dtype=str(dtype),
             eos_token_ids=eos_ids,
             hf_config=hf,
         )
 
+    def check_context(self, max_model_len: int) -> None:
+        """Raises unless a sliding window (if the config uses one) is exact at this length:
+        no sequence longer than the window, so no key ever falls outside it."""
+        if self.sliding_window is not None and max_model_len > self.sliding_window:
+            raise SeesawError(
+                f"{self.architecture} uses sliding-window attention (window "
+                f"{self.sliding_window} tokens), which this engine runs only while every "
+                f"sequence fits in the window; set model.max_model_len <= "
+                f"{self.sliding_window} (it is {max_model_len})")
+
     def check_layout(self, layout: ParallelConfig) -> None:
         """Raises ``SeesawError`` if ``layout`` cannot shard this model."""
         error = layout_error(layout, self.num_heads, self.num_kv_heads, self.intermediate_size,
                              self.num_layers)
+        if error is None and self.num_experts and self.expert_intermediate_size % layout.tp:
+            error = (f"layout {layout}: TP={layout.tp} does not divide the experts' "
+                     f"intermediate size {self.expert_intermediate_size}")
+        if error is None and layout.ep > 1 and not self.num_experts:
+            error = (f"layout {layout}: {self.architecture} has no experts (E is for "
+                     "mixture-of-experts models)")
+        if error is None and layout.ep > 1 and self.num_experts % layout.ep:
+            error = (f"layout {layout}: E={layout.ep} does not divide "
+                     f"num_experts={self.num_experts}")
         if error:
             raise SeesawError(error)
+
+
+def _moe_fields(arch: str, hf) -> dict[str, Any]:
+    """The mixture-of-experts facts of a Qwen3-MoE or Mixtral config (none for dense)."""
+    if arch == "MixtralForCausalLM":  # every layer; top-k weights renormalized
+        return dict(num_experts=int(hf.num_local_experts),
+                    num_experts_per_tok=int(hf.num_experts_per_tok),
+                    expert_intermediate_size=int(hf.intermediate_size), norm_topk_prob=True,
+                    moe_layers=tuple(range(int(hf.num_hidden_layers))))
+    if arch == "Qwen3MoeForCausalLM":  # dense where mlp_only_layers / decoder_sparse_step say
+        step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
+        dense = set(getattr(hf, "mlp_only_layers", None) or [])
+        experts = int(hf.num_experts)
+        layers = tuple(i for i in range(int(hf.num_hidden_layers))
+                       if experts > 0 and i not in dense and (i + 1) % step == 0)
+        return dict(num_experts=experts, num_experts_per_tok=int(hf.num_experts_per_tok),
+                    expert_intermediate_size=int(hf.moe_intermediate_size),
+                    norm_topk_prob=bool(getattr(hf, "norm_topk_prob", True)),
+                    moe_layers=layers)
+    return {}
+
+
+def _sliding_window(arch: str, hf) -> int | None:
+    """The attention window a config uses (Mistral's ``sliding_window``; Qwen2/Qwen3 only
+    with ``use_sliding_window``), ``None`` when no layer is windowed or the window covers
+    the whole context."""
+    window = getattr(hf, "sliding_window", None)
+    if not window:
+        return None
+    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
+        if not getattr(hf, "use_sliding_window", False):
+            return None
+        layer_types = getattr(hf, "layer_types", None)
+        if layer_types and "sliding_attention" not in layer_types:
+            return None
+    if int(window) >= int(hf.max_position_embeddings):
+        return None
+    return int(window)

@@ -1,7 +1,10 @@
 """Parallel layouts and plans, in the paper's notation: ``T2`` (tensor parallel 2), ``P2``
 (pipeline 2), ``D2`` (data parallel 2) and combinations such as ``D2P4`` or ``T4P2``. A degree of
-1 is omitted; a single rank is ``T1``. A plan is a prefill layout and a decode layout on the
-same ranks: ``"T2"`` (static), ``"P2:T2"`` (re-shards between the phases).
+1 is omitted; a single rank is ``T1``. ``E2`` (expert parallel 2, mixture-of-experts models):
+two replicas as ``D2`` for attention and everything dense, each holding half the experts,
+tokens exchanged with all-to-all at every MoE layer; ``D2E2`` is two such pairs (4 ranks).
+A plan is a prefill layout and a decode layout on the same ranks: ``"T2"`` (static),
+``"P2:T2"`` (re-shards between the phases).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from seesaw_mcore.errors import SeesawError
 if TYPE_CHECKING:
     from seesaw_mcore.config.model import ModelConfig
 
-_PLAN_TOKEN = re.compile(r"([DTP])(\d+)")
+_PLAN_TOKEN = re.compile(r"([DTPE])(\d+)")
 
 
 @dataclass(frozen=True)
@@ -29,12 +32,19 @@ class ParallelConfig:
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    ep: int = 1  # expert parallel: consecutive groups of ``ep`` of the ``dp`` replicas
 
     def __post_init__(self) -> None:
-        for name in ("dp", "tp", "pp"):
+        for name in ("dp", "tp", "pp", "ep"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise SeesawError(f"parallel degree {name}={value!r} must be an integer >= 1")
+        if self.dp % self.ep:
+            raise SeesawError(f"expert parallel degree {self.ep} does not divide the "
+                              f"{self.dp} replicas")
+        if self.ep > 1 and (self.tp > 1 or self.pp > 1):
+            raise SeesawError(f"layout {self}: E combines with D only (E2, D2E2); use E and "
+                              "T or P in the two phases of a plan instead (E2:T2, P2:E2)")
 
     @classmethod
     def parse(cls, text: str) -> "ParallelConfig":
@@ -50,7 +60,9 @@ class ParallelConfig:
             if letter in degrees:
                 raise SeesawError(f"invalid parallel layout {text!r}: '{letter}' given twice")
             degrees[letter] = int(value)
-        return cls(dp=degrees.get("D", 1), tp=degrees.get("T", 1), pp=degrees.get("P", 1))
+        ep = degrees.get("E", 1)
+        return cls(dp=degrees.get("D", 1) * ep, tp=degrees.get("T", 1), pp=degrees.get("P", 1),
+                   ep=ep)
 
     @property
     def world_size(self) -> int:
@@ -63,9 +75,13 @@ class ParallelConfig:
     def rank_of(self, dp_rank: int, tp_rank: int, pp_rank: int) -> int:
         return tp_rank + self.tp * (dp_rank + self.dp * pp_rank)
 
+    def ep_rank(self, rank: int) -> int:
+        """A rank's place in its expert-parallel group (0 without E)."""
+        return self.coords(rank)[0] % self.ep
+
     def __str__(self) -> str:
-        parts = [f"{k}{v}" for k, v in (("D", self.dp), ("T", self.tp), ("P", self.pp)) if v > 1]
-        return "".join(parts) or "T1"
+        degrees = (("D", self.dp // self.ep), ("E", self.ep), ("T", self.tp), ("P", self.pp))
+        return "".join(f"{k}{v}" for k, v in degrees if v > 1) or "T1"
 
 
 def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 64) -> int:

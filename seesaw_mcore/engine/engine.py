@@ -63,12 +63,14 @@ class Engine:
             self._check_world(p, world)
         ctx = self.model_cfg.max_position_embeddings
         self.max_model_len = min(config.model.max_model_len or ctx, ctx)
+        self.model_cfg.check_context(self.max_model_len)
         self.dtype = resolve_dtype(config.dtype, self.model_cfg)
         self.eos_token_ids = set(eos_token_ids) | set(self.model_cfg.eos_token_ids)
         layouts = list(dict.fromkeys(lay for p in self.plans for lay in (p.prefill, p.decode)))
         store = ShardStore(open_checkpoint(self.model_cfg), layouts, self.rank, self.dtype)
-        graphs = (not config.runtime.enforce_eager
+        graphs = (not config.runtime.enforce_eager and not self.model_cfg.num_experts
                   and (groups.device().type == "cuda" or env.decode_padding()))
+        # (MoE layers group tokens by expert with host-side counts: not capturable yet)
         self.runner = ModelRunner(self.model_cfg, plan, self.dtype, self.cache.block_size,
                                   store, self.cache.async_swap, layouts,
                                   capture_sizes(self.sched_cfg.max_num_seqs) if graphs else None,

@@ -1,4 +1,5 @@
-"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) as one pipeline stage on megatron-core
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3; Qwen3-MoE and Mixtral with
+``model/moe.py``'s expert MLP) as one pipeline stage on megatron-core
 tensor-parallel layers.
 
 A stage owns a contiguous range of decoder layers; the first stage also embeds tokens, the
@@ -30,6 +31,7 @@ from seesaw_mcore.model.layers import (
     RowLinear,
     TPAllReduce,
 )
+from seesaw_mcore.model.moe import MoEMLP
 
 
 def _no_init(_tensor: torch.Tensor) -> None:
@@ -55,19 +57,28 @@ class Embedding(tensor_parallel.VocabParallelEmbedding):
 class DecoderLayer(nn.Module):
     """Pre-norm attention + SwiGLU MLP; TP splits heads and the MLP's intermediate size."""
 
-    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, info: RankInfo) -> None:
+    def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, info: RankInfo,
+                 layer: int = 0) -> None:
         super().__init__()
         tp, d, group = info.layout.tp, cfg.head_dim, info.tp_group
         self.hq, self.hkv, self.d = cfg.num_heads // tp, cfg.num_kv_heads // tp, d
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
         common = dict(config=mp, init_method=_no_init, tp_group=group)
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, mp.params_dtype)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:  # Qwen3: RMSNorm over each head's D, before RoPE
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, mp.params_dtype)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, mp.params_dtype)
         self.qkv = ColumnLinear(cfg.hidden_size, qkv_out, bias=cfg.qkv_bias, **common)
         self.o_proj = RowLinear(
             cfg.num_heads * d, cfg.hidden_size, bias=False, input_is_parallel=True,
             skip_bias_add=False, **common,
         )
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, mp.params_dtype)
+        self.moe = self.gate_up = self.down = None
+        if cfg.is_moe_layer(layer):  # global layer index: Qwen3-MoE has dense layers too
+            self.moe = MoEMLP(cfg, info, mp.params_dtype)
+            return
         self.gate_up = ColumnLinear(
             cfg.hidden_size, 2 * cfg.intermediate_size, bias=False, **common)
         self.down = RowLinear(
@@ -93,6 +104,8 @@ class DecoderLayer(nn.Module):
         q = q.view(t, self.hq, self.d)  # [T, hq, D]
         k = k.view(t, self.hkv, self.d)  # [T, hkv, D]
         v = v.view(t, self.hkv, self.d)  # [T, hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, positions)
         attn = paged_attention(q, k, v.contiguous(), kv[0], kv[1], meta)  # [T, hq, D]
         if after_attention is not None:
@@ -109,6 +122,8 @@ class DecoderLayer(nn.Module):
         SiLU-and-multiply at a 4,000-token prefill); the TP all-reduce stays one call.
         """
         t = x.shape[0]
+        if self.moe is not None:
+            return self.moe(self.post_norm(x))
         if self.gate_up.packed is None or t <= PACKED_TILE_ROWS:
             gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)  # [T, I/TP] each
             return self.down(F.silu(gate) * up)
@@ -148,8 +163,8 @@ class LlamaStage(nn.Module):
                 self.vocab_pad, cfg.hidden_size, init_method=_no_init, config=mp,
                 tp_group=info.tp_group,
             )
-        n_local = self.layer_range[1] - self.layer_range[0]
-        self.layers = nn.ModuleList(DecoderLayer(cfg, mp, info) for _ in range(n_local))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, mp, info, layer)
+                                    for layer in range(*self.layer_range))
         self.norm = self.lm_head = None
         if info.is_last_stage:
             self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)

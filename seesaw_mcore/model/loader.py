@@ -33,6 +33,13 @@ class ShardSpec:
     tp_rank: int
     pp: int
     pp_rank: int
+    ep: int = 1  # expert parallel: this rank holds experts [ep_rank E/ep, (ep_rank+1) E/ep)
+    ep_rank: int = 0
+
+    def experts(self, num_experts: int) -> range:
+        """The experts (global ids) this rank holds: all of them without E."""
+        n = num_experts // self.ep
+        return range(self.ep_rank * n, (self.ep_rank + 1) * n)
 
     @property
     def is_first(self) -> bool:
@@ -116,14 +123,25 @@ def hf_shapes(c: ModelConfig, fused_qkv: bool, fused_gate_up: bool) -> dict[str,
                            p + "self_attn.k_proj.bias": (kvo,),
                            p + "self_attn.v_proj.bias": (kvo,)})
         shapes[p + "self_attn.o_proj.weight"] = (h, qo)
-        if fused_gate_up:
+        if c.is_moe_layer(layer):
+            block, gate, up, down = moe_names(c)
+            ie = c.expert_intermediate_size
+            shapes[p + f"{block}.gate.weight"] = (c.num_experts, h)
+            for e in range(c.num_experts):
+                x = p + f"{block}.experts.{e}."
+                shapes.update({x + f"{gate}.weight": (ie, h), x + f"{up}.weight": (ie, h),
+                               x + f"{down}.weight": (h, ie)})
+        elif fused_gate_up:
             shapes[p + "mlp.gate_up_proj.weight"] = (2 * i, h)
+            shapes[p + "mlp.down_proj.weight"] = (h, i)
         else:
             shapes.update({p + "mlp.gate_proj.weight": (i, h),
-                           p + "mlp.up_proj.weight": (i, h)})
-        shapes[p + "mlp.down_proj.weight"] = (h, i)
+                           p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i)})
         shapes[p + "input_layernorm.weight"] = (h,)
         shapes[p + "post_attention_layernorm.weight"] = (h,)
+        if c.qk_norm:
+            shapes[p + "self_attn.q_norm.weight"] = (d,)
+            shapes[p + "self_attn.k_norm.weight"] = (d,)
     shapes["model.norm.weight"] = (h,)
     if not c.tie_word_embeddings:
         shapes["lm_head.weight"] = (c.vocab_size, h)
@@ -190,6 +208,9 @@ def update_shard(shard: dict[str, torch.Tensor], spec: ShardSpec, c: ModelConfig
     qs, qe = _part(qo, t, r)
     ks, ke = _part(kvo, t, r)
     lq, lkv = qo // t, kvo // t  # local rows of q and of k (and v)
+    if c.is_moe_layer(layer) and rest.split(".")[0] == moe_names(c)[0]:
+        key = _update_expert(shard, q, c, rest, full, spec)
+        return [key] if key is not None else []
     if rest.startswith("self_attn.q_proj."):
         put(q + f"qkv.{kind}", full[qs:qe], (0, lq))
     elif rest.startswith("self_attn.k_proj."):
@@ -214,7 +235,33 @@ def update_shard(shard: dict[str, torch.Tensor], spec: ShardSpec, c: ModelConfig
         put(q + "input_norm.weight", full)
     elif rest == "post_attention_layernorm.weight":
         put(q + "post_norm.weight", full)
+    elif rest in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
+        put(q + rest.split(".")[1] + ".weight", full)
     return written
+
+
+def _update_expert(shard: dict[str, torch.Tensor], q: str, c: ModelConfig, rest: str,
+                   full: torch.Tensor, spec: ShardSpec) -> str | None:
+    """Writes an MoE block's HF tensor (``<block>.gate.weight`` or
+    ``<block>.experts.E.<gate|up|down>.weight``) into the stacked shard tensors; returns
+    the shard key written (``None``: an expert this rank does not hold)."""
+    block, gate, up, down = moe_names(c)
+    if rest == f"{block}.gate.weight":
+        shard[q + "moe.router"].copy_(full)
+        return q + "moe.router"
+    parts = rest.split(".")  # <block>.experts.E.<proj>.weight
+    mine = spec.experts(c.num_experts)
+    if int(parts[2]) not in mine:
+        return None
+    e, proj = int(parts[2]) - mine.start, parts[3]
+    s, end = _part(c.expert_intermediate_size, spec.tp, spec.tp_rank)
+    n = end - s
+    if proj == down:
+        shard[q + "moe.down"][e].copy_(full[:, s:end])
+        return q + "moe.down"
+    at = 0 if proj == gate else n
+    shard[q + "moe.gate_up"][e, at:at + n].copy_(full[s:end])
+    return q + "moe.gate_up"
 
 
 def _weight_files(path: str) -> list[str]:
@@ -283,11 +330,17 @@ def load_shard(
             out[q + "qkv.bias"] = _qkv(ckpt, p, "bias", t, r)
         qo = c.num_heads * c.head_dim
         out[q + "o_proj.weight"] = ckpt.cols(p + "self_attn.o_proj.weight", *_part(qo, t, r))
-        out[q + "gate_up.weight"] = _gate_up(ckpt, p, t, r)
-        i = c.intermediate_size
-        out[q + "down.weight"] = ckpt.cols(p + "mlp.down_proj.weight", *_part(i, t, r))
+        if c.is_moe_layer(layer):
+            out.update(_experts(ckpt, p, q, spec))
+        else:
+            out[q + "gate_up.weight"] = _gate_up(ckpt, p, t, r)
+            i = c.intermediate_size
+            out[q + "down.weight"] = ckpt.cols(p + "mlp.down_proj.weight", *_part(i, t, r))
         out[q + "input_norm.weight"] = ckpt.full(p + "input_layernorm.weight")
         out[q + "post_norm.weight"] = ckpt.full(p + "post_attention_layernorm.weight")
+        if c.qk_norm:  # per head, so the same on every TP rank
+            out[q + "q_norm.weight"] = ckpt.full(p + "self_attn.q_norm.weight")
+            out[q + "k_norm.weight"] = ckpt.full(p + "self_attn.k_norm.weight")
     if spec.is_last:
         out["norm.weight"] = ckpt.full("model.norm.weight")
         head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
@@ -324,6 +377,31 @@ def _qkv(ckpt: Checkpoint, prefix: str, kind: str, tp: int, rank: int) -> torch.
                  ckpt.rows(prefix + f"self_attn.k_proj.{kind}", ks, ke),
                  ckpt.rows(prefix + f"self_attn.v_proj.{kind}", ks, ke)]
     return torch.cat(parts)  # [(Hq + 2 Hkv) D / TP, H] or [(Hq + 2 Hkv) D / TP]
+
+
+def moe_names(c: ModelConfig) -> tuple[str, str, str, str]:
+    """The HF names of an MoE block: (block, expert gate, expert up, expert down)."""
+    if c.architecture == "MixtralForCausalLM":
+        return "block_sparse_moe", "w1", "w3", "w2"
+    return "mlp", "gate_proj", "up_proj", "down_proj"
+
+
+def _experts(ckpt: Checkpoint, prefix: str, q: str, spec: ShardSpec
+             ) -> dict[str, torch.Tensor]:
+    """One MoE layer's router (replicated) and this rank's experts (all of them, or its
+    E group's share), each cut to its TP slice, stacked."""
+    c = ckpt.cfg
+    block, gate, up, down = moe_names(c)
+    s, e = _part(c.expert_intermediate_size, spec.tp, spec.tp_rank)
+    gate_up, downs = [], []
+    for x in spec.experts(c.num_experts):
+        name = prefix + f"{block}.experts.{x}."
+        gate_up.append(torch.cat([ckpt.rows(name + f"{gate}.weight", s, e),
+                                  ckpt.rows(name + f"{up}.weight", s, e)]))  # [2 I/TP, H]
+        downs.append(ckpt.cols(name + f"{down}.weight", s, e))  # [H, I/TP]
+    return {q + "moe.router": ckpt.full(prefix + f"{block}.gate.weight"),  # [E, H]
+            q + "moe.gate_up": torch.stack(gate_up),  # [E local, 2 I/TP, H]
+            q + "moe.down": torch.stack(downs)}  # [E local, H, I/TP]
 
 
 def _gate_up(ckpt: Checkpoint, prefix: str, tp: int, rank: int) -> torch.Tensor:

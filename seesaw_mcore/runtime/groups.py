@@ -180,19 +180,22 @@ def _build(layout: ParallelConfig) -> tuple[dict[str, object], RankInfo]:
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
+        expert_model_parallel_size=layout.ep,
         create_gloo_process_groups=False,
     )
     rank = dist.get_rank()
     dp_rank, tp_rank, pp_rank = layout.coords(rank)
-    if (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()) != (
-            tp_rank, pp_rank):
+    ep_rank = layout.ep_rank(rank)
+    if (ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+            ps.get_expert_model_parallel_rank()) != (tp_rank, pp_rank, ep_rank):
         raise RuntimeError(f"megatron-core rank order differs from ours for {layout}")
     prev_rank = layout.rank_of(dp_rank, tp_rank, pp_rank - 1) if pp_rank > 0 else None
     last = layout.pp - 1
     next_rank = layout.rank_of(dp_rank, tp_rank, pp_rank + 1) if pp_rank < last else None
     info = RankInfo(layout=layout, rank=rank, dp_rank=dp_rank, tp_rank=tp_rank,
                     pp_rank=pp_rank, tp_group=ps.get_tensor_model_parallel_group(),
-                    prev_rank=prev_rank, next_rank=next_rank)
+                    prev_rank=prev_rank, next_rank=next_rank, ep_rank=ep_rank,
+                    ep_group=ps.get_expert_model_parallel_group() if layout.ep > 1 else None)
     return _ps_state(), info
 
 

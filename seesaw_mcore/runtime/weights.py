@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 def shard_spec(layout: ParallelConfig, rank: int) -> ShardSpec:
     """The shard ``rank`` needs under ``layout``."""
     _, tp_rank, pp_rank = layout.coords(rank)
-    return ShardSpec(layout.tp, tp_rank, layout.pp, pp_rank)
+    return ShardSpec(layout.tp, tp_rank, layout.pp, pp_rank, layout.ep, layout.ep_rank(rank))
 
 
 class ShardStore:

@@ -50,7 +50,15 @@ class Worker:
         slow = env.fault_slow()
         if slow:  # tests: a plan made artificially slow
             time.sleep(slow.get(self.plan.to_string(), 0.0))
-        return self.runner.execute(mine) if mine is not None else None
+        out = self.runner.execute(mine) if mine is not None else None
+        ep = self.runner.info.layout.ep
+        if ep > 1 and self.runner.cfg.num_experts:  # MoE exchanges pair up in an E group
+            group = range(dp - dp % ep, dp - dp % ep + ep)
+            forwards = [len(step.replicas[r].micro_batches)
+                        if r < len(step.replicas) and step.replicas[r] is not None else 0
+                        for r in group]
+            self.runner.idle_moe(max(forwards) - forwards[dp % ep])
+        return out
 
     def use_plan(self, plan: PhasePlan) -> SwitchRecord:
         """Every rank at the same step: from now on run ``plan`` (one of the layouts the

@@ -44,13 +44,31 @@ def build_random(
     seed: int = 0,
     max_shard_size: str | None = None,
     max_positions: int = 512,
+    head_dim: int | None = None,
+    sliding_window: int | None = None,
+    experts: int = 4,
 ) -> str:
-    """Saves a random-weight ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` folder at ``path``.
+    """Saves a random-weight ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` /
+    ``Qwen3ForCausalLM`` / ``MistralForCausalLM`` / ``Qwen3MoeForCausalLM`` /
+    ``MixtralForCausalLM`` folder at ``path``.
 
     ``init_std`` is large compared with HF's default so logits have clear margins (greedy
     parity is then not decided by float rounding).
     """
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        MixtralConfig,
+        MixtralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+    )
 
     torch.manual_seed(seed)
     common = dict(
@@ -59,8 +77,22 @@ def build_random(
         max_position_embeddings=max_positions, rms_norm_eps=1e-5, tie_word_embeddings=tie,
         initializer_range=init_std, bos_token_id=1, eos_token_id=2,
     )
+    if head_dim is not None:
+        common["head_dim"] = head_dim
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(rope_theta=1e6, **common))
+    elif arch == "qwen3":  # q/k norms; head_dim need not be hidden / heads
+        model = Qwen3ForCausalLM(Qwen3Config(rope_theta=1e6, **common))
+    elif arch == "qwen3_moe":  # top 2 of ``experts``; layer 1 dense (mlp_only_layers)
+        model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+            rope_theta=1e6, num_experts=experts, num_experts_per_tok=2,
+            moe_intermediate_size=intermediate // 2, mlp_only_layers=[1], norm_topk_prob=True,
+            **common))
+    elif arch == "mixtral":  # every layer MoE, top 2 of ``experts``
+        model = MixtralForCausalLM(MixtralConfig(
+            num_local_experts=experts, num_experts_per_tok=2, **common))
+    elif arch == "mistral":
+        model = MistralForCausalLM(MistralConfig(sliding_window=sliding_window, **common))
     else:
         extra = {}
         if rope_scaling:

@@ -46,7 +46,8 @@ def run_layout(
     runner = ModelRunner(cfg, layout, dtype, block_size)
     runner.allocate_kv(per_seq * len(prompts))
     tables = [list(range(i * per_seq, (i + 1) * per_seq)) for i in range(len(prompts))]
-    src = runner.last_stage_rank()
+    src = layout.rank_of(0, 0, layout.pp - 1)  # replica 0's last stage (every replica
+    # runs the same prompts: D and E layouts too)
     flat = [t for p in prompts for t in p]
     logits = runner.forward(flat, lens, lens, tables, list(range(len(flat))))
     all_logits = _bcast(logits, (len(flat), cfg.vocab_size), src)  # [T, V]

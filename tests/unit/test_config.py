@@ -119,3 +119,41 @@ def test_cache_config_errors(kwargs, msg):
 
     with pytest.raises(SeesawError, match="^" + msg + "$"):
         CacheConfig(**kwargs)
+
+
+@pytest.mark.parametrize("arch,kw,window", [
+    ("mistral", {"sliding_window": 64}, 64),
+    ("mistral", {"sliding_window": 4096}, None),  # covers the whole 512-token context
+    ("mistral", {"sliding_window": None}, None),
+    ("qwen3", {}, None),  # Qwen2/Qwen3 set sliding_window but use_sliding_window is off
+])
+def test_sliding_window_is_honoured_or_refused(tmp_path, arch, kw, window):
+    from seesaw_mcore.config import ModelConfig
+    from seesaw_mcore.tools.make_tiny import build_random
+
+    cfg = ModelConfig.from_pretrained(build_random(str(tmp_path / "m"), arch=arch, num_layers=1,
+                                                   **kw))
+    assert cfg.sliding_window == window
+    cfg.check_context(64)  # every sequence fits in the window (or there is none)
+    if window is not None:
+        with pytest.raises(SeesawError) as e:
+            cfg.check_context(65)
+        assert str(e.value) == (
+            "MistralForCausalLM uses sliding-window attention (window 64 tokens), which this "
+            "engine runs only while every sequence fits in the window; set "
+            "model.max_model_len <= 64 (it is 65)")
+
+
+def test_moe_config_and_layout_errors(tmp_path):
+    from seesaw_mcore.config import ModelConfig, ParallelConfig
+    from seesaw_mcore.tools.make_tiny import build_random
+
+    cfg = ModelConfig.from_pretrained(build_random(
+        str(tmp_path / "m"), arch="qwen3_moe", num_layers=3, heads=4, kv_heads=4,
+        intermediate=12))
+    assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.expert_intermediate_size,
+            cfg.moe_layers, cfg.norm_topk_prob) == (4, 2, 6, (0, 2), True)
+    cfg.check_layout(ParallelConfig.parse("T2"))
+    with pytest.raises(SeesawError) as e:
+        cfg.check_layout(ParallelConfig.parse("T4"))
+    assert str(e.value) == "layout T4: TP=4 does not divide the experts' intermediate size 6"

@@ -65,7 +65,7 @@ def test_plan_string_round_trip():
     ({"max_num_batched_tokens": 8, "max_prefill_tokens": 8}, "give either "
      "max_num_batched_tokens= or max_prefill_tokens=, not both"),
     ({"trust_remote_code": True}, "trust_remote_code=True is not supported: seesaw_mcore runs "
-     "Llama, Qwen2 and Mistral checkpoints with its own megatron-core model and never runs "
+     "Llama, Qwen2, Qwen3 and Mistral checkpoints with its own megatron-core model and never runs "
      "code from a model folder"),
     ({"block_sise": 8}, "LLM() got an unknown keyword argument 'block_sise'; did you mean "
                         "'block_size'?"),
