@@ -59,12 +59,36 @@ class ModelShape:
     head_dim: int
     vocab_size: int
     tie_word_embeddings: bool
+    # mixture of experts (0: dense): experts per MoE layer, routed per token, each expert's
+    # intermediate size, and how many of the layers are MoE
+    num_experts: int = 0
+    experts_per_tok: int = 0
+    expert_intermediate_size: int = 0
+    moe_layers: int = 0
 
     @classmethod
     def of(cls, cfg: ModelConfig) -> "ModelShape":
         """The shape of an opened model (HF folder or Megatron checkpoint)."""
         return cls(cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.num_heads,
-                   cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.tie_word_embeddings)
+                   cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size, cfg.tie_word_embeddings,
+                   cfg.num_experts, cfg.num_experts_per_tok, cfg.expert_intermediate_size,
+                   len(cfg.moe_layers))
+
+    @property
+    def expert_params(self) -> int:
+        """Parameters of one expert (a SwiGLU MLP)."""
+        return 3 * self.hidden_size * self.expert_intermediate_size
+
+    def experts_touched(self, tokens: float, experts: float | None = None) -> float:
+        """Expected distinct experts (of ``experts``, default all) that ``tokens`` routed
+        tokens reach, each taking ``experts_per_tok`` of ``num_experts``. Assumption:
+        routing uniform and independent across tokens (a real router is imbalanced; this
+        is the best case for weight reads, the worst for all-to-all skew)."""
+        e = self.num_experts
+        n = e if experts is None else experts
+        if not e:
+            return 0.0
+        return n * (1 - (1 - self.experts_per_tok / e) ** max(tokens, 0.0))
 
     @classmethod
     def from_config(cls, path: str) -> "ModelShape":
@@ -79,33 +103,69 @@ class ModelShape:
         try:
             heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
-            return cls(int(raw["num_hidden_layers"]), hidden, int(raw["intermediate_size"]),
+            layers = int(raw["num_hidden_layers"])
+            experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
+            step = int(raw.get("decoder_sparse_step") or 1)
+            dense = set(raw.get("mlp_only_layers") or [])
+            moe = sum(1 for i in range(layers) if experts and i not in dense
+                      and (i + 1) % step == 0)
+            return cls(layers, hidden, int(raw["intermediate_size"]),
                        heads, int(raw.get("num_key_value_heads") or heads),
                        int(raw.get("head_dim") or hidden // heads), int(raw["vocab_size"]),
-                       bool(raw.get("tie_word_embeddings", False)))
+                       bool(raw.get("tie_word_embeddings", False)), experts,
+                       int(raw.get("num_experts_per_tok") or 0),
+                       int(raw.get("moe_intermediate_size") or raw["intermediate_size"]), moe)
         except KeyError as e:
             raise SeesawError(f"model config {path} has no {e.args[0]}") from None
 
     @property
-    def layer_params(self) -> int:
-        """Parameters of one decoder layer (attention projections + SwiGLU MLP)."""
+    def attn_params(self) -> int:
+        """Parameters of one layer's attention projections."""
         h, d = self.hidden_size, self.head_dim
-        attn = h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
-        return attn + 3 * h * self.intermediate_size
+        return h * (self.num_heads + 2 * self.num_kv_heads) * d + self.num_heads * d * h
+
+    @property
+    def dense_params(self) -> float:
+        """A layer's parameters that are not experts, averaged over the layers (attention,
+        the dense layers' MLP, the MoE layers' routers)."""
+        dense_mlp = (self.num_layers - self.moe_layers) * 3 * self.hidden_size \
+            * self.intermediate_size
+        routers = self.moe_layers * self.num_experts * self.hidden_size
+        return self.attn_params + (dense_mlp + routers) / self.num_layers
+
+    @property
+    def experts_per_layer(self) -> float:
+        """Experts per layer, averaged over the layers."""
+        return self.moe_layers * self.num_experts / self.num_layers
+
+    @property
+    def layer_params(self) -> float:
+        """Parameters of one decoder layer, every expert counted (memory)."""
+        return self.dense_params + self.experts_per_layer * self.expert_params
+
+    @property
+    def active_layer_params(self) -> float:
+        """Parameters one token uses in a layer (FLOPs): the routed experts only."""
+        routed = self.moe_layers * self.experts_per_tok / self.num_layers
+        return self.dense_params + routed * self.expert_params
 
     @property
     def params(self) -> int:
         embed = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * self.layer_params + embed
+        return int(self.num_layers * self.layer_params + embed)
 
 
-def layouts(world: int) -> list[ParallelConfig]:
-    """Every ``DxTxP`` layout of ``world`` ranks."""
+def layouts(world: int, experts: int = 0) -> list[ParallelConfig]:
+    """Every ``DxTxP`` layout of ``world`` ranks, and for a model with ``experts`` the
+    ``DxE`` layouts whose E divides them."""
     out = []
     for dp in range(1, world + 1):
         for tp in range(1, world // dp + 1):
             if world % (dp * tp) == 0:
                 out.append(ParallelConfig(dp=dp, tp=tp, pp=world // (dp * tp)))
+    for ep in range(2, world + 1):
+        if experts and world % ep == 0 and experts % ep == 0:
+            out.append(ParallelConfig(dp=world, ep=ep))
     return out
 
 
@@ -128,7 +188,8 @@ class CostModel:
         s, b = self.shape, self.hw.dtype_bytes
         layers = math.ceil(s.num_layers / lay.pp)
         vocab = 1 if lay.pp > 1 or s.tie_word_embeddings else 2
-        return (layers * s.layer_params + vocab * s.vocab_size * s.hidden_size) * b / lay.tp
+        layer = s.dense_params + s.experts_per_layer * s.expert_params / lay.ep
+        return (layers * layer + vocab * s.vocab_size * s.hidden_size) * b / lay.tp
 
     def kv_bytes_per_token(self, lay: ParallelConfig | None = None) -> float:
         """KV one rank holds per token (its layers, its KV heads); ``None``: the whole
@@ -144,8 +205,7 @@ class CostModel:
         sh, hw, tp = self.shape, self.hw, lay.tp
         b, bw, peak = hw.dtype_bytes, hw.mem_gbs * GIB, hw.tflops * 1e12
         tokens = m * s
-        w = sh.layer_params / tp
-        lin = max(w * b / bw, 2 * tokens * w / peak)
+        lin = self._linear_time(lay, tokens)
         hq, hkv, d = sh.num_heads / tp, sh.num_kv_heads / tp, sh.head_dim
         if prefill:  # write the new KV; causal attention over the prompt
             attn = max(2 * tokens * hkv * d * b / bw, 2 * m * s * s * hq * d / peak)
@@ -158,6 +218,29 @@ class CostModel:
             net = 2 * (hw.allreduce_latency_s
                        + 2 * (tp - 1) / tp * nbytes / (hw.allreduce_gbs * GIB))
         return lin + attn + net + (hw.pp_layer_s or hw.layer_s if lay.pp > 1 else hw.layer_s)
+
+    def _linear_time(self, lay: ParallelConfig, tokens: float) -> float:
+        """The layer's linears on ``tokens`` tokens of one rank (per rank, averaged over
+        the layers): the dense part as a dense model's; for experts, the weights of those
+        the tokens reach are read and only the routed ones compute. Under E, the E group's
+        tokens meet at each expert's owner (all-to-all both ways of each routed row)."""
+        sh, hw, tp = self.shape, self.hw, lay.tp
+        b, bw, peak = hw.dtype_bytes, hw.mem_gbs * GIB, hw.tflops * 1e12
+        dense = sh.dense_params / tp
+        t = max(dense * b / bw, 2 * tokens * dense / peak)
+        if not sh.moe_layers:
+            return t
+        share = sh.moe_layers / sh.num_layers  # MoE layers' share of a stage's layers
+        pool = tokens * lay.ep  # the tokens every rank of the E group routes
+        touched = sh.experts_touched(pool, sh.num_experts / lay.ep)  # of this rank's experts
+        read = share * touched * sh.expert_params / tp * b
+        flops = share * 2 * pool * sh.experts_per_tok / lay.ep * sh.expert_params / tp
+        t += max(read / bw, flops / peak)
+        if lay.ep > 1:  # each routed row out and back: all-to-all within the E group
+            rows = tokens * sh.experts_per_tok * (lay.ep - 1) / lay.ep
+            t += share * 2 * (hw.allreduce_latency_s
+                              + rows * sh.hidden_size * b / (hw.allreduce_gbs * GIB))
+        return t
 
     def head_time(self, lay: ParallelConfig, rows: float) -> float:
         """The LM head (vocab-parallel under TP) on ``rows`` positions of one micro-batch."""
@@ -293,19 +376,21 @@ class CostModel:
                 "prefill_batch": self.prefill_batch(prefill, wl), "decode_batch": batch}
 
     def rank(self, world: int, wl: Workload) -> list[dict]:
-        """Every valid pair with the same DP in both phases, best first.
+        """Every valid pair with the same DP in both phases (an E group counting as one
+        replica: ``E2:T2``), best first.
 
         Raises:
             SeesawError: when no layout of ``world`` ranks holds the model.
         """
         rows = []
-        for p in layouts(world):
-            for d in layouts(world):
-                if p.dp == d.dp:
+        candidates = layouts(world, self.shape.num_experts)
+        for p in candidates:
+            for d in candidates:
+                if p.dp // p.ep == d.dp // d.ep:  # E's replicas regroup (E2:T2)
                     row = self.predict(p, d, wl)
                     if row is not None:
                         rows.append(row)
-        if not rows and any(self.kv_budget(lay) > 0 for lay in layouts(world)):
+        if not rows and any(self.kv_budget(lay) > 0 for lay in candidates):
             ctx = wl.prompt_len + wl.output_len / 2
             raise SeesawError(
                 f"no layout's KV cache holds one sequence of workload {wl.name} (mean context "

@@ -14,6 +14,7 @@ from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.planner import (
     GIB,
     PRESETS,
+    WORKLOADS,
     CostModel,
     EngineLimits,
     Hardware,
@@ -382,3 +383,45 @@ def test_kv_too_small_for_the_workload_names_the_fix():
                        r"workload sharegpt \(mean context 330\.305 tokens\); give the job's "
                        r"lengths as workload=PROMPT:OUTPUT or raise the KV cache$"):
         model.rank(2, workload("sharegpt"))
+
+
+# SHAPE's attention with 4 experts (MLP 2 each, top 2) in both layers:
+# attention 64, routers 4 x 4 = 16, experts 3 x 4 x 2 = 24 each
+MOE = ModelShape(num_layers=2, hidden_size=4, intermediate_size=8, num_heads=2,
+                 num_kv_heads=2, head_dim=2, vocab_size=10, tie_word_embeddings=False,
+                 num_experts=4, experts_per_tok=2, expert_intermediate_size=2, moe_layers=2)
+
+
+def test_moe_params_memory_and_flops_by_hand():
+    assert MOE.layer_params == 64 + 16 + 4 * 24  # memory: every expert
+    assert MOE.active_layer_params == 64 + 16 + 2 * 24  # FLOPs: the routed two
+    model = CostModel(MOE, _hw())
+    e2 = ParallelConfig(dp=2, ep=2)
+    # E2: half the experts per rank; T2: every expert, half of each
+    assert model.weight_bytes(e2) == pytest.approx((2 * (80 + 2 * 24) + 2 * 10 * 4) * 2)
+    assert model.weight_bytes(T2) == pytest.approx((2 * 176 + 2 * 10 * 4) * 2 / 2)
+    # 4 tokens, one rank, compute-bound (1000 FLOP/s): dense 2 x 4 x 80, experts 2 x 4 x 2 x 24
+    assert model._linear_time(ParallelConfig(), 4) == pytest.approx(0.64 + 0.384)
+    # E2: each rank computes its experts' share of both replicas' tokens (the same FLOPs)
+    # and sends each routed row to the other rank and back
+    hw = model.hw
+    a2a = 2 * (hw.allreduce_latency_s + 4 * 2 / 2 * 4 * 2 / (hw.allreduce_gbs * GIB))
+    assert model._linear_time(e2, 4) == pytest.approx(0.64 + 0.384 + a2a)
+    # uniform routing: 4 tokens reach 4 x (1 - (1 - 2/4)^4) = 3.75 experts on average
+    assert MOE.experts_touched(4) == pytest.approx(3.75)
+
+
+def test_moe_models_rank_expert_parallel_layouts():
+    qwen3_30b = ModelShape(num_layers=48, hidden_size=2048, intermediate_size=6144,
+                           num_heads=32, num_kv_heads=4, head_dim=128, vocab_size=151936,
+                           tie_word_embeddings=False, num_experts=128, experts_per_tok=8,
+                           expert_intermediate_size=768, moe_layers=48)
+    assert ParallelConfig.parse("E8") in layouts(8, experts=128)
+    assert not any(lay.ep > 1 for lay in layouts(8))  # dense models: no E layouts
+    rows = CostModel(qwen3_30b, PRESETS["h100"]).rank(8, WORKLOADS["sharegpt"])
+    plans = {(r["prefill"], r["decode"]) for r in rows}
+    assert {("E8", "E8"), ("E8", "T4P2"), ("T4P2", "E8"), ("T4P2", "T4P2")} <= plans
+    # 3B of 30B parameters active: every rank reading only its 16 experts wins (uniform
+    # routing assumed); T8 is no candidate (4 KV heads)
+    assert (rows[0]["prefill"], rows[0]["decode"]) == ("E8", "E8")
+    assert "T8" not in {r["decode"] for r in rows}
