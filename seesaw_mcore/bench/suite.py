@@ -31,12 +31,15 @@ from seesaw_mcore.bench.plots import plot
 from seesaw_mcore.errors import SeesawError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SIZES = {  # random-weight Llamas: (layers, hidden, heads, kv heads, MLP, vocab)
+SIZES = {  # random-weight models: (layers, hidden, heads, kv heads, MLP, vocab)
     "small": dict(num_layers=6, hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=8000),
     "medium": dict(num_layers=12, hidden=768, heads=12, kv_heads=4, intermediate=2048,
                    vocab=32000),
     "large": dict(num_layers=24, hidden=1024, heads=16, kv_heads=8, intermediate=2816,
                   vocab=32000),
+    # a random Mixtral: every layer 8 experts of MLP 704, top 2 (~80M parameters, ~25M active)
+    "moe": dict(arch="mixtral", num_layers=6, hidden=512, heads=8, kv_heads=4,
+                intermediate=704, vocab=8000, experts=8),
 }
 # Mean prompt / output tokens are the planner's (``planner.WORKLOADS``, with sources); the
 # lengths drawn around them spread by this fraction.
@@ -222,7 +225,8 @@ def _plans(cfg: DictConfig, path: str, world: int) -> list[tuple[str, str, str]]
     from seesaw_mcore.planner import layouts
 
     model = ModelConfig.from_pretrained(path)
-    static = ([str(lay) for lay in layouts(world)] if cfg.plans.static == "all"
+    static = ([str(lay) for lay in layouts(world, model.num_experts)]
+              if cfg.plans.static == "all"
               else list(cfg.plans.static))
     out = []
     for name in static:
