@@ -1,7 +1,7 @@
 """Model-family job run by test_model_families.py under the launcher: for each model and
 plan, greedy tokens in float32 and, for some plans, greedy tokens with top-5 logprobs in
 bfloat16, through ``LLM.generate``. ``MODEL=PATH`` pairs, then plans; rank 0 writes JSON
-``{model: {plan: {"float32": tokens, "bfloat16": {"tokens", "logprobs"}}}}``."""
+``{plan: {model: {"float32": {"tokens", "switches"}, "bfloat16": {"tokens", "logprobs"}}}}``."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def main() -> None:
             rep = {"float32": run(path, plan, "float32", None, **kw)}
             if plan in HALF_PLANS:
                 rep["bfloat16"] = run(path, plan, "bfloat16", 5, **kw)
-            report.setdefault(name, {})[plan] = rep
+            report.setdefault(plan, {})[name] = rep
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
