@@ -216,7 +216,7 @@ class CostModel:
         if tp > 1:
             nbytes = tokens * sh.hidden_size * b
             net = 2 * (hw.allreduce_latency_s
-                       + 2 * (tp - 1) / tp * nbytes / (hw.allreduce_gbs * GIB))
+                       + 2 * (tp - 1) / tp * nbytes / (hw.link_gbs(hw.allreduce_gbs, tp) * GIB))
         return lin + attn + net + (hw.pp_layer_s or hw.layer_s if lay.pp > 1 else hw.layer_s)
 
     def _linear_time(self, lay: ParallelConfig, tokens: float) -> float:
@@ -239,7 +239,8 @@ class CostModel:
         if lay.ep > 1:  # each routed row out and back: all-to-all within the E group
             rows = tokens * sh.experts_per_tok * (lay.ep - 1) / lay.ep
             t += share * 2 * (hw.allreduce_latency_s
-                              + rows * sh.hidden_size * b / (hw.allreduce_gbs * GIB))
+                              + rows * sh.hidden_size * b
+                              / (hw.link_gbs(hw.allreduce_gbs, lay.ep) * GIB))
         return t
 
     def head_time(self, lay: ParallelConfig, rows: float) -> float:
@@ -248,11 +249,14 @@ class CostModel:
         w = sh.vocab_size * sh.hidden_size / lay.tp
         return max(w * hw.dtype_bytes / (hw.mem_gbs * GIB), 2 * rows * w / (hw.tflops * 1e12))
 
-    def send_time(self, tokens: float) -> float:
-        """One micro-batch's hidden states from one stage to the next."""
+    def send_time(self, tokens: float, lay: ParallelConfig | None = None) -> float:
+        """One micro-batch's hidden states from one stage to the next. Stages are the
+        outermost rank dimension, so a pipeline over more ranks than a domain has a
+        boundary between domains, which paces the pipeline."""
         hw = self.hw
-        return (hw.p2p_latency_s + hw.microbatch_s
-                + tokens * self.shape.hidden_size * hw.dtype_bytes / (hw.p2p_gbs * GIB))
+        span = lay.world_size if lay is not None else 1
+        return (hw.p2p_latency_s + hw.microbatch_s + tokens * self.shape.hidden_size
+                * hw.dtype_bytes / (hw.link_gbs(hw.p2p_gbs, span) * GIB))
 
     def step_time(self, lay: ParallelConfig, mbs: int, m: float, s: float, ctx: float,
                   prefill: bool) -> float:
@@ -262,7 +266,7 @@ class CostModel:
         layers = math.ceil(self.shape.num_layers / lay.pp)
         stage = layers * self.layer_time(lay, m, s, ctx, prefill)
         if lay.pp > 1:
-            stage += self.send_time(m * s)
+            stage += self.send_time(m * s, lay)
         return (hw.step_s + (hw.tp_step_s if lay.tp > 1 else 0.0) + (mbs + lay.pp - 1) * stage
                 + mbs * self.head_time(lay, m))
 

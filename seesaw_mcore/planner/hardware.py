@@ -46,6 +46,10 @@ class Hardware:
             besides the weights copied host -> device.
         switch_copies_weights: a switch copies the new layout's weights host -> device
             (GPUs); ``False`` on CPU ranks, whose stages view the host shards.
+        domain_size: ranks that share the fast links (a PCIe switch and socket, an NVLink
+            domain), consecutive in rank order; 0: every rank.
+        cross_domain_gbs: what a collective or send spanning two domains gets (the slower
+            link between them sets a ring's pace).
     """
 
     name: str
@@ -68,6 +72,15 @@ class Hardware:
     microbatch_s: float = 0.0
     switch_s: float = 0.0
     switch_copies_weights: bool = True
+    domain_size: int = 0
+    cross_domain_gbs: float = 0.0
+
+    def link_gbs(self, gbs: float, span: int) -> float:
+        """The bandwidth a collective over ``span`` consecutive ranks gets: ``gbs`` inside
+        one domain, the link between domains once it spans two."""
+        if self.domain_size and span > self.domain_size and self.cross_domain_gbs:
+            return min(gbs, self.cross_domain_gbs)
+        return gbs
 
 
 # Software costs of every GPU preset (estimates, not measured: no GPU was lent to this
@@ -91,10 +104,22 @@ _GPU_SOFTWARE = dict(step_s=1e-3, tp_step_s=20e-6, layer_s=60e-6, microbatch_s=2
 # h200: NVIDIA H200 Tensor Core GPU datasheet, SXM 141 GB: HBM3e 4.8 TB/s (4,470 GiB/s), 989
 #   TFLOPS dense BF16 (the H100's compute), NVLink 4 and PCIe 5.0 x16 as the H100; 141 GB is
 #   131 GiB.
+#
+# Topology. The paper's 8-GPU A10 / L4 servers (two sockets) hold the GPUs in two groups of
+#   4 behind separate PCIe switches, one per socket: inside a group peer traffic runs at the
+#   PCIe figure; traffic between groups crosses the sockets' interconnect through host memory
+#   (no peer-to-peer across sockets), where NCCL's bus bandwidth on such boxes is a fraction
+#   of PCIe's: 6 GiB/s here, an estimate (not measured: no GPU was lent). A100 / H100 / H200
+#   HGX boards are one NVLink domain of 8; beyond a board, collectives run over the network:
+#   HDR InfiniBand 200 Gb/s (23 GiB/s) per A100, NDR 400 Gb/s (46.6 GiB/s) per H100/H200.
+_PCIE_SOCKETS = dict(domain_size=4, cross_domain_gbs=6)
 PRESETS = {
-    "a10": Hardware("a10", 24, 600, 125, 16, 16, 16, **_GPU_SOFTWARE),
-    "l4": Hardware("l4", 24, 300, 121, 16, 16, 16, **_GPU_SOFTWARE),
-    "a100": Hardware("a100", 40, 1555, 312, 600, 600, 32, **_GPU_SOFTWARE),
-    "h100": Hardware("h100", 80, 3120, 989, 419, 419, 59.6, **_GPU_SOFTWARE),
-    "h200": Hardware("h200", 131, 4470, 989, 419, 419, 59.6, **_GPU_SOFTWARE),
+    "a10": Hardware("a10", 24, 600, 125, 16, 16, 16, **_GPU_SOFTWARE, **_PCIE_SOCKETS),
+    "l4": Hardware("l4", 24, 300, 121, 16, 16, 16, **_GPU_SOFTWARE, **_PCIE_SOCKETS),
+    "a100": Hardware("a100", 40, 1555, 312, 600, 600, 32, **_GPU_SOFTWARE, domain_size=8,
+                     cross_domain_gbs=23),
+    "h100": Hardware("h100", 80, 3120, 989, 419, 419, 59.6, **_GPU_SOFTWARE, domain_size=8,
+                     cross_domain_gbs=46.6),
+    "h200": Hardware("h200", 131, 4470, 989, 419, 419, 59.6, **_GPU_SOFTWARE, domain_size=8,
+                     cross_domain_gbs=46.6),
 }

@@ -4,6 +4,7 @@ clear errors, the CLI's JSON shape, the trial's choice on a fake engine."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -425,3 +426,27 @@ def test_moe_models_rank_expert_parallel_layouts():
     # routing assumed); T8 is no candidate (4 KV heads)
     assert (rows[0]["prefill"], rows[0]["decode"]) == ("E8", "E8")
     assert "T8" not in {r["decode"] for r in rows}
+
+
+def test_topology_a_collective_spanning_two_domains_runs_at_the_link_between():
+    a10 = PRESETS["a10"]  # 8-GPU PCIe server: two groups of 4 behind separate sockets
+    assert a10.link_gbs(a10.allreduce_gbs, 4) == 16 and a10.link_gbs(a10.allreduce_gbs, 8) == 6
+    assert PRESETS["h100"].link_gbs(419, 8) == 419  # one NVLink domain of 8
+    assert PRESETS["h100"].link_gbs(419, 16) == 46.6  # two boards: the network
+    model = CostModel(SHAPE, _hw(domain_size=2, cross_domain_gbs=0.5))
+    # T4 spans two domains: its all-reduces at 0.5 GiB/s instead of 1
+    wide = model.layer_time(ParallelConfig(tp=4), 4, 1, 10, prefill=False)
+    flat = CostModel(SHAPE, _hw()).layer_time(ParallelConfig(tp=4), 4, 1, 10, prefill=False)
+    nbytes = 4 * 4 * 2
+    assert wide - flat == pytest.approx(2 * 2 * 3 / 4 * nbytes * (1 / 0.5 - 1) / GIB)
+
+
+def test_topology_changes_the_paper_picks_to_p8_t4p2():
+    """On the paper's 8 x A10 servers, T8's all-reduces cross the sockets: the decode
+    layout becomes T4P2 (the paper's own 8-GPU pick: P8 -> T4P2)."""
+    code34 = _llama(48, 8192, 22016, 64, 8)
+    best = CostModel(code34, PRESETS["a10"]).rank(8, WORKLOADS["arxiv"])[0]
+    assert (best["prefill"], best["decode"]) == ("P8", "T4P2")
+    flat = dataclasses.replace(PRESETS["a10"], domain_size=0)
+    best = CostModel(code34, flat).rank(8, WORKLOADS["arxiv"])[0]
+    assert (best["prefill"], best["decode"]) == ("P8", "T8")
