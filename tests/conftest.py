@@ -165,11 +165,23 @@ def launch_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def _free_port() -> int:
+    """A free port for a launched job's rendezvous, below Linux's ephemeral range (32768+,
+    where gloo's own connections take theirs) and in a range of its own per pytest-xdist
+    worker, so no other test can take it between this check and the job's bind."""
+    import random
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0")[2:] or 0)
+    low = 20000 + 2000 * (worker % 6)
+    for _ in range(200):
+        port = random.randrange(low, low + 2000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}..{low + 1999}")
 
 
 def error_lines(proc: subprocess.CompletedProcess) -> list[str]:

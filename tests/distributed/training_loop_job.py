@@ -68,7 +68,7 @@ def megatron(plan: str, root: str, qwen2: str, greedy, prompts) -> dict:
     kw = {"host_kv_tokens": 48} if ":" in plan else {}
     rep = {}
     cases = [("llama", os.path.join(root, "llama_root"), {})]
-    if plan in ("T1", "P2", "P2:T2"):
+    if plan in ("T1", "P2:T2"):
         cases.append(("qwen2", os.path.join(root, "qwen2_tp2"), {"hf_config_path": qwen2}))
     for name, path, extra in cases:
         llm = LLM(path, plan=plan, num_blocks=48, block_size=4, **kw, **extra)
