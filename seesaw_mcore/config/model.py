@@ -215,6 +215,15 @@ class ModelConfig:
             raise SeesawError(error)
 
 
+def moe_layers(num_layers: int, experts: int, sparse_step: int | None,
+               dense_layers: list[int] | None) -> tuple[int, ...]:
+    """Qwen3-MoE's rule for which layers are MoE: every ``decoder_sparse_step``-th one not
+    in ``mlp_only_layers`` (none without experts)."""
+    step, dense = int(sparse_step or 1), set(dense_layers or [])
+    return tuple(i for i in range(num_layers)
+                 if experts > 0 and i not in dense and (i + 1) % step == 0)
+
+
 def _moe_fields(arch: str, hf) -> dict[str, Any]:
     """The mixture-of-experts facts of a Qwen3-MoE or Mixtral config (none for dense)."""
     if arch == "MixtralForCausalLM":  # every layer; top-k weights renormalized
@@ -223,11 +232,10 @@ def _moe_fields(arch: str, hf) -> dict[str, Any]:
                     expert_intermediate_size=int(hf.intermediate_size), norm_topk_prob=True,
                     moe_layers=tuple(range(int(hf.num_hidden_layers))))
     if arch == "Qwen3MoeForCausalLM":  # dense where mlp_only_layers / decoder_sparse_step say
-        step = int(getattr(hf, "decoder_sparse_step", 1) or 1)
-        dense = set(getattr(hf, "mlp_only_layers", None) or [])
         experts = int(hf.num_experts)
-        layers = tuple(i for i in range(int(hf.num_hidden_layers))
-                       if experts > 0 and i not in dense and (i + 1) % step == 0)
+        layers = moe_layers(int(hf.num_hidden_layers), experts,
+                            getattr(hf, "decoder_sparse_step", 1),
+                            getattr(hf, "mlp_only_layers", None))
         return dict(num_experts=experts, num_experts_per_tok=int(hf.num_experts_per_tok),
                     expert_intermediate_size=int(hf.moe_intermediate_size),
                     norm_topk_prob=bool(getattr(hf, "norm_topk_prob", True)),

@@ -283,7 +283,7 @@ class Engine:
         if self._asleep:
             return
         self._sleep_blocks = self.runner.sleep(level)
-        self._pools = None  # the cached prefixes' KV is gone
+        self.reset_prefix_cache()  # the cached prefixes' KV is gone
         self._asleep = {"weights", "kv_cache"}
 
     def wake_up(self, tags: Iterable[str] | None = None) -> None:

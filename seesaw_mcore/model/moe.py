@@ -31,11 +31,11 @@ from seesaw_mcore.model.layers import TPAllReduce
 
 
 class MoEMLP(nn.Module):
-    """Router + experts of one layer, TP-sharded.
+    """Router + experts of one layer, TP-sharded or split by E.
 
     Parameters (the shard's ``layers.{j}.moe.*``): ``router`` ``[E, H]`` (replicated),
-    ``gate_up`` ``[E, 2 I/TP, H]`` (each expert's gate rows, then its up rows), ``down``
-    ``[E, H, I/TP]``.
+    ``gate_up`` ``[E/EP, 2 I/TP, H]`` (each local expert's gate rows, then its up rows),
+    ``down`` ``[E/EP, H, I/TP]``.
     """
 
     def __init__(self, cfg: ModelConfig, info: RankInfo, dtype: torch.dtype) -> None:
@@ -72,15 +72,11 @@ class MoEMLP(nn.Module):
         counts = torch.bincount(flat, minlength=self.router.shape[0])  # [E]
         tokens = order // self.top_k  # [T k] the token of each pair, grouped
         scale = weights.flatten()[order].unsqueeze(-1)  # [T k, 1]
+        rows = h[tokens]  # [T k, H]
         if self.ep > 1:
-            y = self._exchange(h[tokens], counts)  # [T k, H] each pair's expert output
+            y = self._exchange(rows, counts)  # each pair's expert output
         else:
-            y = torch.empty(len(tokens), h.shape[1], dtype=h.dtype, device=h.device)
-            start = 0
-            for e, n in enumerate(counts.tolist()):
-                if n:
-                    y[start:start + n] = self.expert(e, h[tokens[start:start + n]])
-                start += n
+            y = self._grouped(rows, counts.tolist())
         out = torch.zeros_like(h)  # [T, H]
         out.index_add_(0, tokens, y * scale)
         return self.reduce(out)
@@ -95,20 +91,25 @@ class MoEMLP(nn.Module):
         out_splits, in_splits = send.sum(1).tolist(), recv.sum(1).tolist()
         got = rows.new_empty(sum(in_splits), rows.shape[1])
         _all_to_all(got, rows, in_splits, out_splits, self.ep_group)
-        done = torch.empty_like(got)
-        start = 0
-        for n_per_expert in recv.tolist():  # per source rank
-            for e, n in enumerate(n_per_expert):
-                if n:
-                    done[start:start + n] = self.expert(e, got[start:start + n])
-                start += n
+        done = self._grouped(got, recv.flatten().tolist())  # per source, per my expert
         back = torch.empty_like(rows)
         _all_to_all(back, done, out_splits, in_splits, self.ep_group)
         return back
 
-    def idle(self, hidden_size: int, like: torch.Tensor) -> None:
+    def _grouped(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """``rows`` ``[N, H]`` in runs of ``counts``, run ``j`` for local expert
+        ``j % local``, each run through its expert -> ``[N, H]``."""
+        out = torch.empty_like(rows)
+        local, start = self.gate_up.shape[0], 0
+        for j, n in enumerate(counts):
+            if n:
+                out[start:start + n] = self.expert(j % local, rows[start:start + n])
+            start += n
+        return out
+
+    def idle(self) -> None:
         """This rank's part of an exchange it has no tokens for (E layouts)."""
-        self(like.new_empty(0, hidden_size))
+        self(self.router.new_empty(0, self.router.shape[1]))
 
 
 def _all_to_all(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int],

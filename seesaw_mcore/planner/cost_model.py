@@ -39,6 +39,7 @@ import os
 from dataclasses import dataclass
 
 from seesaw_mcore.config import ModelConfig, ParallelConfig, kv_bytes_per_token, layout_error
+from seesaw_mcore.config.model import moe_layers
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.planner.hardware import GIB, PRESETS, Hardware
 from seesaw_mcore.planner.workload import WORKLOADS, EngineLimits, Workload, workload
@@ -105,10 +106,8 @@ class ModelShape:
             hidden = int(raw["hidden_size"])
             layers = int(raw["num_hidden_layers"])
             experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
-            step = int(raw.get("decoder_sparse_step") or 1)
-            dense = set(raw.get("mlp_only_layers") or [])
-            moe = sum(1 for i in range(layers) if experts and i not in dense
-                      and (i + 1) % step == 0)
+            moe = len(moe_layers(layers, experts, raw.get("decoder_sparse_step"),
+                                 raw.get("mlp_only_layers")))
             return cls(layers, hidden, int(raw["intermediate_size"]),
                        heads, int(raw.get("num_key_value_heads") or heads),
                        int(raw.get("head_dim") or hidden // heads), int(raw["vocab_size"]),

@@ -392,11 +392,10 @@ class ModelRunner:
     def idle_moe(self, passes: int) -> None:
         """An E layout's rank with fewer forwards in a step than its E peers: takes part in
         each missing forward's MoE exchanges with no tokens."""
-        like = torch.empty(0, dtype=self.dtype, device=self.device)
         for _ in range(passes):
             for layer in self.model.layers:
                 if layer.moe is not None:
-                    layer.moe.idle(self.cfg.hidden_size, like)
+                    layer.moe.idle()
 
     def _prompt_logprobs(self, mb, hidden: torch.Tensor,
                          tokens: list) -> None:
