@@ -122,10 +122,12 @@ def hf_greedy(model_path: str, prompts: list[list[int]], max_new: int) -> list[l
 
 
 def launch(nprocs: int, args: list[str], timeout: float = 300.0,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Runs ``python -m <args>`` on ``nprocs`` ranks under the deepspeed launcher (plain
-    ``python`` for one rank). A hang fails the test after ``timeout`` seconds."""
-    return subprocess.run(launch_cmd(nprocs, args), cwd=REPO, env=launch_env(env),
+           env: dict[str, str] | None = None, launcher: str = "deepspeed"
+           ) -> subprocess.CompletedProcess:
+    """Runs ``python -m <args>`` on ``nprocs`` ranks under ``launcher`` (``deepspeed``, the
+    users' launcher, or ``torchrun``; plain ``python`` for one rank). A hang fails the test
+    after ``timeout`` seconds."""
+    return subprocess.run(launch_cmd(nprocs, args, launcher), cwd=REPO, env=launch_env(env),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -151,10 +153,14 @@ def launch_job(nprocs: int, module: str, out, args: list[str], timeout: float = 
         return json.load(f)
 
 
-def launch_cmd(nprocs: int, args: list[str]) -> list[str]:
+def launch_cmd(nprocs: int, args: list[str], launcher: str = "deepspeed") -> list[str]:
     """The command ``launch`` runs."""
     if nprocs == 1:
         return [sys.executable, "-m", *args]
+    if launcher == "torchrun":
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
+                str(nprocs), "--master-port", str(_free_port()), "-m", *args]
+    assert launcher == "deepspeed", launcher
     return [os.path.join(VENV_BIN, "deepspeed"), "--no_local_rank", "--num_gpus", str(nprocs),
             "--master_port", str(_free_port()), "--module", *args]
 

@@ -79,15 +79,9 @@ def saved_args(ckpt_dir: str) -> argparse.Namespace | None:
     path = os.path.join(ckpt_dir, "common.pt")
     if not os.path.isfile(path):
         return None
-    allowed: list[Any] = [argparse.Namespace]
-    try:
-        from megatron.core import enums as core_enums
-        from megatron.core.transformer import enums as tf_enums
+    from seesaw_mcore.mcore import saved_arg_types
 
-        allowed += [v for mod in (core_enums, tf_enums) for v in vars(mod).values()
-                    if isinstance(v, type) and v.__module__ == mod.__name__]
-    except ImportError:  # pragma: no cover - megatron-core is a dependency
-        pass
+    allowed: list[Any] = [argparse.Namespace, *saved_arg_types()]
     try:
         with torch.serialization.safe_globals(allowed):
             common = torch.load(path, map_location="cpu", weights_only=True)

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
 from torch import nn
 
 from seesaw_mcore import env
+from seesaw_mcore.mcore import tensor_parallel
 
 
 def _fast_all_reduce_allowed(group) -> bool:

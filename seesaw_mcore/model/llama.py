@@ -15,12 +15,11 @@ from functools import partial
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
-from megatron.core.model_parallel_config import ModelParallelConfig
 from torch import nn
 
 from seesaw_mcore.config import ModelConfig, padded_vocab_size, split_layers
 from seesaw_mcore.contract import RankInfo
+from seesaw_mcore.mcore import ModelParallelConfig, tensor_parallel
 from seesaw_mcore.model.attention import AttentionMetadata, paged_attention
 from seesaw_mcore.model.layers import (
     PACKED_TILE_ROWS,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from seesaw_mcore import mcore  # noqa: F401  (megatron-core's one import path)
 from seesaw_mcore.config import ModelConfig, padded_vocab_size, split_layers
 from seesaw_mcore.errors import SeesawError
 

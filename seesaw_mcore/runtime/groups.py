@@ -93,6 +93,8 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_SIZE="1")
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if "LOCAL_WORLD_SIZE" in os.environ:  # torchrun: DeepSpeed's shm all-reduce reads
+            os.environ.setdefault("LOCAL_SIZE", os.environ["LOCAL_WORLD_SIZE"])  # this name
         size_threads()
         import deepspeed
 
@@ -166,14 +168,14 @@ def watchdog() -> "Watchdog | None":
 
 def _ps_state() -> dict[str, object]:
     """megatron-core ``parallel_state``'s module-level group globals (``_NAME`` upper case)."""
-    from megatron.core import parallel_state as ps
+    from seesaw_mcore.mcore import parallel_state as ps
 
     return {k: v for k, v in vars(ps).items() if re.fullmatch(r"_[A-Z0-9_]+", k)}
 
 
 def _build(layout: ParallelConfig) -> tuple[dict[str, object], RankInfo]:
     """Creates ``layout``'s megatron-core groups (a collective over every rank)."""
-    from megatron.core import parallel_state as ps
+    from seesaw_mcore.mcore import parallel_state as ps
 
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()  # only clears the globals; the groups stay alive
@@ -236,7 +238,7 @@ def activate(layout: ParallelConfig) -> RankInfo:
         This rank's place in it.
     """
     global _ACTIVE
-    from megatron.core import parallel_state as ps
+    from seesaw_mcore.mcore import parallel_state as ps
 
     prepare([layout])
     if _ACTIVE is not None and _ACTIVE.layout == layout:
@@ -266,7 +268,7 @@ def shutdown() -> None:
     """Meets the other ranks at a barrier, stops the watchdog, and destroys megatron-core
     groups and the default process group (collective)."""
     global _ACTIVE, _WATCHDOG
-    from megatron.core import parallel_state as ps
+    from seesaw_mcore.mcore import parallel_state as ps
 
     if _WATCHDOG is not None:
         if dist.is_initialized():

@@ -4,7 +4,7 @@
 
 Layers, bottom to top (a module may import its own layer and any lower one)::
 
-    0 base      errors, env, contract, config, sampling_params, jit_ops, quiet
+    0 base      errors, env, contract, config, sampling_params, jit_ops, quiet, mcore
     1 model, kv
     2 runtime
     3 engine
@@ -25,6 +25,7 @@ import sys
 PACKAGE = "seesaw_mcore"
 LAYERS: dict[str, int] = {
     "errors": 0, "env": 0, "contract": 0, "config": 0, "sampling_params": 0, "jit_ops": 0,
+    "mcore": 0,
     "quiet": 0,
     "model": 1, "kv": 1,
     "runtime": 2,

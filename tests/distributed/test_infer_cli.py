@@ -251,6 +251,24 @@ def seesaw_run(prompts_file, tmp_path_factory):
     return proc, out
 
 
+def test_torchrun_runs_the_job_as_the_deepspeed_launcher_does(prompts_file, seesaw_run,
+                                                              tmp_path):
+    """torchrun names the node's rank count ``LOCAL_WORLD_SIZE`` (DeepSpeed's launcher:
+    ``LOCAL_SIZE``, which DeepSpeed's shm all-reduce reads; without it the op was used
+    uninitialised and every rank crashed)."""
+    out = tmp_path / "out.jsonl"
+    proc = launch(2, ["launch.infer", "plan=P2:T2", f"data.input={prompts_file}",
+                      f"data.output={out}", "sampling.max_tokens=16", "cache.num_blocks=10",
+                      "cache.block_size=4", "cache.host_kv_tokens=26"], launcher="torchrun")
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]  # the 2 bad lines
+    assert "seesaw_mcore run report (P2 -> T2, 7 requests" in proc.stdout
+    assert _outputs_by_id(out) == _outputs_by_id(seesaw_run[1])
+
+
+def _outputs_by_id(path) -> dict[str, list]:
+    return {r["id"]: r["outputs"] for r in map(json.loads, path.read_text().splitlines())}
+
+
 def test_seesaw_plan_same_outputs_as_static(seesaw_run, t2_run):
     proc, out = seesaw_run
     assert proc.returncode == 1  # the two bad input lines, as under T2
@@ -258,9 +276,7 @@ def test_seesaw_plan_same_outputs_as_static(seesaw_run, t2_run):
     switches = int(proc.stdout.split("  switches ")[1].split()[0])
     assert switches >= 3
     assert "switch P2 -> T2 (decode)" in proc.stdout  # each switch is logged
-    rows = {r["id"]: r["outputs"] for r in map(json.loads, out.read_text().splitlines())}
-    static = {r["id"]: r["outputs"] for r in map(json.loads, t2_run[1].read_text().splitlines())}
-    assert rows == static
+    assert _outputs_by_id(out) == _outputs_by_id(t2_run[1])
 
 
 TIER_ERRORS = {  # the one that fails after the run (a rejected prompt) last: it shuts down
