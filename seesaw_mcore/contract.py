@@ -69,13 +69,14 @@ class ScheduledSeq:
 
 @dataclass(frozen=True)
 class KVMove:
-    """One sequence's KV between its host-tier slots and its device blocks.
+    """One sequence's KV between its slots in a KV tier (host or disk) and its device
+    blocks.
 
     Every rank of the replica moves its own ``[layers, heads]`` part (``KVShardLayout``).
     """
 
     seq_id: int
-    slots: SlotRange  # host-tier token slots; ``slots.length`` tokens move
+    tier_slots: SlotRange  # token slots in a tier (``tier_slots.tier``); its length moves
     block_table: list[int]  # device blocks holding (or receiving) those tokens, in order
 
 
@@ -99,14 +100,46 @@ class SchedulerOutput:
 
 
 @dataclass(frozen=True)
-class StepPlan:
-    """What rank 0 broadcasts each step: one ``SchedulerOutput`` (or None) per DP replica."""
+class Step:
+    """A forward step: one ``SchedulerOutput`` (or ``None``: idle) per DP replica."""
 
     replicas: list[SchedulerOutput | None]
-    switch_to: Phase | None = None  # instead of a step: every rank re-shards to this phase
-    stop: bool = False  # end of this run: workers return
-    error: str | None = None  # with stop: rank 0 failed; workers raise this
-    use_plan: str | None = None  # instead of a step: every rank moves to this plan's prefill
+
+    @property
+    def phase(self) -> Phase:
+        """The phase the step counts as (stats, the trial, the watchdog): prefill when any
+        replica prefills (a static DP plan's replicas may be in different phases)."""
+        return Phase.PREFILL if any(r is not None and r.phase == Phase.PREFILL
+                                    for r in self.replicas) else Phase.DECODE
+
+
+@dataclass(frozen=True)
+class Switch:
+    """Every rank re-shards to ``phase``'s layout of the live plan. ``hand_back``: per
+    replica, swap-outs of sequences still on the device (decode handing back to prefill),
+    run after the switch's barrier under the old layout."""
+
+    phase: Phase
+    hand_back: list[SchedulerOutput | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MovePlan:
+    """Every rank moves to ``plan`` (another plan the engine was built with, as its
+    string), starting in its prefill layout (``plan=auto``'s trial)."""
+
+    plan: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    """The end of a run: the workers return (``error``: rank 0 failed; they raise it)."""
+
+    error: str | None = None
+
+
+# What rank 0 broadcasts before each step of a run.
+StepMessage = Step | Switch | MovePlan | Stop
 
 
 @dataclass
@@ -152,8 +185,3 @@ class RankInfo:
     @property
     def is_last_stage(self) -> bool:
         return self.pp_rank == self.layout.pp - 1
-
-    @property
-    def tp_is_world(self) -> bool:
-        """True when the TP group spans every rank (DeepSpeed's shm all-reduce is then valid)."""
-        return self.layout.tp == self.layout.world_size

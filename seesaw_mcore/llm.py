@@ -8,30 +8,25 @@ engine, loops ``Engine.step`` and hands finished outputs back.
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-import json
-import os
 from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 from seesaw_mcore import quiet
 from seesaw_mcore.config import EngineConfig
+from seesaw_mcore.engine.driver import RunDriver
 from seesaw_mcore.engine.engine import Engine
 from seesaw_mcore.engine.output import OutputProcessor
 from seesaw_mcore.engine.request import RequestOutput, Sequence
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.model.loader import check_update
+from seesaw_mcore.io.requests import (
+    PromptType,
+    eos_ids,
+    load_tokenizer,
+    requests_of,
+    sample_seed,
+)
+from seesaw_mcore.model.weight_update import check_update
 from seesaw_mcore.sampling_params import SamplingParams
-
-PromptType = str | dict
-
-
-def sample_seed(seed: int, request_id: str, sample: int) -> int:
-    """A 63-bit seed from ``(seed, request id, sample index)``, stable across runs and
-    machines (BLAKE2b, not Python's salted ``hash``)."""
-    digest = hashlib.blake2b(f"{seed}\x00{request_id}\x00{sample}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 class LLM:
@@ -60,24 +55,30 @@ class LLM:
             raise SeesawError("pass either config= or model and keyword arguments, not both")
         quiet.configure(config.runtime.verbose)
         self.trial = None  # plan=auto's measured trial (planner/trial.py), on rank 0
-        candidates = []
+        plans = []  # the plan to start on, then the others it may move to (plan=auto)
         if config.is_auto:
             from seesaw_mcore.config import PhasePlan
             from seesaw_mcore.planner import auto_candidates, workload
             from seesaw_mcore.planner.trial import PlanTrial
 
             model, rows = auto_candidates(config)
-            candidates = [PhasePlan.parse(r["prefill"], r["decode"]) for r in rows]
-            config.plan = candidates[0].to_string()
+            plans = [PhasePlan.parse(r["prefill"], r["decode"]) for r in rows]
             if len(rows) > 1:
                 self.trial = PlanTrial(model, workload(config.workload), rows,
                                        config.auto_trial_steps, config.auto_trial_seqs,
                                        config.scheduler.max_prefill_tokens)
-                config.plan = self.trial.candidates[0].plan.to_string()  # runs first
-        self.config = config
+                first = self.trial.candidates[0].plan  # runs first
+                plans = [first, *(p for p in plans if p != first)]
+        self.config = config  # as the user gave it (``plan`` may be "auto")
         path = config.model.tokenizer_path()
-        self.tokenizer = _load_tokenizer(path)
-        self.engine = Engine(config, _eos_ids(path, self.tokenizer), candidates)
+        self.tokenizer = load_tokenizer(path)
+        self.engine = Engine(config, eos_ids(path, self.tokenizer), plans)
+
+    @property
+    def plan(self):
+        """The plan (``PhasePlan``) the engine runs now: the configured one, or where
+        ``plan=auto``'s trial is or ended."""
+        return self.engine.plan
 
     @property
     def is_driver(self) -> bool:
@@ -151,36 +152,27 @@ class LLM:
         processor = OutputProcessor(self.tokenizer)
         results: dict[int, RequestOutput] = {}
         bar = quiet.progress(total, use_tqdm)
-        seqs = self._sequences(_requests(prompts, sampling_params, request_ids), processor,
+        seqs = self._sequences(requests_of(prompts, sampling_params, request_ids), processor,
                                on_reject)
         engine = self.engine
-        trial = self.trial if self.trial is not None and not self.trial.done else None
+        driver = RunDriver(engine)
+        if self.trial is not None and not self.trial.done:
+            from seesaw_mcore.planner.trial import TrialDriver
+
+            driver = TrialDriver(engine, self.trial)
         try:
             with engine.session():
                 while True:
-                    while engine.num_waiting < engine.lookahead and (
-                            trial is None or trial.room()):  # top up, lazily
-                        seq = next(seqs, None)
+                    while engine.num_waiting < engine.lookahead and driver.admits():
+                        seq = next(seqs, None)  # top up, lazily
                         if seq is None:
                             break
-                        engine.add(seq)
-                        if trial is not None:
-                            trial.add(seq)
+                        driver.add(seq)
                     if not engine.has_unfinished():
-                        if trial is not None and not trial.room():  # its sequences are done
-                            trial.conclude(engine)
-                            trial = None
+                        if driver.idle():
                             continue
-                        if trial is not None:
-                            trial.pause()
                         break
-                    if trial is not None:
-                        trial.before_step(engine)
-                        if trial.done:
-                            trial = None
-                    stopped, finished = processor.process(engine.step())
-                    if trial is not None:
-                        trial.observe(engine.last_step)
+                    stopped, finished = processor.process(driver.step())
                     for seq in stopped:
                         engine.finish(seq)
                     for index, out in finished:
@@ -191,7 +183,6 @@ class LLM:
                             on_output(out)
         finally:
             bar.close()
-            self.config.plan = engine.plan.to_string()  # plan=auto: where the trial is
         return [results[i] for i in sorted(results)]
 
     def _sequences(self, requests, processor: OutputProcessor, on_reject
@@ -283,30 +274,13 @@ class LLM:
         made, and takes them like ``update_weights`` (every rank). A bad name or shape is a
         one-line error after the broadcasts are received (the trainer is never left
         waiting); nothing is written then."""
-        import torch
-
         group = getattr(self, "_update_group", None)
         if group is None:
             raise SeesawError("update_weights_from_distributed needs init_weight_update_group "
                               "first")
-        if not len(names) == len(dtypes) == len(shapes):
-            raise SeesawError(f"update_weights_from_distributed: {len(names)} names, "
-                              f"{len(dtypes)} dtypes, {len(shapes)} shapes")
-        dtypes = [getattr(torch, d) if isinstance(d, str) else d for d in dtypes]
-        meta = [(n, torch.empty(s, dtype=d, device="meta")) for n, s, d in
-                zip(names, shapes, dtypes)]
-        try:
-            check_update(self.engine.model_cfg, meta)
-            error = None
-        except SeesawError as e:
-            error = e
-        received = []
-        for _, t in meta:
-            buf = torch.empty(t.shape, dtype=t.dtype, device=group.device)
-            received.append(group.broadcast(buf, src=0).to("cpu"))
-        if error is not None:
-            raise error
-        self.engine.update_weights(list(zip(names, received)))
+        pairs = group.receive(names, dtypes, shapes,
+                              lambda meta: check_update(self.engine.model_cfg, meta))
+        self.engine.update_weights(pairs)
 
     def sleep(self, level: int = 1) -> None:
         """Frees memory between ``generate`` calls (vLLM's sleep mode, every rank), for a
@@ -341,45 +315,3 @@ class LLM:
         """Releases the tiers but keeps the process groups, for another ``LLM`` in the
         same job."""
         self.engine.close()
-
-
-def _requests(prompts: Iterable[PromptType], sampling_params, request_ids
-              ) -> Iterator[tuple[int, str, PromptType, SamplingParams]]:
-    """``(index, id, prompt, params)`` per prompt, lazily; ``sampling_params`` and
-    ``request_ids`` may be single values (params), sequences or iterators."""
-    if sampling_params is None or isinstance(sampling_params, SamplingParams):
-        params = itertools.repeat(sampling_params or SamplingParams())
-    else:
-        params = iter(sampling_params)
-    ids = itertools.count() if request_ids is None else iter(request_ids)
-    for i, prompt in enumerate(prompts):
-        p, rid = next(params, None), next(ids, None)
-        if p is None or rid is None:
-            raise SeesawError(f"fewer {'SamplingParams' if p is None else 'request ids'} "
-                              f"than prompts (prompt {i} has none)")
-        if not isinstance(p, SamplingParams):
-            raise SeesawError(f"prompt {i}: expected SamplingParams, got {type(p).__name__}")
-        yield i, str(rid), prompt, p
-
-
-def _load_tokenizer(path: str):
-    if not os.path.exists(os.path.join(path, "tokenizer.json")) and not os.path.exists(
-            os.path.join(path, "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
-
-def _eos_ids(path: str, tokenizer) -> set[int]:
-    """EOS ids besides the model config's: ``generation_config.json``'s and the
-    tokenizer's."""
-    ids: set[int] = set()
-    gen = os.path.join(path, "generation_config.json")
-    if os.path.isfile(gen):
-        with open(gen, encoding="utf-8") as f:
-            eos = json.load(f).get("eos_token_id")
-        ids.update(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
-    if tokenizer is not None and tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids

@@ -43,7 +43,7 @@ MODELS = {
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, str]:
     """Builds each test checkpoint once per session; returns name -> folder."""
-    from seesaw_mcore.tools.make_tiny import build_random
+    from seesaw_mcore.bench.models import build_random
 
     root = tmp_path_factory.mktemp("models")
     return {name: build_random(str(root / name), **kw) for name, kw in MODELS.items()}

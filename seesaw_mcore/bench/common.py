@@ -39,7 +39,7 @@ def bench_model(path: str | None) -> str:
     """``path``, or (rank 0 builds, all agree) a ~25M-parameter random Llama in a temp dir."""
     box = [path]
     if dist.get_rank() == 0 and path is None:
-        from seesaw_mcore.tools.make_tiny import build_random
+        from seesaw_mcore.bench.models import build_random
 
         box[0] = build_random(os.path.join(tempfile.mkdtemp(), "bench-llama"), num_layers=6,
                               hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=8000,

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     path = args.model
     if path is None:
-        from seesaw_mcore.tools.make_tiny import build_random
+        from seesaw_mcore.bench.models import build_random
 
         path = build_random(os.path.join(tempfile.mkdtemp(), "bench-llama"), num_layers=8,
                             hidden=512, heads=8, kv_heads=4, intermediate=1408, vocab=8000,

@@ -5,7 +5,7 @@ correlation), all on the same requests in one run (under the launcher).
 
     deepspeed --no_local_rank --num_gpus 2 --module seesaw_mcore.bench.plans --json out.json
 
-Requests are the suite's (``bench.suite.workload``: log-normal lengths around the planner's
+Requests are the suite's (``bench.suite.draw_requests``: log-normal lengths around the planner's
 presets, scaled by ``--length-scale`` for CPU ranks); the model ranks with this machine's
 measured profile, the run's engine limits, the requests' mean lengths and their number; the
 ``auto`` runs get the same mean lengths as ``workload="PROMPT:OUTPUT"``. ``--policy-plan
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch.distributed as dist
 
-    from seesaw_mcore.bench.suite import mean_lengths, run_engine, workload
+    from seesaw_mcore.bench.suite import draw_requests, mean_lengths, run_engine
     from seesaw_mcore.config import EngineConfig
     from seesaw_mcore.planner import CostModel, ModelShape, engine_limits, layouts
     from seesaw_mcore.planner import workload as planner_workload
@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     limits = engine_limits(EngineConfig.from_kwargs(path, **KV))
     loads, models, pairs = {}, {}, {}
     for name in args.workloads:
-        reqs = workload(name, args.num_prompts, args.length_scale, raw["vocab_size"],
-                        raw.get("max_position_embeddings", 2048), args.seed)
+        reqs = draw_requests(name, args.num_prompts, args.length_scale, raw["vocab_size"],
+                            raw.get("max_position_embeddings", 2048), args.seed)
         wl = planner_workload(mean_lengths(reqs))
         model = CostModel(ModelShape.from_config(path), hw,
                           replace(limits, num_requests=len(reqs)))

@@ -81,7 +81,7 @@ def plan_cost(batch: int = 256, context: int = 512, block_size: int = 16,
         SamplingSpec,
         ScheduledSeq,
         SchedulerOutput,
-        StepPlan,
+        Step,
     )
     from seesaw_mcore.model.attention import AttentionMetadata
     from seesaw_mcore.runtime.sampler import SamplingBatch
@@ -90,7 +90,7 @@ def plan_cost(batch: int = 256, context: int = 512, block_size: int = 16,
     nb = context // block_size
     seqs = [ScheduledSeq(i, [5], context - 1, list(range(i * nb, (i + 1) * nb)),
                          SamplingSpec(0.8, 40, 0.9, 1 << 40 | i, 7, None)) for i in range(batch)]
-    step = StepPlan([SchedulerOutput(Phase.DECODE, [seqs])])
+    step = Step([SchedulerOutput(Phase.DECODE, [seqs])])
 
     def best(fn) -> float:
         times = []

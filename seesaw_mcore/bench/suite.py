@@ -65,15 +65,15 @@ def _model(cfg: DictConfig) -> str:
     path = os.path.abspath(os.path.join(cfg.output_dir, "models", f"llama-{cfg.model.size}"))
     box: list = [None]
     if dist.get_rank() == 0 and not os.path.isfile(os.path.join(path, "config.json")):
-        from seesaw_mcore.tools.make_tiny import build_random
+        from seesaw_mcore.bench.models import build_random
 
         build_random(path, init_std=0.02, max_positions=4096, **SIZES[cfg.model.size])
     dist.broadcast_object_list(box, src=0)
     return path
 
 
-def workload(name: str, n: int, scale: float, vocab: int, max_len: int, seed: int
-             ) -> list[Request]:
+def draw_requests(name: str, n: int, scale: float, vocab: int, max_len: int, seed: int
+                  ) -> list[Request]:
     """``n`` seeded requests shaped like a preset: log-normal lengths around its means
     (times ``scale``); a prompt is truncated so that prompt + output fits ``max_len``."""
     from seesaw_mcore.planner import WORKLOADS
@@ -159,7 +159,7 @@ def run_engine(path: str, prefill: str, decode: str | None, reqs: list[Request],
     after = asdict(st)
     peaks = gather(rss.peak)
     events = [asdict(e) for e in eng.trace] if eng.trace is not None else None
-    plan, trial = llm.config.plan, llm.trial.summary() if llm.trial is not None else None
+    plan, trial = llm.plan.to_string(), llm.trial.summary() if llm.trial is not None else None
     llm.close()
     if dist.get_rank() != 0:
         return {}
@@ -245,7 +245,7 @@ def _plans(cfg: DictConfig, path: str, world: int) -> list[tuple[str, str, str]]
 
 def _valid(model, plan) -> bool:
     try:
-        plan.check_model(model)
+        model.check_plan(plan)
         return True
     except SeesawError:
         return False
@@ -307,7 +307,7 @@ def run(cfg: DictConfig) -> dict | None:
             kw["host_kv_tokens"] = int(cfg.host_kv_tokens)
         return kw
 
-    loads = {name: workload(name, cfg.num_requests, cfg.length_scale, vocab, max_len, cfg.seed)
+    loads = {name: draw_requests(name, cfg.num_requests, cfg.length_scale, vocab, max_len, cfg.seed)
              for name in cfg.workloads}
     runs, timeline = [], None
     seesaw = next((label for label, p, d in plans if p != d), None)

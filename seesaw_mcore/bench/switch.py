@@ -37,10 +37,10 @@ def _run(llm, prompts, max_tokens: int) -> tuple[float, dict[str, float], list]:
     """One greedy ``generate``: wall seconds, what it added to this rank's engine counters,
     and its switch records."""
     eng = llm.engine
-    before, n0 = _counters(eng), len(eng.worker.resharder.records)
+    before, n0 = _counters(eng), len(eng.executor.worker.resharder.records)
     wall = timed_generate(llm, prompts, max_tokens)
     added = {k: v - before[k] for k, v in _counters(eng).items()}
-    return wall, added, eng.worker.resharder.records[n0:]
+    return wall, added, eng.executor.worker.resharder.records[n0:]
 
 
 def _phases(added: dict[str, float]) -> dict[str, float]:

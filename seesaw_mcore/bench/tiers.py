@@ -50,8 +50,9 @@ def _run(path, plan, prompts, max_tokens, drop_swap_out=False, **cache) -> dict:
     llm = LLM(path, prefill=prefill, decode=decode, kv_cache_gib=1.0, max_prefill_tokens=2048,
               **cache)
     if drop_swap_out:
-        execute = llm.engine.runner.execute
-        llm.engine.runner.execute = lambda step: execute(dataclasses.replace(step, swap_out=[]))
+        runner = llm.engine.executor.runner
+        execute = runner.execute
+        runner.execute = lambda step: execute(dataclasses.replace(step, swap_out=[]))
     timed_generate(llm, prompts[:2], 2)
     st = llm.engine.stats
     before = (st.prefill_s, st.decode_s, st.swap.busy_s, st.swap.wait_s)

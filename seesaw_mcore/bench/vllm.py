@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
               f"`make bench-vllm`", file=sys.stderr)
         return 1
     if args.model is None:
-        from seesaw_mcore.tools.make_tiny import build_random
+        from seesaw_mcore.bench.models import build_random
 
         args.model = build_random(os.path.join(tempfile.mkdtemp(), "smol-135m"), num_layers=30,
                                   hidden=576, heads=9, kv_heads=3, intermediate=1536,

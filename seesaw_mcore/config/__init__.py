@@ -1,15 +1,8 @@
 """Configuration: parallel layouts and plans (``parallel``), the model's facts (``model``) and
-the engine's whole configuration (``engine``). Pure dataclasses, validated on construction."""
+the engine's whole configuration (``engine``, its ``sections``). Pure dataclasses, validated
+on construction."""
 
-from seesaw_mcore.config.engine import (
-    DTYPES,
-    POLICIES,
-    CacheConfig,
-    EngineConfig,
-    ModelOptions,
-    RuntimeConfig,
-    SchedulerConfig,
-)
+from seesaw_mcore.config.engine import EngineConfig
 from seesaw_mcore.config.model import SUPPORTED_ARCHITECTURES, ModelConfig
 from seesaw_mcore.config.parallel import (
     ParallelConfig,
@@ -19,6 +12,14 @@ from seesaw_mcore.config.parallel import (
     layout_error,
     padded_vocab_size,
     split_layers,
+)
+from seesaw_mcore.config.sections import (
+    DTYPES,
+    POLICIES,
+    CacheConfig,
+    ModelOptions,
+    RuntimeConfig,
+    SchedulerConfig,
 )
 
 __all__ = ["DTYPES", "POLICIES", "SUPPORTED_ARCHITECTURES", "CacheConfig", "EngineConfig",

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seesaw_mcore.config import megatron
-from seesaw_mcore.config.parallel import ParallelConfig, layout_error
+from seesaw_mcore.config.parallel import ParallelConfig, PhasePlan, layout_error
 from seesaw_mcore.errors import SeesawError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
@@ -198,8 +198,15 @@ class ModelConfig:
                 f"sequence fits in the window; set model.max_model_len <= "
                 f"{self.sliding_window} (it is {max_model_len})")
 
+    def check_plan(self, plan: PhasePlan) -> None:
+        """Raises ``SeesawError`` if either phase's layout cannot shard this model."""
+        self.check_layout(plan.prefill)
+        self.check_layout(plan.decode)
+
     def check_layout(self, layout: ParallelConfig) -> None:
-        """Raises ``SeesawError`` if ``layout`` cannot shard this model."""
+        """Raises ``SeesawError`` if ``layout`` cannot shard this model (the one check of a
+        layout against a model; ``layout_error`` is its shape-only part, which the planner
+        also uses)."""
         error = layout_error(layout, self.num_heads, self.num_kv_heads, self.intermediate_size,
                              self.num_layers)
         if error is None and self.num_experts and self.expert_intermediate_size % layout.tp:

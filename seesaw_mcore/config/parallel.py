@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from seesaw_mcore.errors import SeesawError
-
-if TYPE_CHECKING:
-    from seesaw_mcore.config.model import ModelConfig
 
 _PLAN_TOKEN = re.compile(r"([DTPE])(\d+)")
 
@@ -74,6 +70,10 @@ class ParallelConfig:
 
     def rank_of(self, dp_rank: int, tp_rank: int, pp_rank: int) -> int:
         return tp_rank + self.tp * (dp_rank + self.dp * pp_rank)
+
+    def last_stage_rank(self, dp_rank: int) -> int:
+        """The rank that samples replica ``dp_rank``'s tokens: TP rank 0 of its last stage."""
+        return self.rank_of(dp_rank, 0, self.pp - 1)
 
     def ep_rank(self, rank: int) -> int:
         """A rank's place in its expert-parallel group (0 without E)."""
@@ -179,11 +179,6 @@ class PhasePlan:
     @property
     def is_static(self) -> bool:
         return self.prefill == self.decode
-
-    def check_model(self, model: "ModelConfig") -> None:
-        """Raises if either phase's layout cannot shard ``model``."""
-        model.check_layout(self.prefill)
-        model.check_layout(self.decode)
 
     def __str__(self) -> str:
         return str(self.prefill) if self.is_static else f"{self.prefill} -> {self.decode}"

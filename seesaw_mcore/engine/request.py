@@ -13,7 +13,7 @@ class SeqStatus(str, enum.Enum):
 
     WAITING = "waiting"  # needs (re)prefill: no KV on the device
     RUNNING = "running"  # KV on the device, decoding
-    SWAPPED = "swapped"  # prefilled; KV in the host tier, waiting to be admitted to decode
+    OFFLOADED = "offloaded"  # prefilled; KV in a tier (host or disk), waiting for decode
     FINISHED = "finished"
 
 

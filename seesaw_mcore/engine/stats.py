@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from seesaw_mcore.contract import Phase, StepPlan
+from seesaw_mcore.contract import Phase, Step, Switch
 from seesaw_mcore.kv.transfer import TransferStats
 
 
@@ -36,9 +36,9 @@ class EngineStats:
         """Share of (re)prefill tokens the prefix cache held (vLLM's hit rate)."""
         return self.cached_tokens / self.prefill_tokens if self.prefill_tokens else 0.0
 
-    def add_step(self, step: StepPlan, seconds: float) -> None:
-        """Counts an executed (non-switch) step."""
-        if any(p is not None and p.phase == Phase.PREFILL for p in step.replicas):
+    def add_step(self, step: Step, seconds: float) -> None:
+        """Counts an executed step (in ``step.phase``)."""
+        if step.phase == Phase.PREFILL:
             self.prefill_s += seconds
             self.prefill_steps += 1
         else:
@@ -68,7 +68,7 @@ class StepTiming:
     phase: Phase  # the phase it ran in (a switch: the phase switched to)
     switch: bool  # a phase switch or a move to another plan
     seconds: float
-    step: StepPlan  # what ran (per replica: phase, sequences, tokens, context)
+    step: Step | Switch | None  # what ran (``None``: a move to another plan)
 
 
 @dataclass(frozen=True)

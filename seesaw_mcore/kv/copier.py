@@ -1,5 +1,5 @@
 """The tier copy engine: moves sequences' KV between the paged device cache and the node's
-host tier (shared memory) or disk tier (DeepSpeed AIO), on the copy thread of ``KVTransfer``.
+host tier (shared memory) or disk tier (DeepSpeed AIO), on the copy thread of ``CopyQueue``.
 
 Each rank moves its own ``[its layers, k/v, its heads]`` part (``KVShardLayout``). Host tier:
 one strided copy per run of tokens contiguous on both sides. Disk tier: per sequence, through
@@ -16,7 +16,7 @@ import torch
 from seesaw_mcore.contract import DISK, HOST, KVMove, SlotRange
 from seesaw_mcore.kv.disk_tier import DiskKVTier
 from seesaw_mcore.kv.host_tier import HostKVBuffer
-from seesaw_mcore.kv.transfer import KVTransfer
+from seesaw_mcore.kv.transfer import CopyQueue
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ def _copy_runs(moves: list[KVMove], block_size: int) -> list[tuple[int, int, int
     ``(slot start, row start, length)``. Fresh block tables are mostly ascending, so a
     prefill step's moves usually collapse into a few runs."""
     runs: list[list[int]] = []
-    for m in sorted(moves, key=lambda m: m.slots.start):
-        slot, left = m.slots.start, m.slots.length
+    for m in sorted(moves, key=lambda m: m.tier_slots.start):
+        slot, left = m.tier_slots.start, m.tier_slots.length
         for b in m.block_table:
             n = min(block_size, left)
             if n <= 0:
@@ -98,7 +98,7 @@ class KVCopier:
         head_dim: head size.
     """
 
-    def __init__(self, transfer: KVTransfer, head_dim: int) -> None:
+    def __init__(self, transfer: CopyQueue, head_dim: int) -> None:
         self.transfer, self.head_dim = transfer, head_dim
         self.host: HostKVBuffer | None = None  # the node's host KV tier (Seesaw plans)
         self.disk: DiskKVTier | None = None  # the node's disk KV tier (optional)
@@ -113,7 +113,7 @@ class KVCopier:
         l0, (h0, h1) = view.layer0, view.heads
         layers = range(view.rows.shape[0]) if layers is None else layers
         for tier in (HOST, DISK):
-            mine = [m for m in moves if m.slots.tier == tier]
+            mine = [m for m in moves if m.tier_slots.tier == tier]
             if not mine:
                 continue
             t0 = time.perf_counter()
@@ -122,7 +122,7 @@ class KVCopier:
                            _copy_runs(mine, view.block_size), layers, l0, to_tier)
             else:  # whole records: every local layer
                 self._disk_records(view, mine, to_tier)
-            tokens = sum(m.slots.length for m in mine)
+            tokens = sum(m.tier_slots.length for m in mine)
             nbytes = 2 * len(layers) * tokens * (h1 - h0) * self.head_dim
             self.transfer.stats.tiers[tier].add(to_tier, nbytes * view.rows.element_size(),
                                                 time.perf_counter() - t0)
@@ -149,14 +149,14 @@ class KVCopier:
     def _disk_records(self, view: KVView, moves: list[KVMove], to_tier: bool) -> None:
         """Sequences' parts (every local layer) between their blocks and their disk records,
         through page-locked staging; all of a step's AIO ops are in flight at once."""
-        records = [m.slots for m in moves]
+        records = [m.tier_slots for m in moves]
         l0, (h0, h1) = view.layer0, view.heads
         layers = range(view.rows.shape[0])
         staging = self.disk.staging(len(layers), h1 - h0, records)  # each [l, 2, h, R, D]
         if not to_tier:
             self.disk.transfer(staging, records, l0, h0, write=False)
         for m, part in zip(moves, staging):
-            local = KVMove(m.seq_id, SlotRange(0, m.slots.length), m.block_table)
+            local = KVMove(m.seq_id, SlotRange(0, m.tier_slots.length), m.block_table)
             self._copy(view, part, _copy_runs([local], view.block_size), layers, 0, to_tier)
         if to_tier:
             self.disk.transfer(staging, records, l0, h0, write=True)

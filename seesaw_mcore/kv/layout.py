@@ -49,7 +49,7 @@ class KVShardLayout:
 
 
 @dataclass(frozen=True)
-class KVTransfer:
+class ShardOverlap:
     """One rectangle of a sequence's KV that ``dst`` reads and ``src`` wrote."""
 
     src: int
@@ -58,15 +58,20 @@ class KVTransfer:
     heads: tuple[int, int]
 
 
-def plan_transfers(
+def shard_overlaps(
     src: KVShardLayout, dst: KVShardLayout, src_replica: int = 0, dst_replica: int = 0
-) -> list[KVTransfer]:
+) -> list[ShardOverlap]:
     """Every (writer, reader) overlap for a sequence prefilled by DP replica ``src_replica``
     under ``src`` and decoded by replica ``dst_replica`` under ``dst``.
 
     The host tier is shared by the node, so the DP degree may differ between the layouts
     (``D2 -> T2``): the writing replica's ranks cover the whole model between them, and so do
     the reading replica's.
+
+    The runtime never needs this list (each rank writes and reads its own slice of the
+    shared tier); it stays as the statement the tests check for every layout pair: the
+    readers' rectangles tile the writers' exactly, so the hand-over loses and doubles
+    nothing.
     """
     if (src.num_layers, src.num_kv_heads) != (dst.num_layers, dst.num_kv_heads):
         raise ValueError("source and destination layouts describe different models")
@@ -78,13 +83,13 @@ def plan_transfers(
     world = src.layout.world_size
     writers = [r for r in range(world) if src.dp_rank(r) == src_replica]
     readers = [r for r in range(world) if dst.dp_rank(r) == dst_replica]
-    out: list[KVTransfer] = []
+    out: list[ShardOverlap] = []
     for d in readers:
         for s in writers:
             layers = _overlap(src.layer_range(s), dst.layer_range(d))
             heads = _overlap(src.head_range(s), dst.head_range(d))
             if layers and heads:
-                out.append(KVTransfer(s, d, layers, heads))
+                out.append(ShardOverlap(s, d, layers, heads))
     return out
 
 

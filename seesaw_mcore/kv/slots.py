@@ -28,11 +28,6 @@ class SlotAllocator:
         """Slots a range of ``length`` tokens takes (rounded up to ``align``)."""
         return -(-length // self.align) * self.align
 
-    @property
-    def usage(self) -> float:
-        """Fraction of slots in use."""
-        return self.used / self.num_slots
-
     def can_allocate(self, length: int) -> bool:
         need = self.reserved(length)
         return any(n >= need for _, n in self._free)

@@ -61,7 +61,7 @@ class TransferStats:
         return self.hidden_s / self.busy_s if self.busy_s > 0 else 0.0
 
 
-class KVTransfer:
+class CopyQueue:
     """Runs tier copies on a background thread (``async_=True``) or inline.
 
     Args:

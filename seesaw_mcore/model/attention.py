@@ -21,83 +21,15 @@ and shared by every layer of the stage.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from seesaw_mcore.model.cascade import cascade_attention_cpu, common_prefix_blocks
+from seesaw_mcore.model.attention_metadata import AttentionMetadata
+from seesaw_mcore.model.cascade import cascade_attention_cpu
 
 # A CPU prefill is padded into one SDPA call while padded FLOPs <= this x the real ones.
 PAD_FLOPS_LIMIT = 2.0
-
-
-@dataclass
-class AttentionMetadata:
-    """How one step's flat token batch maps onto sequences and cache slots.
-
-    Built once per step by the model runner and shared by every layer of the stage.
-    """
-
-    query_lens: np.ndarray  # [B] new tokens per sequence (prompt in prefill, 1 in decode)
-    context_lens: np.ndarray  # [B] tokens in each sequence's cache after this step
-    positions: torch.Tensor  # [T] position of each new token in its sequence
-    slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset)
-    block_tables: torch.Tensor  # [B, max_blocks] int32 block ids (0-padded)
-    cu_query_lens: torch.Tensor  # [B + 1] int32 start of each sequence's queries in [T]
-    seq_lens: torch.Tensor  # [B] int32 context lengths (device copy of ``context_lens``)
-    block_size: int
-    fresh: bool  # every sequence is a fresh prefill: its K/V are all this step's
-    decode: bool  # every sequence feeds one token
-    common_blocks: int = 0  # leading blocks every sequence shares (cascade attention, CPU)
-    _cpu: dict = field(default_factory=dict, repr=False)  # per-step CPU index tensors
-
-    @property
-    def max_query_len(self) -> int:
-        return int(self.query_lens.max())
-
-    @classmethod
-    def build(
-        cls,
-        query_lens: list[int] | np.ndarray,
-        context_lens: list[int] | np.ndarray,
-        block_tables: list[list[int]],
-        block_size: int,
-        device: torch.device,
-        width: int | None = None,
-    ) -> "AttentionMetadata":
-        """Computes positions, write slots and the padded block table as flat tensors.
-
-        Args:
-            query_lens: new tokens per sequence.
-            context_lens: total tokens per sequence after this step (>= query_lens).
-            block_tables: block ids per sequence, enough for ``context_lens``.
-            block_size: tokens per block.
-            device: where the tensors live.
-            width: block-table columns (default: the longest table's; CUDA graphs pad to a
-                fixed width).
-        """
-        q = np.asarray(query_lens, dtype=np.int64)  # [B]
-        c = np.asarray(context_lens, dtype=np.int64)  # [B]
-        width = max(max(len(t) for t in block_tables), width or 0)
-        tables = np.zeros((len(block_tables), width), dtype=np.int64)  # [B, NBmax]
-        for i, t in enumerate(block_tables):
-            tables[i, : len(t)] = t
-        cu = np.zeros(len(q) + 1, dtype=np.int64)
-        np.cumsum(q, out=cu[1:])
-        seq = np.repeat(np.arange(len(q)), q)  # [T] sequence of each token
-        pos = np.arange(cu[-1]) - cu[:-1][seq] + (c - q)[seq]  # [T]
-        slots = tables[seq, pos // block_size] * block_size + pos % block_size  # [T]
-        ints = np.concatenate([pos, slots, cu, c, tables.ravel()])
-        flat = torch.from_numpy(ints).to(device, non_blocking=True)  # one host -> device copy
-        t = len(pos)
-        parts = flat.split([t, t, len(cu), len(c), tables.size])
-        return cls(q, c, parts[0], parts[1], parts[4].view(tables.shape).int(),
-                   parts[2].int(), parts[3].int(), block_size, bool((q == c).all()),
-                   bool((q == 1).all()),
-                   common_prefix_blocks(tables, q, c, block_size) if device.type == "cpu"
-                   else 0)
 
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

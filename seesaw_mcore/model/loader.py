@@ -18,6 +18,7 @@ from safetensors import safe_open
 
 from seesaw_mcore.config import ModelConfig, padded_vocab_size, split_layers
 from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.model.hf_names import hf_shapes, moe_names, part
 
 if TYPE_CHECKING:
     from seesaw_mcore.model.megatron_checkpoint import MegatronCheckpoint
@@ -103,167 +104,6 @@ class Checkpoint:
         return self._handles[self.where[name]].get_tensor(name)
 
 
-def hf_shapes(c: ModelConfig, fused_qkv: bool, fused_gate_up: bool) -> dict[str, tuple[int, ...]]:
-    """Every HF parameter name of the model and its full shape (split or fused projections)."""
-    h, d, i = c.hidden_size, c.head_dim, c.intermediate_size
-    qo, kvo = c.num_heads * d, c.num_kv_heads * d
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (c.vocab_size, h)}
-    for layer in range(c.num_layers):
-        p = f"model.layers.{layer}."
-        if fused_qkv:
-            shapes[p + "self_attn.qkv_proj.weight"] = (qo + 2 * kvo, h)
-        else:
-            shapes.update({p + "self_attn.q_proj.weight": (qo, h),
-                           p + "self_attn.k_proj.weight": (kvo, h),
-                           p + "self_attn.v_proj.weight": (kvo, h)})
-        if c.qkv_bias and fused_qkv:
-            shapes[p + "self_attn.qkv_proj.bias"] = (qo + 2 * kvo,)
-        elif c.qkv_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (qo,),
-                           p + "self_attn.k_proj.bias": (kvo,),
-                           p + "self_attn.v_proj.bias": (kvo,)})
-        shapes[p + "self_attn.o_proj.weight"] = (h, qo)
-        if c.is_moe_layer(layer):
-            block, gate, up, down = moe_names(c)
-            ie = c.expert_intermediate_size
-            shapes[p + f"{block}.gate.weight"] = (c.num_experts, h)
-            for e in range(c.num_experts):
-                x = p + f"{block}.experts.{e}."
-                shapes.update({x + f"{gate}.weight": (ie, h), x + f"{up}.weight": (ie, h),
-                               x + f"{down}.weight": (h, ie)})
-        elif fused_gate_up:
-            shapes[p + "mlp.gate_up_proj.weight"] = (2 * i, h)
-            shapes[p + "mlp.down_proj.weight"] = (h, i)
-        else:
-            shapes.update({p + "mlp.gate_proj.weight": (i, h),
-                           p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i)})
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-        if c.qk_norm:
-            shapes[p + "self_attn.q_norm.weight"] = (d,)
-            shapes[p + "self_attn.k_norm.weight"] = (d,)
-    shapes["model.norm.weight"] = (h,)
-    if not c.tie_word_embeddings:
-        shapes["lm_head.weight"] = (c.vocab_size, h)
-    return shapes
-
-
-def check_update(c: ModelConfig, weights: list[tuple[str, torch.Tensor]]) -> None:
-    """Raises a one-line ``SeesawError`` for the first name that is not the model's, a shape
-    that is not the full tensor's, or a tensor that is not floating point (nothing is
-    written before every one is checked)."""
-    known = hf_shapes(c, False, False) | hf_shapes(c, True, True)
-    for name, t in weights:
-        if name not in known:
-            raise SeesawError(f"update_weights: {name!r} is not a parameter of this model")
-        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-            raise SeesawError(f"update_weights: {name} must be a floating-point tensor, got "
-                              f"{getattr(t, 'dtype', type(t).__name__)}")
-        if tuple(t.shape) != known[name]:
-            raise SeesawError(f"update_weights: {name} has shape {list(t.shape)} but the "
-                              f"model's is {list(known[name])} (full, unsharded tensors)")
-
-
-def update_shard(shard: dict[str, torch.Tensor], spec: ShardSpec, c: ModelConfig, name: str,
-                 full: torch.Tensor, vocab_multiple: int = 64) -> list[str]:
-    """Writes this rank's slice of the HF tensor ``name`` into ``shard`` (a ``load_shard``
-    state dict) in place, exactly where ``load_shard`` would have put it.
-
-    Returns:
-        The shard's parameter names written (none when the tensor is not this rank's).
-    """
-    t, r = spec.tp, spec.tp_rank
-    qo, kvo, i = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size
-    written: list[str] = []
-
-    def put(key: str, value: torch.Tensor, rows: tuple[int, int] | None = None) -> None:
-        dst = shard[key] if rows is None else shard[key][rows[0]:rows[1]]
-        dst.copy_(value)
-        written.append(key)
-
-    def vocab(key: str) -> None:
-        start, end = _part(padded_vocab_size(c.vocab_size, t, vocab_multiple), t, r)
-        rows = full[min(start, c.vocab_size):min(end, c.vocab_size)]  # padding rows stay 0
-        put(key, rows, (0, rows.shape[0]))
-
-    if name == "model.embed_tokens.weight":
-        if spec.is_first:
-            vocab("embed.weight")
-        if spec.is_last and c.tie_word_embeddings:
-            vocab("lm_head.weight")
-        return written
-    if name in ("lm_head.weight", "model.norm.weight"):
-        if spec.is_last and name == "lm_head.weight":
-            vocab("lm_head.weight")
-        elif spec.is_last:
-            put("norm.weight", full)
-        return written
-    parts = name.split(".")  # model.layers.L.<module>.<param>
-    layer, rest = int(parts[2]), ".".join(parts[3:])
-    start, end = split_layers(c.num_layers, spec.pp)[spec.pp_rank]
-    if not start <= layer < end:
-        return written
-    q = f"layers.{layer - start}."
-    kind = rest.rsplit(".", 1)[1]  # weight / bias
-    qs, qe = _part(qo, t, r)
-    ks, ke = _part(kvo, t, r)
-    lq, lkv = qo // t, kvo // t  # local rows of q and of k (and v)
-    if c.is_moe_layer(layer) and rest.split(".")[0] == moe_names(c)[0]:
-        key = _update_expert(shard, q, c, rest, full, spec)
-        return [key] if key is not None else []
-    if rest.startswith("self_attn.q_proj."):
-        put(q + f"qkv.{kind}", full[qs:qe], (0, lq))
-    elif rest.startswith("self_attn.k_proj."):
-        put(q + f"qkv.{kind}", full[ks:ke], (lq, lq + lkv))
-    elif rest.startswith("self_attn.v_proj."):
-        put(q + f"qkv.{kind}", full[ks:ke], (lq + lkv, lq + 2 * lkv))
-    elif rest.startswith("self_attn.qkv_proj."):
-        put(q + f"qkv.{kind}", torch.cat([full[qs:qe], full[qo + ks:qo + ke],
-                                          full[qo + kvo + ks:qo + kvo + ke]]))
-    elif rest == "self_attn.o_proj.weight":
-        put(q + "o_proj.weight", full[:, qs:qe])
-    elif rest == "mlp.gate_proj.weight":
-        put(q + "gate_up.weight", full[slice(*_part(i, t, r))], (0, i // t))
-    elif rest == "mlp.up_proj.weight":
-        put(q + "gate_up.weight", full[slice(*_part(i, t, r))], (i // t, 2 * i // t))
-    elif rest == "mlp.gate_up_proj.weight":
-        s_, e_ = _part(i, t, r)
-        put(q + "gate_up.weight", torch.cat([full[s_:e_], full[i + s_:i + e_]]))
-    elif rest == "mlp.down_proj.weight":
-        put(q + "down.weight", full[:, slice(*_part(i, t, r))])
-    elif rest == "input_layernorm.weight":
-        put(q + "input_norm.weight", full)
-    elif rest == "post_attention_layernorm.weight":
-        put(q + "post_norm.weight", full)
-    elif rest in ("self_attn.q_norm.weight", "self_attn.k_norm.weight"):
-        put(q + rest.split(".")[1] + ".weight", full)
-    return written
-
-
-def _update_expert(shard: dict[str, torch.Tensor], q: str, c: ModelConfig, rest: str,
-                   full: torch.Tensor, spec: ShardSpec) -> str | None:
-    """Writes an MoE block's HF tensor (``<block>.gate.weight`` or
-    ``<block>.experts.E.<gate|up|down>.weight``) into the stacked shard tensors; returns
-    the shard key written (``None``: an expert this rank does not hold)."""
-    block, gate, up, down = moe_names(c)
-    if rest == f"{block}.gate.weight":
-        shard[q + "moe.router"].copy_(full)
-        return q + "moe.router"
-    parts = rest.split(".")  # <block>.experts.E.<proj>.weight
-    mine = spec.experts(c.num_experts)
-    if int(parts[2]) not in mine:
-        return None
-    e, proj = int(parts[2]) - mine.start, parts[3]
-    s, end = _part(c.expert_intermediate_size, spec.tp, spec.tp_rank)
-    n = end - s
-    if proj == down:
-        shard[q + "moe.down"][e].copy_(full[:, s:end])
-        return q + "moe.down"
-    at = 0 if proj == gate else n
-    shard[q + "moe.gate_up"][e, at:at + n].copy_(full[s:end])
-    return q + "moe.gate_up"
-
-
 def _weight_files(path: str) -> list[str]:
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
@@ -329,13 +169,13 @@ def load_shard(
         if c.qkv_bias:
             out[q + "qkv.bias"] = _qkv(ckpt, p, "bias", t, r)
         qo = c.num_heads * c.head_dim
-        out[q + "o_proj.weight"] = ckpt.cols(p + "self_attn.o_proj.weight", *_part(qo, t, r))
+        out[q + "o_proj.weight"] = ckpt.cols(p + "self_attn.o_proj.weight", *part(qo, t, r))
         if c.is_moe_layer(layer):
             out.update(_experts(ckpt, p, q, spec))
         else:
             out[q + "gate_up.weight"] = _gate_up(ckpt, p, t, r)
             i = c.intermediate_size
-            out[q + "down.weight"] = ckpt.cols(p + "mlp.down_proj.weight", *_part(i, t, r))
+            out[q + "down.weight"] = ckpt.cols(p + "mlp.down_proj.weight", *part(i, t, r))
         out[q + "input_norm.weight"] = ckpt.full(p + "input_layernorm.weight")
         out[q + "post_norm.weight"] = ckpt.full(p + "post_attention_layernorm.weight")
         if c.qk_norm:  # per head, so the same on every TP rank
@@ -348,13 +188,8 @@ def load_shard(
     return {k: v.to(dtype).contiguous() for k, v in out.items()}
 
 
-def _part(n: int, tp: int, rank: int) -> tuple[int, int]:
-    size = n // tp
-    return rank * size, (rank + 1) * size
-
-
 def _vocab_rows(ckpt: Checkpoint, name: str, vocab_pad: int, tp: int, rank: int) -> torch.Tensor:
-    start, end = _part(vocab_pad, tp, rank)
+    start, end = part(vocab_pad, tp, rank)
     real = ckpt.cfg.vocab_size
     rows = ckpt.rows(name, min(start, real), min(end, real))  # [<=Vp/TP, H]
     if rows.shape[0] < end - start:  # zero rows for padding past the real vocab
@@ -366,8 +201,8 @@ def _vocab_rows(ckpt: Checkpoint, name: str, vocab_pad: int, tp: int, rank: int)
 def _qkv(ckpt: Checkpoint, prefix: str, kind: str, tp: int, rank: int) -> torch.Tensor:
     c = ckpt.cfg
     qo, kvo = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    qs, qe = _part(qo, tp, rank)
-    ks, ke = _part(kvo, tp, rank)
+    qs, qe = part(qo, tp, rank)
+    ks, ke = part(kvo, tp, rank)
     if ckpt.fused_qkv:
         name = prefix + f"self_attn.qkv_proj.{kind}"
         parts = [ckpt.rows(name, qs, qe), ckpt.rows(name, qo + ks, qo + ke),
@@ -379,20 +214,13 @@ def _qkv(ckpt: Checkpoint, prefix: str, kind: str, tp: int, rank: int) -> torch.
     return torch.cat(parts)  # [(Hq + 2 Hkv) D / TP, H] or [(Hq + 2 Hkv) D / TP]
 
 
-def moe_names(c: ModelConfig) -> tuple[str, str, str, str]:
-    """The HF names of an MoE block: (block, expert gate, expert up, expert down)."""
-    if c.architecture == "MixtralForCausalLM":
-        return "block_sparse_moe", "w1", "w3", "w2"
-    return "mlp", "gate_proj", "up_proj", "down_proj"
-
-
 def _experts(ckpt: Checkpoint, prefix: str, q: str, spec: ShardSpec
              ) -> dict[str, torch.Tensor]:
     """One MoE layer's router (replicated) and this rank's experts (all of them, or its
     E group's share), each cut to its TP slice, stacked."""
     c = ckpt.cfg
     block, gate, up, down = moe_names(c)
-    s, e = _part(c.expert_intermediate_size, spec.tp, spec.tp_rank)
+    s, e = part(c.expert_intermediate_size, spec.tp, spec.tp_rank)
     gate_up, downs = [], []
     for x in spec.experts(c.num_experts):
         name = prefix + f"{block}.experts.{x}."
@@ -406,7 +234,7 @@ def _experts(ckpt: Checkpoint, prefix: str, q: str, spec: ShardSpec
 
 def _gate_up(ckpt: Checkpoint, prefix: str, tp: int, rank: int) -> torch.Tensor:
     i = ckpt.cfg.intermediate_size
-    s, e = _part(i, tp, rank)
+    s, e = part(i, tp, rank)
     if ckpt.fused_gate_up:
         name = prefix + "mlp.gate_up_proj.weight"
         return torch.cat([ckpt.rows(name, s, e), ckpt.rows(name, i + s, i + e)])

@@ -27,7 +27,7 @@ import triton.language as tl
 from seesaw_mcore import env
 
 if TYPE_CHECKING:
-    from seesaw_mcore.model.attention import AttentionMetadata
+    from seesaw_mcore.model.attention_metadata import AttentionMetadata
 
 
 @triton.jit(do_not_specialize=["stride_bt", "stride_qt", "stride_ot"])

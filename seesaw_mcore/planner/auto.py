@@ -43,7 +43,7 @@ def engine_limits(config: EngineConfig) -> EngineLimits:
     """The limits a job's ``EngineConfig`` puts on the cost model's batches (the KV budget
     as configured on CPU ranks, or blocks; the host tier as configured)."""
     from seesaw_mcore.runtime import groups
-    from seesaw_mcore.runtime.model_runner import resolve_dtype
+    from seesaw_mcore.runtime.dtype import resolve_dtype
 
     cache, sched = config.cache, config.scheduler
     cfg = config.model.open()

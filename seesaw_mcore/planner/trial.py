@@ -28,7 +28,8 @@ import math
 from dataclasses import dataclass, field
 
 from seesaw_mcore.config import ParallelConfig, PhasePlan
-from seesaw_mcore.contract import Phase, StepPlan
+from seesaw_mcore.contract import Phase, Step
+from seesaw_mcore.engine.driver import RunDriver
 from seesaw_mcore.engine.stats import StepTiming
 from seesaw_mcore.planner.cost_model import CostModel
 from seesaw_mcore.planner.workload import Workload
@@ -64,7 +65,8 @@ class Candidate:
 
 
 class PlanTrial:
-    """Runs the trial from ``LLM.generate`` on rank 0.
+    """The trial's state and choice, on rank 0 (``TrialDriver`` runs it from
+    ``LLM.generate``).
 
     Args:
         model: the cost model the candidates were ranked with.
@@ -160,7 +162,7 @@ class PlanTrial:
                  "measured); it ran on %s, and the next run goes on with the trial", measured,
                  len(self.candidates), self.current.plan if self.current else "-")
 
-    def _predict(self, step: StepPlan, plan: PhasePlan) -> float:
+    def _predict(self, step: Step, plan: PhasePlan) -> float:
         """The cost model's seconds for this step: its slowest replica's."""
         worst = 0.0
         for rep in step.replicas:
@@ -196,3 +198,47 @@ class PlanTrial:
         """What the trial measured and chose (for logs and benchmarks)."""
         return {"candidates": [c.summary() for c in self.candidates],
                 "chosen": self.chosen.plan.to_string() if self.chosen else None}
+
+
+class TrialDriver(RunDriver):
+    """Drives a ``generate`` call while the trial lasts: admits only the trial's sequences,
+    moves to the next candidate before a step when the current one's window is over,
+    measures every step, and ends the trial when its sequences are done; after that it
+    drives as a plain ``RunDriver``.
+
+    Args:
+        engine: the engine, inside its ``session``.
+        trial: the trial, not done.
+    """
+
+    def __init__(self, engine, trial: PlanTrial) -> None:
+        super().__init__(engine)
+        self.trial = trial
+
+    def admits(self) -> bool:
+        return self.trial.room()
+
+    def add(self, seq) -> None:
+        super().add(seq)
+        if not self.trial.done:
+            self.trial.add(seq)
+
+    def step(self) -> list:
+        trial = self.trial
+        if not trial.done:
+            trial.before_step(self.engine)
+        done_before = trial.done
+        out = self.engine.step()
+        if not done_before:
+            trial.observe(self.engine.last_step)
+        return out
+
+    def idle(self) -> bool:
+        trial = self.trial
+        if trial.done:
+            return False
+        if not trial.room():  # its sequences are done: the candidates so far decide
+            trial.conclude(self.engine)
+            return True
+        trial.pause()
+        return False

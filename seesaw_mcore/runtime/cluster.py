@@ -13,6 +13,8 @@ import re
 import subprocess
 from collections.abc import Mapping
 
+from seesaw_mcore import env
+from seesaw_mcore.config import PhasePlan, check_world
 from seesaw_mcore.errors import SeesawError
 
 
@@ -103,3 +105,22 @@ def world_hint(environ: Mapping[str, str] = os.environ) -> str:
                 "--ntasks-per-node)")
     return (f" (inside Slurm job {environ['SLURM_JOB_ID']} but not under srun: start one "
             "process per task with srun, as launch/slurm/infer.sbatch does)")
+
+
+def check_plans_fit(plans: list[PhasePlan], world: int, disk_tier: bool) -> None:
+    """Raises ``SeesawError`` (one line, with the launcher's hint) unless every plan runs on
+    this job's ``world`` ranks: its layouts' sizes, a disk tier only with a re-sharding
+    plan, and a re-sharding plan only on one node (the host KV tier is per node)."""
+    for plan in plans:
+        try:
+            check_world(plan.prefill, world)
+        except SeesawError as e:
+            raise SeesawError(f"{e}{world_hint()}") from None
+        if disk_tier and all(p.is_static for p in plans):
+            raise SeesawError(f"cache.disk_path needs a re-sharding plan; plan {plan} is "
+                              f"static (its KV stays on the device)")
+        if not plan.is_static and env.local_world_size() != world:
+            raise SeesawError(
+                f"plan {plan}: the host KV tier is per node, so a plan that re-shards "
+                f"must run all {world} ranks on one node (this node has "
+                f"{env.local_world_size()}); use a static plan across nodes{world_hint()}")

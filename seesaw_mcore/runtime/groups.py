@@ -251,7 +251,8 @@ def activate(layout: ParallelConfig) -> RankInfo:
 
 
 def num_process_groups() -> int:
-    """Live torch.distributed process groups (for leak checks)."""
+    """Live torch.distributed process groups. Only a test calls it, and it is that test's
+    subject: no process group leaks over many switches (``tests/distributed/seesaw_job``)."""
     from torch.distributed import distributed_c10d as c10d
 
     return len(c10d._world.pg_map)
@@ -283,3 +284,17 @@ def shutdown() -> None:
     _HOST_GROUP = None
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_if_peer_lost(e: Exception) -> None:
+    """A collective broke: let the watchdog name the rank that is gone (it exits)."""
+    wd = watchdog()
+    if wd is not None and _is_comm_error(e):
+        wd.exit_if_peer_lost()
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    """A collective or point-to-point failure (a peer may be gone), not an engine error."""
+    text = str(e)
+    return isinstance(e, dist.DistError) or (
+        isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection")))

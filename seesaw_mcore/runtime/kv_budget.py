@@ -26,7 +26,8 @@ from seesaw_mcore import env
 from seesaw_mcore.config import CacheConfig, ParallelConfig
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.runtime import groups, memory
-from seesaw_mcore.runtime.model_runner import ModelRunner, kv_bytes_per_block
+from seesaw_mcore.runtime.memory import kv_bytes_per_block
+from seesaw_mcore.runtime.model_runner import ModelRunner
 
 GIB = 2**30
 

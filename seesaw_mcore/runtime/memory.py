@@ -1,11 +1,32 @@
-"""A device's memory as sizing reads it: CUDA through DeepSpeed's accelerator, nothing on
-CPU ranks (their budgets are configured), a fake in tests."""
+"""A device's memory as sizing reads it (CUDA through DeepSpeed's accelerator, nothing on
+CPU ranks: their budgets are configured, a fake in tests), what a KV block costs, and the
+memory-profiling step's prompts."""
 
 from __future__ import annotations
 
-from typing import Protocol
+import math
+from typing import TYPE_CHECKING, Protocol
 
+from seesaw_mcore.config import ModelConfig, ParallelConfig, kv_bytes_per_token
 from seesaw_mcore.runtime import groups
+
+if TYPE_CHECKING:
+    import torch
+
+
+def kv_bytes_per_block(
+    cfg: ModelConfig, layout: ParallelConfig, block_size: int, dtype: torch.dtype
+) -> int:
+    """KV bytes one block costs on the rank with the most layers (first stage)."""
+    return int(block_size * kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                               dtype.itemsize, layout))
+
+
+def profile_lengths(max_tokens: int, max_len: int) -> list[int]:
+    """The memory-profiling step's prompts: ``max_tokens`` tokens in prompts of at most
+    ``max_len``."""
+    n = math.ceil(max_tokens / max_len)
+    return [min(max_len, max_tokens - i * max_len) for i in range(n)]
 
 
 class DeviceMemory(Protocol):

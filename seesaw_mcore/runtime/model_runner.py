@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan, kv_bytes_per_token
+from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan
 from seesaw_mcore.contract import (
     HOST,
     KVMove,
@@ -21,10 +21,9 @@ from seesaw_mcore.contract import (
     SamplingSpec,
     SchedulerOutput,
 )
-from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.copier import KVCopier, KVView
 from seesaw_mcore.kv.layout import KVShardLayout
-from seesaw_mcore.kv.transfer import KVTransfer
+from seesaw_mcore.kv.transfer import CopyQueue
 from seesaw_mcore.model import cpu_attention
 from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
@@ -33,51 +32,6 @@ from seesaw_mcore.runtime import groups, memory
 from seesaw_mcore.runtime.cuda_graphs import DecodeGraphs
 from seesaw_mcore.runtime.sampler import PROMPT_CHUNK, prompt_logprob_rows, sample
 from seesaw_mcore.runtime.weights import ShardStore
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
-    """``auto`` -> float32 on CPU ranks (fast, exact), the checkpoint's dtype on GPUs (float16
-    where the GPU has no bfloat16). Half precision runs on CPU ranks too (half the memory).
-
-    Raises:
-        SeesawError: an unknown name, or a dtype this rank's device cannot compute in.
-    """
-    device = groups.device()
-    acc = groups.accelerator()
-    if name == "auto":
-        if device.type == "cpu":
-            return torch.float32
-        dtype = _DTYPES.get(cfg.torch_dtype, torch.bfloat16)
-        if dtype == torch.bfloat16 and not acc.is_bf16_supported():
-            return torch.float16
-        return dtype
-    if name not in _DTYPES:
-        raise SeesawError(f"dtype {name!r} is not one of auto, {', '.join(_DTYPES)}")
-    dtype = _DTYPES[name]
-    if device.type != "cpu":  # DeepSpeed's CPU accelerator under-reports; torch CPU has both
-        ok = {torch.bfloat16: acc.is_bf16_supported, torch.float16: acc.is_fp16_supported}
-        if dtype in ok and not ok[dtype]():
-            raise SeesawError(f"dtype {name} is not supported on this rank's device "
-                              f"({device}); use "
-                              f"{'float16' if dtype == torch.bfloat16 else 'float32'}")
-    return dtype
-
-
-def kv_bytes_per_block(
-    cfg: ModelConfig, layout: ParallelConfig, block_size: int, dtype: torch.dtype
-) -> int:
-    """KV bytes one block costs on the rank with the most layers (first stage)."""
-    return int(block_size * kv_bytes_per_token(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                               dtype.itemsize, layout))
-
-
-def profile_lengths(max_tokens: int, max_len: int) -> list[int]:
-    """The memory-profiling step's prompts: ``max_tokens`` tokens in prompts of at most
-    ``max_len``."""
-    n = math.ceil(max_tokens / max_len)
-    return [min(max_len, max_tokens - i * max_len) for i in range(n)]
 
 
 class ModelRunner:
@@ -116,7 +70,6 @@ class ModelRunner:
     ) -> None:
         if isinstance(plan, ParallelConfig):
             plan = PhasePlan(plan, plan)
-        plan.check_model(cfg)
         self.cfg, self.dtype, self.block_size = cfg, dtype, block_size
         self.layouts = list(dict.fromkeys(layouts or [plan.prefill, plan.decode]))
         for lay in self.layouts:
@@ -132,7 +85,7 @@ class ModelRunner:
         self.num_blocks: dict[ParallelConfig, int] = {}
         self._kv_flat: torch.Tensor | None = None
         self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.transfer = KVTransfer(groups.accelerator(), async_swap)
+        self.transfer = CopyQueue(groups.accelerator(), async_swap)
         self.copier = KVCopier(self.transfer, cfg.head_dim)  # host / disk tiers: set later
         self.model: LlamaStage | None = None
         self._resident: dict[ParallelConfig, LlamaStage] = {}  # stages that cost no memory
@@ -176,7 +129,7 @@ class ModelRunner:
         self.num_blocks = dict(num_blocks)
         self._graphs = None
         # one more block than the pool's: the null block decode padding writes to
-        nbytes = max((n + 1) * kv_bytes_per_block(self.cfg, lay, self.block_size, self.dtype)
+        nbytes = max((n + 1) * memory.kv_bytes_per_block(self.cfg, lay, self.block_size, self.dtype)
                      for lay, n in self.num_blocks.items())
         self._kv_flat = None
         self._kv_flat = torch.zeros(nbytes // self.dtype.itemsize, dtype=self.dtype,
@@ -203,7 +156,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def update_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
-        """New values for HF tensors (full, checked by ``loader.check_update``): every
+        """New values for HF tensors (full, checked by ``weight_update.check_update``): every
         layout's host shard takes its slices, the live device stage copies the parameters
         that changed (CPU stages view the shards), packed CPU weights are re-packed. Tensors
         keep their storage, so captured CUDA graphs stay valid.
@@ -268,7 +221,7 @@ class ModelRunner:
     @contextlib.contextmanager
     def scratch_kv(self, num_tokens: int, max_len: int) -> Iterator[None]:
         """A KV cache of just the blocks ``profile_step`` writes, dropped on exit."""
-        lens = profile_lengths(num_tokens, max_len)
+        lens = memory.profile_lengths(num_tokens, max_len)
         self.allocate_kv(sum(-(-n // self.block_size) for n in lens))
         try:
             yield
@@ -280,7 +233,7 @@ class ModelRunner:
         """The largest step the scheduler sends, for memory profiling (collective over the
         replica): ``num_tokens`` prompt tokens in prompts of at most ``max_len`` through this
         rank's stage, then logits and a top-p draw for ``max_seqs`` rows on the last stage."""
-        lens = profile_lengths(num_tokens, max_len)
+        lens = memory.profile_lengths(num_tokens, max_len)
         tables, first = [], 0
         for n in lens:
             k = -(-n // self.block_size)
@@ -364,7 +317,8 @@ class ModelRunner:
             ctx = [s.start_pos + len(s.token_ids) for s in mb]
             out = [outgoing[s.seq_id] for s in mb if s.seq_id in outgoing]
             # async: host-tier KV leaves layer by layer; else (and disk records) after the stage
-            by_layer = [m for m in out if m.slots.tier == HOST] if self.transfer.is_async else []
+            by_layer = ([m for m in out if m.tier_slots.tier == HOST]
+                        if self.transfer.is_async else [])
             after = [m for m in out if m not in by_layer]
             stash = (lambda i, moves=by_layer: self.transfer.submit(
                 lambda: self._swap(moves, to_tier=True, layers=range(i, i + 1)))
@@ -462,8 +416,3 @@ class ModelRunner:
                 -(-self.max_model_len // self.block_size), self.num_blocks[layout],
                 self.block_size, capture=self.device.type == "cuda")
         return self._graphs
-
-    def last_stage_rank(self) -> int:
-        """Global rank of TP rank 0 of the last stage in this rank's DP replica."""
-        lay = self.info.layout
-        return lay.rank_of(self.info.dp_rank, 0, lay.pp - 1)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch.distributed as dist
 
-from seesaw_mcore.config import PhasePlan
+from seesaw_mcore.config import ParallelConfig
 from seesaw_mcore.contract import Phase, SchedulerOutput
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.runtime.model_runner import ModelRunner
@@ -40,27 +40,28 @@ class SwitchRecord:
 
 
 class Resharder:
-    """Switches a ``ModelRunner`` between the two layouts of a plan.
+    """Switches a ``ModelRunner`` from its live layout to another (the ``Worker`` that owns
+    the live plan says which).
 
     Args:
         runner: this rank's runner.
-        plan: the prefill and decode layouts.
     """
 
-    def __init__(self, runner: ModelRunner, plan: PhasePlan) -> None:
-        self.runner, self.plan = runner, plan
+    def __init__(self, runner: ModelRunner) -> None:
+        self.runner = runner
         self.records: list[SwitchRecord] = []
 
-    def switch(self, phase: Phase, hand_back: SchedulerOutput | None = None) -> SwitchRecord:
-        """Every rank calls this at the same step; returns when this rank runs ``phase``.
+    def switch(self, dst: ParallelConfig, phase: Phase,
+               hand_back: SchedulerOutput | None = None) -> SwitchRecord:
+        """Every rank calls this at the same step; returns when this rank runs ``dst``.
 
         Args:
-            phase: the phase to run next.
+            dst: the layout to run next.
+            phase: the phase it runs (recorded and logged).
             hand_back: this rank's replica's swap-outs of sequences still on the device
                 (decode handing back to prefill), run after the barrier under the old layout.
         """
         src = self.runner.info.layout
-        dst = self.plan.prefill if phase == Phase.PREFILL else self.plan.decode
         t0 = time.perf_counter()
         self.runner.drain()  # this rank's tier copies (async swap-out / prefetch) are done
         dist.barrier()  # drain: every rank's steps, tier writes included, are done

@@ -1,7 +1,7 @@
-"""Moving step plans and sampled tokens between ranks as tensors (``engine/step_codec.py``).
+"""Moving step messages and sampled tokens between ranks as tensors (``step_codec.py``).
 
 Rank 0 broadcasts each step as one int64 tensor of a capacity every rank knows (one
-collective per step; a plan that outgrows it announces the new capacity first). A replica's
+collective per step; a message that outgrows it announces the new capacity first). A replica's
 last stage sends its sampled tokens to rank 0 as one float64 tensor whose shape rank 0 knows
 from the step. A world of one rank moves nothing. Both are host tensors on a gloo group
 (``groups.host_group()``): on GPUs nothing is copied to the device and read back per step.
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from seesaw_mcore.contract import RunnerOutput, ScheduledSeq, StepPlan
+from seesaw_mcore.contract import RunnerOutput, ScheduledSeq, StepMessage
 from seesaw_mcore.runtime.step_codec import (
     decode_prompt_rows,
     decode_step,
@@ -26,21 +26,19 @@ from seesaw_mcore.runtime.step_codec import (
 
 
 class StepChannel:
-    """Rank 0 -> every rank: one step plan per ``send`` / ``recv``.
+    """Rank 0 -> every rank: one step message per ``send`` / ``recv``.
 
     Args:
         group: a gloo group of the world (``None``: the default group, gloo on CPU ranks).
-        capacity: int64 slots broadcast per step; grows (on every rank) when a plan needs it.
+        capacity: int64 slots broadcast per step; grows (on every rank) when a message needs it.
     """
 
     def __init__(self, group=None, capacity: int = 4096) -> None:
         self.group, self.capacity = group, capacity
-        self.last_bytes = 0  # payload of the last step sent (encoded plan)
 
-    def send(self, step: StepPlan) -> None:
-        """Rank 0: broadcasts ``step``."""
-        arr = encode_step(step)
-        self.last_bytes = arr.nbytes
+    def send(self, msg: StepMessage) -> None:
+        """Rank 0: broadcasts ``msg``."""
+        arr = encode_step(msg)
         if dist.get_world_size() == 1:
             return
         n = len(arr)
@@ -53,8 +51,8 @@ class StepChannel:
         buf[1:n + 1] = torch.from_numpy(arr)
         self._broadcast(buf)
 
-    def recv(self) -> StepPlan:
-        """Other ranks: the next step rank 0 sent."""
+    def recv(self) -> StepMessage:
+        """Other ranks: the next message rank 0 sent."""
         while True:
             buf = self._broadcast(torch.empty(self.capacity, dtype=torch.int64))
             n = int(buf[0])

@@ -1,11 +1,11 @@
-"""The step plan and the sampled tokens as flat arrays: what rank 0 broadcasts each step and
-what a replica's last stage sends back, without pickling an object tree.
+"""The step messages and the sampled tokens as flat arrays: what rank 0 broadcasts each step
+and what a replica's last stage sends back, without pickling an object tree.
 
-``encode_step`` writes a ``StepPlan`` as one int64 array (floats by their bits, the rare error
-or plan text as code points); ``decode_step`` reads it back into the same dataclasses. Sampled
-tokens travel as one float64 array ``[N, 3 + 2k]``: token id, logprob (NaN: not asked), its rank,
-then ``k`` top ids and ``k`` top logprobs; the receiver knows ``N`` and ``k`` from the step it
-sent.
+``encode_step`` writes a ``StepMessage`` as one int64 array (floats by their bits, the rare
+error or plan text as code points); ``decode_step`` reads it back into the same dataclasses.
+Sampled tokens travel as one float64 array ``[N, 3 + 2k]``: token id, logprob (NaN: not
+asked), its rank, then ``k`` top ids and ``k`` top logprobs; the receiver knows ``N`` and
+``k`` from the step it sent.
 """
 
 from __future__ import annotations
@@ -19,16 +19,21 @@ from seesaw_mcore.contract import (
     DISK,
     HOST,
     KVMove,
+    MovePlan,
     Phase,
     SampledToken,
     SamplingSpec,
     ScheduledSeq,
     SchedulerOutput,
     SlotRange,
-    StepPlan,
+    Step,
+    StepMessage,
+    Stop,
+    Switch,
 )
 
-_VERSION = 3
+_VERSION = 4
+_KINDS = [Step, Switch, MovePlan, Stop]
 _PHASES = [Phase.PREFILL, Phase.DECODE]
 _TIERS = [HOST, DISK]
 _F2I = struct.Struct("<d")
@@ -43,14 +48,19 @@ def _float(bits: int) -> float:
     return _F2I.unpack(_I.pack(bits))[0]
 
 
-def encode_step(step: StepPlan) -> np.ndarray:
-    """``step`` as a flat int64 array (see ``decode_step``)."""
-    out: list[int] = [_VERSION, -1 if step.switch_to is None else _PHASES.index(step.switch_to),
-                      int(step.stop)]
-    for text in (step.error, step.use_plan):
+def encode_step(msg: StepMessage) -> np.ndarray:
+    """``msg`` as a flat int64 array (see ``decode_step``): the format version, the kind
+    (``Step``, ``Switch``, ``MovePlan``, ``Stop``), its fields, then its replicas."""
+    out: list[int] = [_VERSION, _KINDS.index(type(msg))]
+    if isinstance(msg, Switch):
+        out.append(_PHASES.index(msg.phase))
+    elif isinstance(msg, (MovePlan, Stop)):
+        text = msg.plan if isinstance(msg, MovePlan) else msg.error
         out += [-1] if text is None else [len(text), *map(ord, text)]
-    out.append(len(step.replicas))
-    for rep in step.replicas:
+    replicas = (msg.replicas if isinstance(msg, Step)
+                else msg.hand_back if isinstance(msg, Switch) else [])
+    out.append(len(replicas))
+    for rep in replicas:
         if rep is None:
             out.append(0)
             continue
@@ -72,25 +82,24 @@ def encode_step(step: StepPlan) -> np.ndarray:
         for moves in (rep.evict, rep.swap_in, rep.swap_out):
             out.append(len(moves))
             for m in moves:
-                out += [m.seq_id, _TIERS.index(m.slots.tier), m.slots.start, m.slots.length,
-                        len(m.block_table), *m.block_table]
+                out += [m.seq_id, _TIERS.index(m.tier_slots.tier), m.tier_slots.start,
+                        m.tier_slots.length, len(m.block_table), *m.block_table]
     return np.asarray(out, dtype=np.int64)
 
 
-def decode_step(arr: np.ndarray) -> StepPlan:
-    """The ``StepPlan`` that ``encode_step`` wrote."""
+def decode_step(arr: np.ndarray) -> StepMessage:
+    """The message that ``encode_step`` wrote."""
     v = arr.tolist()
     if v[0] != _VERSION:
-        raise ValueError(f"step plan format {v[0]}, expected {_VERSION}")
-    switch_to = None if v[1] < 0 else _PHASES[v[1]]
-    stop = bool(v[2])
-    i = 3
-    texts: list[str | None] = []
-    for _ in range(2):  # error, use_plan
+        raise ValueError(f"step message format {v[0]}, expected {_VERSION}")
+    kind, i = _KINDS[v[1]], 2
+    phase, text = None, None
+    if kind is Switch:
+        phase, i = _PHASES[v[i]], i + 1
+    elif kind in (MovePlan, Stop):
         n, i = v[i], i + 1
-        texts.append(None if n < 0 else "".join(map(chr, v[i:i + n])))
+        text = None if n < 0 else "".join(map(chr, v[i:i + n]))
         i += max(n, 0)
-    error, use_plan = texts
     n_rep = v[i]
     i += 1
     replicas: list[SchedulerOutput | None] = []
@@ -99,7 +108,7 @@ def decode_step(arr: np.ndarray) -> StepPlan:
         if not present:
             replicas.append(None)
             continue
-        phase, n_mb = _PHASES[v[i]], v[i + 1]
+        rep_phase, n_mb = _PHASES[v[i]], v[i + 1]
         i += 2
         mbs = []
         for _ in range(n_mb):
@@ -129,10 +138,14 @@ def decode_step(arr: np.ndarray) -> StepPlan:
                                     v[i + 5:i + 5 + nb]))
                 i += 5 + nb
             lists.append(moves)
-        replicas.append(SchedulerOutput(phase, mbs, *lists))
+        replicas.append(SchedulerOutput(rep_phase, mbs, *lists))
     if i != len(v):
-        raise ValueError(f"step plan has {len(v) - i} trailing values")
-    return StepPlan(replicas, switch_to, stop, error, use_plan)
+        raise ValueError(f"step message has {len(v) - i} trailing values")
+    if kind is Step:
+        return Step(replicas)
+    if kind is Switch:
+        return Switch(phase, replicas)
+    return MovePlan(text) if kind is MovePlan else Stop(text)
 
 
 def token_width(seqs: list[ScheduledSeq]) -> int:

@@ -18,9 +18,12 @@ Trainer side::
 from __future__ import annotations
 
 import datetime
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+
+from seesaw_mcore.errors import SeesawError
 
 
 class WeightUpdateGroup:
@@ -52,3 +55,29 @@ class WeightUpdateGroup:
         opts.rootRank, opts.rootTensor = src, 0
         self.pg.broadcast([tensor], opts).wait()
         return tensor
+
+    def receive(self, names: list[str], dtypes: list, shapes: list,
+                check: Callable[[list[tuple[str, torch.Tensor]]], None]
+                ) -> list[tuple[str, torch.Tensor]]:
+        """Receives ``names`` (of ``dtypes``, torch dtypes or their names, and ``shapes``)
+        from group rank 0, in that order, as host tensors. ``check`` sees them first as
+        meta tensors; what it raises is raised after every broadcast is received, so the
+        sender is never left waiting."""
+        if not len(names) == len(dtypes) == len(shapes):
+            raise SeesawError(f"update_weights_from_distributed: {len(names)} names, "
+                              f"{len(dtypes)} dtypes, {len(shapes)} shapes")
+        dtypes = [getattr(torch, d) if isinstance(d, str) else d for d in dtypes]
+        meta = [(n, torch.empty(s, dtype=d, device="meta")) for n, s, d in
+                zip(names, shapes, dtypes)]
+        try:
+            check(meta)
+            error = None
+        except SeesawError as e:
+            error = e
+        received = []
+        for _, t in meta:
+            buf = torch.empty(t.shape, dtype=t.dtype, device=self.device)
+            received.append(self.broadcast(buf, src=0).to("cpu"))
+        if error is not None:
+            raise error
+        return list(zip(names, received))

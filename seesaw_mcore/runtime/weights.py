@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from seesaw_mcore.config import ParallelConfig, PhasePlan, split_layers
-from seesaw_mcore.model.loader import Checkpoint, ShardSpec, load_shard, update_shard
+from seesaw_mcore.model.loader import Checkpoint, ShardSpec, load_shard
+from seesaw_mcore.model.weight_update import update_shard
 
 if TYPE_CHECKING:
     from seesaw_mcore.model.megatron_checkpoint import MegatronCheckpoint
@@ -76,8 +77,8 @@ class ShardStore:
     @torch.no_grad()
     def update(self, weights: list[tuple[str, torch.Tensor]]) -> dict[str, set[str]]:
         """Writes full HF tensors into every layout's shard, each layout taking its slices
-        (``loader.update_shard``); a tensor shared by layouts is written once per layout,
-        with the same values. The names must have been checked (``loader.check_update``).
+        (``weight_update.update_shard``); a tensor shared by layouts is written once per layout,
+        with the same values. The names must have been checked (``weight_update.check_update``).
 
         Returns:
             Per layout (``str``), the shard parameter names written.

@@ -1,6 +1,7 @@
-"""One rank's side of every step: receive the step plan, run this rank's replica's part of it
-(or the switch), send sampled tokens to rank 0. Rank 0 runs the same code for its own part
-(``Engine.step``) and collects every replica's tokens.
+"""One rank's side of every step message: run this rank's replica's part of a ``Step`` (and
+send its sampled tokens to rank 0), re-shard at a ``Switch``, move to another plan at a
+``MovePlan``, return at a ``Stop``. Rank 0 runs the same code for its own part (through
+``Executor``) and collects every replica's tokens.
 """
 
 from __future__ import annotations
@@ -8,8 +9,8 @@ from __future__ import annotations
 import time
 
 from seesaw_mcore import env
-from seesaw_mcore.config import PhasePlan
-from seesaw_mcore.contract import Phase, RunnerOutput, StepPlan
+from seesaw_mcore.config import ParallelConfig, PhasePlan
+from seesaw_mcore.contract import MovePlan, Phase, RunnerOutput, Step, StepMessage, Stop, Switch
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.runtime.model_runner import ModelRunner
@@ -18,40 +19,42 @@ from seesaw_mcore.runtime.step_channel import StepChannel, recv_tokens, send_tok
 
 
 class Worker:
-    """Runs step plans on this rank.
+    """Runs step messages on this rank; owns the live plan and phase.
 
     Args:
         runner: this rank's stage and KV cache.
-        plan: the prefill and decode layouts.
+        plan: the plan it starts on (in its prefill layout).
     """
 
     def __init__(self, runner: ModelRunner, plan: PhasePlan) -> None:
         self.runner, self.plan = runner, plan
         self.phase = Phase.PREFILL
-        self.resharder = Resharder(runner, plan)
-        self.channel = StepChannel(groups.host_group())  # step plans as tensors, no pickle
+        self.resharder = Resharder(runner)
+        self.channel = StepChannel(groups.host_group())  # step messages as tensors, no pickle
+        # tests: plans made artificially slow; read at the first step, not per step (the
+        # auto-trial test sets it after building the engine, once it knows the candidates)
+        self._slow: dict[str, float] | None = None
 
-    def execute(self, step: StepPlan) -> RunnerOutput | SwitchRecord | None:
-        """This rank's part of ``step``: the switch, or its replica's forward.
+    @property
+    def layout(self) -> ParallelConfig:
+        """The layout this rank runs now."""
+        return self.runner.info.layout
+
+    def run_step(self, step: Step) -> RunnerOutput | None:
+        """This rank's replica's part of ``step``.
 
         Returns:
-            The switch's record; the sampled tokens on a replica's last stage (TP rank 0);
-            else ``None``.
+            The sampled tokens on a replica's last stage (TP rank 0), else ``None``.
         """
-        self.mark_phase(step)
-        if step.use_plan is not None:
-            return self.use_plan(PhasePlan.from_string(step.use_plan))
+        self._mark(step)
         dp = self.runner.info.dp_rank
         mine = step.replicas[dp] if dp < len(step.replicas) else None
-        if step.switch_to is not None:  # a hand-back's swap-outs run after the barrier
-            record = self.resharder.switch(step.switch_to, mine)
-            self.phase = step.switch_to
-            return record
-        slow = env.fault_slow()
-        if slow:  # tests: a plan made artificially slow
-            time.sleep(slow.get(self.plan.to_string(), 0.0))
+        if self._slow is None:
+            self._slow = env.fault_slow()
+        if self._slow:
+            time.sleep(self._slow.get(self.plan.to_string(), 0.0))
         out = self.runner.execute(mine) if mine is not None else None
-        ep = self.runner.info.layout.ep
+        ep = self.layout.ep
         if ep > 1 and self.runner.cfg.num_experts:  # MoE exchanges pair up in an E group
             group = range(dp - dp % ep, dp - dp % ep + ep)
             forwards = [len(step.replicas[r].micro_batches)
@@ -60,72 +63,79 @@ class Worker:
             self.runner.idle_moe(max(forwards) - forwards[dp % ep])
         return out
 
-    def use_plan(self, plan: PhasePlan) -> SwitchRecord:
-        """Every rank at the same step: from now on run ``plan`` (one of the layouts the
-        runner was built for), starting in its prefill layout. The scheduler that sent this
-        holds no KV of the old plan: every sequence in flight recomputes."""
-        self.plan = self.resharder.plan = plan
-        record = self.resharder.switch(Phase.PREFILL)
+    def switch(self, msg: Switch) -> SwitchRecord:
+        """Every rank at the same step: re-shards to ``msg.phase``'s layout of the live plan
+        (a hand-back's swap-outs run after the barrier)."""
+        self._mark(msg)
+        dp = self.runner.info.dp_rank
+        hand_back = msg.hand_back[dp] if dp < len(msg.hand_back) else None
+        dst = self.plan.prefill if msg.phase == Phase.PREFILL else self.plan.decode
+        record = self.resharder.switch(dst, msg.phase, hand_back)
+        self.phase = msg.phase
+        return record
+
+    def move(self, msg: MovePlan) -> SwitchRecord:
+        """Every rank at the same step: from now on run ``msg.plan`` (one of the layouts
+        the runner was built for), starting in its prefill layout. The scheduler that sent
+        this holds no KV of the old plan: every sequence in flight recomputes."""
+        self._mark(msg)
+        self.plan = PhasePlan.from_string(msg.plan)
+        record = self.resharder.switch(self.plan.prefill, Phase.PREFILL)
         self.phase = Phase.PREFILL
         return record
 
-    def collect(self, step: StepPlan, mine: RunnerOutput | None) -> list[RunnerOutput | None]:
+    def collect(self, step: Step, mine: RunnerOutput | None) -> list[RunnerOutput | None]:
         """Rank 0: every replica's sampled tokens (its own, or received from the replica's
         last stage)."""
-        lay = self.runner.info.layout
+        lay = self.layout
         outputs: list[RunnerOutput | None] = []
-        for r, plan in enumerate(step.replicas):
-            src = lay.rank_of(r, 0, lay.pp - 1)
-            if plan is None:
+        for r, out in enumerate(step.replicas):
+            src = lay.last_stage_rank(r)
+            if out is None:
                 outputs.append(None)
             elif src == 0:
                 outputs.append(mine)
             else:
-                outputs.append(recv_tokens(plan.seqs, src, groups.host_group()))
+                outputs.append(recv_tokens(out.seqs, src, groups.host_group()))
         return outputs
 
     def serve(self) -> None:
-        """Ranks other than 0: run steps until rank 0 says stop (raises rank 0's error when
-        it failed)."""
+        """Ranks other than 0: run rank 0's messages until it says stop (raises rank 0's
+        error when it failed)."""
         while True:
-            step = self.channel.recv()
-            if step.stop:
-                self.mark_phase(step)
-                if step.error:
-                    raise SeesawError(f"rank 0 failed: {step.error}")
+            msg = self.channel.recv()
+            if isinstance(msg, Stop):
+                self._mark(msg)
+                if msg.error:
+                    raise SeesawError(f"rank 0 failed: {msg.error}")
                 return
-            out = self.execute(step)
-            if isinstance(out, RunnerOutput):
-                mine = step.replicas[self.runner.info.dp_rank]
-                send_tokens(out, mine.seqs, 0, groups.host_group())
+            if isinstance(msg, Switch):
+                self.switch(msg)
+            elif isinstance(msg, MovePlan):
+                self.move(msg)
+            else:
+                out = self.run_step(msg)
+                if out is not None:
+                    mine = msg.replicas[self.runner.info.dp_rank]
+                    send_tokens(out, mine.seqs, 0, groups.host_group())
 
     def stop(self, error: str | None = None) -> None:
         """Rank 0: ends the workers' ``serve`` (with ``error``: makes it raise that)."""
-        self.channel.send(StepPlan([], stop=True, error=error))
+        self.channel.send(Stop(error))
 
-    def step_phase(self, step: StepPlan) -> Phase:
-        """The phase a step runs in (a switch: the phase it switches to)."""
-        if step.use_plan is not None:
-            return Phase.PREFILL
-        if step.switch_to is not None:
-            return step.switch_to
-        reps = [r for r in step.replicas if r is not None]
-        return reps[0].phase if reps else self.phase
-
-    def mark_phase(self, step: StepPlan) -> None:
+    def _mark(self, msg: StepMessage) -> None:
         """Tells the watchdog what the job is doing (named if a rank fails meanwhile)."""
         wd = groups.watchdog()
         if wd is None:
             return
-        if step.stop:
+        if isinstance(msg, Stop):
             wd.set_phase("end", "the end of the run")
-        elif step.use_plan is not None:
-            wd.set_phase("switch", f"the move from plan {self.plan} to {step.use_plan}")
-        elif step.switch_to is not None:
-            src, dst = ((self.plan.decode, self.plan.prefill)
-                        if step.switch_to == Phase.PREFILL
+        elif isinstance(msg, MovePlan):
+            wd.set_phase("switch", f"the move from plan {self.plan} to {msg.plan}")
+        elif isinstance(msg, Switch):
+            src, dst = ((self.plan.decode, self.plan.prefill) if msg.phase == Phase.PREFILL
                         else (self.plan.prefill, self.plan.decode))
-            wd.set_phase("switch", f"the switch {src} -> {dst} ({step.switch_to.value})")
+            wd.set_phase("switch", f"the switch {src} -> {dst} ({msg.phase.value})")
         else:
-            kind = self.step_phase(step).value
+            kind = msg.phase.value
             wd.set_phase(kind, kind)

@@ -144,7 +144,7 @@ def closeness_check(dev: torch.device, root: str, quick: bool) -> dict:
     from transformers import AutoModelForCausalLM
 
     from seesaw_mcore import LLM, SamplingParams
-    from seesaw_mcore.tools.make_tiny import build_random
+    from seesaw_mcore.bench.models import build_random
     from seesaw_mcore.tools.parity import check_logprobs_close, hf_greedy_logprobs
 
     path = build_random(os.path.join(root, "close"), num_layers=4, hidden=256, heads=8,
@@ -180,7 +180,7 @@ def throughput_check(dev: torch.device, root: str, quick: bool) -> dict:
 
     from seesaw_mcore import LLM, SamplingParams
     from seesaw_mcore.bench.hf import hf_generate_timed
-    from seesaw_mcore.tools.make_tiny import build_random
+    from seesaw_mcore.bench.models import build_random
 
     dims = (dict(num_layers=2, hidden=128, heads=4, kv_heads=2, intermediate=256, vocab=2000)
             if quick else dict(num_layers=22, hidden=2048, heads=32, kv_heads=4,
@@ -209,7 +209,7 @@ def throughput_check(dev: torch.device, root: str, quick: bool) -> dict:
         res[f"engine_{tag}_decode_ms_per_step"] = round(
             1e3 * (st.decode_s - st0[0]) / max(steps, 1), 2)
         res[f"engine_{tag}_decode_steps"] = steps
-        res[f"engine_{tag}_graph_steps"] = llm.engine.runner.graph_steps
+        res[f"engine_{tag}_graph_steps"] = llm.engine.executor.runner.graph_steps
         res["kv_blocks"] = sum(llm.engine.num_blocks.values())
         tokens[eager] = [o.outputs[0].token_ids for o in outs]
         llm.close()

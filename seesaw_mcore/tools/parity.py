@@ -22,7 +22,8 @@ import torch.distributed as dist
 from seesaw_mcore.config import ModelConfig, ParallelConfig, check_world
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.runtime import groups
-from seesaw_mcore.runtime.model_runner import ModelRunner, resolve_dtype
+from seesaw_mcore.runtime.dtype import resolve_dtype
+from seesaw_mcore.runtime.model_runner import ModelRunner
 
 DEFAULT_PROMPTS = [
     "The function returns a list of",

@@ -68,7 +68,8 @@ def main() -> None:
     os.environ.pop("SEESAW_FAULT_SLOW")
     if rank == 0:
         report["slowed"] = {"order": order, "summary": llm.trial.summary(),
-                            "plan": llm.config.plan, "engine_plan": llm.engine.plan.to_string(),
+                            "plan": llm.plan.to_string(),
+                            "engine_plan": llm.engine.plan.to_string(),
                             "outputs": _outputs(outs)}
     llm.close()
     ref = LLM(model, plan="T2", **kw)
@@ -96,7 +97,7 @@ def main() -> None:
     llm = LLM(model, plan="auto", auto_trial=False, **kw)
     outs = llm.generate(prompts[:4], params[:4], use_tqdm=False)
     if rank == 0:
-        report["no_trial"] = {"plan": llm.config.plan, "trial": llm.trial is not None,
+        report["no_trial"] = {"plan": llm.plan.to_string(), "trial": llm.trial is not None,
                               "favourite": order[-1], "outputs": _outputs(outs)}
         with open(out_path, "w") as f:
             json.dump(report, f)

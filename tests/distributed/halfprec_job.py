@@ -32,7 +32,7 @@ def run(model: str, plan: str, dtype: str, disk_dir: str | None) -> dict:
            "logprobs": [[{t: lp.logprob for t, lp in e.items()} for e in o.outputs[0].logprobs]
                         for o in outs], "switches": stats.switches,
            "preemptions": stats.preemptions, "disk_in": stats.swap.tiers["disk"].in_bytes,
-           "kv_dtype": str(llm.engine.runner.kv_cache[0][0].dtype)}
+           "kv_dtype": str(llm.engine.executor.runner.kv_cache[0][0].dtype)}
     llm.close()
     return rep
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from seesaw_mcore import LLM, SamplingParams
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.runtime import memory
-from seesaw_mcore.runtime.model_runner import kv_bytes_per_block
+from seesaw_mcore.runtime.memory import kv_bytes_per_block
 
 MIB = 2**20
 TOTAL, CONTEXT, ACTIVATIONS = 512 * MIB, 32 * MIB, 8 * MIB
@@ -122,7 +122,7 @@ def main(model: str, out: str) -> None:
             ref = LLM(model, **{**kw, "num_blocks": 64, "plan": plan})
             outs = ref.generate(prompts, varied, use_tqdm=False)
             runs[padded] = dict(
-                steps=ref.engine.runner.graph_steps,
+                steps=ref.engine.executor.runner.graph_steps,
                 tokens=[o.outputs[0].token_ids for o in outs],
                 logprobs=[[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs,
                                                            o.outputs[0].token_ids)]
@@ -132,7 +132,7 @@ def main(model: str, out: str) -> None:
                 ref = LLM(model, **{**kw, "num_blocks": 64, "plan": plan,
                                     "enforce_eager": True})
                 ref.generate(prompts[:2], greedy, use_tqdm=False)
-                runs["eager_steps"] = ref.engine.runner.graph_steps
+                runs["eager_steps"] = ref.engine.executor.runner.graph_steps
         report[f"padded_{plan}"] = runs
     os.environ.pop("SEESAW_DECODE_PADDING")
     if ref.is_driver:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from seesaw_mcore.kv.transfer import KVTransfer
+from seesaw_mcore.kv.transfer import CopyQueue
 from tests.conftest import launch_job
 
 GIB = 2**30
@@ -89,7 +89,7 @@ def test_capture_sizes_buckets_and_padding():
 
 
 class _FakeCuda:
-    """Enough of DeepSpeed's CUDA accelerator for ``KVTransfer``."""
+    """Enough of DeepSpeed's CUDA accelerator for ``CopyQueue``."""
 
     def __init__(self) -> None:
         self.set_on: list[tuple[str, int]] = []
@@ -126,7 +126,7 @@ class _Nothing:
 
 def test_copy_thread_sets_the_ranks_device_once():
     acc = _FakeCuda()
-    t = KVTransfer(acc, async_=True)
+    t = CopyQueue(acc, async_=True)
     ran = []
     for _ in range(3):
         t.submit(lambda: ran.append(threading.current_thread().name))

@@ -97,7 +97,7 @@ def sleep_cycle(plan: str, wide: str) -> dict:
             return str(e)
         return None
 
-    runner = llm.engine.runner
+    runner = llm.engine.executor.runner
     rep = {"before": run(), "kv_bytes": runner.kv_cache_bytes,
            "weight_bytes": runner.store.unique_bytes}
     rss0 = rss()

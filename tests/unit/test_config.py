@@ -128,8 +128,8 @@ def test_cache_config_errors(kwargs, msg):
     ("qwen3", {}, None),  # Qwen2/Qwen3 set sliding_window but use_sliding_window is off
 ])
 def test_sliding_window_is_honoured_or_refused(tmp_path, arch, kw, window):
+    from seesaw_mcore.bench.models import build_random
     from seesaw_mcore.config import ModelConfig
-    from seesaw_mcore.tools.make_tiny import build_random
 
     cfg = ModelConfig.from_pretrained(build_random(str(tmp_path / "m"), arch=arch, num_layers=1,
                                                    **kw))
@@ -145,8 +145,8 @@ def test_sliding_window_is_honoured_or_refused(tmp_path, arch, kw, window):
 
 
 def test_moe_config_and_layout_errors(tmp_path):
+    from seesaw_mcore.bench.models import build_random
     from seesaw_mcore.config import ModelConfig, ParallelConfig
-    from seesaw_mcore.tools.make_tiny import build_random
 
     cfg = ModelConfig.from_pretrained(build_random(
         str(tmp_path / "m"), arch="qwen3_moe", num_layers=3, heads=4, kv_heads=4,

@@ -10,7 +10,7 @@ import torch
 from seesaw_mcore.config import ModelConfig
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.runtime import groups
-from seesaw_mcore.runtime.model_runner import resolve_dtype
+from seesaw_mcore.runtime.dtype import resolve_dtype
 
 
 class _Acc:

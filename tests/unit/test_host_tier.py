@@ -13,14 +13,14 @@ from seesaw_mcore.config import ParallelConfig, PhasePlan
 from seesaw_mcore.contract import SlotRange
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.host_tier import HostKVBuffer
-from seesaw_mcore.kv.layout import KVShardLayout, plan_transfers
+from seesaw_mcore.kv.layout import KVShardLayout, shard_overlaps
 from seesaw_mcore.kv.slots import SlotAllocator
 
 
 def test_first_fit_and_merge():
     a = SlotAllocator(10)
     r1, r2, r3 = a.allocate(3), a.allocate(3), a.allocate(3)
-    assert (r1.start, r2.start, r3.start) == (0, 3, 6) and a.usage == 0.9
+    assert (r1.start, r2.start, r3.start) == (0, 3, 6) and a.used / a.num_slots == 0.9
     assert not a.can_allocate(2)
     a.free(r2)
     assert a.allocate(2) == SlotRange(3, 2)  # first fit reuses the hole
@@ -51,7 +51,7 @@ def test_buffer_shared_owner_only_and_unlinked(tmp_path):
         lo, hi = t2.layer_range(rank)
         h0, h1 = t2.head_range(rank)
         assert torch.equal(buf.tensor[lo:hi, :, h0:h1, s0:s1], full[lo:hi, :, h0:h1])
-    assert len(plan_transfers(p2, t2)) == 4
+    assert len(shard_overlaps(p2, t2)) == 4
     peer.close()
     owner.close()
     assert not os.path.exists(owner.path)

@@ -8,7 +8,7 @@ import itertools
 import pytest
 
 from seesaw_mcore.config import ParallelConfig
-from seesaw_mcore.kv.layout import KVShardLayout, plan_transfers
+from seesaw_mcore.kv.layout import KVShardLayout, shard_overlaps
 
 L, H = 5, 4  # uneven layer splits for PP 2 and 4
 
@@ -33,7 +33,7 @@ PAIRS = [("P2", "T2"), ("T2", "P2"), ("D2", "T2"), ("P2", "D2"), ("P4", "T4"), (
 def test_every_reader_cell_written_exactly_once(src, dst):
     s, d = _layout(src), _layout(dst)
     for sr, dr in itertools.product(range(s.layout.dp), range(d.layout.dp)):
-        transfers = plan_transfers(s, d, sr, dr)
+        transfers = shard_overlaps(s, d, sr, dr)
         for reader in (r for r in range(d.layout.world_size) if d.dp_rank(r) == dr):
             covered = {}
             for t in (t for t in transfers if t.dst == reader):
@@ -46,7 +46,7 @@ def test_every_reader_cell_written_exactly_once(src, dst):
 
 
 def test_p2_to_t2_concrete():
-    ts = plan_transfers(_layout("P2"), _layout("T2"))
+    ts = shard_overlaps(_layout("P2"), _layout("T2"))
     assert [(t.src, t.dst, t.layers, t.heads) for t in ts] == [
         (0, 0, (0, 3), (0, 2)), (1, 0, (3, 5), (0, 2)),
         (0, 1, (0, 3), (2, 4)), (1, 1, (3, 5), (2, 4))]
@@ -54,8 +54,8 @@ def test_p2_to_t2_concrete():
 
 def test_mismatched_plans_rejected():
     with pytest.raises(ValueError, match="world sizes differ"):
-        plan_transfers(_layout("D2"), _layout("T4"))
+        shard_overlaps(_layout("D2"), _layout("T4"))
     with pytest.raises(ValueError, match="replica 1 does not exist in T2"):
-        plan_transfers(_layout("D2"), _layout("T2"), 0, 1)
+        shard_overlaps(_layout("D2"), _layout("T2"), 0, 1)
     with pytest.raises(ValueError, match="TP=8 does not divide 4 KV heads"):
         _layout("T8")

@@ -5,7 +5,7 @@ DP degree changing between the phases."""
 from __future__ import annotations
 
 from seesaw_mcore.config import PhasePlan, SchedulerConfig
-from seesaw_mcore.contract import DISK, HOST, Phase
+from seesaw_mcore.contract import DISK, HOST, Phase, Switch
 from seesaw_mcore.engine.request import SeqStatus
 from seesaw_mcore.engine.scheduler import PhaseScheduler
 from tests.unit.test_scheduler import create_requests
@@ -20,9 +20,14 @@ def create_scheduler(prefill="P2", decode="T2", prefill_blocks=16, decode_blocks
                           disk_align=disk_align)
 
 
+def switch_phase(msg) -> Phase | None:
+    """The phase a scheduled ``Switch`` goes to (``None``: a step)."""
+    return msg.phase if isinstance(msg, Switch) else None
+
+
 def _sample(sched: PhaseScheduler, step) -> None:
     """Pretend the runner sampled token 7 for every scheduled sequence."""
-    by_id = {s.seq_id: s for s in [*sched.swapped, *[q for r in sched.running for q in r]]}
+    by_id = {s.seq_id: s for s in [*sched.offloaded, *[q for r in sched.running for q in r]]}
     for rep in step.replicas:
         for s in rep.seqs if rep else ():
             by_id[s.seq_id].output_token_ids.append(7)
@@ -36,11 +41,11 @@ def test_prefill_until_host_full_then_switch_and_admit():
     step = sched.schedule()
     [rep] = step.replicas
     assert rep.phase == Phase.PREFILL and [s.seq_id for s in rep.seqs] == [0, 1]
-    assert [m.slots.length for m in rep.swap_out] == [8, 8]  # all prompt KV to the host
+    assert [m.tier_slots.length for m in rep.swap_out] == [8, 8]  # all prompt KV to the host
     assert rep.swap_out[0].block_table != rep.swap_out[1].block_table
     assert sched.prefill_pools[0].num_free == 16  # device blocks were scratch only
     _sample(sched, step)
-    assert sched.schedule().switch_to == Phase.DECODE  # the third prompt does not fit
+    assert switch_phase(sched.schedule()) == Phase.DECODE  # the third prompt does not fit
     [rep] = sched.schedule().replicas
     assert rep.phase == Phase.DECODE and [m.seq_id for m in rep.swap_in] == [0, 1]
     assert rep.seqs == []  # their KV is prefetched during this step; they decode from the next
@@ -52,7 +57,7 @@ def test_prefill_until_host_full_then_switch_and_admit():
     _sample(sched, step)
     for s in seqs[:2]:
         sched.finish(s)
-    assert sched.schedule().switch_to == Phase.PREFILL and sched.host.used == 0
+    assert switch_phase(sched.schedule()) == Phase.PREFILL and sched.host.used == 0
     assert [s.seq_id for s in sched.schedule().replicas[0].seqs] == [2]
     assert sched.num_switches == 2
 
@@ -64,9 +69,9 @@ def test_finished_at_first_token_frees_its_slots_at_the_switch():
     sched.add(b)
     _sample(sched, sched.schedule())
     sched.finish(a)  # EOS as its first token
-    assert a.status == SeqStatus.FINISHED and not sched.swapped
-    assert sched.schedule().switch_to == Phase.DECODE  # to release the dead slots
-    assert sched.schedule().switch_to == Phase.PREFILL  # nothing to decode
+    assert a.status == SeqStatus.FINISHED and not sched.offloaded
+    assert switch_phase(sched.schedule()) == Phase.DECODE  # to release the dead slots
+    assert switch_phase(sched.schedule()) == Phase.PREFILL  # nothing to decode
     assert [s.seq_id for s in sched.schedule().replicas[0].seqs] == [1]
 
 
@@ -78,7 +83,7 @@ def test_dp_changes_between_phases():
     step = sched.schedule()
     assert [len(r.seqs) for r in step.replicas] == [2, 2]  # balanced over both replicas
     _sample(sched, step)
-    assert sched.schedule().switch_to == Phase.DECODE
+    assert switch_phase(sched.schedule()) == Phase.DECODE
     [rep] = sched.schedule().replicas  # one decode replica takes all four
     assert len(rep.swap_in) == 4 and rep.seqs == []
     assert len(sched.schedule().replicas[0].seqs) == 4
@@ -109,13 +114,13 @@ def _decode_until_preempted(host_slots: int, **tiers):
 def test_decode_preempts_newest_by_swapping_out():
     sched, (a, b), step = _decode_until_preempted(host_slots=64)
     [move] = step.replicas[0].evict  # its 12 tokens of KV go to the host tier first
-    assert move.seq_id == 1 and move.slots.length == 12 and len(move.block_table) == 3
+    assert move.seq_id == 1 and move.tier_slots.length == 12 and len(move.block_table) == 3
     assert step.replicas[0].swap_in == []  # never back in the step that evicts it
-    assert b.status == SeqStatus.SWAPPED and sched.num_swap_preemptions == 1
+    assert b.status == SeqStatus.OFFLOADED and sched.num_swap_preemptions == 1
     sched.finish(a)
     step = sched.schedule()  # next step: back from the host tier, no recompute
     [back] = step.replicas[0].swap_in
-    assert back.seq_id == 1 and back.slots == move.slots and not sched.waiting
+    assert back.seq_id == 1 and back.tier_slots == move.tier_slots and not sched.waiting
     assert step.replicas[0].seqs == []
     assert [s.start_pos for s in sched.schedule().replicas[0].seqs] == [12]
 
@@ -136,7 +141,7 @@ def test_admission_keeps_the_watermark():
     step = sched.schedule()
     # each needs 2 blocks; the second would leave 4 free, the third only 2 (< watermark)
     assert [m.seq_id for m in step.replicas[0].swap_in] == [0, 1]
-    assert [s.seq_id for s in sched.swapped] == [2]
+    assert [s.seq_id for s in sched.offloaded] == [2]
     step = sched.schedule()  # 0 and 1 decode; 2 still does not fit
     assert len(step.replicas[0].seqs) == 2 and step.replicas[0].swap_in == []
     sched.finish(seqs[0])
@@ -150,34 +155,34 @@ def test_prefill_spills_into_the_disk_tier_and_decodes_from_it():
         sched.add(s)
     step = sched.schedule()
     [rep] = step.replicas
-    tiers = [(m.slots.tier, m.slots.start, m.slots.length) for m in rep.swap_out]
+    tiers = [(m.tier_slots.tier, m.tier_slots.start, m.tier_slots.length) for m in rep.swap_out]
     # host full after two; the disk tier takes records rounded up to its 8-token pages
     assert tiers == [(HOST, 0, 8), (HOST, 8, 8), (DISK, 0, 5), (DISK, 8, 8)]
     assert sched.tiers[DISK].used == 16
     _sample(sched, step)
-    assert sched.schedule().switch_to == Phase.DECODE
+    assert switch_phase(sched.schedule()) == Phase.DECODE
     [rep] = sched.schedule().replicas
-    assert [(m.seq_id, m.slots.tier) for m in rep.swap_in] == [
+    assert [(m.seq_id, m.tier_slots.tier) for m in rep.swap_in] == [
         (0, HOST), (1, HOST), (2, DISK), (3, DISK)]
     _sample(sched, sched.schedule())
     for s in seqs:
         sched.finish(s)
     sched.add(create_requests([30])[0])
-    assert sched.schedule().switch_to == Phase.PREFILL
+    assert switch_phase(sched.schedule()) == Phase.PREFILL
     assert sched.tiers[DISK].used == 0 and sched.host.used == 0
     [move] = sched.schedule().replicas[0].swap_out  # too long for the host: the disk tier
-    assert move.slots.tier == DISK and move.slots.length == 30
+    assert move.tier_slots.tier == DISK and move.tier_slots.length == 30
     assert sched.tiers[DISK].used == 32
 
 
 def test_swap_preemption_falls_back_to_the_disk_tier():
     sched, (a, b), step = _decode_until_preempted(host_slots=14, disk_slots=64, disk_align=4)
     [move] = step.replicas[0].evict  # the host tier is full: its 12 tokens go to disk
-    assert move.seq_id == 1 and move.slots.tier == DISK and move.slots.length == 12
+    assert move.seq_id == 1 and move.tier_slots.tier == DISK and move.tier_slots.length == 12
     assert sched.num_swap_preemptions == 1 and not sched.waiting
     sched.finish(a)
     [back] = sched.schedule().replicas[0].swap_in
-    assert back.slots == move.slots
+    assert back.tier_slots == move.tier_slots
 
 
 def _run_policy(policy: str, num_prompts: int = 80, host_slots: int = 160, max_out: int = 8):
@@ -193,8 +198,8 @@ def _run_policy(policy: str, num_prompts: int = 80, host_slots: int = 160, max_o
         step = sched.schedule()
         steps += 1
         assert steps < 10_000, "no progress"
-        to_decode += step.switch_to == Phase.DECODE
-        if step.switch_to is not None:
+        to_decode += switch_phase(step) == Phase.DECODE
+        if switch_phase(step) is not None:
             continue
         for rep in step.replicas:
             for s in rep.seqs if rep else ():

@@ -321,7 +321,7 @@ class _FakeEngine:
 
 
 def _timing(plan, seconds: float, prefill: bool):
-    from seesaw_mcore.contract import Phase, SamplingSpec, ScheduledSeq, SchedulerOutput, StepPlan
+    from seesaw_mcore.contract import Phase, SamplingSpec, ScheduledSeq, SchedulerOutput, Step
     from seesaw_mcore.engine.stats import StepTiming
 
     spec = SamplingSpec(0.0, 0, 1.0, 0, 0, None)
@@ -329,7 +329,7 @@ def _timing(plan, seconds: float, prefill: bool):
     seqs = [ScheduledSeq(i, [5] * n, 0 if prefill else 20, [0], spec) for i in range(4)]
     phase = Phase.PREFILL if prefill else Phase.DECODE
     lay = plan.prefill if prefill else plan.decode
-    step = StepPlan([SchedulerOutput(phase, [seqs])] + [None] * (lay.dp - 1))
+    step = Step([SchedulerOutput(phase, [seqs])] + [None] * (lay.dp - 1))
     return StepTiming(phase, False, seconds, step)
 
 

@@ -10,7 +10,7 @@ import random
 import pytest
 
 from seesaw_mcore.config import PhasePlan, SchedulerConfig
-from seesaw_mcore.contract import DISK, SlotRange
+from seesaw_mcore.contract import DISK, SlotRange, Switch
 from seesaw_mcore.engine.request import Sequence
 from seesaw_mcore.engine.scheduler import PhaseScheduler, ReplicaSchedulers
 from seesaw_mcore.kv.block_pool import BlockPool, block_hashes
@@ -98,11 +98,11 @@ class FakeKV:
         self.step_rows: set[int] = set()
 
     def move(self, m, to_tier: bool) -> None:
-        if m.slots.tier == DISK:  # whole O_DIRECT records: page-aligned starts
-            assert m.slots.start % DISK_ALIGN == 0, m
-        for j in range(m.slots.length):
+        if m.tier_slots.tier == DISK:  # whole O_DIRECT records: page-aligned starts
+            assert m.tier_slots.start % DISK_ALIGN == 0, m
+        for j in range(m.tier_slots.length):
             row = m.block_table[j // BS] * BS + j % BS
-            slot = (m.slots.tier, m.slots.start + j)
+            slot = (m.tier_slots.tier, m.tier_slots.start + j)
             if to_tier:
                 self.host[slot] = self.device[row]
             else:
@@ -147,11 +147,11 @@ def _run(sched, seqs: list[Sequence]) -> FakeKV:
         if not sched.has_work():
             return kv
         step = sched.schedule()
-        for r, rep in enumerate(step.replicas):
+        for r, rep in enumerate(step.hand_back if isinstance(step, Switch) else step.replicas):
             kv.device = kv.devices.setdefault(r, {})
             for m in rep.evict if rep else ():
                 kv.move(m, to_tier=True)
-        if step.switch_to is not None:
+        if isinstance(step, Switch):
             kv.devices.clear()  # the other layout owns the device memory now
             continue
         for r, rep in enumerate(step.replicas):

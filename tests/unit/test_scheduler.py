@@ -7,7 +7,7 @@ import pytest
 from seesaw_mcore.config import SchedulerConfig
 from seesaw_mcore.contract import Phase
 from seesaw_mcore.engine.request import SeqStatus, Sequence
-from seesaw_mcore.engine.scheduler import Scheduler
+from seesaw_mcore.engine.scheduler import ReplicaScheduler
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.block_pool import BlockPool
 from seesaw_mcore.sampling_params import SamplingParams
@@ -19,11 +19,11 @@ def create_requests(lengths: list[int]) -> list[Sequence]:
                      params=p, seed=0, max_tokens=100) for i, n in enumerate(lengths)]
 
 
-def create_scheduler(num_blocks=8, block_size=4, pp=1, **cfg) -> Scheduler:
-    return Scheduler(SchedulerConfig(**cfg), BlockPool(num_blocks, block_size), pp)
+def create_scheduler(num_blocks=8, block_size=4, pp=1, **cfg) -> ReplicaScheduler:
+    return ReplicaScheduler(SchedulerConfig(**cfg), BlockPool(num_blocks, block_size), pp)
 
 
-def _feed(sched: Scheduler, out) -> None:
+def _feed(sched: ReplicaScheduler, out) -> None:
     for s in out.seqs:  # pretend the runner sampled token 7 for each
         seq = next(q for q in sched.running if q.seq_id == s.seq_id)
         seq.output_token_ids.append(7)

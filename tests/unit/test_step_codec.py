@@ -8,13 +8,16 @@ from seesaw_mcore.contract import (
     DISK,
     HOST,
     KVMove,
+    MovePlan,
     Phase,
     SampledToken,
     SamplingSpec,
     ScheduledSeq,
     SchedulerOutput,
     SlotRange,
-    StepPlan,
+    Step,
+    Stop,
+    Switch,
 )
 from seesaw_mcore.runtime.step_codec import (
     decode_prompt_rows,
@@ -44,8 +47,9 @@ def test_step_round_trip():
                        [_seq(3, 5, prompt_logprobs=2)]],
         evict=[KVMove(9, SlotRange(4, 20, HOST), [5, 6])],
         swap_in=[KVMove(8, SlotRange(512, 7, DISK), [1])], swap_out=[])
-    for step in (StepPlan([rep, None, rep]), StepPlan([], switch_to=Phase.PREFILL),
-                 StepPlan([], stop=True, error="rank 0 failed: ünïcode ✓"), StepPlan([None])):
+    for step in (Step([rep, None, rep]), Switch(Phase.PREFILL),
+                 Switch(Phase.DECODE, [None, rep]), Stop("rank 0 failed: ünïcode ✓"), Stop(),
+                 MovePlan("P2:T2"), Step([None])):
         arr = encode_step(step)
         assert arr.dtype == np.int64
         assert decode_step(arr) == step

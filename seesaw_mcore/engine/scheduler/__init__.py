@@ -3,6 +3,6 @@ and the batching code they share (``batching``)."""
 
 from seesaw_mcore.engine.scheduler.base import SchedulerInterface
 from seesaw_mcore.engine.scheduler.seesaw import PhaseScheduler
-from seesaw_mcore.engine.scheduler.static import ReplicaSchedulers, Scheduler
+from seesaw_mcore.engine.scheduler.static import ReplicaScheduler, ReplicaSchedulers
 
-__all__ = ["PhaseScheduler", "ReplicaSchedulers", "Scheduler", "SchedulerInterface"]
+__all__ = ["PhaseScheduler", "ReplicaScheduler", "ReplicaSchedulers", "SchedulerInterface"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from seesaw_mcore.contract import StepPlan
+from seesaw_mcore.contract import Step, Switch
 from seesaw_mcore.engine.request import Sequence
 from seesaw_mcore.engine.scheduler.batching import PrefixStats
 
@@ -32,7 +32,7 @@ class SchedulerInterface(Protocol):
     def has_work(self) -> bool:
         """Whether any sequence is unfinished."""
 
-    def schedule(self) -> StepPlan:
+    def schedule(self) -> Step | Switch:
         """The next step of every replica, or a switch to the other phase."""
 
     def finish(self, seq: Sequence) -> None:

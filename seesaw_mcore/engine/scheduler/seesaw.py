@@ -6,9 +6,10 @@ When the host tier is full, prefill goes on into the disk tier if one is configu
 Decode runs under the decode layout: tier sequences are admitted into device blocks (swap-in,
 prefetched while the step before their first one runs) and decoded with continuous batching;
 when blocks run out, the newest sequence's KV is swapped back out to a tier (recomputed
-instead when no tier has room). The policy
-here is the simple one: prefill
-while the host tier has room, then decode everything resident, then switch back. Holds no
+instead when no tier has room). When decode hands back to prefill is the policy's choice
+(``scheduler.policy``, see ``SchedulerConfig``): ``transition_minimizing`` (the paper's,
+the default) once the tiers' load is below ``refill_threshold``, ``prefill_first`` as soon
+as a waiting prompt fits, ``decode_first`` only when nothing is left to decode. Holds no
 tensors; one instance drives every DP replica of both layouts (their DP degrees may differ:
 the host tier is shared by the node, so any replica can decode any sequence).
 
@@ -28,7 +29,16 @@ import copy
 from collections import deque
 
 from seesaw_mcore.config import PhasePlan, SchedulerConfig
-from seesaw_mcore.contract import DISK, HOST, KVMove, Phase, SchedulerOutput, SlotRange, StepPlan
+from seesaw_mcore.contract import (
+    DISK,
+    HOST,
+    KVMove,
+    Phase,
+    SchedulerOutput,
+    SlotRange,
+    Step,
+    Switch,
+)
 from seesaw_mcore.engine.request import SeqStatus, Sequence
 from seesaw_mcore.engine.scheduler.batching import (
     PrefillPack,
@@ -76,10 +86,10 @@ class PhaseScheduler:
         if disk_slots:
             self.tiers[DISK] = SlotAllocator(disk_slots, DISK, disk_align)
         self.tier_kv = TierKV(self._allocate_slots, block_size, enable_caching)
-        self._kv: dict[int, list[Piece]] = {}  # seq id -> its KV in the tiers (SWAPPED)
+        self._kv: dict[int, list[Piece]] = {}  # seq id -> its KV in the tiers (OFFLOADED)
         self.prefix = PrefixStats()
         self.waiting: deque[Sequence] = deque()  # need prefill (new or preempted)
-        self.swapped: deque[Sequence] = deque()  # KV in a tier, in prefill order
+        self.offloaded: deque[Sequence] = deque()  # KV in a tier, in prefill order
         self.running: list[list[Sequence]] = [[] for _ in range(plan.decode.dp)]
         # admitted last step, KV prefetched during it: they join ``running`` this step
         self.arriving: list[list[Sequence]] = [[] for _ in range(plan.decode.dp)]
@@ -102,7 +112,7 @@ class PhaseScheduler:
         return len(self.waiting)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.swapped or self._evicted or any(self.running)
+        return bool(self.waiting or self.offloaded or self._evicted or any(self.running)
                     or any(self.arriving))
 
     @property
@@ -116,29 +126,29 @@ class PhaseScheduler:
                 return tier.allocate(n)
         return None
 
-    def schedule(self) -> StepPlan:
+    def schedule(self) -> Step | Switch:
         """The next step for every replica, or a switch to the other phase."""
         if self.phase == Phase.PREFILL:
             replicas = self._schedule_prefill()
             if any(replicas):
-                return StepPlan(replicas)
-            if self.swapped or self._evicted or any(self.running) or self._dead_slots:
+                return Step(replicas)
+            if self.offloaded or self._evicted or any(self.running) or self._dead_slots:
                 return self._switch(Phase.DECODE)
         else:
             if self._refill_due():
                 return self._switch(Phase.PREFILL)
             replicas = self._schedule_decode()
             if any(replicas):
-                return StepPlan(replicas)
+                return Step(replicas)
             if self.waiting:
                 return self._switch(Phase.PREFILL)
         raise RuntimeError("scheduler stalled with work left (a bug)")
 
-    def _switch(self, phase: Phase) -> StepPlan:
+    def _switch(self, phase: Phase) -> Switch:
         """Past the switch's barrier no rank touches dead slots, and every swap-out is
         written: dead slots are freed, swapped-out sequences are first in line. Sequences
         still on the device (a hand-back to prefill) are swapped out to the tiers right
-        after the barrier, under the decode layout (the plan's ``replicas``)."""
+        after the barrier, under the decode layout (the switch's ``hand_back``)."""
         self.phase = phase
         self.num_switches += 1
         for pool in self.prefill_pools + self.decode_pools:  # the other layout's memory now
@@ -148,9 +158,9 @@ class PhaseScheduler:
         self._dead_slots.clear()
         self._dead_reserved = 0
         hand_back = self._hand_back() if self._on_device() else []
-        self.swapped.extendleft(reversed(self._evicted))
+        self.offloaded.extendleft(reversed(self._evicted))
         self._evicted = []
-        return StepPlan(hand_back, switch_to=phase)
+        return Switch(phase, hand_back)
 
     def _kill_slots(self, r: SlotRange) -> None:
         """``r`` is no longer needed; it is freed at the next switch."""
@@ -196,7 +206,7 @@ class PhaseScheduler:
             for seq in self.running[r] + self.arriving[r]:
                 moves += self._store(seq, seq.block_table, seq.num_tokens - 1)
                 self.decode_pools[r].free(seq.block_table)
-                seq.status = SeqStatus.SWAPPED
+                seq.status = SeqStatus.OFFLOADED
                 self._evicted.append(seq)
                 self.num_handed_back += 1
             self.running[r], self.arriving[r] = [], []
@@ -218,7 +228,7 @@ class PhaseScheduler:
             raise RuntimeError(f"no tier room for sequence {seq.seq_id} (a bug)")
         pieces, first = stored
         self._kv[seq.seq_id] = pieces
-        seq.status = SeqStatus.SWAPPED
+        seq.status = SeqStatus.OFFLOADED
         if first >= num_tokens:
             return []
         return [KVMove(seq.seq_id, pieces[-1].slots(), table[first // self.block_size:])]
@@ -259,7 +269,7 @@ class PhaseScheduler:
             self.prefix.add(n, start)
             moves = self._store(seq, table, n)
             seq.replica = r
-            self.swapped.append(seq)
+            self.offloaded.append(seq)
             packs[r].add(scheduled(seq, seq.all_token_ids[start:], start, table),
                          moves[0] if moves else None)
         for r, pack in enumerate(packs):  # scratch: the KV leaves for a tier in the step
@@ -278,15 +288,15 @@ class PhaseScheduler:
             self.running[r] += arrived
             arrived.clear()
         for seq in reversed(self._evicted):
-            self.swapped.appendleft(seq)  # written by now: first in line to come back
+            self.offloaded.appendleft(seq)  # written by now: first in line to come back
         self._evicted = []
         evicted: list[list[KVMove]] = [[] for _ in self.running]
         admitted: list[list[KVMove]] = [[] for _ in self.running]
         for r, running in enumerate(self.running):
             grow_running(self.decode_pools[r], running,
                          lambda victim, out=evicted[r]: self._preempt(victim, out))
-        while self.swapped:
-            seq = self.swapped[0]
+        while self.offloaded:
+            seq = self.offloaded[0]
             kv_len = seq.num_tokens - 1
             # cached blocks may replace a host piece's start, never a disk record's (whole
             # O_DIRECT pages are read)
@@ -297,7 +307,7 @@ class PhaseScheduler:
             r = self._replica_for(seq, [bool(e) for e in evicted], hits)
             if r is None:
                 break
-            self.swapped.popleft()
+            self.offloaded.popleft()
             pool = self.decode_pools[r]
             pool.share(seq.block_table, hits[r])
             pool.allocate(seq.block_table, seq.num_tokens)
@@ -352,8 +362,8 @@ class PhaseScheduler:
 
     def finish(self, seq: Sequence) -> None:
         """Removes a finished sequence and frees what it holds."""
-        if seq.status == SeqStatus.SWAPPED:  # finished by its first token (prefill)
-            self.swapped.remove(seq)
+        if seq.status == SeqStatus.OFFLOADED:  # finished by its first token (prefill)
+            self.offloaded.remove(seq)
             self._release(seq)
         else:
             self.decode_pools[seq.replica].free(seq.block_table)

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections import deque
 
 from seesaw_mcore.config import SchedulerConfig
-from seesaw_mcore.contract import Phase, ScheduledSeq, SchedulerOutput, StepPlan
+from seesaw_mcore.contract import Phase, ScheduledSeq, SchedulerOutput, Step
 from seesaw_mcore.engine.request import SeqStatus, Sequence
 from seesaw_mcore.engine.scheduler.batching import (
     PrefillPack,
@@ -28,7 +28,7 @@ from seesaw_mcore.engine.scheduler.batching import (
 from seesaw_mcore.kv.block_pool import BlockPool
 
 
-class Scheduler:
+class ReplicaScheduler:
     """Queues and block tables of one replica.
 
     Args:
@@ -114,7 +114,7 @@ class ReplicaSchedulers:
                  pools: list[BlockPool] | None = None) -> None:
         self.config = config
         pools = pools or [BlockPool(num_blocks, block_size, enable_caching) for _ in range(dp)]
-        self.replicas = [Scheduler(config, pool, pp) for pool in pools]
+        self.replicas = [ReplicaScheduler(config, pool, pp) for pool in pools]
         self._last: tuple[int, int] | None = None  # (request index, replica) of the last add
         # per replica: full-block hashes of the prompts routed there and not yet prefilled
         # (a prompt routed behind them finds its prefix there before it is computed)
@@ -184,20 +184,20 @@ class ReplicaSchedulers:
     def has_work(self) -> bool:
         return any(s.has_work() for s in self.replicas)
 
-    def schedule(self) -> StepPlan:
+    def schedule(self) -> Step:
         """Every replica's next step."""
-        plans = [s.schedule() for s in self.replicas]
-        if not any(plans):
+        outs = [s.schedule() for s in self.replicas]
+        if not any(outs):
             raise RuntimeError("scheduler stalled with work left (a bug)")
-        for r, plan in enumerate(plans):  # prefilled: cached from now on, no longer pending
-            for entry in plan.seqs if plan is not None and plan.phase == Phase.PREFILL else ():
+        for r, out in enumerate(outs):  # prefilled: cached from now on, no longer pending
+            for entry in out.seqs if out is not None and out.phase == Phase.PREFILL else ():
                 for h in self._pending_of.pop(entry.seq_id, ()):
                     left = self._pending[r][h] - 1
                     if left:
                         self._pending[r][h] = left
                     else:
                         del self._pending[r][h]
-        return StepPlan(plans)
+        return Step(outs)
 
     def finish(self, seq: Sequence) -> None:
         self.replicas[seq.replica].finish(seq)

@@ -1,0 +1,66 @@
+"""What ``LLM`` reads besides the engine: a model folder's tokenizer and EOS ids, the
+prompts of a ``generate`` call with their ``SamplingParams`` and ids, and each sample's
+seed."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import Iterable, Iterator
+
+from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.sampling_params import SamplingParams
+
+PromptType = str | dict
+
+
+def sample_seed(seed: int, request_id: str, sample: int) -> int:
+    """A 63-bit seed from ``(seed, request id, sample index)``, stable across runs and
+    machines (BLAKE2b, not Python's salted ``hash``)."""
+    digest = hashlib.blake2b(f"{seed}\x00{request_id}\x00{sample}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
+
+
+def requests_of(prompts: Iterable[PromptType], sampling_params, request_ids
+              ) -> Iterator[tuple[int, str, PromptType, SamplingParams]]:
+    """``(index, id, prompt, params)`` per prompt, lazily; ``sampling_params`` and
+    ``request_ids`` may be single values (params), sequences or iterators."""
+    if sampling_params is None or isinstance(sampling_params, SamplingParams):
+        params = itertools.repeat(sampling_params or SamplingParams())
+    else:
+        params = iter(sampling_params)
+    ids = itertools.count() if request_ids is None else iter(request_ids)
+    for i, prompt in enumerate(prompts):
+        p, rid = next(params, None), next(ids, None)
+        if p is None or rid is None:
+            raise SeesawError(f"fewer {'SamplingParams' if p is None else 'request ids'} "
+                              f"than prompts (prompt {i} has none)")
+        if not isinstance(p, SamplingParams):
+            raise SeesawError(f"prompt {i}: expected SamplingParams, got {type(p).__name__}")
+        yield i, str(rid), prompt, p
+
+
+def load_tokenizer(path: str):
+    """The folder's transformers tokenizer (``None`` when it has none)."""
+    if not os.path.exists(os.path.join(path, "tokenizer.json")) and not os.path.exists(
+            os.path.join(path, "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+def eos_ids(path: str, tokenizer) -> set[int]:
+    """EOS ids besides the model config's: ``generation_config.json``'s and the
+    tokenizer's."""
+    ids: set[int] = set()
+    gen = os.path.join(path, "generation_config.json")
+    if os.path.isfile(gen):
+        with open(gen, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
