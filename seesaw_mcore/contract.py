@@ -8,12 +8,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from seesaw_mcore.config import ParallelConfig
-
-
 
 HOST, DISK = "host", "disk"  # the KV tiers below the device cache
 
@@ -167,7 +161,7 @@ class RunnerOutput:
 class RankInfo:
     """Where this rank sits in the active layout."""
 
-    layout: "ParallelConfig"
+    layout: object  # the active config.ParallelConfig (this module imports nothing of ours)
     rank: int
     dp_rank: int
     tp_rank: int
