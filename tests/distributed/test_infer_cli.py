@@ -48,7 +48,7 @@ def _run_batch(world: int, cases: dict[str, list[str]], tmp_path_factory) -> dic
         (root / k).mkdir()
     (root / "cases.json").write_text(json.dumps(list(cases.values())))
     proc = launch(world, ["tests.distributed.cli_batch", str(root / "cases.json"),
-                          str(root / "out.json")], timeout=600)
+                          str(root / "out.json")], timeout=600, launcher="ds-launch")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = json.loads((root / "out.json").read_text())
     return {k: _Run(r, root / k) for k, r in zip(cases, recs)}

@@ -34,7 +34,8 @@ def reports(tiny_models, tmp_path_factory) -> dict[int, dict]:
         file = tmp_path_factory.mktemp("parity") / f"w{world}.json"
         proc = launch(world, ["seesaw_mcore.tools.parity", "--model", *paths, "--layouts",
                               *layouts, "--prompt-ids", json.dumps(PROMPTS), "--max-new",
-                              str(MAX_NEW), "--out", str(file)], timeout=400)
+                              str(MAX_NEW), "--out", str(file)], timeout=400,
+                      launcher="ds-launch")
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out[world] = json.loads(file.read_text())
     return out
