@@ -163,7 +163,7 @@ def launch_cmd(nprocs: int, args: list[str], launcher: str = "deepspeed") -> lis
         return [sys.executable, "-m", *args]
     if launcher == "torchrun":
         return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                str(nprocs), "--master-port", str(_free_port()), "-m", *args]
+                str(nprocs), "--master-port", str(free_test_port()), "-m", *args]
     if launcher == "ds-launch":
         import base64
         import json
@@ -172,10 +172,10 @@ def launch_cmd(nprocs: int, args: list[str], launcher: str = "deepspeed") -> lis
                                          .encode()).decode()
         return [sys.executable, "-u", "-m", "deepspeed.launcher.launch",
                 f"--world_info={hosts}", "--master_addr=127.0.0.1",
-                f"--master_port={_free_port()}", "--no_local_rank", "--module", *args]
+                f"--master_port={free_test_port()}", "--no_local_rank", "--module", *args]
     assert launcher == "deepspeed", launcher
     return [os.path.join(VENV_BIN, "deepspeed"), "--no_local_rank", "--num_gpus", str(nprocs),
-            "--master_port", str(_free_port()), "--module", *args]
+            "--master_port", str(free_test_port()), "--module", *args]
 
 
 def launch_env(env: dict[str, str] | None = None) -> dict[str, str]:
@@ -183,7 +183,7 @@ def launch_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
 
 
-def _free_port() -> int:
+def free_test_port() -> int:
     """A free port for a launched job's rendezvous, below Linux's ephemeral range (32768+,
     where gloo's own connections take theirs) and in a range of its own per pytest-xdist
     worker, so no other test can take it between this check and the job's bind."""

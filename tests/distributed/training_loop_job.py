@@ -39,9 +39,9 @@ def from_trainer(llm, path: str, weights, run) -> list:
 
     import torch.distributed as dist
 
-    from seesaw_mcore.runtime.groups import free_port
+    from tests.conftest import free_test_port
 
-    box = [free_port()]
+    box = [free_test_port()]  # not an ephemeral port: another job's gloo may take that
     dist.broadcast_object_list(box, src=0)
     world = dist.get_world_size() + 1
     trainer = None
