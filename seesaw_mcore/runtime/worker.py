@@ -69,8 +69,7 @@ class Worker:
         self._mark(msg)
         dp = self.runner.info.dp_rank
         hand_back = msg.hand_back[dp] if dp < len(msg.hand_back) else None
-        dst = self.plan.prefill if msg.phase == Phase.PREFILL else self.plan.decode
-        record = self.resharder.switch(dst, msg.phase, hand_back)
+        record = self.resharder.switch(self._layout_for(msg.phase), msg.phase, hand_back)
         self.phase = msg.phase
         return record
 
@@ -83,6 +82,10 @@ class Worker:
         record = self.resharder.switch(self.plan.prefill, Phase.PREFILL)
         self.phase = Phase.PREFILL
         return record
+
+    def _layout_for(self, phase: Phase) -> ParallelConfig:
+        """The live plan's layout for ``phase``."""
+        return self.plan.prefill if phase == Phase.PREFILL else self.plan.decode
 
     def collect(self, step: Step, mine: RunnerOutput | None) -> list[RunnerOutput | None]:
         """Rank 0: every replica's sampled tokens (its own, or received from the replica's
@@ -132,10 +135,9 @@ class Worker:
             wd.set_phase("end", "the end of the run")
         elif isinstance(msg, MovePlan):
             wd.set_phase("switch", f"the move from plan {self.plan} to {msg.plan}")
-        elif isinstance(msg, Switch):
-            src, dst = ((self.plan.decode, self.plan.prefill) if msg.phase == Phase.PREFILL
-                        else (self.plan.prefill, self.plan.decode))
-            wd.set_phase("switch", f"the switch {src} -> {dst} ({msg.phase.value})")
+        elif isinstance(msg, Switch):  # called before the switch: the live layout is its source
+            wd.set_phase("switch", f"the switch {self.layout} -> "
+                         f"{self._layout_for(msg.phase)} ({msg.phase.value})")
         else:
             kind = msg.phase.value
             wd.set_phase(kind, kind)
