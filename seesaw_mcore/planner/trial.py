@@ -226,10 +226,10 @@ class TrialDriver(RunDriver):
     def step(self) -> list:
         trial = self.trial
         if not trial.done:
-            trial.before_step(self.engine)
-        done_before = trial.done
+            trial.before_step(self.engine)  # may end the trial (the fastest chosen)
+        measured = not trial.done  # this step belongs to a candidate's window
         out = self.engine.step()
-        if not done_before:
+        if measured:
             trial.observe(self.engine.last_step)
         return out
 
