@@ -312,6 +312,9 @@ class LLM:
         self.engine.shutdown()
 
     def close(self) -> None:
-        """Releases the tiers but keeps the process groups, for another ``LLM`` in the
-        same job."""
+        """Releases the tiers and the weight-update group (``init_weight_update_group``)
+        but keeps the job's process groups, for another ``LLM`` in the same job."""
+        if getattr(self, "_update_group", None) is not None:
+            self._update_group.close()
+            self._update_group = None
         self.engine.close()

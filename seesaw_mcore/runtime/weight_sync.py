@@ -13,6 +13,7 @@ Trainer side::
     group = WeightUpdateGroup("10.0.0.1", 29600, rank=0, world_size=1 + engine_ranks)
     for name, t in model.state_dict().items():   # in the order the engine was told
         group.broadcast(t)
+    group.close()                                # before the process exits
 """
 
 from __future__ import annotations
@@ -51,10 +52,22 @@ class WeightUpdateGroup:
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Sends ``tensor`` from group rank ``src`` (others: receives into it)."""
+        if self.pg is None:
+            raise SeesawError("the weight-update group is closed")
         opts = dist.BroadcastOptions()
         opts.rootRank, opts.rootTensor = src, 0
         self.pg.broadcast([tensor], opts).wait()
         return tensor
+
+    def close(self) -> None:
+        """Shuts the group down: its communicator's threads are joined, then the store (on
+        the trainer's rank 0, the rendezvous server) is released. Call it before the process
+        exits: left to the interpreter's teardown, the store and communicator are destroyed
+        in no fixed order, and the process may abort there (``terminate called without an
+        active exception``) after every broadcast has arrived. Idempotent."""
+        if self.pg is not None:
+            self.pg.shutdown()
+        self.pg = self.store = None
 
     def receive(self, names: list[str], dtypes: list, shapes: list,
                 check: Callable[[list[tuple[str, torch.Tensor]]], None]

@@ -1,5 +1,6 @@
 """A trainer's rank 0 for the weight-update test: hosts the update group's rendezvous and
-broadcasts a checkpoint's tensors (sorted by name) to the engine's ranks."""
+broadcasts a checkpoint's tensors (sorted by name) to the engine's ranks, then closes the
+group (as a trainer that exits must)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,14 @@ import sys
 from seesaw_mcore.runtime.weight_sync import WeightUpdateGroup
 from tests.distributed.training_loop_job import tensors
 
-if __name__ == "__main__":
+
+def main() -> None:
     addr, port, world, path = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     group = WeightUpdateGroup(addr, port, rank=0, world_size=world)
     for _, t in tensors(path):
         group.broadcast(t.contiguous())
+    group.close()
+
+
+if __name__ == "__main__":
+    main()

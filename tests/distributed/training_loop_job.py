@@ -32,9 +32,9 @@ def tensors(path: str) -> list[tuple[str, object]]:
     return sorted(out.items())
 
 
-def from_trainer(llm, path: str, weights, run) -> list:
-    """``update_weights_from_distributed`` from ``trainer_stub.py`` (rank 0 starts it);
-    returns the greedy outputs after it."""
+def from_trainer(llm, path: str, weights, run, log: str) -> list:
+    """``update_weights_from_distributed`` from ``trainer_stub.py`` (rank 0 starts it, its
+    output to ``log``); returns the greedy outputs after it."""
     import subprocess
 
     import torch.distributed as dist
@@ -46,14 +46,18 @@ def from_trainer(llm, path: str, weights, run) -> list:
     world = dist.get_world_size() + 1
     trainer = None
     if dist.get_rank() == 0:
-        trainer = subprocess.Popen([sys.executable, "-m", "tests.distributed.trainer_stub",
-                                    "127.0.0.1", str(box[0]), str(world), path])
+        with open(log, "w") as f:
+            trainer = subprocess.Popen([sys.executable, "-m", "tests.distributed.trainer_stub",
+                                        "127.0.0.1", str(box[0]), str(world), path],
+                                       stdout=f, stderr=subprocess.STDOUT)
     llm.init_weight_update_group("127.0.0.1", box[0], rank_offset=1, world_size=world)
     llm.update_weights_from_distributed([n for n, _ in weights],
                                         [str(t.dtype).split(".")[1] for _, t in weights],
                                         [tuple(t.shape) for _, t in weights])
     if trainer is not None:
-        assert trainer.wait(timeout=60) == 0
+        code = trainer.wait(timeout=60)
+        with open(log) as f:
+            assert code == 0, f"trainer stub exited {code}:\n{f.read()[-3000:]}"
     return run()
 
 
@@ -199,7 +203,8 @@ def main() -> None:
         rep["halves"] = run()
         if plan in ("T1", "P2:T2"):  # from a trainer process, over a group made for it
             llm.update_weights(wa)
-            rep["distributed"] = from_trainer(llm, b, wb, run)
+            rep["distributed"] = from_trainer(llm, b, wb, run,
+                                             f"{out_path}.trainer.log")
         llm.close()
         rep["megatron"] = megatron(plan, megatron_root, qwen2, greedy, prompts)
         if plan in ("T1", "P2:T2"):

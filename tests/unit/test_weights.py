@@ -1,7 +1,9 @@
-"""ShardStore: both phases' shards per rank, identical tensors stored once."""
+"""ShardStore: both phases' shards per rank, identical tensors stored once; the weight-update
+group's lifetime."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from seesaw_mcore.config import ModelConfig, PhasePlan
@@ -37,3 +39,16 @@ def test_static_plan_stored_once(tiny_models):
     store = ShardStore(ckpt, PhasePlan.parse("T2"), 0, torch.float32)
     assert len(store.shards) == 1
     assert store.unique_bytes == _nbytes(store.shard(PhasePlan.parse("T2").prefill))
+
+
+def test_weight_update_group_closes_once_and_refuses_after():
+    from seesaw_mcore.errors import SeesawError
+    from seesaw_mcore.runtime.weight_sync import WeightUpdateGroup
+    from tests.conftest import free_test_port
+
+    group = WeightUpdateGroup("127.0.0.1", free_test_port(), rank=0, world_size=1)
+    assert torch.equal(group.broadcast(torch.arange(4)), torch.arange(4))
+    group.close()
+    group.close()
+    with pytest.raises(SeesawError, match=r"^the weight-update group is closed$"):
+        group.broadcast(torch.arange(4))
