@@ -240,6 +240,14 @@ class LlamaStage(nn.Module):
         self.repack()
         return copied
 
+    def idle_moe(self, passes: int) -> None:
+        """An E layout's rank with fewer forwards in a step than its E peers: takes part in
+        each missing forward's MoE exchanges with no tokens."""
+        for _ in range(passes):
+            for layer in self.layers:
+                if layer.moe is not None:
+                    layer.moe.idle()
+
     def repack(self) -> None:
         """Re-packs the oneDNN copies of float32 weights (CPU ranks) after they changed."""
         for m in self.modules():

@@ -179,7 +179,7 @@ class Executor:
         if "weights" in tags & self._asleep:
             self.runner.wake_weights()
         if "kv_cache" in tags & self._asleep:
-            self.runner.wake_kv(self._sleep_blocks)
+            self.runner.allocate_kv(self._sleep_blocks)
         self._asleep -= tags
 
     def check_ready(self) -> None:

@@ -16,6 +16,7 @@ switch loads it while the cache stays).
 
 from __future__ import annotations
 
+import itertools
 import sys
 from dataclasses import dataclass
 
@@ -24,10 +25,12 @@ import torch.distributed as dist
 
 from seesaw_mcore import env
 from seesaw_mcore.config import CacheConfig, ParallelConfig
+from seesaw_mcore.contract import SamplingSpec
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.runtime import groups, memory
 from seesaw_mcore.runtime.memory import kv_bytes_per_block
 from seesaw_mcore.runtime.model_runner import ModelRunner
+from seesaw_mcore.runtime.sampler import sample
 
 GIB = 2**30
 
@@ -106,11 +109,12 @@ def profile_memory(runner: ModelRunner, mem: memory.DeviceMemory, utilization: f
     activations = 0
     for lay in [*[x for x in runner.layouts if x != start], start]:  # end on the live one
         runner.use(lay)
-        with runner.scratch_kv(max_tokens, max_model_len):
+        lens = memory.profile_lengths(max_tokens, max_model_len)
+        with runner.scratch_kv(sum(-(-n // runner.block_size) for n in lens)):
             mem.empty_cache()
             base = mem.allocated()
             mem.reset_peak()
-            runner.profile_step(max_tokens, max_seqs, max_model_len)
+            largest_step(runner, lens, max_seqs)
             activations = max(activations, mem.peak() - base)
     mem.empty_cache()
     store = runner.store
@@ -118,6 +122,24 @@ def profile_memory(runner: ModelRunner, mem: memory.DeviceMemory, utilization: f
     return MemoryProfile(total=mem.total(), used=mem.total() - mem.free(),
                          activations=activations, extra_weights=extra,
                          utilization=utilization)
+
+
+def largest_step(runner: ModelRunner, lens: list[int], max_seqs: int) -> None:
+    """The largest step the scheduler sends (collective over the replica): prompts of
+    ``lens`` tokens through this rank's stage, then logits and a top-p draw for
+    ``max_seqs`` rows on the last stage."""
+    tables, first = [], 0
+    for n in lens:
+        k = -(-n // runner.block_size)
+        tables.append(list(range(first, first + k)))
+        first += k
+    rows = max(max_seqs, len(lens))
+    last = [end - 1 for end in itertools.accumulate(lens)]  # each prompt's last token
+    logits = runner.forward([0] * sum(lens), lens, lens, tables,
+                            (last * -(-rows // len(lens)))[:rows])  # [R, V] on the last stage
+    if logits is not None and runner.info.tp_rank == 0:
+        spec = SamplingSpec(temperature=1.0, top_k=0, top_p=0.9, seed=0, step=0, logprobs=None)
+        sample(logits, list(range(rows)), [spec] * rows)
 
 
 def _check_host_memory(per_rank_bytes: float) -> None:

@@ -6,23 +6,14 @@ Every rank calls ``forward`` with the same step description; each runs its own s
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 
 from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan
-from seesaw_mcore.contract import (
-    HOST,
-    KVMove,
-    RunnerOutput,
-    SampledToken,
-    SamplingSpec,
-    SchedulerOutput,
-)
-from seesaw_mcore.kv.copier import KVCopier, KVView
-from seesaw_mcore.kv.layout import KVShardLayout
+from seesaw_mcore.contract import HOST, KVMove, RunnerOutput, SampledToken, SchedulerOutput
+from seesaw_mcore.kv.copier import KVCopier
 from seesaw_mcore.kv.transfer import CopyQueue
 from seesaw_mcore.model import cpu_attention
 from seesaw_mcore.model.attention import AttentionMetadata
@@ -30,7 +21,9 @@ from seesaw_mcore.model.llama import LlamaStage
 from seesaw_mcore.model.loader import open_checkpoint
 from seesaw_mcore.runtime import groups, memory
 from seesaw_mcore.runtime.cuda_graphs import DecodeGraphs
-from seesaw_mcore.runtime.sampler import PROMPT_CHUNK, prompt_logprob_rows, sample
+from seesaw_mcore.runtime.kv_buffer import KVBuffer
+from seesaw_mcore.runtime.prompt_logprobs import attach_prompt_logprobs
+from seesaw_mcore.runtime.sampler import sample
 from seesaw_mcore.runtime.weights import ShardStore
 
 
@@ -39,8 +32,8 @@ class ModelRunner:
 
     Weights come from the ``ShardStore`` (both phases' shards in pinned host memory): on
     CPU ranks the stage's parameters are views of the stored tensors (no copy at a switch),
-    on GPU ranks they are copied to the device. The paged KV cache is one flat buffer viewed
-    per layout as ``[local layers, 2, NB, BS, Hkv/TP, D]``.
+    on GPU ranks they are copied to the device. The paged KV cache is a ``KVBuffer`` viewed
+    per layout.
 
     Args:
         cfg: model architecture.
@@ -80,11 +73,7 @@ class ModelRunner:
             cpu_attention.available()
         self.store = store or ShardStore(open_checkpoint(cfg), self.layouts, dist.get_rank(),
                                          dtype)
-        self.kv_layouts = {lay: KVShardLayout(lay, cfg.num_layers, cfg.num_kv_heads)
-                           for lay in self.layouts}
-        self.num_blocks: dict[ParallelConfig, int] = {}
-        self._kv_flat: torch.Tensor | None = None
-        self.kv_cache: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.kv = KVBuffer(cfg, self.layouts, dtype, block_size, self.device)
         self.transfer = CopyQueue(groups.accelerator(), async_swap)
         self.copier = KVCopier(self.transfer, cfg.head_dim)  # host / disk tiers: set later
         self.model: LlamaStage | None = None
@@ -92,6 +81,7 @@ class ModelRunner:
         self.graph_sizes = graph_sizes
         self.max_model_len = max_model_len or cfg.max_position_embeddings
         self._graphs: DecodeGraphs | None = None  # of the live stage and KV view
+        self._graphs_for = -1  # the KV views' version they were captured over
         self.graph_steps = 0  # decode steps run padded to a bucket (replayed on CUDA)
         self.use(plan.prefill)
 
@@ -103,7 +93,7 @@ class ModelRunner:
             Weight bytes copied host -> device (0 on CPU ranks: the stage views the store).
         """
         self.transfer.drain()  # tier copies address the KV view of the old layout
-        self._graphs = None  # captured over the old stage
+        self._graphs = None  # captured over the old stage: its memory goes first
         self.info = groups.activate(layout)
         copied = 0
         if layout in self._resident:  # its weights are views of the store: reuse the stage
@@ -117,42 +107,24 @@ class ModelRunner:
             else:
                 self._resident[layout] = model
             self.model = model
-        if self.num_blocks:
-            self._view_kv()
+        self.kv.bind(layout, self.info.rank, len(self.model.layers))
         return copied
 
     def allocate_kv(self, num_blocks: int | dict[ParallelConfig, int]) -> None:
         """Allocates the paged cache: ``num_blocks`` blocks under each of its layouts
         (one number: the same for every layout), in one buffer sized for the largest."""
-        if isinstance(num_blocks, int):
-            num_blocks = {lay: num_blocks for lay in self.kv_layouts}
-        self.num_blocks = dict(num_blocks)
-        self._graphs = None
-        # one more block than the pool's: the null block decode padding writes to
-        nbytes = max((n + 1) * memory.kv_bytes_per_block(self.cfg, lay, self.block_size, self.dtype)
-                     for lay, n in self.num_blocks.items())
-        self._kv_flat = None
-        self._kv_flat = torch.zeros(nbytes // self.dtype.itemsize, dtype=self.dtype,
-                                    device=self.device)
-        if self.model is not None:  # else ``use`` makes the views with the stage
-            self._view_kv()
+        self._graphs = None  # they hold the old buffer's views
+        self.kv.allocate(num_blocks)
+
+    @property
+    def kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per local layer of the live layout, K and V ``[NB, BS, Hkv/TP, D]``."""
+        return self.kv.layers
 
     @property
     def kv_cache_bytes(self) -> int:
         """Bytes of the device KV buffer (0 when none is allocated)."""
-        return 0 if self._kv_flat is None else self._kv_flat.numel() * self.dtype.itemsize
-
-    def _view_kv(self) -> None:
-        """Per local layer, K and V ``[NB, BS, Hkv/TP, D]`` views of the flat buffer."""
-        layout = self.info.layout
-        nb, n = self.num_blocks[layout] + 1, len(self.model.layers)  # + the null block
-        hkv = self.cfg.num_kv_heads // layout.tp
-        shape = (n, 2, nb, self.block_size, hkv, self.cfg.head_dim)
-        kv = self._kv_flat[: math.prod(shape)].view(shape)
-        self.kv_cache = [(kv[i, 0], kv[i, 1]) for i in range(n)]
-        kvl = self.kv_layouts[layout]
-        self._kv_view = KVView(kv.flatten(2, 3), self.block_size,  # [n, 2, NB * BS, h, D]
-                               kvl.layer_range(self.info.rank)[0], kvl.head_range(self.info.rank))
+        return self.kv.nbytes
 
     @torch.no_grad()
     def update_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
@@ -178,16 +150,11 @@ class ModelRunner:
             stage.repack()
         return len(names)
 
-    def _drop_kv(self) -> None:
-        """Forgets the KV buffer, its views and the graphs captured over them."""
-        self.num_blocks, self._kv_flat, self.kv_cache, self._kv_view = {}, None, [], None
-        self._graphs = None
-
     def release(self) -> None:
         """Drops the KV cache and the device stages and returns PyTorch's cached device
         memory to the driver, so another engine in this process can size its cache."""
-        self._drop_kv()
-        self.model, self._resident = None, {}
+        self.kv.drop()
+        self.model, self._resident, self._graphs = None, {}, None
         mem = memory.device_memory()
         if mem is not None:
             mem.empty_cache()
@@ -198,10 +165,10 @@ class ModelRunner:
         values an update must then bring.
 
         Returns:
-            The KV blocks per layout, for ``wake_kv``.
+            The KV blocks per layout, for ``allocate_kv`` at wake-up.
         """
         self.transfer.drain()
-        blocks = dict(self.num_blocks)
+        blocks = dict(self.kv.num_blocks)
         self.release()
         if level == 2:
             self.store.discard()
@@ -214,47 +181,15 @@ class ModelRunner:
             self.store.restore()
         self.use(self.info.layout)
 
-    def wake_kv(self, blocks: dict[ParallelConfig, int]) -> None:
-        """Allocates the KV cache ``sleep`` freed (empty: nothing cached survives)."""
-        self.allocate_kv(blocks)
-
     @contextlib.contextmanager
-    def scratch_kv(self, num_tokens: int, max_len: int) -> Iterator[None]:
-        """A KV cache of just the blocks ``profile_step`` writes, dropped on exit."""
-        lens = memory.profile_lengths(num_tokens, max_len)
-        self.allocate_kv(sum(-(-n // self.block_size) for n in lens))
-        try:
+    def scratch_kv(self, num_blocks: int) -> Iterator[None]:
+        """A KV cache of ``num_blocks`` blocks (a profiling run's), dropped on exit."""
+        self._graphs = None
+        with self.kv.scratch(num_blocks):
             yield
-        finally:
-            self._drop_kv()
-
-    @torch.inference_mode()
-    def profile_step(self, num_tokens: int, max_seqs: int, max_len: int) -> None:
-        """The largest step the scheduler sends, for memory profiling (collective over the
-        replica): ``num_tokens`` prompt tokens in prompts of at most ``max_len`` through this
-        rank's stage, then logits and a top-p draw for ``max_seqs`` rows on the last stage."""
-        lens = memory.profile_lengths(num_tokens, max_len)
-        tables, first = [], 0
-        for n in lens:
-            k = -(-n // self.block_size)
-            tables.append(list(range(first, first + k)))
-            first += k
-        sends: list = []
-        hidden, meta = self._stage([0] * sum(lens), lens, lens, tables, sends)
-        for work, _buf in sends:
-            work.wait()
-        if hidden is None:
-            return
-        rows = max(max_seqs, len(lens))
-        last = meta.cu_query_lens[1:].long() - 1  # [B]
-        logits = self.model.logits(hidden[last.repeat(-(-rows // len(lens)))[:rows]])  # [R, V]
-        if self.info.tp_rank == 0:
-            spec = SamplingSpec(temperature=1.0, top_k=0, top_p=0.9, seed=0, step=0,
-                                logprobs=None)
-            sample(logits, list(range(rows)), [spec] * rows)
 
     def _swap(self, moves: list[KVMove], to_tier: bool, layers: range | None = None) -> None:
-        self.copier.swap(self._kv_view, moves, to_tier, layers)
+        self.copier.swap(self.kv.view, moves, to_tier, layers)
 
     @torch.inference_mode()
     def forward(
@@ -336,42 +271,13 @@ class ModelRunner:
                 sampled += mb_tokens
             else:
                 mb_tokens = [None] * len(mb)
-            self._prompt_logprobs(mb, hidden, mb_tokens)
+            attach_prompt_logprobs(self.model.logits, mb, hidden, mb_tokens,
+                                   keep=self.info.tp_rank == 0)
         for work, _buf in sends:
             work.wait()
         if self.info.is_last_stage and self.info.tp_rank == 0:
             return RunnerOutput(sampled)
         return None
-
-    def idle_moe(self, passes: int) -> None:
-        """An E layout's rank with fewer forwards in a step than its E peers: takes part in
-        each missing forward's MoE exchanges with no tokens."""
-        for _ in range(passes):
-            for layer in self.model.layers:
-                if layer.moe is not None:
-                    layer.moe.idle()
-
-    def _prompt_logprobs(self, mb, hidden: torch.Tensor,
-                         tokens: list) -> None:
-        """For sequences that ask (first prefill, ``SamplingSpec.prompt_logprobs``): every
-        prompt position's logprobs, in chunks (``logits`` gathers over the TP group, so every
-        TP rank runs this; TP rank 0 keeps the rows)."""
-        start = 0  # the sequence's first row in ``hidden``: offsets from the host, no sync
-        for i, s in enumerate(mb):
-            start, first = start + len(s.token_ids), start
-            k = s.sampling.prompt_logprobs
-            if k is None:
-                continue
-            rows: list[list[float]] = []
-            n = len(s.token_ids) - 1
-            actual = torch.tensor(s.token_ids[1:], dtype=torch.long, device=self.device)
-            for c in range(0, n, PROMPT_CHUNK):
-                m = min(PROMPT_CHUNK, n - c)
-                logits = self.model.logits(hidden[first + c:first + c + m])  # [m, V]
-                if self.info.tp_rank == 0:
-                    rows += prompt_logprob_rows(logits, actual[c:c + m], k)
-            if tokens[i] is not None:
-                tokens[i].prompt_rows = rows
 
     def drain(self) -> None:
         """Waits for this rank's queued tier copies (before the host tier changes hands)."""
@@ -409,10 +315,10 @@ class ModelRunner:
         if (self.graph_sizes is None or after_attention is not None or self.info.layout.pp > 1
                 or len(query_lens) > self.graph_sizes[-1] or any(q != 1 for q in query_lens)):
             return None
-        if self._graphs is None:
-            layout = self.info.layout
+        if self._graphs is None or self._graphs_for != self.kv.version:
             self._graphs = DecodeGraphs(
-                self.model, self.kv_cache, self.graph_sizes,
-                -(-self.max_model_len // self.block_size), self.num_blocks[layout],
+                self.model, self.kv.layers, self.graph_sizes,
+                -(-self.max_model_len // self.block_size), self.kv.num_blocks[self.info.layout],
                 self.block_size, capture=self.device.type == "cuda")
+            self._graphs_for = self.kv.version
         return self._graphs

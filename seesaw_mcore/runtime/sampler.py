@@ -269,29 +269,3 @@ def sample(
             tok.top_logprobs = dict(zip(map(int, row[3:3 + kk]), row[3 + k:3 + k + kk]))
         out.append(tok)
     return out
-
-
-PROMPT_CHUNK = 1024  # prompt positions whose [rows, V] log-softmax is held at once
-
-
-def prompt_logprob_rows(logits: torch.Tensor, actual: torch.Tensor, k: int) -> list[list[float]]:
-    """Per row: the logprob and rank of the actual next token and the top ``k``, in one
-    device -> host transfer.
-
-    Args:
-        logits: ``[R, V]`` logits at prompt positions ``0 .. R-1``.
-        actual: ``[R]`` int64 the prompt's tokens at positions ``1 .. R``.
-        k: top alternatives per row.
-
-    Returns:
-        ``R`` rows ``[actual id, logprob, rank, k top ids, k top logprobs]``.
-    """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
-    chosen = logp.gather(1, actual.unsqueeze(1))  # [R, 1]
-    rank = (logp > chosen).sum(dim=1, keepdim=True) + 1  # [R, 1]
-    cols = [actual.double().unsqueeze(1), chosen.double(), rank.double()]
-    k = min(k, logp.shape[1])
-    if k:
-        top = logp.topk(k, dim=-1)  # [R, k]
-        cols += [top.indices.double(), top.values.double()]
-    return torch.cat(cols, dim=1).tolist()

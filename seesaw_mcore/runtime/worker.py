@@ -60,7 +60,7 @@ class Worker:
             forwards = [len(step.replicas[r].micro_batches)
                         if r < len(step.replicas) and step.replicas[r] is not None else 0
                         for r in group]
-            self.runner.idle_moe(max(forwards) - forwards[dp % ep])
+            self.runner.model.idle_moe(max(forwards) - forwards[dp % ep])
         return out
 
     def switch(self, msg: Switch) -> SwitchRecord:

@@ -9,12 +9,8 @@ import pytest
 import torch
 
 from seesaw_mcore.contract import SamplingSpec
-from seesaw_mcore.runtime.sampler import (
-    apply_penalties,
-    prompt_logprob_rows,
-    sample,
-    uniform_noise,
-)
+from seesaw_mcore.runtime.prompt_logprobs import prompt_logprob_rows
+from seesaw_mcore.runtime.sampler import apply_penalties, sample, uniform_noise
 
 V = 50
 
