@@ -221,13 +221,13 @@ def test_seesaw_scheduler_shares_across_tiers_and_switches(plan, host_slots, dec
         return sched, _run(sched, _requests(num_questions=8, seed=seed))
 
     sched, kv = run(True)
-    assert sched.prefix.hit > 0 and sched.tier_kv.shared_tokens > 0
-    assert not sched._kv  # every span released ...
-    assert all(t.used == 0 for t in sched.tiers.values()) or sched._dead_slots  # ... or dying
+    assert sched.prefix.hit > 0 and sched.book.tier_kv.shared_tokens > 0
+    assert not sched.book._kv  # every span released ...
+    assert all(t.used == 0 for t in sched.tiers.values()) or sched.book.dead  # ... or dying
     if host_slots < 100:
         assert sched.num_switches > 2
     off, kv_off = run(False)
-    assert kv_off.writes > kv.writes and off.tier_kv.shared_tokens == 0
+    assert kv_off.writes > kv.writes and off.book.tier_kv.shared_tokens == 0
 
 
 def test_prompt_logprobs_positions_are_computed():

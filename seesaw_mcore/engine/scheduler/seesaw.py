@@ -25,20 +25,10 @@ cache starts empty.
 
 from __future__ import annotations
 
-import copy
 from collections import deque
 
 from seesaw_mcore.config import PhasePlan, SchedulerConfig
-from seesaw_mcore.contract import (
-    DISK,
-    HOST,
-    KVMove,
-    Phase,
-    SchedulerOutput,
-    SlotRange,
-    Step,
-    Switch,
-)
+from seesaw_mcore.contract import DISK, HOST, KVMove, Phase, SchedulerOutput, Step, Switch
 from seesaw_mcore.engine.request import SeqStatus, Sequence
 from seesaw_mcore.engine.scheduler.batching import (
     PrefillPack,
@@ -49,14 +39,14 @@ from seesaw_mcore.engine.scheduler.batching import (
     split_micro_batches,
     take_blocks,
 )
+from seesaw_mcore.engine.scheduler.tier_book import TierBook
 from seesaw_mcore.kv import tier_kv
-from seesaw_mcore.kv.block_pool import BlockPool, block_hashes
+from seesaw_mcore.kv.block_pool import BlockPool
 from seesaw_mcore.kv.slots import SlotAllocator
-from seesaw_mcore.kv.tier_kv import Piece, TierKV
 
 
 class PhaseScheduler:
-    """Queues, device block pools of both layouts, and host-tier slots.
+    """Queues, device block pools of both layouts, and the tiers' book (``TierBook``).
 
     Args:
         config: batching budgets.
@@ -82,22 +72,14 @@ class PhaseScheduler:
                               for _ in range(plan.prefill.dp)]
         self.decode_pools = [BlockPool(decode_blocks, block_size, enable_caching)
                              for _ in range(plan.decode.dp)]
-        self.tiers = {HOST: SlotAllocator(host_slots, HOST)}  # filled in this order
-        if disk_slots:
-            self.tiers[DISK] = SlotAllocator(disk_slots, DISK, disk_align)
-        self.tier_kv = TierKV(self._allocate_slots, block_size, enable_caching)
-        self._kv: dict[int, list[Piece]] = {}  # seq id -> its KV in the tiers (OFFLOADED)
+        self.book = TierBook(host_slots, disk_slots, disk_align, block_size, enable_caching)
         self.prefix = PrefixStats()
         self.waiting: deque[Sequence] = deque()  # need prefill (new or preempted)
         self.offloaded: deque[Sequence] = deque()  # KV in a tier, in prefill order
         self.running: list[list[Sequence]] = [[] for _ in range(plan.decode.dp)]
         # admitted last step, KV prefetched during it: they join ``running`` this step
         self.arriving: list[list[Sequence]] = [[] for _ in range(plan.decode.dp)]
-        # Slots no longer needed; reused only after the next switch, whose barrier ensures
-        # no rank still reads or writes them.
-        self._dead_slots: list[SlotRange] = []
         self._evicted: list[Sequence] = []  # swapped out this step: admissible from the next
-        self._dead_reserved = 0  # tier slots the dead ranges take
         self.num_switches = 0
         self.num_preemptions = 0  # recompute and swap
         self.num_swap_preemptions = 0
@@ -116,15 +98,13 @@ class PhaseScheduler:
                     or any(self.arriving))
 
     @property
-    def host(self) -> SlotAllocator:
-        return self.tiers[HOST]
+    def tiers(self) -> dict[str, SlotAllocator]:
+        """The tiers' slot allocators, host first."""
+        return self.book.tiers
 
-    def _allocate_slots(self, n: int) -> SlotRange | None:
-        """Slots for ``n`` tokens in the first tier with room (host, then disk)."""
-        for tier in self.tiers.values():
-            if tier.can_allocate(n):
-                return tier.allocate(n)
-        return None
+    @property
+    def host(self) -> SlotAllocator:
+        return self.book.tiers[HOST]
 
     def schedule(self) -> Step | Switch:
         """The next step for every replica, or a switch to the other phase."""
@@ -132,7 +112,7 @@ class PhaseScheduler:
             replicas = self._schedule_prefill()
             if any(replicas):
                 return Step(replicas)
-            if self.offloaded or self._evicted or any(self.running) or self._dead_slots:
+            if self.offloaded or self._evicted or any(self.running) or self.book.dead:
                 return self._switch(Phase.DECODE)
         else:
             if self._refill_due():
@@ -153,27 +133,16 @@ class PhaseScheduler:
         self.num_switches += 1
         for pool in self.prefill_pools + self.decode_pools:  # the other layout's memory now
             pool.reset_cache()
-        for r in self._dead_slots:
-            self.tiers[r.tier].free(r)
-        self._dead_slots.clear()
-        self._dead_reserved = 0
+        self.book.free_dead()
         hand_back = self._hand_back() if self._on_device() else []
         self.offloaded.extendleft(reversed(self._evicted))
         self._evicted = []
         return Switch(phase, hand_back)
 
-    def _kill_slots(self, r: SlotRange) -> None:
-        """``r`` is no longer needed; it is freed at the next switch."""
-        self._dead_slots.append(r)
-        self._dead_reserved += self.tiers[r.tier].reserved(r.length)
-
     def tier_usage(self) -> float:
-        """The tiers' load: KV still to decode, as a fraction of their slots - what waits in
-        them (dead ranges excluded) plus what is decoding on the device, whose home they
-        are (it goes back there at a hand-back). Falls only as sequences finish."""
-        total = sum(t.num_slots for t in self.tiers.values())
-        held = sum(t.used for t in self.tiers.values()) - self._dead_reserved
-        return (held + sum(s.num_tokens for s in self._on_device())) / total
+        """The tiers' load (``TierBook.usage``) with what decodes on the device counted
+        there. Falls only as sequences finish."""
+        return self.book.usage(sum(s.num_tokens for s in self._on_device()))
 
     def _on_device(self) -> list[Sequence]:
         return [s for r in range(len(self.running)) for s in self.running[r] + self.arriving[r]]
@@ -187,15 +156,7 @@ class PhaseScheduler:
             return False  # decode_first: the phase ends when nothing is left to decode
         if policy == "transition_minimizing" and self.tier_usage() >= self.config.refill_threshold:
             return False
-        tiers = copy.deepcopy(self.tiers)  # the switch, then the hand-back, on a copy
-        for r in self._dead_slots:
-            tiers[r.tier].free(r)
-        for seq in self._on_device():
-            tier = next((t for t in tiers.values() if t.can_allocate(seq.num_tokens - 1)), None)
-            if tier is None:
-                return False
-            tier.allocate(seq.num_tokens - 1)
-        return any(t.can_allocate(self.waiting[0].num_tokens) for t in tiers.values())
+        return self.book.can_hand_back(self._on_device(), self.waiting[0].num_tokens)
 
     def _hand_back(self) -> list[SchedulerOutput | None]:
         """Swaps every running and arriving sequence out to a tier (``_refill_due`` checked
@@ -204,45 +165,13 @@ class PhaseScheduler:
         for r in range(len(self.running)):
             moves = []
             for seq in self.running[r] + self.arriving[r]:
-                moves += self._store(seq, seq.block_table, seq.num_tokens - 1)
+                moves += self.book.store(seq, seq.block_table, seq.num_tokens - 1)
                 self.decode_pools[r].free(seq.block_table)
-                seq.status = SeqStatus.OFFLOADED
                 self._evicted.append(seq)
                 self.num_handed_back += 1
             self.running[r], self.arriving[r] = [], []
             out.append(SchedulerOutput(Phase.DECODE, [], evict=moves) if moves else None)
         return out
-
-    def _hashes(self, seq: Sequence) -> list[bytes]:
-        """``seq``'s full-block hashes (none without prefix caching)."""
-        if not self.tier_kv.sharing:
-            return []
-        return block_hashes(seq.all_token_ids, self.block_size, seq.block_hashes)
-
-    def _store(self, seq: Sequence, table: list[int], num_tokens: int) -> list[KVMove]:
-        """Places ``seq``'s KV of ``num_tokens`` tokens in the tiers (a prefix the host tier
-        holds by reference) and returns the move that writes the rest from ``table``; the
-        caller checked there is room."""
-        stored = self.tier_kv.store(self._hashes(seq), num_tokens)
-        if stored is None:
-            raise RuntimeError(f"no tier room for sequence {seq.seq_id} (a bug)")
-        pieces, first = stored
-        self._kv[seq.seq_id] = pieces
-        seq.status = SeqStatus.OFFLOADED
-        if first >= num_tokens:
-            return []
-        return [KVMove(seq.seq_id, pieces[-1].slots(), table[first // self.block_size:])]
-
-    def _release(self, seq: Sequence) -> None:
-        """``seq``'s KV has left the tiers (admitted, finished): its spans lose a user; the
-        dead ones are freed at the next switch."""
-        for r in self.tier_kv.release(self._kv.pop(seq.seq_id)):
-            self._kill_slots(r)
-
-    def _fits_tiers(self, seq: Sequence, num_tokens: int) -> bool:
-        shared = self.tier_kv.lookup(self._hashes(seq)[:num_tokens // self.block_size])
-        need = num_tokens - (shared[-1].pos + shared[-1].length if shared else 0)
-        return need <= 0 or any(t.can_allocate(need) for t in self.tiers.values())
 
     def _schedule_prefill(self) -> list[SchedulerOutput | None]:
         """Packs waiting prompts, while a tier, the budgets and the replica's scratch blocks
@@ -253,7 +182,7 @@ class PhaseScheduler:
         while self.waiting:
             seq = self.waiting[0]
             n = seq.num_tokens
-            if not self._fits_tiers(seq, n):
+            if not self.book.fits(seq, n):
                 break
             hits = [prefix_hit(pool, seq) for pool in self.prefill_pools]
             bs = self.block_size
@@ -267,7 +196,7 @@ class PhaseScheduler:
             take_blocks(self.prefill_pools[r], seq, table, hits[r])
             start = len(hits[r]) * bs
             self.prefix.add(n, start)
-            moves = self._store(seq, table, n)
+            moves = self.book.store(seq, table, n)
             seq.replica = r
             self.offloaded.append(seq)
             packs[r].add(scheduled(seq, seq.all_token_ids[start:], start, table),
@@ -300,9 +229,9 @@ class PhaseScheduler:
             kv_len = seq.num_tokens - 1
             # cached blocks may replace a host piece's start, never a disk record's (whole
             # O_DIRECT pages are read)
-            disk = next((p.pos for p in self._kv[seq.seq_id] if p.span.slots.tier == DISK),
-                        kv_len)
-            full = self._hashes(seq)[:min(kv_len, disk) // self.block_size]
+            pieces = self.book.pieces(seq)
+            disk = next((p.pos for p in pieces if p.span.slots.tier == DISK), kv_len)
+            full = self.book.hashes(seq)[:min(kv_len, disk) // self.block_size]
             hits = [pool.match(full) for pool in self.decode_pools]
             r = self._replica_for(seq, [bool(e) for e in evicted], hits)
             if r is None:
@@ -312,9 +241,9 @@ class PhaseScheduler:
             pool.share(seq.block_table, hits[r])
             pool.allocate(seq.block_table, seq.num_tokens)
             pool.commit(seq.block_table, full)
-            admitted[r] += tier_kv.moves(seq.seq_id, self._kv[seq.seq_id], seq.block_table,
-                                         self.block_size, len(hits[r]) * self.block_size)
-            self._release(seq)
+            admitted[r] += tier_kv.moves(seq.seq_id, pieces, seq.block_table, self.block_size,
+                                         len(hits[r]) * self.block_size)
+            self.book.release(seq)
             seq.status, seq.replica = SeqStatus.RUNNING, r
             self.arriving[r].append(seq)
         out: list[SchedulerOutput | None] = []
@@ -333,8 +262,8 @@ class PhaseScheduler:
         victim.num_preemptions += 1
         self.num_preemptions += 1
         kv_len = victim.num_tokens - 1  # all but the last token's KV
-        if self._fits_tiers(victim, kv_len):
-            evicted += self._store(victim, victim.block_table, kv_len)
+        if self.book.fits(victim, kv_len):
+            evicted += self.book.store(victim, victim.block_table, kv_len)
             self._evicted.append(victim)
             self.num_swap_preemptions += 1
         else:
@@ -364,7 +293,7 @@ class PhaseScheduler:
         """Removes a finished sequence and frees what it holds."""
         if seq.status == SeqStatus.OFFLOADED:  # finished by its first token (prefill)
             self.offloaded.remove(seq)
-            self._release(seq)
+            self.book.release(seq)
         else:
             self.decode_pools[seq.replica].free(seq.block_table)
             self.running[seq.replica].remove(seq)
