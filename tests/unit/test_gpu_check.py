@@ -28,7 +28,7 @@ def test_a_failing_stage_is_recorded_and_the_rest_still_run(tmp_path, monkeypatc
     monkeypatch.setattr(gpu_check, "kernel_check", boom)
     for name in ("closeness_check", "throughput_check", "host_copy_check", "switch_check"):
         monkeypatch.setattr(gpu_check, name, later)
-    monkeypatch.setattr(gpu_check, "_ops", later)
+    monkeypatch.setattr(gpu_check, "ops_check", later)
     monkeypatch.setattr("seesaw_mcore.runtime.groups.init_distributed", lambda: (0, 1))
     assert gpu_check.main(["--quick", "--json", str(out)]) == 1
     res = json.loads(out.read_text())
