@@ -30,9 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from seesaw_mcore.config import EngineConfig  # noqa: E402
-from seesaw_mcore.errors import SeesawError  # noqa: E402
+from seesaw_mcore.errors import Interrupted, SeesawError  # noqa: E402
 from seesaw_mcore.runtime import groups  # noqa: E402
-from seesaw_mcore.runtime.watchdog import Interrupted  # noqa: E402
 
 
 @dataclass

@@ -22,6 +22,7 @@ from seesaw_mcore.io.requests import (
     PromptType,
     eos_ids,
     load_tokenizer,
+    prompt_tokens,
     requests_of,
     sample_seed,
 )
@@ -57,18 +58,9 @@ class LLM:
         self.trial = None  # plan=auto's measured trial (planner/trial.py), on rank 0
         plans = []  # the plan to start on, then the others it may move to (plan=auto)
         if config.is_auto:
-            from seesaw_mcore.config import PhasePlan
-            from seesaw_mcore.planner import auto_candidates, workload
-            from seesaw_mcore.planner.trial import PlanTrial
+            from seesaw_mcore.planner.trial import auto_plans
 
-            model, rows = auto_candidates(config)
-            plans = [PhasePlan.parse(r["prefill"], r["decode"]) for r in rows]
-            if len(rows) > 1:
-                self.trial = PlanTrial(model, workload(config.workload), rows,
-                                       config.auto_trial_steps, config.auto_trial_seqs,
-                                       config.scheduler.max_prefill_tokens)
-                first = self.trial.candidates[0].plan  # runs first
-                plans = [first, *(p for p in plans if p != first)]
+            plans, self.trial = auto_plans(config)
         self.config = config  # as the user gave it (``plan`` may be "auto")
         path = config.model.tokenizer_path()
         self.tokenizer = load_tokenizer(path)
@@ -195,7 +187,7 @@ class LLM:
         for i, rid, prompt, p in requests:
             label = "prompt" if on_reject else f"prompt {i}"
             try:  # a rejected prompt's message names it by its index only if raised
-                toks = self._tokens(label, prompt)
+                toks = prompt_tokens(label, prompt, self.tokenizer, self.engine.model_cfg)
                 max_tokens = self.engine.check_request(label, len(toks), p.max_tokens)
             except SeesawError as e:
                 if on_reject is None:
@@ -211,28 +203,6 @@ class LLM:
             text = prompt if isinstance(prompt, str) else prompt.get("prompt")
             processor.add_request(i, rid, text, toks, samples)
             yield from samples
-
-    def _tokens(self, label: str, prompt: PromptType) -> list[int]:
-        if isinstance(prompt, dict):
-            toks = prompt.get("prompt_token_ids")
-            if not isinstance(toks, list) or not all(isinstance(t, int) for t in toks):
-                raise SeesawError(f"{label}: 'prompt_token_ids' must be a list of ints")
-            vocab = self.engine.model_cfg.vocab_size
-            bad = [t for t in toks if not 0 <= t < vocab]
-            if bad:
-                raise SeesawError(f"{label}: token id {bad[0]} is outside the vocabulary "
-                                  f"[0, {vocab})")
-        elif isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise SeesawError(f"{label} is text but {self.engine.model_cfg.path} has no "
-                                  "tokenizer; pass {'prompt_token_ids': [...]}")
-            toks = self.tokenizer(prompt)["input_ids"] if prompt else []
-        else:
-            raise SeesawError(f"{label} must be a string or a dict with 'prompt_token_ids', "
-                              f"got {type(prompt).__name__}")
-        if not toks:
-            raise SeesawError(f"{label} is empty")
-        return list(toks)
 
     def update_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Takes new weights in place (an RL or eval loop's new checkpoint), on every rank.

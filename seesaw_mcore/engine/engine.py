@@ -18,9 +18,9 @@ import torch.distributed as dist
 from seesaw_mcore.config import EngineConfig, ParallelConfig, PhasePlan
 from seesaw_mcore.contract import Phase, RunnerOutput, Step, Switch
 from seesaw_mcore.engine.request import SeqStatus, Sequence
-from seesaw_mcore.engine.scheduler import PhaseScheduler, ReplicaSchedulers, SchedulerInterface
+from seesaw_mcore.engine.scheduler import ReplicaSchedulers, SchedulerInterface, make_scheduler
 from seesaw_mcore.engine.stats import EngineStats, StepTiming, TraceEvent
-from seesaw_mcore.engine.tokens import append_token, token_stop
+from seesaw_mcore.engine.tokens import append_token, min_tokens_banned, token_stop
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.runtime import cluster, groups
 from seesaw_mcore.runtime.dtype import resolve_dtype
@@ -153,11 +153,8 @@ class Engine:
     def add(self, seq: Sequence) -> None:
         """Queues a sequence (its replica: by its request's index)."""
         seq.replica = seq.request_index % self.plan.prefill.dp
-        p = seq.params
-        if p.min_tokens:  # what may not end it early: banned in the sampler until then
-            ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
-            vocab = self.model_cfg.vocab_size
-            seq.min_tokens_banned = tuple(sorted(i for i in ids if 0 <= i < vocab))
+        seq.min_tokens_banned = min_tokens_banned(seq.params, self.eos_token_ids,
+                                                  self.model_cfg.vocab_size)
         self._seqs[seq.seq_id] = seq
         self.scheduler.add(seq)
 
@@ -256,17 +253,11 @@ class Engine:
         return touched
 
     def _make_scheduler(self) -> SchedulerInterface:
-        if self.plan.is_static:
-            lay = self.plan.prefill
-            pools, self._pools = self._pools, None
-            return ReplicaSchedulers(self.sched_cfg, lay.dp, lay.pp, self.num_blocks[lay],
-                                     self.cache.block_size, self.cache.enable_prefix_caching,
-                                     pools[1] if pools and pools[0] == self.plan else None)
-        ex, decode_blocks = self.executor, self.num_blocks[self.plan.decode]
-        return PhaseScheduler(self.sched_cfg, self.plan, self.num_blocks[self.plan.prefill],
-                              decode_blocks, self.cache.block_size, ex.host_slots, ex.phase,
-                              int(self.cache.prefetch_watermark * decode_blocks),
-                              ex.disk_slots, ex.disk_page, self.cache.enable_prefix_caching)
+        pools, self._pools = self._pools, None
+        ex = self.executor
+        return make_scheduler(self.plan, self.sched_cfg, self.cache, self.num_blocks, ex.phase,
+                              ex.host_slots, ex.disk_slots, ex.disk_page,
+                              pools[1] if pools and pools[0] == self.plan else None)
 
     def _record(self, msg: Step | Switch | None, seconds: float) -> None:
         """Counts a step, a switch or (``None``) a move to another plan in the stats,

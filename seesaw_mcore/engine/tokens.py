@@ -1,5 +1,6 @@
 """Applying a step's sampled tokens to their sequences (rank 0): the token, its logprobs
-and prompt logprobs as vLLM returns them, and the token-level stops."""
+and prompt logprobs as vLLM returns them, and the token-level stops (with the ids
+``min_tokens`` bans until then)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,15 @@ def append_token(seq: Sequence, tok: SampledToken) -> None:
         seq.cumulative_logprob += tok.logprob
     if tok.prompt_rows is not None:
         seq.prompt_logprobs = _prompt_entries(seq, tok.prompt_rows)
+
+
+def min_tokens_banned(params, eos_token_ids: set[int], vocab_size: int) -> tuple[int, ...]:
+    """The ids that may not end a sequence before ``params.min_tokens`` (its stop tokens and,
+    unless ``ignore_eos``, EOS): the sampler bans them until then. Empty without it."""
+    if not params.min_tokens:
+        return ()
+    ids = set(params.stop_token_ids) | (set() if params.ignore_eos else eos_token_ids)
+    return tuple(sorted(i for i in ids if 0 <= i < vocab_size))
 
 
 def token_stop(seq: Sequence, eos_token_ids: set[int], max_model_len: int) -> bool:

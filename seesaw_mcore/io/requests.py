@@ -64,3 +64,28 @@ def eos_ids(path: str, tokenizer) -> set[int]:
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return ids
+
+
+def prompt_tokens(label: str, prompt: PromptType, tokenizer, model) -> list[int]:
+    """``prompt``'s token ids (text through ``tokenizer``; ids checked against ``model``'s
+    vocabulary), or a one-line error naming it by ``label``."""
+    if isinstance(prompt, dict):
+        toks = prompt.get("prompt_token_ids")
+        if not isinstance(toks, list) or not all(isinstance(t, int) for t in toks):
+            raise SeesawError(f"{label}: 'prompt_token_ids' must be a list of ints")
+        vocab = model.vocab_size
+        bad = [t for t in toks if not 0 <= t < vocab]
+        if bad:
+            raise SeesawError(f"{label}: token id {bad[0]} is outside the vocabulary "
+                              f"[0, {vocab})")
+    elif isinstance(prompt, str):
+        if tokenizer is None:
+            raise SeesawError(f"{label} is text but {model.path} has no "
+                              "tokenizer; pass {'prompt_token_ids': [...]}")
+        toks = tokenizer(prompt)["input_ids"] if prompt else []
+    else:
+        raise SeesawError(f"{label} must be a string or a dict with 'prompt_token_ids', "
+                          f"got {type(prompt).__name__}")
+    if not toks:
+        raise SeesawError(f"{label} is empty")
+    return list(toks)

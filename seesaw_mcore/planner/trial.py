@@ -27,12 +27,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 
-from seesaw_mcore.config import ParallelConfig, PhasePlan
+from seesaw_mcore.config import EngineConfig, ParallelConfig, PhasePlan
 from seesaw_mcore.contract import Phase, Step
 from seesaw_mcore.engine.driver import RunDriver
 from seesaw_mcore.engine.stats import StepTiming
+from seesaw_mcore.planner.auto import auto_candidates
 from seesaw_mcore.planner.cost_model import CostModel
-from seesaw_mcore.planner.workload import Workload
+from seesaw_mcore.planner.workload import Workload, workload
 
 log = logging.getLogger("seesaw_mcore")
 
@@ -198,6 +199,20 @@ class PlanTrial:
         """What the trial measured and chose (for logs and benchmarks)."""
         return {"candidates": [c.summary() for c in self.candidates],
                 "chosen": self.chosen.plan.to_string() if self.chosen else None}
+
+
+
+def auto_plans(config: EngineConfig) -> tuple[list[PhasePlan], PlanTrial | None]:
+    """``plan=auto``: the plans an engine is built with (the one it starts on first) and,
+    when there is more than one candidate, the trial that measures them."""
+    model, rows = auto_candidates(config)
+    plans = [PhasePlan.parse(r["prefill"], r["decode"]) for r in rows]
+    if len(rows) == 1:
+        return plans, None
+    trial = PlanTrial(model, workload(config.workload), rows, config.auto_trial_steps,
+                      config.auto_trial_seqs, config.scheduler.max_prefill_tokens)
+    first = trial.candidates[0].plan  # runs first
+    return [first, *(p for p in plans if p != first)], trial
 
 
 class TrialDriver(RunDriver):

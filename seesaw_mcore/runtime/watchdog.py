@@ -38,23 +38,10 @@ import psutil
 import torch.distributed as dist
 
 from seesaw_mcore import env
-from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.errors import Interrupted
 
 STOP_KEY = "seesaw/stop"
 EXIT_KEY = "seesaw/exit"  # + "/RANK": that rank is exiting normally
-
-
-class Interrupted(SeesawError):
-    """A stop requested by a signal."""
-
-    def __init__(self, signum: int) -> None:
-        self.signum = signum
-        super().__init__(f"interrupted by {signal.Signals(signum).name}")
-
-    @property
-    def exit_code(self) -> int:
-        """The shell's convention: 128 + the signal number."""
-        return 128 + self.signum
 
 
 @dataclass(frozen=True)

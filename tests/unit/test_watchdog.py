@@ -6,7 +6,8 @@ import signal
 
 import pytest
 
-from seesaw_mcore.runtime.watchdog import Interrupted, Watchdog
+from seesaw_mcore.errors import Interrupted
+from seesaw_mcore.runtime.watchdog import Watchdog
 
 
 @pytest.fixture
