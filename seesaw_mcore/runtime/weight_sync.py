@@ -61,10 +61,9 @@ class WeightUpdateGroup:
 
     def close(self) -> None:
         """Shuts the group down: its communicator's threads are joined, then the store (on
-        the trainer's rank 0, the rendezvous server) is released. Call it before the process
-        exits: left to the interpreter's teardown, the store and communicator are destroyed
-        in no fixed order, and the process may abort there (``terminate called without an
-        active exception``) after every broadcast has arrived. Idempotent."""
+        the trainer's rank 0, the rendezvous server) is released, in that order, while the
+        interpreter is whole (left to its teardown, they go in no fixed order). Call it
+        before the process exits; ``LLM.close`` closes the engine's. Idempotent."""
         if self.pg is not None:
             self.pg.shutdown()
         self.pg = self.store = None
