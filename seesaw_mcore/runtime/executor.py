@@ -158,14 +158,20 @@ class Executor:
         return self.runner.update_weights(weights)
 
     def sleep(self, level: int) -> bool:
-        """Frees the device KV cache and device weights (level 1; the host shards stay) or
-        also the host shards (level 2; see ``ModelRunner.sleep``). Returns whether it freed
-        anything (asleep already: nothing)."""
+        """Frees the device KV cache and the device stages (level 1; the host shards stay)
+        or also the host shards (level 2: ``ShardStore.discard``, whose values an update
+        must then bring), vLLM's sleep mode. Returns whether it freed anything (asleep
+        already: nothing)."""
         if level not in (1, 2):
             raise SeesawError(f"sleep: level must be 1 or 2, got {level!r}")
         if self._asleep:
             return False
-        self._sleep_blocks = self.runner.sleep(level)
+        runner = self.runner
+        runner.drain()
+        self._sleep_blocks = dict(runner.kv.num_blocks)  # for the wake-up
+        runner.release()
+        if level == 2:
+            runner.store.discard()
         self._asleep = set(SLEEP_TAGS)
         return True
 
@@ -176,8 +182,11 @@ class Executor:
         unknown = sorted(tags - set(SLEEP_TAGS))
         if unknown:
             raise SeesawError(f"wake_up: unknown tags {unknown}; known: {list(SLEEP_TAGS)}")
-        if "weights" in tags & self._asleep:
-            self.runner.wake_weights()
+        if "weights" in tags & self._asleep:  # the live stage from the host shards (zero
+            store = self.runner.store  # after a level-2 sleep); others' when next used
+            if store.discarded:
+                store.restore()
+            self.runner.use(self.runner.info.layout)
         if "kv_cache" in tags & self._asleep:
             self.runner.allocate_kv(self._sleep_blocks)
         self._asleep -= tags

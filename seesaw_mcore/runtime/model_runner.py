@@ -159,28 +159,6 @@ class ModelRunner:
         if mem is not None:
             mem.empty_cache()
 
-    def sleep(self, level: int) -> dict[ParallelConfig, int]:
-        """Frees device memory between runs (vLLM's sleep mode): the KV cache and the
-        device stages; level 2 also frees the host shards (``ShardStore.discard``), whose
-        values an update must then bring.
-
-        Returns:
-            The KV blocks per layout, for ``allocate_kv`` at wake-up.
-        """
-        self.transfer.drain()
-        blocks = dict(self.kv.num_blocks)
-        self.release()
-        if level == 2:
-            self.store.discard()
-        return blocks
-
-    def wake_weights(self) -> None:
-        """Rebuilds the live stage from the host shards (allocated again, zero, after a
-        level-2 sleep); other layouts' stages are rebuilt when next used."""
-        if self.store.discarded:
-            self.store.restore()
-        self.use(self.info.layout)
-
     @contextlib.contextmanager
     def scratch_kv(self, num_blocks: int) -> Iterator[None]:
         """A KV cache of ``num_blocks`` blocks (a profiling run's), dropped on exit."""
