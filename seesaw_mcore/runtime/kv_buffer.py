@@ -58,7 +58,7 @@ class KVBuffer:
         nbytes = max((n + 1) * memory.kv_bytes_per_block(self.cfg, lay, self.block_size,
                                                          self.dtype)
                      for lay, n in self.num_blocks.items())
-        self._flat = None  # the old buffer goes before the new one is made
+        self._flat, self.layers, self.view = None, [], None  # the old buffer goes first
         self._flat = torch.zeros(nbytes // self.dtype.itemsize, dtype=self.dtype,
                                  device=self.device)
         self._make_views()
