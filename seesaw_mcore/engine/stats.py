@@ -56,9 +56,7 @@ class EngineStats:
         self.handed_back += sched.num_handed_back
         self.prefill_tokens += sched.prefix.queried
         self.cached_tokens += sched.prefix.hit
-        tier_kv = getattr(sched, "tier_kv", None)
-        if tier_kv is not None:
-            self.tier_shared_tokens += tier_kv.shared_tokens
+        self.tier_shared_tokens += sched.tier_shared_tokens
 
 
 @dataclass(frozen=True)

@@ -40,3 +40,7 @@ class SchedulerInterface(Protocol):
 
     def tier_usage(self) -> float | None:
         """The KV tiers' load (Seesaw plans), ``None`` without tiers."""
+
+    @property
+    def tier_shared_tokens(self) -> int:
+        """KV tokens stored in a tier by reference, not written (Seesaw plans; else 0)."""

@@ -139,6 +139,11 @@ class PhaseScheduler:
         self._evicted = []
         return Switch(phase, hand_back)
 
+    @property
+    def tier_shared_tokens(self) -> int:
+        """KV tokens stored in a tier by reference (a shared prefix), not written."""
+        return self.book.tier_kv.shared_tokens
+
     def tier_usage(self) -> float:
         """The tiers' load (``TierBook.usage``) with what decodes on the device counted
         there. Falls only as sequences finish."""

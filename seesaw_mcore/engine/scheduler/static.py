@@ -140,6 +140,11 @@ class ReplicaSchedulers:
         """No KV tiers in a static plan."""
         return None
 
+    @property
+    def tier_shared_tokens(self) -> int:
+        """No KV tiers in a static plan."""
+        return 0
+
     def add(self, seq: Sequence) -> None:
         """Queues ``seq`` on a replica: with prefix caching, the one whose cache holds the
         longest part of its prompt unless that one is busier than the least loaded by more
