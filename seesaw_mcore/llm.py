@@ -56,6 +56,7 @@ class LLM:
             raise SeesawError("pass either config= or model and keyword arguments, not both")
         quiet.configure(config.runtime.verbose)
         self.trial = None  # plan=auto's measured trial (planner/trial.py), on rank 0
+        self._update_group = None  # a trainer's (init_weight_update_group)
         plans = []  # the plan to start on, then the others it may move to (plan=auto)
         if config.is_auto:
             from seesaw_mcore.planner.trial import auto_plans
@@ -244,7 +245,7 @@ class LLM:
         made, and takes them like ``update_weights`` (every rank). A bad name or shape is a
         one-line error after the broadcasts are received (the trainer is never left
         waiting); nothing is written then."""
-        group = getattr(self, "_update_group", None)
+        group = self._update_group
         if group is None:
             raise SeesawError("update_weights_from_distributed needs init_weight_update_group "
                               "first")
@@ -284,7 +285,7 @@ class LLM:
     def close(self) -> None:
         """Releases the tiers and the weight-update group (``init_weight_update_group``)
         but keeps the job's process groups, for another ``LLM`` in the same job."""
-        if getattr(self, "_update_group", None) is not None:
+        if self._update_group is not None:
             self._update_group.close()
             self._update_group = None
         self.engine.close()

@@ -1,6 +1,6 @@
 """What ``LLM`` reads besides the engine: a model folder's tokenizer and EOS ids, the
-prompts of a ``generate`` call with their ``SamplingParams`` and ids, and each sample's
-seed."""
+prompts of a ``generate`` call with their ``SamplingParams`` and ids, each prompt's checked
+token ids, and each sample's seed."""
 
 from __future__ import annotations
 

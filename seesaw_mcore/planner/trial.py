@@ -201,7 +201,6 @@ class PlanTrial:
                 "chosen": self.chosen.plan.to_string() if self.chosen else None}
 
 
-
 def auto_plans(config: EngineConfig) -> tuple[list[PhasePlan], PlanTrial | None]:
     """``plan=auto``: the plans an engine is built with (the one it starts on first) and,
     when there is more than one candidate, the trial that measures them."""

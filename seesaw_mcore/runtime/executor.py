@@ -182,8 +182,10 @@ class Executor:
         unknown = sorted(tags - set(SLEEP_TAGS))
         if unknown:
             raise SeesawError(f"wake_up: unknown tags {unknown}; known: {list(SLEEP_TAGS)}")
-        if "weights" in tags & self._asleep:  # the live stage from the host shards (zero
-            store = self.runner.store  # after a level-2 sleep); others' when next used
+        if "weights" in tags & self._asleep:
+            # the live stage from the host shards (allocated again, zero, after a level-2
+            # sleep); other layouts' stages are rebuilt when next used
+            store = self.runner.store
             if store.discarded:
                 store.restore()
             self.runner.use(self.runner.info.layout)

@@ -106,11 +106,12 @@ def profile_memory(runner: ModelRunner, mem: memory.DeviceMemory, utilization: f
     """Runs the largest step under every layout (collective; creates their communicators)
     and reads this rank's memory (see the module doc)."""
     start = runner.info.layout
+    lens = memory.profile_lengths(max_tokens, max_model_len)
+    blocks = sum(-(-n // runner.block_size) for n in lens)  # what largest_step writes
     activations = 0
     for lay in [*[x for x in runner.layouts if x != start], start]:  # end on the live one
         runner.use(lay)
-        lens = memory.profile_lengths(max_tokens, max_model_len)
-        with runner.scratch_kv(sum(-(-n // runner.block_size) for n in lens)):
+        with runner.scratch_kv(blocks):
             mem.empty_cache()
             base = mem.allocated()
             mem.reset_peak()
