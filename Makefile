@@ -99,6 +99,8 @@ gpu-check:
 # lacks and .whl/ does not carry fails here, not on the device. One deviation: numpy < 2.3
 # (the image has 2.5), because Triton 3.6's interpreter turns 1-element arrays into ints,
 # which numpy >= 2.3 refuses; on the GPU the kernel is compiled, not interpreted.
+# The image's packages (~4.7 GB, CUDA libraries included) go in one wheel at a time
+# (tools/lean_install.py): a plain pip install peaks near 10 GB of disk.
 REHEARSAL_VENV ?= .venv-rehearsal
 REHEARSAL_PY   ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
 	$(wildcard /usr/bin/python3.12 /usr/local/bin/python3.12))
@@ -108,8 +110,8 @@ IMAGE_PKGS = torch==2.11.0 triton==3.6.0 transformers==5.17.0 tokenizers==0.23.2
 gpu-rehearsal: .whl/.stamp
 	@test -n "$(REHEARSAL_PY)" || (echo "error: gpu-rehearsal needs python3.12 (the device image's Python)"; exit 1)
 	@test -x $(REHEARSAL_VENV)/bin/python || $(REHEARSAL_PY) -m venv $(REHEARSAL_VENV)
-	@test -e $(REHEARSAL_VENV)/.image || (PIP_CONSTRAINT= $(REHEARSAL_VENV)/bin/pip install -q \
-		$(IMAGE_PKGS) && touch $(REHEARSAL_VENV)/.image)
+	@test -e $(REHEARSAL_VENV)/.image || (PIP_CONSTRAINT= $(REHEARSAL_VENV)/bin/python \
+		seesaw_mcore/tools/lean_install.py $(IMAGE_PKGS) && touch $(REHEARSAL_VENV)/.image)
 	rm -rf $(REHEARSAL_VENV)/carried
 	$(MAKE) --no-print-directory gpu-check GPU_PY=$(abspath $(REHEARSAL_VENV))/bin/python \
 		GPU_SITE=$(abspath $(REHEARSAL_VENV))/carried GPU_CHECK_ARGS=--quick \
