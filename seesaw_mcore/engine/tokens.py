@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from seesaw_mcore.contract import SampledToken
 from seesaw_mcore.engine.request import Logprob, Sequence
+from seesaw_mcore.sampling_params import SamplingParams
 
 
 def append_token(seq: Sequence, tok: SampledToken) -> None:
@@ -22,7 +23,8 @@ def append_token(seq: Sequence, tok: SampledToken) -> None:
         seq.prompt_logprobs = _prompt_entries(seq, tok.prompt_rows)
 
 
-def min_tokens_banned(params, eos_token_ids: set[int], vocab_size: int) -> tuple[int, ...]:
+def min_tokens_banned(params: SamplingParams, eos_token_ids: set[int],
+                      vocab_size: int) -> tuple[int, ...]:
     """The ids that may not end a sequence before ``params.min_tokens`` (its stop tokens and,
     unless ``ignore_eos``, EOS): the sampler bans them until then. Empty without it."""
     if not params.min_tokens:

@@ -107,15 +107,15 @@ def profile_memory(runner: ModelRunner, mem: memory.DeviceMemory, utilization: f
     and reads this rank's memory (see the module doc)."""
     start = runner.info.layout
     lens = memory.profile_lengths(max_tokens, max_model_len)
-    blocks = sum(-(-n // runner.block_size) for n in lens)  # what largest_step writes
+    tables = _block_tables(lens, runner.block_size)
     activations = 0
     for lay in [*[x for x in runner.layouts if x != start], start]:  # end on the live one
         runner.use(lay)
-        with runner.scratch_kv(blocks):
+        with runner.scratch_kv(sum(map(len, tables))):
             mem.empty_cache()
             base = mem.allocated()
             mem.reset_peak()
-            largest_step(runner, lens, max_seqs)
+            largest_step(runner, lens, tables, max_seqs)
             activations = max(activations, mem.peak() - base)
     mem.empty_cache()
     store = runner.store
@@ -125,15 +125,23 @@ def profile_memory(runner: ModelRunner, mem: memory.DeviceMemory, utilization: f
                          utilization=utilization)
 
 
-def largest_step(runner: ModelRunner, lens: list[int], max_seqs: int) -> None:
-    """The largest step the scheduler sends (collective over the replica): prompts of
-    ``lens`` tokens through this rank's stage, then logits and a top-p draw for
-    ``max_seqs`` rows on the last stage."""
+def _block_tables(lens: list[int], block_size: int) -> list[list[int]]:
+    """Block tables for prompts of ``lens`` tokens, over consecutive blocks from 0."""
     tables, first = [], 0
     for n in lens:
-        k = -(-n // runner.block_size)
+        k = -(-n // block_size)
         tables.append(list(range(first, first + k)))
         first += k
+    return tables
+
+
+@torch.inference_mode()
+def largest_step(runner: ModelRunner, lens: list[int], tables: list[list[int]],
+                 max_seqs: int) -> None:
+    """The largest step the scheduler sends (collective over the replica): prompts of
+    ``lens`` tokens (KV in ``tables``' blocks) through this rank's stage, then logits and a
+    top-p draw for ``max_seqs`` rows on the last stage, as a real step runs them (under
+    inference mode)."""
     rows = max(max_seqs, len(lens))
     last = [end - 1 for end in itertools.accumulate(lens)]  # each prompt's last token
     logits = runner.forward([0] * sum(lens), lens, lens, tables,

@@ -21,11 +21,11 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from typing import NoReturn
 
 _GIB = 1 << 30
 
@@ -41,7 +41,7 @@ def _pip(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, check=False)
 
 
-def _fail(what: str, result: subprocess.CompletedProcess) -> None:
+def _fail(what: str, result: subprocess.CompletedProcess) -> NoReturn:
     """Exits with one line: a full disk by name, else pip's last error line."""
     out = result.stdout + result.stderr
     free = _free_gib(sys.prefix)
@@ -107,8 +107,7 @@ def main(argv: list[str]) -> None:
     before = _free_gib(sys.prefix)
     wheels = resolve(argv)
     install(wheels)
-    pins = {re.split(r"[=<>!~ ]", r, maxsplit=1)[0].lower() for r in argv}
-    print(f"lean_install: {len(wheels)} distributions ({len(pins)} asked for) into "
+    print(f"lean_install: {len(wheels)} distributions ({len(argv)} asked for) into "
           f"{sys.prefix}; {before:.1f} -> {_free_gib(sys.prefix):.1f} GiB free")
 
 
