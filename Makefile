@@ -72,8 +72,8 @@ clean:
 # fetches them on a machine with network). Writes gpu_check.json to $OUT (or here).
 GPU_PY    ?= python3
 GPU_SITE  ?= /tmp/seesaw-site
-GPU_WHEELS = megatron-core==0.16.1 hydra-core==1.3.8 omegaconf==2.3.0 hjson pydantic \
-	pydantic-core annotated-types typing-inspection
+GPU_WHEELS = megatron-core==0.16.1 hydra-core==1.3.8 omegaconf==2.3.0 hjson==3.1.0 \
+	pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
 gpu-wheels: .whl/.stamp
 .whl/.stamp: Makefile | $(STAMP)
 	mkdir -p .whl
@@ -85,27 +85,35 @@ gpu-wheels: .whl/.stamp
 	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl deepspeed==0.19.8
 	@touch $@
 
+# The check runs on CUDA (DeepSpeed's accelerator forced, whatever is on PATH: without a CUDA
+# device it stops at once); each stage has its own limit and the whole run GPU_CHECK_LIMIT_S
+# (printed at its start; two runs and a machine's start fit a 15-minute lease); `timeout` is
+# the last resort behind them.
 GPU_CHECK_ARGS ?=
+GPU_ACCELERATOR ?= cuda
+GPU_CHECK_LIMIT_S ?= 360
 gpu-check:
 	$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) .whl/*.whl
-	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 $(GPU_PY) -m seesaw_mcore.tools.gpu_check \
-		$(GPU_CHECK_ARGS) --json $${OUT:-.}/gpu_check.json
+	PYTHONPATH=$(GPU_SITE):$(CURDIR) PYTHONUNBUFFERED=1 DS_ACCELERATOR=$(GPU_ACCELERATOR) \
+		timeout -k 10 $$(( $(GPU_CHECK_LIMIT_S) + 60 )) $(GPU_PY) -m seesaw_mcore.tools.gpu_check \
+		--limit-s $(GPU_CHECK_LIMIT_S) $(GPU_CHECK_ARGS) --json $${OUT:-.}/gpu_check.json
 
 # A rehearsal of the device image on this CPU machine, run by CI: Python 3.12 holding only
 # what the image holds (the device's KINDS.md: torch 2.11.0 - PyPI's build, which runs on a
 # CPU too - triton 3.6.0, transformers 5.17.0, ...), the other packages only from the wheels
 # gpu-wheels carries, installed as gpu-check installs them there (pip --no-index), then
-# gpu_check --quick with the Triton kernel under its interpreter. A dependency the image
-# lacks and .whl/ does not carry fails here, not on the device. One deviation: numpy < 2.3
-# (the image has 2.5), because Triton 3.6's interpreter turns 1-element arrays into ints,
-# which numpy >= 2.3 refuses; on the GPU the kernel is compiled, not interpreted.
+# gpu_check --quick. A dependency the image lacks and .whl/ does not carry fails here, not on
+# the device. numpy is the image's 2.5, under which Triton 3.6's interpreter cannot run (it
+# turns 1-element arrays into ints, which numpy >= 2.3 refuses): the check's kernel stage says
+# it skips the interpreted kernel and checks the CPU path; `make test` runs the interpreted
+# kernel (.venv's newer Triton), and on the GPU the kernel is compiled.
 # The image's packages (~4.7 GB, CUDA libraries included) go in one wheel at a time
 # (tools/lean_install.py): a plain pip install peaks near 10 GB of disk.
 REHEARSAL_VENV ?= .venv-rehearsal
 REHEARSAL_PY   ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.12*/bin/python3.12) \
 	$(wildcard /usr/bin/python3.12 /usr/local/bin/python3.12))
 IMAGE_PKGS = torch==2.11.0 triton==3.6.0 transformers==5.17.0 tokenizers==0.23.2 \
-	huggingface-hub==1.33.0 safetensors==0.8.0 "numpy<2.3" psutil ninja py-cpuinfo pyyaml tqdm \
+	huggingface-hub==1.33.0 safetensors==0.8.0 numpy==2.5.2 psutil ninja py-cpuinfo pyyaml tqdm \
 	typing-extensions packaging msgpack nvidia-ml-py einops jinja2 regex requests filelock
 gpu-rehearsal: .whl/.stamp
 	@test -n "$(REHEARSAL_PY)" || (echo "error: gpu-rehearsal needs python3.12 (the device image's Python)"; exit 1)
@@ -115,7 +123,8 @@ gpu-rehearsal: .whl/.stamp
 	rm -rf $(REHEARSAL_VENV)/carried
 	$(MAKE) --no-print-directory gpu-check GPU_PY=$(abspath $(REHEARSAL_VENV))/bin/python \
 		GPU_SITE=$(abspath $(REHEARSAL_VENV))/carried GPU_CHECK_ARGS=--quick \
-		OUT=$(abspath $(REHEARSAL_VENV)) TRITON_INTERPRET=1 DS_ACCELERATOR=cpu
+		GPU_CHECK_LIMIT_S=900 OUT=$(abspath $(REHEARSAL_VENV)) TRITON_INTERPRET=1 \
+		GPU_ACCELERATOR=cpu
 
 # Optional peer: vLLM's CPU build in its own environment, interleaved with this engine on
 # the same cores (docs in seesaw_mcore/bench/vllm.py): unique prompts, an eval-shaped job

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from seesaw_mcore import h2d
 from seesaw_mcore.model.cascade import common_prefix_blocks
 
 
@@ -68,7 +69,7 @@ class AttentionMetadata:
         pos = np.arange(cu[-1]) - cu[:-1][seq] + (c - q)[seq]  # [T]
         slots = tables[seq, pos // block_size] * block_size + pos % block_size  # [T]
         ints = np.concatenate([pos, slots, cu, c, tables.ravel()])
-        flat = torch.from_numpy(ints).to(device, non_blocking=True)  # one host -> device copy
+        flat = h2d.to_device(torch.from_numpy(ints), device)  # one host -> device copy
         t = len(pos)
         parts = flat.split([t, t, len(cu), len(c), tables.size])
         return cls(q, c, parts[0], parts[1], parts[4].view(tables.shape).int(),

@@ -161,13 +161,20 @@ class Rotary(nn.Module):
         """Uses ``device``'s shared tables (made there once)."""
         self.cos, self.sin = rope_tables(*self._args, device)
 
-    def forward(
-        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rotates ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hkv, D]`` at ``positions`` ``[T]``."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)  # [T, 1, D]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def at(self, positions: torch.Tensor, dtype: torch.dtype
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``[T, 1, D]`` in ``dtype`` at ``positions`` ``[T]``: gathered and
+        cast once per step, shared by every layer."""
+        cos = self.cos[positions].unsqueeze(1).to(dtype)  # [T, 1, D]
+        sin = self.sin[positions].unsqueeze(1).to(dtype)  # [T, 1, D]
+        return cos, sin
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates ``q`` ``[T, Hq, D]`` and ``k`` ``[T, Hkv, D]`` by ``Rotary.at``'s tables."""
+    cos, sin = rope  # [T, 1, D] each
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 _ROPE: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -29,6 +29,7 @@ from seesaw_mcore.model.layers import (
     Rotary,
     RowLinear,
     TPAllReduce,
+    apply_rotary,
 )
 from seesaw_mcore.model.moe import MoEMLP
 
@@ -88,8 +89,7 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: Rotary,
+        rope: tuple[torch.Tensor, torch.Tensor],
         kv: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
         after_attention: Callable[[], None] | None = None,
@@ -105,7 +105,7 @@ class DecoderLayer(nn.Module):
         v = v.view(t, self.hkv, self.d)  # [T, hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, positions)
+        q, k = apply_rotary(q, k, rope)
         attn = paged_attention(q, k, v.contiguous(), kv[0], kv[1], meta)  # [T, hq, D]
         if after_attention is not None:
             after_attention()
@@ -197,9 +197,10 @@ class LlamaStage(nn.Module):
         """
         if self.embed is not None:
             x = self.embed(x)  # [T, H]
+        rope = self.rotary.at(positions, x.dtype)  # [T, 1, D] each, for every layer
         for i, (layer, kv) in enumerate(zip(self.layers, kv_cache)):
             hook = None if after_attention is None else partial(after_attention, i)
-            x = layer(x, positions, self.rotary, kv, meta, hook)
+            x = layer(x, rope, kv, meta, hook)
         if self.norm is not None:
             x = self.norm(x)
         return x

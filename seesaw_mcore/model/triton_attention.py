@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 def _paged_attn_kernel(
     Q, K, V, Out, TABLES, CU_Q, SEQ_LENS, scale,
     stride_qt, stride_qh, stride_kb, stride_ks, stride_kh, stride_ot, stride_oh, stride_bt,
-    PART_ACC, PART_ML, chunk,
+    PART_ACC, PART_ML,
     HEAD_DIM: tl.constexpr, GROUP: tl.constexpr, PAGE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, IEEE: tl.constexpr,
     SPLITS: tl.constexpr,
@@ -63,7 +63,8 @@ def _paged_attn_kernel(
     last_tok = tl.minimum(q_len, (tile + 1) * BLOCK_M // GROUP + 1)
     hi = ctx - q_len + last_tok  # keys this tile can see: positions < hi
     lo = 0
-    if SPLITS > 1:  # split-context decode: this program takes one chunk of the keys
+    if SPLITS > 1:  # split-context decode: this program takes one chunk of its own keys
+        chunk = tl.cdiv(tl.cdiv(ctx, SPLITS), BLOCK_N) * BLOCK_N
         lo = split * chunk
         hi = tl.minimum(hi, lo + chunk)
     for start in range(lo, hi, BLOCK_N):
@@ -116,8 +117,9 @@ def paged_attention_triton(
         meta: the step's metadata (``cu_query_lens``, ``seq_lens``, ``block_tables``).
         block_m: rows per program (at least 16 for ``tl.dot``); default ``_tiles``'.
         block_n: keys per inner iteration; default ``_tiles``'.
-        splits: context chunks per program, merged by log-sum-exp (split-context decode);
-            default ``decode_splits``'.
+        splits: context chunks per program, merged by log-sum-exp (split-context decode;
+            each sequence's own context is cut into equal chunks); default
+            ``decode_splits``' for the step's longest context (``meta.context_lens``).
 
     Returns:
         ``[T, Hq, D]`` attention output in ``q``'s dtype.
@@ -146,7 +148,6 @@ def paged_attention_triton(
                if q.device.type == "cuda" else 0)
         splits = decode_splits(b * hkv * tiles, meta.max_query_len,
                                int(meta.context_lens.max()), sms)
-    chunk = triton.cdiv(triton.cdiv(int(meta.context_lens.max()), splits), block_n) * block_n
     if splits > 1:
         part_acc = torch.empty(t, hq, splits, block_d, dtype=torch.float32, device=q.device)
         part_ml = torch.empty(t, hq, splits, 2, dtype=torch.float32, device=q.device)
@@ -156,7 +157,7 @@ def paged_attention_triton(
     _paged_attn_kernel[(tiles * splits, hkv, b)](
         q, k_cache, v_cache, out, tables, meta.cu_query_lens, meta.seq_lens, d ** -0.5,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), tables.stride(0), part_acc, part_ml, chunk,
+        out.stride(0), out.stride(1), tables.stride(0), part_acc, part_ml,
         HEAD_DIM=d, GROUP=group, PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n,
         BLOCK_D=block_d, IEEE=ieee, SPLITS=splits, num_warps=warps,
     )

@@ -8,6 +8,11 @@ padded up to its bucket (``pad_decode``: padding rows are one-token sequences wh
 a reserved null block) and replayed. As in vLLM V1, logits and the sampler run eagerly after
 the replay (they read the real rows only).
 
+A graph is captured per bucket and context class (``context_class``: the step's longest
+context rounded up to a power of two), so split-context decode inside a graph is chosen for
+contexts like the step's, not for the block table's full width; each sequence's keys are then
+split by its own length inside the kernel.
+
 Graphs are captured lazily, the first time a bucket is needed under a stage, and dropped when
 the stage or the KV buffer changes (a Seesaw switch rebuilds the stage: the decode layout
 captures again after it). Pipeline-parallel decode layouts run eagerly (their stage-to-stage
@@ -35,6 +40,15 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
     top = min(max_num_seqs, MAX_CAPTURE)
     sizes = [s for s in [1, 2, 4, *range(8, MAX_CAPTURE + 1, 8)] if s < top]
     return [*sizes, top]
+
+
+def context_class(max_context: int, cap: int) -> int:
+    """The longest context a graph is captured for: ``max_context`` rounded up to a power of
+    two (at least 512), at most ``cap`` (the block table's width in tokens)."""
+    c = 512
+    while c < max_context:
+        c *= 2
+    return min(c, cap)
 
 
 def bucket(n: int, sizes: list[int]) -> int | None:
@@ -83,7 +97,7 @@ class DecodeGraphs:
         self.model, self.kv_cache, self.sizes = model, kv_cache, sizes
         self.width, self.null_block, self.block_size = table_width, null_block, block_size
         self.capture = capture
-        self.graphs: dict[int, _Captured] = {}
+        self.graphs: dict[tuple[int, int], _Captured] = {}  # (bucket, context class)
         self._pool = None
 
     def forward(self, x: torch.Tensor, query_lens: list[int], context_lens: list[int],
@@ -100,7 +114,8 @@ class DecodeGraphs:
         xs = torch.cat([x, x.new_zeros((size - n, *x.shape[1:]))]) if size > n else x
         if not self.capture:
             return self.model(xs, meta.positions, self.kv_cache, meta)[:n], meta
-        cap = self.graphs.get(size) or self._capture(size, xs, meta)
+        key = (size, context_class(max(context_lens), self.width * self.block_size))
+        cap = self.graphs.get(key) or self._capture(key, xs, meta)
         if cap is None:  # capture failed: eager from now on
             return self.model(xs, meta.positions, self.kv_cache, meta)[:n], meta
         cap.ids.copy_(xs, non_blocking=True)
@@ -111,13 +126,13 @@ class DecodeGraphs:
         groups.accelerator().replay_graph(cap.graph)
         return cap.out[:n], meta
 
-    def _capture(self, size: int, xs: torch.Tensor, meta: AttentionMetadata
+    def _capture(self, key: tuple[int, int], xs: torch.Tensor, meta: AttentionMetadata
                  ) -> _Captured | None:
         from seesaw_mcore.runtime import groups
 
         acc = groups.accelerator()
         try:
-            static = _static_meta(meta, self.width * self.block_size)
+            static = _static_meta(meta, key[1])
             ids = xs.clone()
             stream = acc.Stream()
             stream.wait_stream(acc.current_stream())
@@ -131,18 +146,18 @@ class DecodeGraphs:
             self._pool = graph.pool()
             cap = _Captured(graph, ids, static, out)
         except Exception as e:  # noqa: BLE001 - one warning, then eager
-            print(f"warning: CUDA graph capture failed at batch {size} ({type(e).__name__}: "
+            print(f"warning: CUDA graph capture failed at batch {key[0]} ({type(e).__name__}: "
                   f"{e}); decode runs eagerly", file=sys.stderr)
             self.capture = False
             return None
-        self.graphs[size] = cap
+        self.graphs[key] = cap
         return cap
 
 
 def _static_meta(meta: AttentionMetadata, max_context: int) -> AttentionMetadata:
     """Owned copies of ``meta``'s tensors for a graph to read; host-side lengths are the
-    bucket's rows at the longest context (nothing reads them inside the forward but launch
-    sizes, which must cover every step the graph replays)."""
+    bucket's rows at its context class's longest context (nothing reads them inside the
+    forward but launch settings: split-context decode's splits)."""
     return AttentionMetadata(
         np.ones(len(meta.query_lens), dtype=np.int64),
         np.full(len(meta.context_lens), max_context, dtype=np.int64),

@@ -84,9 +84,11 @@ def kv_blocks(runner: ModelRunner, cache: CacheConfig, max_tokens: int, max_seqs
         profile = profile_memory(runner, mem, cache.gpu_memory_utilization, max_tokens,
                                  max_seqs, max_model_len)
         budget = profile.budget
-    n = torch.tensor([int(budget)], dtype=torch.int64, device=groups.device())
-    dist.all_reduce(n, op=dist.ReduceOp.MIN)  # every rank of every replica agrees
-    smallest = int(n.item())
+    smallest = int(budget)
+    if dist.get_world_size() > 1:  # every rank of every replica agrees: host data over gloo
+        n = torch.tensor([smallest], dtype=torch.int64)  # (one rank: no collective at all)
+        dist.all_reduce(n, op=dist.ReduceOp.MIN, group=groups.host_group())
+        smallest = int(n.item())
     per_block = {lay: kv_bytes_per_block(runner.cfg, lay, cache.block_size, runner.dtype)
                  for lay in layouts}
     if profile is not None and smallest < max(per_block.values()):
@@ -110,7 +112,8 @@ def profile_memory(runner: ModelRunner, mem: memory.DeviceMemory, utilization: f
     tables = _block_tables(lens, runner.block_size)
     activations = 0
     for lay in [*[x for x in runner.layouts if x != start], start]:  # end on the live one
-        runner.use(lay)
+        if lay != runner.info.layout:  # (the live stage's weights are on the device already)
+            runner.use(lay)
         with runner.scratch_kv(sum(map(len, tables))):
             mem.empty_cache()
             base = mem.allocated()

@@ -51,6 +51,10 @@ class AcceleratorMemory:
         return int(self.acc.total_memory())
 
     def free(self) -> int:
+        if self.acc.device_name() == "cuda":  # the driver's count for this process's device
+            import torch  # (DeepSpeed's NVML reading int()-parses CUDA_VISIBLE_DEVICES,
+
+            return int(torch.cuda.mem_get_info()[0])  # which may hold GPU UUIDs)
         return int(self.acc.available_memory())
 
     def allocated(self) -> int:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
+from seesaw_mcore import h2d
 from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan
 from seesaw_mcore.contract import HOST, KVMove, RunnerOutput, SampledToken, SchedulerOutput
 from seesaw_mcore.kv.copier import KVCopier
@@ -197,7 +198,7 @@ class ModelRunner:
             work.wait()
         if hidden is None:
             return None
-        idx = torch.tensor(logits_indices, dtype=torch.long, device=self.device)
+        idx = h2d.tensor(logits_indices, torch.long, self.device)
         return self.model.logits(hidden[idx])  # [N, V]
 
     @torch.inference_mode()
@@ -270,12 +271,12 @@ class ModelRunner:
         info, dev = self.info, self.device
         graphs = self._decode_graphs(query_lens, after_attention)
         if graphs is not None:  # a decode step, replayed from its bucket's CUDA graph
-            x = torch.tensor(input_ids, dtype=torch.long, device=dev)  # [B]
+            x = h2d.tensor(input_ids, torch.long, dev)  # [B]
             self.graph_steps += 1
             return graphs.forward(x, query_lens, context_lens, block_tables)  # ([B, H], meta)
         meta = AttentionMetadata.build(query_lens, context_lens, block_tables, self.block_size, dev)
         if info.is_first_stage:
-            x = torch.tensor(input_ids, dtype=torch.long, device=dev)  # [T]
+            x = h2d.tensor(input_ids, torch.long, dev)  # [T]
         else:
             x = torch.empty(len(input_ids), self.cfg.hidden_size, dtype=self.dtype, device=dev)
             dist.recv(x, src=info.prev_rank)  # [T, H]

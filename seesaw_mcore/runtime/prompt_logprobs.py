@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import torch
 
+from seesaw_mcore import h2d
 from seesaw_mcore.contract import SampledToken, ScheduledSeq
 
 PROMPT_CHUNK = 1024  # prompt positions whose [rows, V] log-softmax is held at once
@@ -58,7 +59,7 @@ def attach_prompt_logprobs(logits: Callable[[torch.Tensor], torch.Tensor],
             continue
         rows: list[list[float]] = []
         n = len(s.token_ids) - 1
-        actual = torch.tensor(s.token_ids[1:], dtype=torch.long, device=hidden.device)
+        actual = h2d.tensor(s.token_ids[1:], torch.long, hidden.device)
         for c in range(0, n, PROMPT_CHUNK):
             m = min(PROMPT_CHUNK, n - c)
             chunk = logits(hidden[first + c:first + c + m])  # [m, V]

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from seesaw_mcore import h2d
 from seesaw_mcore.contract import SampledToken, SamplingSpec
 
 _M64 = (1 << 64) - 1
@@ -93,10 +94,10 @@ class SamplingBatch:
     @classmethod
     def build(cls, specs: list[SamplingSpec], device: torch.device) -> "SamplingBatch":
         """Packs per-row settings (host Python over the rows, two tensor copies)."""
-        floats = torch.tensor([(s.temperature, s.top_p, s.min_p) for s in specs],
-                              dtype=torch.float32).to(device, non_blocking=True)  # [N, 3]
-        ints = torch.tensor([(s.top_k, s.seed & ((1 << 63) - 1), s.step) for s in specs],
-                            dtype=torch.int64).to(device, non_blocking=True)  # [N, 3]
+        floats = h2d.tensor([(s.temperature, s.top_p, s.min_p) for s in specs],
+                            torch.float32, device)  # [N, 3]
+        ints = h2d.tensor([(s.top_k, s.seed & ((1 << 63) - 1), s.step) for s in specs],
+                          torch.int64, device)  # [N, 3]
         rand = [s.temperature > 0 for s in specs]
         filt = any(r and (s.top_k > 0 or s.top_p < 1 or s.min_p > 0)
                    for r, s in zip(rand, specs))
@@ -161,14 +162,13 @@ def _candidates(scores: torch.Tensor, batch: SamplingBatch
     vocab = scores.shape[1]
     sampled = batch.temperature > 0
     probs = scores.softmax(dim=-1) if CANDIDATES < vocab else None  # [N, V]
-    # a nucleus needs at least top_p / max prob tokens: flat rows cannot fit (one sync)
-    if probs is not None and not bool((sampled & (batch.top_k <= 0) & (batch.top_p < 1) & (
-            batch.top_p > CANDIDATES * probs.amax(dim=-1))).any()):
+    if probs is not None:
         top, order = probs.topk(CANDIDATES, dim=-1)  # [N, C] each, descending
+        # a row fits when its filters keep only candidates (a flat row's nucleus cannot)
         kept = ((batch.top_k > 0) & (batch.top_k <= CANDIDATES)) \
             | ((batch.top_p < 1) & (top.sum(dim=-1) >= batch.top_p)) \
             | ((batch.min_p > 0) & (top[:, -1] < batch.min_p * top[:, 0]))
-        if bool((kept | ~sampled).all()):  # one sync; else the full sort below
+        if bool((kept | ~sampled).all()):  # the step's one sync; else the full sort below
             return scores.gather(1, order), order, top
     order = _sort_descending(scores.softmax(dim=-1) if probs is None else probs)  # [N, V]
     return scores.gather(1, order), order, None
@@ -214,10 +214,10 @@ def apply_penalties(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Te
         ban_t += s.banned
         params.append((s.repetition_penalty, s.presence_penalty, s.frequency_penalty))
     flat = seen_r + seen_t + out_r + out_t + ban_r + ban_t
-    idx = torch.tensor(flat, dtype=torch.int64).to(dev)  # one copy: every index list
+    idx = h2d.tensor(flat, torch.int64, dev)  # one copy: every index list
     cuts = [len(seen_r)] * 2 + [len(out_r)] * 2 + [len(ban_r)] * 2
     seen_r_t, seen_t_t, out_r_t, out_t_t, ban_r_t, ban_t_t = idx.split(cuts)
-    rep, pres, freq = torch.tensor(params, dtype=torch.float32).to(dev).unbind(1)  # [R] each
+    rep, pres, freq = h2d.tensor(params, torch.float32, dev).unbind(1)  # [R] each
     sub = logits[rows]  # [R, V]
     seen = torch.zeros_like(sub, dtype=torch.bool)
     seen[seen_r_t, seen_t_t] = True

@@ -27,7 +27,7 @@ import sys
 
 PACKAGE = "seesaw_mcore"
 LAYERS: dict[str, int] = {
-    "errors": 0, "env": 0, "contract": 0, "config": 0, "sampling_params": 0, "jit_ops": 0,
+    "errors": 0, "env": 0, "h2d": 0, "contract": 0, "config": 0, "sampling_params": 0, "jit_ops": 0,
     "mcore": 0,
     "quiet": 0,
     "model": 1, "kv": 1,

@@ -1,10 +1,12 @@
-"""The stages of the GPU check (``tools/gpu_check.py`` runs them in order and says what each
-proves); each returns its JSON-able result or raises."""
+"""The stages of the GPU check (``tools/gpu_check.py`` runs each in its own process, in order,
+and says what each proves); each takes ``(device, scratch folder, quick)`` and returns its
+JSON-able result or raises."""
 
 from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 
 import torch
@@ -28,13 +30,39 @@ def _timed(fn, dev: torch.device, repeats: int) -> float:
     return best
 
 
+def interpreter_problem() -> str | None:
+    """Why Triton's interpreter cannot run the kernel here (``None``: it can, or it is not
+    asked for): Triton 3.6's interpreter turns 1-element arrays into ints, which numpy >= 2.3
+    refuses (the device image holds both; on its GPU the kernel is compiled instead)."""
+    from seesaw_mcore import env
+
+    if not env.triton_interpret():
+        return None
+    import numpy as np
+    import triton
+
+    def version(v: str) -> tuple[int, int]:
+        return tuple(int(x) for x in v.split(".")[:2])  # type: ignore[return-value]
+
+    if version(triton.__version__) <= (3, 6) and version(np.__version__) >= (2, 3):
+        return (f"skipped: Triton {triton.__version__}'s interpreter cannot run under numpy "
+                f"{np.__version__} (>= 2.3); the test suite runs the kernel interpreted (its "
+                f"own Triton) and a GPU compiles it")
+    return None
+
+
+def _interpreted() -> bool:
+    from seesaw_mcore import env
+
+    return env.triton_interpret() and interpreter_problem() is None
+
+
 def _attend(q, k, v, kc, vc, meta):
     """The step's attention as the engine runs it on this device; on a CPU under
     ``TRITON_INTERPRET=1``, the Triton kernel itself (the device image's Triton)."""
-    from seesaw_mcore import env
     from seesaw_mcore.model.attention import paged_attention, write_kv
 
-    if q.device.type == "cpu" and env.triton_interpret():
+    if q.device.type == "cpu" and _interpreted():
         from seesaw_mcore.model.triton_attention import paged_attention_triton
 
         write_kv(k, v, kc, vc, meta)
@@ -42,19 +70,20 @@ def _attend(q, k, v, kc, vc, meta):
     return paged_attention(q, k, v, kc, vc, meta)
 
 
-def kernel_check(dev: torch.device, quick: bool) -> dict:
+def kernel_check(dev: torch.device, root: str, quick: bool) -> dict:
     """Kernel vs float64 reference (bf16 and fp32; small mixed shapes and real ones), and
     its decode time vs padded SDPA."""
     import torch.nn.functional as F
 
-    from seesaw_mcore import env
     from seesaw_mcore.model.attention import (
         AttentionMetadata,
         random_paged_case,
         reference_attention,
     )
 
-    res: dict = {"path": "triton" if dev.type == "cuda" or env.triton_interpret() else "cpu"}
+    res: dict = {"path": "triton" if dev.type == "cuda" or _interpreted() else "cpu"}
+    if dev.type == "cpu" and interpreter_problem():
+        res["triton_interpreter"] = interpreter_problem()
     g = torch.Generator().manual_seed(1)
     cases = {"": (16, 8, 2, 64, [1, 1, 9, 1, 33, 1], [17, 64, 9, 200, 80, 1],
                   (torch.float32, torch.bfloat16)),
@@ -161,7 +190,10 @@ def throughput_check(dev: torch.device, root: str, quick: bool) -> dict:
     sp = SamplingParams(temperature=0, max_tokens=max_new, ignore_eos=True)
     inputs = [{"prompt_token_ids": p} for p in prompts]
     res: dict = {"prompts": n, "prompt_len": [32, 512], "max_tokens": max_new}
-    tokens = {}
+    tokens, runs = {}, {}
+    probe = [{"prompt_token_ids": p} for p in prompts[:8]]
+    probe_sp = SamplingParams(temperature=0, max_tokens=4 if quick else 32, ignore_eos=True,
+                              logprobs=5)
     for eager in (False, True):
         llm = LLM(path, dtype="bfloat16", enforce_eager=eager)
         llm.generate(inputs[:2], sp, use_tqdm=False)  # warm-up
@@ -180,8 +212,11 @@ def throughput_check(dev: torch.device, root: str, quick: bool) -> dict:
         res[f"engine_{tag}_graph_steps"] = llm.engine.executor.runner.graph_steps
         res["kv_blocks"] = sum(llm.engine.num_blocks.values())
         tokens[eager] = [o.outputs[0].token_ids for o in outs]
+        runs[eager] = [(o.outputs[0].token_ids, o.outputs[0].logprobs)
+                       for o in llm.generate(probe, probe_sp, use_tqdm=False)]
         llm.close()
-    res["graphs_same_tokens"] = tokens[False] == tokens[True]
+    res.update(graphs_verdict(runs[False], runs[True]))
+    res["graphs_same_tokens"] = tokens[False] == tokens[True]  # information: near-ties flip
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16,
                                               use_safetensors=True).to(dev).eval()
     res["model_params_m"] = round(sum(p.numel() for p in hf.parameters()) / 1e6, 1)
@@ -195,7 +230,24 @@ def throughput_check(dev: torch.device, root: str, quick: bool) -> dict:
     return res
 
 
-def versions(dev: torch.device) -> dict:
+def graphs_verdict(graphs: list, eager: list) -> dict:
+    """CUDA graphs vs eager by vLLM's closeness rule (``check_logprobs_close``) over
+    ``(tokens, logprobs)`` per prompt; identical sequences counted as information (a
+    random-weight model's top logits may tie, and another cuBLAS algorithm under capture
+    flips a near-tie without anything being wrong)."""
+    from seesaw_mcore.tools.parity import check_logprobs_close
+
+    try:
+        check_logprobs_close(graphs, eager)
+        close = "ok"
+    except AssertionError as e:
+        close = f"FAIL: {e}"
+    return {"graphs_close": close,
+            "graphs_identical": f"{sum(a[0] == b[0] for a, b in zip(graphs, eager))}"
+                                f"/{len(graphs)}"}
+
+
+def versions(dev: torch.device, root: str, quick: bool) -> dict:
     """What the image holds (the versions a first run depends on)."""
     import importlib.metadata as md
     import platform
@@ -211,12 +263,21 @@ def versions(dev: torch.device) -> dict:
     return out
 
 
-def host_copy_check(dev: torch.device, quick: bool) -> dict:
-    """GB/s host -> device and back from pinned, pageable and registered shared memory."""
+SHM_MIN = 16 * 2**20  # the smallest host-tier copy worth timing
+
+
+def host_copy_check(dev: torch.device, root: str, quick: bool) -> dict:
+    """GB/s host -> device and back from pinned, pageable and registered shared memory;
+    the shared buffer takes at most half of ``/dev/shm``'s free space (skipped below
+    ``SHM_MIN``)."""
     from seesaw_mcore.kv.host_tier import HostKVBuffer
 
-    n = (16 if quick else 1024) * 2**20  # bytes
-    res: dict = {"bytes": n}
+    free = shutil.disk_usage("/dev/shm").free
+    n = min((16 if quick else 1024) * 2**20, free // 2 // 2**20 * 2**20)  # bytes
+    if n < SHM_MIN:
+        return {"skipped": f"/dev/shm has {free / 2**20:.0f} MiB free; timing the host "
+                           f"tier's copies needs {2 * SHM_MIN // 2**20} MiB"}
+    res: dict = {"bytes": n, "shm_free": free}
     shm = HostKVBuffer(f"seesaw_gpu_check_{os.getpid()}", (1, 1, 1, n // 2, 1), torch.bfloat16,
                        create=True)
     try:
@@ -253,7 +314,7 @@ def switch_check(dev: torch.device, root: str, quick: bool) -> dict:
     return res
 
 
-def ops_check(dev: torch.device) -> list:
+def ops_check(dev: torch.device, root: str, quick: bool) -> list:
     """Ops per decode step at batch 4 and 64 (``bench.step.per_step``)."""
     from seesaw_mcore import LLM
     from seesaw_mcore.bench.step import per_step

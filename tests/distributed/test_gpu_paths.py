@@ -88,6 +88,21 @@ def test_capture_sizes_buckets_and_padding():
         pad_decode([1] * 5, [1] * 5, [[0]] * 5, 4, 0)
 
 
+def test_graphs_choose_decode_splits_from_the_real_context():
+    """A graph is captured per context class, so split-context decode follows the step's
+    longest context (within 2x), not the block table's full width."""
+    from seesaw_mcore.model.triton_attention import decode_splits
+    from seesaw_mcore.runtime.cuda_graphs import context_class
+
+    width = 32768  # tokens the padded block table covers (max_model_len)
+    assert [context_class(c, width) for c in (1, 100, 512, 513, 3000, 40000)] == [
+        512, 512, 512, 1024, 4096, 32768]
+    short, long_ = context_class(300, width), context_class(5000, width)
+    assert decode_splits(8, 1, short, sms=132) == 1  # short contexts: no split
+    assert decode_splits(8, 1, long_, sms=132) == 16
+    assert decode_splits(8, 1, width, sms=132) == 16  # what the width alone chose before
+
+
 class _FakeCuda:
     """Enough of DeepSpeed's CUDA accelerator for ``CopyQueue``."""
 
