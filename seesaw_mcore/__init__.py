@@ -4,7 +4,7 @@ from seesaw_mcore import quiet
 from seesaw_mcore.config import EngineConfig
 from seesaw_mcore.engine.request import CompletionOutput, RequestOutput
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.sampling_params import SamplingParams
+from seesaw_mcore.sampling_params import RequestOutputKind, SamplingParams
 
 quiet.install_filters()
 
@@ -14,8 +14,12 @@ def __getattr__(name: str):  # LLM pulls in torch/megatron: import it lazily
         from seesaw_mcore.llm import LLM
 
         return LLM
+    if name == "AsyncLLM":
+        from seesaw_mcore.async_llm import AsyncLLM
+
+        return AsyncLLM
     raise AttributeError(name)
 
 
-__all__ = ["LLM", "EngineConfig", "SamplingParams", "RequestOutput", "CompletionOutput",
-           "SeesawError"]
+__all__ = ["LLM", "AsyncLLM", "EngineConfig", "SamplingParams", "RequestOutputKind",
+           "RequestOutput", "CompletionOutput", "SeesawError"]

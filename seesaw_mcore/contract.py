@@ -132,8 +132,28 @@ class Stop:
     error: str | None = None
 
 
+class ControlKind(str, enum.Enum):
+    """What a ``Control`` message asks of every rank."""
+
+    KEEPALIVE = "keepalive"  # nothing: an idle serving loop's sign of life
+    UPDATE_WEIGHTS = "update_weights"  # the pairs follow as one broadcast object
+    UPDATE_FROM_DISTRIBUTED = "update_weights_from_distributed"  # args: names, dtypes, shapes
+    INIT_UPDATE_GROUP = "init_weight_update_group"  # args: address, port, offset, world
+    SLEEP = "sleep"  # args: level
+    WAKE_UP = "wake_up"  # args: tags
+
+
+@dataclass(frozen=True)
+class Control:
+    """A command every rank runs between two steps of a serving loop (``AsyncLLM``),
+    with its arguments as JSON text."""
+
+    kind: ControlKind
+    args: str = "{}"
+
+
 # What rank 0 broadcasts before each step of a run.
-StepMessage = Step | Switch | MovePlan | Stop
+StepMessage = Step | Switch | MovePlan | Stop | Control
 
 
 @dataclass

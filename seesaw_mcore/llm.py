@@ -8,15 +8,17 @@ engine, loops ``Engine.step`` and hands finished outputs back.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sized
+from functools import partial
 from typing import Any
 
 from seesaw_mcore import quiet
 from seesaw_mcore.config import EngineConfig
 from seesaw_mcore.engine.driver import RunDriver
 from seesaw_mcore.engine.engine import Engine
-from seesaw_mcore.engine.output import OutputProcessor
-from seesaw_mcore.engine.request import RequestOutput, Sequence
+from seesaw_mcore.engine.loop import EngineLoop, LoopRequest
+from seesaw_mcore.engine.request import RequestOutput, make_samples
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.io.requests import (
     PromptType,
@@ -24,7 +26,6 @@ from seesaw_mcore.io.requests import (
     load_tokenizer,
     prompt_tokens,
     requests_of,
-    sample_seed,
 )
 from seesaw_mcore.model.weight_update import check_update
 from seesaw_mcore.sampling_params import SamplingParams
@@ -142,48 +143,37 @@ class LLM:
         if not self.is_driver:
             self.engine.serve()
             return []
-        processor = OutputProcessor(self.tokenizer)
         results: dict[int, RequestOutput] = {}
         bar = quiet.progress(total, use_tqdm)
-        seqs = self._sequences(requests_of(prompts, sampling_params, request_ids), processor,
-                               on_reject)
+
+        def done(index: int, out: RequestOutput) -> None:
+            if keep_outputs:
+                results[index] = out
+            bar.update(1)
+            if on_output is not None:
+                on_output(out)
+
         engine = self.engine
         driver = RunDriver(engine)
         if self.trial is not None and not self.trial.done:
             from seesaw_mcore.planner.trial import TrialDriver
 
             driver = TrialDriver(engine, self.trial)
+        source = self._requests(requests_of(prompts, sampling_params, request_ids), on_reject,
+                                done, time.perf_counter())
+        loop = EngineLoop(engine, self.tokenizer, driver, source)  # the engine's one loop
         try:
             with engine.session():
-                while True:
-                    while engine.num_waiting < engine.lookahead and driver.admits():
-                        seq = next(seqs, None)  # top up, lazily
-                        if seq is None:
-                            break
-                        driver.add(seq)
-                    if not engine.has_unfinished():
-                        if driver.idle():
-                            continue
-                        break
-                    stopped, finished = processor.process(driver.step())
-                    for seq in stopped:
-                        engine.finish(seq)
-                    for index, out in finished:
-                        if keep_outputs:
-                            results[index] = out
-                        bar.update(1)
-                        if on_output is not None:
-                            on_output(out)
+                while loop.iterate():
+                    pass
         finally:
             bar.close()
         return [results[i] for i in sorted(results)]
 
-    def _sequences(self, requests, processor: OutputProcessor, on_reject
-                   ) -> Iterator[Sequence]:
-        """Every request's samples, made as the engine pulls them. Sample ``k`` of a request
-        draws from ``sample_seed(SamplingParams.seed, "", k)`` when the request has a seed,
-        else from ``sample_seed(engine seed, request id, k)``: the same samples on a rerun,
-        a resumed run or another plan, whatever the request's position."""
+    def _requests(self, requests, on_reject, done: Callable[[int, RequestOutput], None],
+                  start: float) -> Iterator[LoopRequest]:
+        """Every request with its samples (``make_samples``: seeded by request id, not
+        position), made as the engine loop pulls them."""
         seq_id = 0
         for i, rid, prompt, p in requests:
             label = "prompt" if on_reject else f"prompt {i}"
@@ -195,15 +185,11 @@ class LLM:
                     raise
                 on_reject(rid, str(e))
                 continue
-            base, key = (p.seed, "") if p.seed is not None else (self.config.seed, rid)
-            samples = [Sequence(seq_id=seq_id + k, request_index=i, sample_index=k,
-                                prompt_token_ids=toks, params=p,
-                                seed=sample_seed(base, key, k), max_tokens=max_tokens)
-                       for k in range(p.n)]
+            samples = make_samples(seq_id, i, rid, toks, p, max_tokens, self.config.seed)
             seq_id += p.n
             text = prompt if isinstance(prompt, str) else prompt.get("prompt")
-            processor.add_request(i, rid, text, toks, samples)
-            yield from samples
+            yield LoopRequest(i, str(rid), text, toks, samples, partial(done, i),
+                              arrival=start)
 
     def update_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Takes new weights in place (an RL or eval loop's new checkpoint), on every rank.

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 from seesaw_mcore.errors import SeesawError
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What a streamed request's outputs hold (vLLM's ``RequestOutputKind``)."""
+
+    CUMULATIVE = 0  # everything so far, each time
+    DELTA = 1  # only what is new since the last output
+    FINAL_ONLY = 2  # one output, when the request finishes
 
 
 @dataclass
@@ -45,6 +54,8 @@ class SamplingParams:
             (with ``skip_special_tokens=False``).
         include_stop_str_in_output: keep the stop string that ended a completion in its
             text.
+        output_kind: what ``AsyncLLM.generate``'s outputs hold (``RequestOutputKind``;
+            ``LLM.generate`` returns final outputs whatever it says).
     """
 
     n: int = 1
@@ -67,6 +78,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     _checked: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -114,6 +126,9 @@ class SamplingParams:
         for name in ("skip_special_tokens", "spaces_between_special_tokens",
                      "include_stop_str_in_output"):
             _require(isinstance(getattr(self, name), bool), name, getattr(self, name), "a bool")
+        _require(self.output_kind in tuple(RequestOutputKind), "output_kind", self.output_kind,
+                 "a RequestOutputKind (0 cumulative, 1 delta, 2 final only)")
+        self.output_kind = RequestOutputKind(self.output_kind)
 
     @property
     def greedy(self) -> bool:

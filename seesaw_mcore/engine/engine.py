@@ -204,25 +204,43 @@ class Engine:
             self.scheduler.add(seq)
 
     def reset_prefix_cache(self) -> None:
-        """Rank 0, between runs: forgets every cached prefix (vLLM's
-        ``reset_prefix_cache``; needed when the weights change)."""
+        """Rank 0, between steps or runs: forgets every cached prefix (vLLM's
+        ``reset_prefix_cache``; needed when the weights change). Blocks in use stay in use;
+        only nothing computed so far is found again."""
         self._pools = None
+        if self.scheduler is not None:
+            self.scheduler.reset_prefix_cache()
 
     def update_weights(self, weights: list[tuple[str, Tensor]]) -> int:
-        """Every rank, between runs: writes new weights into every copy this rank holds (see
-        ``ModelRunner.update_weights``) and forgets the prefix cache, whose KV came from the
-        old weights. ``weights`` must be checked (``weight_update.check_update``)."""
-        self._between_runs("update_weights")
+        """Every rank, between steps (a serving loop's, or between runs): writes new weights
+        into every copy this rank holds (see ``ModelRunner.update_weights``) and forgets the
+        prefix cache, whose KV came from the old weights. Sequences in flight keep their KV
+        and continue with the new weights. ``weights`` must be checked
+        (``weight_update.check_update``)."""
         n = self.executor.update_weights(weights)
         self.reset_prefix_cache()
         return n
 
     def sleep(self, level: int = 1) -> None:
-        """Every rank, between runs: frees device memory (``Executor.sleep``; see
-        ``LLM.sleep``) and the prefix cache, whose KV is gone."""
-        self._between_runs("sleep")
+        """Every rank, between steps or runs: frees device memory (``Executor.sleep``; see
+        ``LLM.sleep``) and the prefix cache, whose KV is gone; sequences on the device wait
+        to be recomputed (their tokens kept), those in a tier stay there."""
+        if self.scheduler is not None:
+            self.scheduler.release_device()
         if self.executor.sleep(level):
             self.reset_prefix_cache()
+
+    @property
+    def asleep(self) -> bool:
+        """Whether ``sleep`` freed something ``wake_up`` has not restored."""
+        return self.executor.asleep
+
+    def abort(self, seq: Sequence) -> None:
+        """Rank 0, between steps: ends ``seq`` (``finish_reason`` "abort") wherever it is,
+        freeing its blocks and tier slots."""
+        if self._seqs.pop(seq.seq_id, None) is not None:
+            self.scheduler.abort(seq)
+        seq.finish_reason = seq.finish_reason or "abort"
 
     def wake_up(self, tags: Iterable[str] | None = None) -> None:
         """Every rank: allocates what ``sleep`` freed (``Executor.wake_up``)."""
@@ -231,10 +249,6 @@ class Engine:
     def check_ready(self) -> None:
         """Raises unless ``generate`` can run (``Executor.check_ready``)."""
         self.executor.check_ready()
-
-    def _between_runs(self, what: str) -> None:
-        if self._seqs:
-            raise SeesawError(f"{what} during a run: call it between generate calls")
 
     def finish(self, seq: Sequence) -> None:
         """Ends a sequence (a stop string found by the output processor) and frees its KV."""

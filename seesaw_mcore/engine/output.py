@@ -74,6 +74,7 @@ class _Request:
     prompt_token_ids: list[int]
     samples: list[Sequence]  # in sample order
     unfinished: int
+    arrival: float  # perf_counter() when it arrived (latency is counted from it)
 
 
 class OutputProcessor:
@@ -89,12 +90,51 @@ class OutputProcessor:
         self._requests: dict[int, _Request] = {}  # admitted, not all samples finished
         self._detok: dict[int, IncrementalDetokenizer] = {}  # by seq id: with stop strings
         self._text: dict[int, str] = {}  # by seq id: text cut at a stop string
+        self._done: set[int] = set()  # seq ids of finished samples of unfinished requests
 
     def add_request(self, index: int, request_id: str, prompt: str | None,
-                    prompt_token_ids: list[int], samples: list[Sequence]) -> None:
-        """Tracks a request whose samples the engine will generate."""
+                    prompt_token_ids: list[int], samples: list[Sequence],
+                    arrival: float | None = None) -> None:
+        """Tracks a request whose samples the engine will generate (``arrival``: when it
+        came, default when this processor started)."""
         self._requests[index] = _Request(request_id, prompt, prompt_token_ids, samples,
-                                         len(samples))
+                                         len(samples), self.start if arrival is None
+                                         else arrival)
+
+    def snapshot(self, index: int) -> RequestOutput:
+        """A streamed request's output so far (``finished`` False): each sample's tokens,
+        logprobs and text; text that may still turn out to start a stop string is held
+        back (vLLM's rule)."""
+        req = self._requests[index]
+        outs = []
+        for s in req.samples:
+            text = self._text.get(s.seq_id)
+            if text is None and self.tokenizer is not None:
+                detok = self._detokenizer(s)
+                detok.add_all(s.output_token_ids)
+                text = detok.text
+                if s.params.stop and s.finish_reason is None:
+                    hold = max(len(x) for x in s.params.stop) - 1
+                    text = text[:len(text) - hold] if hold else text
+            outs.append(self._completion_of(s, text or ""))
+        return self._output(req, outs, finished=False)
+
+    def abort(self, index: int) -> RequestOutput:
+        """Ends every unfinished sample of a request (``finish_reason`` "abort", what it
+        had kept) and returns the request's final output."""
+        req = self._requests[index]
+        out = None
+        for s in req.samples:
+            if s.finish_reason is None:
+                s.finish_reason = "abort"
+            if s.seq_id not in self._done:
+                out = self._sample_done(s) or out
+        if out is None:
+            raise RuntimeError(f"request {req.id!r} did not end at its abort (a bug)")
+        return out
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._requests
 
     def process(self, seqs: list[Sequence]
                 ) -> tuple[list[Sequence], list[tuple[int, RequestOutput]]]:
@@ -150,16 +190,21 @@ class OutputProcessor:
     def _sample_done(self, seq: Sequence) -> RequestOutput | None:
         req = self._requests[seq.request_index]
         req.unfinished -= 1
+        self._done.add(seq.seq_id)
         if req.unfinished:
             return None
         del self._requests[seq.request_index]
+        self._done.difference_update(s.seq_id for s in req.samples)
+        return self._output(req, [self._completion(s) for s in req.samples], finished=True)
+
+    def _output(self, req: _Request, outs: list[CompletionOutput], finished: bool
+                ) -> RequestOutput:
         first = req.samples[0]
         return RequestOutput(
             request_id=req.id, prompt=req.prompt, prompt_token_ids=req.prompt_token_ids,
-            prompt_logprobs=self._decoded(first.prompt_logprobs),
-            outputs=[self._completion(s) for s in req.samples],
-            num_cached_tokens=first.num_cached_tokens,
-            latency_s=time.perf_counter() - self.start)
+            prompt_logprobs=self._decoded(first.prompt_logprobs), outputs=outs,
+            finished=finished, num_cached_tokens=first.num_cached_tokens,
+            latency_s=time.perf_counter() - req.arrival)
 
     def _completion(self, s: Sequence) -> CompletionOutput:
         text = self._text.pop(s.seq_id, None)
@@ -174,11 +219,14 @@ class OutputProcessor:
                 text = IncrementalDetokenizer(
                     self.tokenizer, s.params.skip_special_tokens,
                     s.params.spaces_between_special_tokens).decode(s.output_token_ids)
+        return self._completion_of(s, text)
+
+    def _completion_of(self, s: Sequence, text: str) -> CompletionOutput:
         asked = s.params.logprobs is not None
         return CompletionOutput(
             index=s.sample_index, text=text, token_ids=list(s.output_token_ids),
             cumulative_logprob=s.cumulative_logprob if asked else None,
-            logprobs=self._decoded(s.logprobs) if asked else None,
+            logprobs=list(self._decoded(s.logprobs)) if asked else None,
             finish_reason=s.finish_reason, stop_reason=s.stop_reason,
             num_preemptions=s.num_preemptions)
 
@@ -186,9 +234,13 @@ class OutputProcessor:
         """Fills each ``Logprob.decoded_token`` (one batched decode per list)."""
         if entries is None or self.tokenizer is None:
             return entries
-        ids = sorted({t for e in entries if e for t in e})
+        ids = sorted({t for e in entries if e for t, lp in e.items()
+                      if lp.decoded_token is None})  # (a streamed request's: new ones)
+        if not ids:
+            return entries
         texts = dict(zip(ids, self.tokenizer.batch_decode([[t] for t in ids])))
         for e in entries:
             for t, lp in (e or {}).items():
-                lp.decoded_token = texts[t]
+                if lp.decoded_token is None:
+                    lp.decoded_token = texts[t]
         return entries

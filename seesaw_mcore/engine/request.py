@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass, field
 
 from seesaw_mcore.sampling_params import SamplingParams
@@ -51,6 +52,26 @@ class Sequence:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+
+def make_samples(first_seq_id: int, index: int, request_id: str, prompt_token_ids: list[int],
+                 params: SamplingParams, max_tokens: int, engine_seed: int) -> list[Sequence]:
+    """A request's ``n`` sequences, ids from ``first_seq_id``. Sample ``k`` draws from
+    ``sample_seed(params.seed, "", k)`` when the request has a seed, else from
+    ``sample_seed(engine_seed, request_id, k)``: the same samples on a rerun, a resumed run,
+    another plan or another arrival time, whatever the request's position."""
+    base, key = (params.seed, "") if params.seed is not None else (engine_seed, request_id)
+    return [Sequence(seq_id=first_seq_id + k, request_index=index, sample_index=k,
+                     prompt_token_ids=prompt_token_ids, params=params,
+                     seed=sample_seed(base, key, k), max_tokens=max_tokens)
+            for k in range(params.n)]
+
+
+def sample_seed(seed: int, request_id: str, sample: int) -> int:
+    """A 63-bit seed from ``(seed, request id, sample index)``, stable across runs and
+    machines (BLAKE2b, not Python's salted ``hash``)."""
+    digest = hashlib.blake2b(f"{seed}\x00{request_id}\x00{sample}".encode(), digest_size=8)
+    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 @dataclass

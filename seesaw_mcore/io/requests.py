@@ -4,7 +4,6 @@ token ids, and each sample's seed."""
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import os
@@ -14,13 +13,6 @@ from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.sampling_params import SamplingParams
 
 PromptType = str | dict
-
-
-def sample_seed(seed: int, request_id: str, sample: int) -> int:
-    """A 63-bit seed from ``(seed, request id, sample index)``, stable across runs and
-    machines (BLAKE2b, not Python's salted ``hash``)."""
-    digest = hashlib.blake2b(f"{seed}\x00{request_id}\x00{sample}".encode(), digest_size=8)
-    return int.from_bytes(digest.digest(), "little") >> 1
 
 
 def requests_of(prompts: Iterable[PromptType], sampling_params, request_ids

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from seesaw_mcore import env
 from seesaw_mcore.config import EngineConfig, ModelConfig, ParallelConfig, PhasePlan
-from seesaw_mcore.contract import MovePlan, Phase, RunnerOutput, Step, Switch
+from seesaw_mcore.contract import Control, MovePlan, Phase, RunnerOutput, Step, Switch
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.tiers import open_disk_tier, open_host_tier
 from seesaw_mcore.kv.transfer import TransferStats
@@ -138,6 +138,11 @@ class Executor:
         """Ends the workers' ``serve`` (with ``error``: they raise it)."""
         self.worker.stop(error)
 
+    def control(self, msg: Control) -> None:
+        """Broadcasts a serving loop's command; every rank runs it (this one too)."""
+        self.worker.channel.send(msg)
+        self.worker.control(msg)
+
     # -- the other ranks --------------------------------------------------------------
 
     def serve(self) -> None:
@@ -192,6 +197,11 @@ class Executor:
         if "kv_cache" in tags & self._asleep:
             self.runner.allocate_kv(self._sleep_blocks)
         self._asleep -= tags
+
+    @property
+    def asleep(self) -> bool:
+        """Whether ``sleep`` freed something ``wake_up`` has not restored."""
+        return bool(self._asleep)
 
     def check_ready(self) -> None:
         """Raises unless a run can start: awake, and after a level-2 sleep, every weight

@@ -18,6 +18,8 @@ import numpy as np
 from seesaw_mcore.contract import (
     DISK,
     HOST,
+    Control,
+    ControlKind,
     KVMove,
     MovePlan,
     Phase,
@@ -32,8 +34,9 @@ from seesaw_mcore.contract import (
     Switch,
 )
 
-_VERSION = 4
-_KINDS = [Step, Switch, MovePlan, Stop]
+_VERSION = 5
+_KINDS = [Step, Switch, MovePlan, Stop, Control]
+_CONTROLS = list(ControlKind)
 _PHASES = [Phase.PREFILL, Phase.DECODE]
 _TIERS = [HOST, DISK]
 _F2I = struct.Struct("<d")
@@ -50,9 +53,12 @@ def _float(bits: int) -> float:
 
 def encode_step(msg: StepMessage) -> np.ndarray:
     """``msg`` as a flat int64 array (see ``decode_step``): the format version, the kind
-    (``Step``, ``Switch``, ``MovePlan``, ``Stop``), its fields, then its replicas."""
+    (``Step``, ``Switch``, ``MovePlan``, ``Stop``, ``Control``), its fields, then its
+    replicas."""
     out: list[int] = [_VERSION, _KINDS.index(type(msg))]
-    if isinstance(msg, Switch):
+    if isinstance(msg, Control):
+        out += [_CONTROLS.index(msg.kind), len(msg.args), *map(ord, msg.args)]
+    elif isinstance(msg, Switch):
         out.append(_PHASES.index(msg.phase))
     elif isinstance(msg, (MovePlan, Stop)):
         text = msg.plan if isinstance(msg, MovePlan) else msg.error
@@ -94,7 +100,10 @@ def decode_step(arr: np.ndarray) -> StepMessage:
         raise ValueError(f"step message format {v[0]}, expected {_VERSION}")
     kind, i = _KINDS[v[1]], 2
     phase, text = None, None
-    if kind is Switch:
+    if kind is Control:
+        control, n = _CONTROLS[v[i]], v[i + 1]
+        text, i = "".join(map(chr, v[i + 2:i + 2 + n])), i + 2 + n
+    elif kind is Switch:
         phase, i = _PHASES[v[i]], i + 1
     elif kind in (MovePlan, Stop):
         n, i = v[i], i + 1
@@ -141,6 +150,8 @@ def decode_step(arr: np.ndarray) -> StepMessage:
         replicas.append(SchedulerOutput(rep_phase, mbs, *lists))
     if i != len(v):
         raise ValueError(f"step message has {len(v) - i} trailing values")
+    if kind is Control:
+        return Control(control, text)
     if kind is Step:
         return Step(replicas)
     if kind is Switch:

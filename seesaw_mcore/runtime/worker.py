@@ -7,10 +7,21 @@ send its sampled tokens to rank 0), re-shard at a ``Switch``, move to another pl
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from seesaw_mcore import env
 from seesaw_mcore.config import ParallelConfig, PhasePlan
-from seesaw_mcore.contract import MovePlan, Phase, RunnerOutput, Step, StepMessage, Stop, Switch
+from seesaw_mcore.contract import (
+    Control,
+    ControlKind,
+    MovePlan,
+    Phase,
+    RunnerOutput,
+    Step,
+    StepMessage,
+    Stop,
+    Switch,
+)
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.runtime.model_runner import ModelRunner
@@ -34,6 +45,8 @@ class Worker:
         # tests: plans made artificially slow; read at the first step, not per step (the
         # auto-trial test sets it after building the engine, once it knows the candidates)
         self._slow: dict[str, float] | None = None
+        # runs a serving loop's ``Control`` commands on this rank (set by ``AsyncLLM``)
+        self.on_control: Callable[[Control], None] | None = None
 
     @property
     def layout(self) -> ParallelConfig:
@@ -112,7 +125,9 @@ class Worker:
                 if msg.error:
                     raise SeesawError(f"rank 0 failed: {msg.error}")
                 return
-            if isinstance(msg, Switch):
+            if isinstance(msg, Control):
+                self.control(msg)
+            elif isinstance(msg, Switch):
                 self.switch(msg)
             elif isinstance(msg, MovePlan):
                 self.move(msg)
@@ -121,6 +136,17 @@ class Worker:
                 if out is not None:
                     mine = msg.replicas[self.runner.info.dp_rank]
                     send_tokens(out, mine.seqs, 0, groups.host_group())
+
+    def control(self, msg: Control) -> None:
+        """Every rank: a serving loop's command (rank 0 runs it after sending it)."""
+        if msg.kind == ControlKind.KEEPALIVE:
+            return
+        wd = groups.watchdog()
+        if wd is not None:
+            wd.set_phase("control", msg.kind.value)
+        if self.on_control is None:
+            raise SeesawError(f"{msg.kind.value}: this rank runs no serving loop")
+        self.on_control(msg)
 
     def stop(self, error: str | None = None) -> None:
         """Rank 0: ends the workers' ``serve`` (with ``error``: makes it raise that)."""

@@ -34,7 +34,7 @@ LAYERS: dict[str, int] = {
     "runtime": 2,
     "engine": 3,
     "planner": 4,
-    "llm": 5, "io": 5, "": 5,
+    "llm": 5, "async_llm": 5, "io": 5, "": 5,
     "eval_harness": 5, "bench": 6, "tools": 7,
 }
 

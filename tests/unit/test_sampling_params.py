@@ -45,7 +45,7 @@ def test_defaults_and_normalization():
 
 
 def test_sample_seeds_depend_on_id_and_sample_not_position():
-    from seesaw_mcore.llm import sample_seed
+    from seesaw_mcore.engine.request import sample_seed
 
     seeds = {sample_seed(0, rid, k) for rid in ("a", "b", "c") for k in range(3)}
     assert len(seeds) == 9 and all(0 <= s < 2**63 for s in seeds)

@@ -7,6 +7,8 @@ import numpy as np
 from seesaw_mcore.contract import (
     DISK,
     HOST,
+    Control,
+    ControlKind,
     KVMove,
     MovePlan,
     Phase,
@@ -49,7 +51,8 @@ def test_step_round_trip():
         swap_in=[KVMove(8, SlotRange(512, 7, DISK), [1])], swap_out=[])
     for step in (Step([rep, None, rep]), Switch(Phase.PREFILL),
                  Switch(Phase.DECODE, [None, rep]), Stop("rank 0 failed: ünïcode ✓"), Stop(),
-                 MovePlan("P2:T2"), Step([None])):
+                 MovePlan("P2:T2"), Step([None]), Control(ControlKind.KEEPALIVE),
+                 Control(ControlKind.SLEEP, '{"level": 2, "note": "ünïcode ✓"}')):
         arr = encode_step(step)
         assert arr.dtype == np.int64
         assert decode_step(arr) == step

@@ -38,6 +38,17 @@ class SchedulerInterface(Protocol):
     def finish(self, seq: Sequence) -> None:
         """Removes a finished sequence and frees what it holds."""
 
+    def abort(self, seq: Sequence) -> None:
+        """Removes a sequence in any state (waiting, on the device, in a tier) and frees
+        every block and tier slot it holds."""
+
+    def release_device(self) -> None:
+        """Every sequence on the device gives its blocks back and waits for prefill again
+        (its tokens kept; its KV recomputed): the device KV is about to be freed."""
+
+    def reset_prefix_cache(self) -> None:
+        """Nothing cached so far is findable any more (new weights; freed device KV)."""
+
     def tier_usage(self) -> float | None:
         """The KV tiers' load (Seesaw plans), ``None`` without tiers."""
 

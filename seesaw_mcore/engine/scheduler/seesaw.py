@@ -294,6 +294,41 @@ class PhaseScheduler:
                 return r
         return None
 
+    def abort(self, seq: Sequence) -> None:
+        """Removes ``seq`` wherever it is: waiting, in a tier (offloaded, or swapped out in
+        the last step), arriving or running on the device; its blocks are freed, its tier
+        spans lose a user (freed at the next switch, past its barrier)."""
+        r = seq.replica
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        elif seq in self._evicted:
+            self._evicted.remove(seq)
+            self.book.release(seq)
+        elif seq.status == SeqStatus.OFFLOADED:
+            self.offloaded.remove(seq)
+            self.book.release(seq)
+        elif r < len(self.running) and seq in self.running[r] + self.arriving[r]:
+            (self.running[r] if seq in self.running[r] else self.arriving[r]).remove(seq)
+            self.decode_pools[r].free(seq.block_table)
+        seq.status = SeqStatus.FINISHED
+
+    def release_device(self) -> None:
+        """Sequences on the device (running, arriving) wait for prefill again; what the
+        tiers hold stays."""
+        for r in range(len(self.running)):
+            for seq in reversed(self.running[r] + self.arriving[r]):
+                self.decode_pools[r].free(seq.block_table)
+                seq.status = SeqStatus.WAITING
+                seq.num_preemptions += 1
+                self.num_preemptions += 1
+                self.waiting.appendleft(seq)
+            self.running[r], self.arriving[r] = [], []
+
+    def reset_prefix_cache(self) -> None:
+        for pool in self.prefill_pools + self.decode_pools:
+            pool.reset_cache()
+        self.book.tier_kv.index.clear()
+
     def finish(self, seq: Sequence) -> None:
         """Removes a finished sequence and frees what it holds."""
         if seq.status == SeqStatus.OFFLOADED:  # finished by its first token (prefill)

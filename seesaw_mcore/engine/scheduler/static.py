@@ -94,6 +94,20 @@ class ReplicaScheduler:
         self.pool.free(seq.block_table)
         self.running.remove(seq)
 
+    def abort(self, seq: Sequence) -> None:
+        """Removes ``seq`` waiting or running; its blocks are freed."""
+        if seq.status == SeqStatus.WAITING:
+            self.waiting.remove(seq)
+            seq.status = SeqStatus.FINISHED
+        elif seq.status == SeqStatus.RUNNING:
+            self.finish(seq)
+
+    def release_device(self) -> None:
+        """Every running sequence waits for prefill again (recompute), in order."""
+        for seq in reversed(self.running):
+            self._preempt(seq)
+        self.running.clear()
+
 
 class ReplicaSchedulers:
     """A static plan's schedulers, one per DP replica; a sequence stays on its replica.
@@ -206,3 +220,21 @@ class ReplicaSchedulers:
 
     def finish(self, seq: Sequence) -> None:
         self.replicas[seq.replica].finish(seq)
+
+    def abort(self, seq: Sequence) -> None:
+        """Removes ``seq`` from its replica (and its prompt's pending hashes)."""
+        self.replicas[seq.replica].abort(seq)
+        pending = self._pending[seq.replica]
+        for h in self._pending_of.pop(seq.seq_id, ()):
+            if pending[h] > 1:
+                pending[h] -= 1
+            else:
+                del pending[h]
+
+    def release_device(self) -> None:
+        for s in self.replicas:
+            s.release_device()
+
+    def reset_prefix_cache(self) -> None:
+        for s in self.replicas:
+            s.pool.reset_cache()

@@ -1,0 +1,396 @@
+"""vLLM's ``AsyncLLM`` surface over this engine: requests that arrive, stream, leave and pause
+while the engine runs (what RL frameworks' rollout workers and serving front-ends drive).
+
+    llm = AsyncLLM(model="DIR", plan="P2:T2")
+    async for out in llm.generate("Hello", SamplingParams(max_tokens=64), "req-1"):
+        ...                               # RequestOutput per step (output_kind), then final
+    await llm.abort("req-1")
+    await llm.pause_generation(mode="keep"); await llm.update_weights(pairs)
+    await llm.resume_generation()
+    llm.shutdown()
+
+The engine loop (``engine/loop.py``, the same one ``LLM.generate`` turns) runs on a thread of
+rank 0; the asyncio side only queues commands to it and reads per-request output queues, so
+every engine call happens between two steps on one thread. New requests join the running
+batch at the next step, on every plan. Commands that every rank must run (weight updates,
+sleep, wake-up, joining a trainer's update group) travel to the other ranks as ``Control``
+step messages; while idle the loop sends a keep-alive so the other ranks' wait never reaches
+the collective timeout.
+
+SPMD under a launcher: every rank constructs ``AsyncLLM``; on ranks other than 0 the
+constructor follows rank 0's engine until rank 0 shuts down, then returns (``is_driver``
+False). With one rank it runs in a plain ``python`` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import json
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from seesaw_mcore.contract import Control, ControlKind
+from seesaw_mcore.engine.loop import EngineLoop, LoopRequest
+from seesaw_mcore.engine.request import RequestOutput, make_samples
+from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.io.requests import PromptType, prompt_tokens
+from seesaw_mcore.llm import LLM
+from seesaw_mcore.model.weight_update import check_update
+from seesaw_mcore.runtime import groups
+from seesaw_mcore.sampling_params import SamplingParams
+
+_STOP = object()  # the loop thread's last command
+
+
+class EngineDeadError(SeesawError):
+    """The engine loop failed; this engine takes no more requests (vLLM's name)."""
+
+
+class AsyncLLM:
+    """An engine that takes requests one by one while it runs (see the module doc).
+
+    Args:
+        model: local HF model folder (safetensors).
+        config: a whole ``EngineConfig`` instead of keyword arguments.
+        **kwargs: ``EngineConfig`` fields by name, as ``LLM`` takes them (``plan="auto"``
+            is refused: its trial measures a batch it knows up front).
+    """
+
+    def __init__(self, model: str | None = None, config=None, **kwargs: Any) -> None:
+        if kwargs.get("plan") == "auto" or (config is not None and config.is_auto):
+            raise SeesawError("plan=auto needs a batch known up front: use LLM, or name a plan")
+        self._llm = LLM(model, config, **kwargs)
+        self.engine = self._llm.engine
+        self.tokenizer = self._llm.tokenizer
+        self._payload: list | None = None  # rank 0: the pairs an UPDATE_WEIGHTS sends
+        self.engine.executor.worker.on_control = self._on_control
+        self._closed = False
+        self._error: BaseException | None = None
+        if not self.is_driver:  # follow rank 0's engine until it closes
+            try:
+                self.engine.serve()
+            finally:
+                self._close_engine()
+            return
+        self._loop = EngineLoop(self.engine, self.tokenizer)
+        self._inbox: queue.Queue = queue.Queue()
+        self._streams: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
+        self._pause_waiters: list[concurrent.futures.Future] = []
+        self._indices = itertools.count()
+        self._next_seq = 0  # the next request's first sequence id
+        timeout = self.engine.config.runtime.dist_timeout_s
+        self._keepalive_s = max(1.0, min(30.0, timeout / 4))
+        self._thread = threading.Thread(target=self._run, name="seesaw-engine-loop",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- facts ------------------------------------------------------------------------
+
+    @property
+    def is_driver(self) -> bool:
+        return self.engine.is_driver
+
+    @property
+    def errored(self) -> bool:
+        """Whether the engine loop failed (then every call raises ``EngineDeadError``)."""
+        return self._error is not None
+
+    @property
+    def is_running(self) -> bool:
+        return self.is_driver and not self._closed and self._error is None
+
+    async def get_tokenizer(self):
+        """The model's transformers tokenizer (``None`` when the folder has none)."""
+        return self.tokenizer
+
+    async def is_paused(self) -> bool:
+        return await self._call(lambda: self._loop.paused is not None)
+
+    @property
+    def num_requests(self) -> int:
+        """Requests in flight or queued (read without a lock: a snapshot)."""
+        return self._loop.num_requests
+
+    # -- requests ---------------------------------------------------------------------
+
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Generates one request, yielding its ``RequestOutput``s as
+        ``sampling_params.output_kind`` asks (each step's, cumulative or delta, or only the
+        final one); the last has ``finished`` True. A bad request raises a one-line
+        ``SeesawError`` for this request only; leaving the iteration early (a dropped caller)
+        aborts it.
+
+        Args:
+            prompt: a string or ``{"prompt_token_ids": [...]}`` (``"prompt"``: its text).
+            sampling_params: vLLM's (default ``SamplingParams()``).
+            request_id: unique among requests in flight (default: a fresh number).
+        """
+        self._check_alive()
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise SeesawError(f"sampling_params must be a SamplingParams, got "
+                              f"{type(params).__name__}")
+        index = next(self._indices)
+        rid = str(index) if request_id is None else str(request_id)
+        toks = prompt_tokens(f"request {rid!r}", prompt, self.tokenizer, self.engine.model_cfg)
+        max_tokens = self.engine.check_request(f"request {rid!r}", len(toks), params.max_tokens)
+        first, self._next_seq = self._next_seq, self._next_seq + params.n
+        samples = make_samples(first, index, rid, toks, params, max_tokens,
+                               self._llm.config.seed)
+        outputs: asyncio.Queue = asyncio.Queue()
+        aloop = asyncio.get_running_loop()
+
+        def sink(out) -> None:  # the engine thread's side
+            if isinstance(out, BaseException) or out.finished:
+                self._streams.pop(rid, None)
+            try:
+                aloop.call_soon_threadsafe(outputs.put_nowait, out)
+            except RuntimeError:  # the caller's event loop is gone: nobody listens
+                pass
+
+        text = prompt if isinstance(prompt, str) else prompt.get("prompt")
+        req = LoopRequest(index, rid, text, toks, samples, sink, params.output_kind,
+                          time.perf_counter())
+
+        def submit() -> None:
+            self._loop.submit(req)
+            self._streams[rid] = sink
+
+        await self._call(submit)  # (a duplicate id raises here: nothing to abort)
+        finished = False
+        try:
+            while True:
+                out = await outputs.get()
+                if isinstance(out, BaseException):
+                    raise out
+                finished = out.finished
+                yield out
+                if finished:
+                    return
+        finally:
+            if not finished and not self._closed and self._error is None:
+                self._post(lambda: self._loop.abort(rid))  # a dropped caller
+
+    async def abort(self, request_id: str | Iterable[str]) -> None:
+        """Ends requests in any state: each stops with what it has (``finish_reason``
+        "abort", its stream's last output), every block and tier slot freed. Unknown or
+        finished ids are ignored."""
+        ids = [request_id] if isinstance(request_id, str) else list(request_id)
+        await self._call(lambda: [self._loop.abort(r) for r in ids])
+
+    # -- pause, weights, memory -------------------------------------------------------
+
+    async def pause_generation(self, mode: str = "abort", clear_cache: bool = False) -> None:
+        """Pauses generation (``mode``: ``abort`` ends requests in flight now with what they
+        have; ``wait`` lets them finish, returning once they have; ``keep`` freezes them,
+        their KV kept, to continue after ``resume_generation``). New requests wait. Weight
+        updates, sleep / wake-up and ``reset_prefix_cache`` may run while paused.
+        ``clear_cache``: also forget the prefix cache."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def pause() -> None:
+            self._loop.pause(mode)
+            if clear_cache:
+                self.engine.reset_prefix_cache()
+            self._pause_waiters.append(done)
+            self._resolve_pause()
+
+        await self._call(pause)
+        await asyncio.wrap_future(done)
+
+    async def resume_generation(self) -> None:
+        """Generation goes on: kept requests continue, queued ones are admitted."""
+        await self._call(self._loop.resume)
+
+    async def reset_prefix_cache(self) -> None:
+        """Forgets every cached prefix (blocks in use stay in use)."""
+        await self._call(self.engine.reset_prefix_cache)
+
+    async def update_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+        """Takes new weights in place between two steps, like ``LLM.update_weights`` (HF
+        names, full tensors; checked first: a bad pair is a one-line error, nothing
+        written); requests in flight continue with them; the prefix cache is forgotten."""
+        pairs = [(n, t.detach().cpu() if isinstance(t, torch.Tensor) else t)
+                 for n, t in weights]
+        check_update(self.engine.model_cfg, pairs)
+
+        def update() -> None:
+            self._payload = pairs
+            try:
+                self.engine.executor.control(Control(ControlKind.UPDATE_WEIGHTS))
+            finally:
+                self._payload = None
+
+        await self._call(update)
+
+    async def init_weight_update_group(self, master_address: str, master_port: int,
+                                       rank_offset: int, world_size: int) -> None:
+        """Every rank joins a trainer's weight-update group (``LLM``'s)."""
+        args = dict(master_address=master_address, master_port=master_port,
+                    rank_offset=rank_offset, world_size=world_size)
+        await self._control(ControlKind.INIT_UPDATE_GROUP, args)
+
+    async def update_weights_from_distributed(self, names: list[str], dtypes: list,
+                                              shapes: list) -> None:
+        """Every rank receives ``names`` from the trainer's rank 0 over the group
+        ``init_weight_update_group`` made (``LLM``'s), between two steps."""
+        args = dict(names=list(names), dtypes=[str(d).removeprefix("torch.") for d in dtypes],
+                    shapes=[list(s) for s in shapes])
+        await self._control(ControlKind.UPDATE_FROM_DISTRIBUTED, args)
+
+    async def sleep(self, level: int = 1) -> None:
+        """Frees device memory (``LLM.sleep``) between two steps; requests on the device
+        are recomputed after ``wake_up`` (their tokens kept); nothing runs while asleep."""
+        await self._control(ControlKind.SLEEP, {"level": level})
+
+    async def wake_up(self, tags: list[str] | None = None) -> None:
+        """Allocates what ``sleep`` freed (``LLM.wake_up``)."""
+        await self._control(ControlKind.WAKE_UP, {"tags": tags})
+
+    async def is_sleeping(self) -> bool:
+        return await self._call(lambda: self.engine.asleep)
+
+    # -- the end ----------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Aborts what is in flight, stops the loop (the other ranks return from their
+        constructor) and releases the engine and the process groups."""
+        self.close()
+        groups.shutdown()
+
+    def close(self) -> None:
+        """``shutdown`` but the job's process groups stay up (for another engine)."""
+        if self._closed:
+            return
+        if self.is_driver:
+            self._inbox.put((_STOP, None))
+            self._thread.join()
+        self._close_engine()
+
+    def _close_engine(self) -> None:
+        self._closed = True
+        self._llm.close()
+
+    # -- the engine thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        """The engine thread: commands between turns of the loop, keep-alives while idle."""
+        engine, loop = self.engine, self._loop
+        try:
+            with engine.session():
+                busy = False
+                while True:  # every queued command runs before the next turn
+                    try:
+                        fn, fut = self._inbox.get(block=not busy, timeout=None if busy
+                                                  else self._keepalive_s)
+                    except queue.Empty:
+                        fn = None
+                        if not busy and dist.get_world_size() > 1:  # idle: a sign of life
+                            engine.executor.control(Control(ControlKind.KEEPALIVE))
+                    if fn is _STOP:
+                        loop.abort_all()
+                        break
+                    if fn is not None:
+                        self._run_command(fn, fut)
+                        busy = True  # then a turn, for what it may have queued
+                        continue
+                    busy = loop.iterate()
+                    self._resolve_pause()
+        except BaseException as e:  # noqa: BLE001 - every waiter hears of it
+            self._fail(e)
+
+    def _run_command(self, fn, fut) -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - the caller gets it
+            if fut is not None:
+                fut.set_exception(e)
+            return
+        if fut is not None:
+            fut.set_result(result)
+
+    def _resolve_pause(self) -> None:
+        if self._loop.paused is not None:
+            for fut in self._pause_waiters:
+                fut.set_result(None)
+            self._pause_waiters.clear()
+
+    def _fail(self, e: BaseException) -> None:
+        err = e if isinstance(e, SeesawError) else EngineDeadError(
+            f"the engine loop failed: {type(e).__name__}: {e}")
+        self._error = err
+        for sink in list(self._streams.values()):
+            sink(err)
+        for fut in self._pause_waiters:
+            fut.set_exception(err)
+        while True:
+            try:
+                _fn, fut = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if fut is not None:
+                fut.set_exception(err)
+
+    # -- every rank: Control commands -------------------------------------------------
+
+    def _on_control(self, msg: Control) -> None:
+        """Runs a ``Control`` on this rank (rank 0 right after sending it). A ``SeesawError``
+        (a bad update, checked alike on every rank) is rank 0's to report: the other ranks
+        go on."""
+        try:
+            self._apply(msg.kind, json.loads(msg.args))
+        except SeesawError:
+            if self.is_driver:
+                raise
+
+    def _apply(self, kind: ControlKind, args: dict) -> None:
+        engine = self.engine
+        if kind == ControlKind.UPDATE_WEIGHTS:
+            box = [self._payload]
+            if dist.get_world_size() > 1:
+                dist.broadcast_object_list(box, src=0, group=groups.host_group())
+            engine.update_weights(box[0])
+        elif kind == ControlKind.UPDATE_FROM_DISTRIBUTED:
+            dtypes = [getattr(torch, d) for d in args["dtypes"]]
+            self._llm.update_weights_from_distributed(args["names"], dtypes, args["shapes"])
+        elif kind == ControlKind.INIT_UPDATE_GROUP:
+            self._llm.init_weight_update_group(**args)
+        elif kind == ControlKind.SLEEP:
+            engine.sleep(args["level"])
+        elif kind == ControlKind.WAKE_UP:
+            engine.wake_up(args["tags"])
+        else:
+            raise SeesawError(f"unknown control {kind}")
+
+    # -- the asyncio side -------------------------------------------------------------
+
+    def _check_alive(self) -> None:
+        if not self.is_driver:
+            raise SeesawError("AsyncLLM takes requests on rank 0 only")
+        if self._error is not None:
+            raise EngineDeadError(str(self._error))
+        if self._closed:
+            raise SeesawError("this AsyncLLM was shut down")
+
+    def _post(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put((fn, fut))
+        return fut
+
+    async def _call(self, fn: Callable[[], Any]) -> Any:
+        """Runs ``fn`` on the engine thread between two steps and returns its result."""
+        self._check_alive()
+        return await asyncio.wrap_future(self._post(fn))
+
+    async def _control(self, kind: ControlKind, args: dict) -> None:
+        await self._call(lambda: self.engine.executor.control(Control(kind, json.dumps(args))))
+
