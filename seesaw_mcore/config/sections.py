@@ -167,6 +167,10 @@ class SchedulerConfig:
             slots still holding KV under which decode hands back to prefill. Sequences still
             decoding then have their KV swapped out to a tier, to resume after the prefill
             phase.
+        max_wait_s: with requests arriving over time (``AsyncLLM``), the longest a prompt
+            waits for a re-sharding plan's prefill phase: past it, decode hands back to
+            prefill even above ``refill_threshold`` (if the sequences on the device fit the
+            tiers). ``None``: no bound (pure throughput).
     """
 
     max_num_seqs: int = 256
@@ -174,6 +178,7 @@ class SchedulerConfig:
     prefill_micro_batches: int = 4
     policy: str = "transition_minimizing"
     refill_threshold: float = 0.2
+    max_wait_s: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -190,6 +195,9 @@ class SchedulerConfig:
         if not 0 <= self.refill_threshold <= 1:
             raise SeesawError(f"scheduler.refill_threshold must be in [0, 1], got "
                               f"{self.refill_threshold}")
+        if self.max_wait_s is not None and not self.max_wait_s >= 0:
+            raise SeesawError(f"scheduler.max_wait_s must be >= 0 or null, got "
+                              f"{self.max_wait_s}")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from seesaw_mcore.engine.scheduler import ReplicaSchedulers, SchedulerInterface,
 from seesaw_mcore.engine.stats import EngineStats, StepTiming, TraceEvent
 from seesaw_mcore.engine.tokens import append_token, min_tokens_banned, token_stop
 from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.kv.block_pool import cache_root
 from seesaw_mcore.runtime import cluster, groups
 from seesaw_mcore.runtime.dtype import resolve_dtype
 from seesaw_mcore.runtime.executor import Executor
@@ -67,6 +68,7 @@ class Engine:
         # A static plan's block pools between runs: cached prefixes stay findable (rank 0)
         self._pools: tuple[PhasePlan, list] | None = None
         self._seqs: dict[int, Sequence] = {}  # added and not finished
+        self.weights_version = 0  # moves on at every update: part of cached blocks' keys
         self._t0 = 0.0
 
     @property
@@ -153,6 +155,7 @@ class Engine:
     def add(self, seq: Sequence) -> None:
         """Queues a sequence (its replica: by its request's index)."""
         seq.replica = seq.request_index % self.plan.prefill.dp
+        seq.hash_root = cache_root(self.weights_version)
         seq.min_tokens_banned = min_tokens_banned(seq.params, self.eos_token_ids,
                                                   self.model_cfg.vocab_size)
         self._seqs[seq.seq_id] = seq
@@ -213,12 +216,17 @@ class Engine:
 
     def update_weights(self, weights: list[tuple[str, Tensor]]) -> int:
         """Every rank, between steps (a serving loop's, or between runs): writes new weights
-        into every copy this rank holds (see ``ModelRunner.update_weights``) and forgets the
-        prefix cache, whose KV came from the old weights. Sequences in flight keep their KV
-        and continue with the new weights. ``weights`` must be checked
+        into every copy this rank holds (see ``ModelRunner.update_weights``). The weights'
+        version moves on, so no block computed before is found by a request added after
+        (its hash chain has another root; no flush needed). Sequences in flight keep their
+        KV and continue with the new weights. ``weights`` must be checked
         (``weight_update.check_update``)."""
         n = self.executor.update_weights(weights)
-        self.reset_prefix_cache()
+        self.weights_version += 1
+        root = cache_root(self.weights_version)
+        for seq in self._seqs.values():  # no KV anywhere yet: computed with the new weights
+            if seq.status == SeqStatus.WAITING:
+                seq.hash_root, seq.block_hashes = root, []
         return n
 
     def sleep(self, level: int = 1) -> None:
@@ -240,6 +248,7 @@ class Engine:
         freeing its blocks and tier slots."""
         if self._seqs.pop(seq.seq_id, None) is not None:
             self.scheduler.abort(seq)
+            self.executor.forget(seq.seq_id)
         seq.finish_reason = seq.finish_reason or "abort"
 
     def wake_up(self, tags: Iterable[str] | None = None) -> None:
@@ -254,6 +263,7 @@ class Engine:
         """Ends a sequence (a stop string found by the output processor) and frees its KV."""
         self.scheduler.finish(seq)
         del self._seqs[seq.seq_id]
+        self.executor.forget(seq.seq_id)
 
     def _update(self, outputs: list[RunnerOutput | None]) -> list[Sequence]:
         touched = []

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import time
 from dataclasses import dataclass, field
 
 from seesaw_mcore.sampling_params import SamplingParams
@@ -43,7 +44,9 @@ class Sequence:
     min_tokens_banned: tuple[int, ...] = ()
     # prefix caching: chain hashes of its full blocks so far (``kv.block_pool.block_hashes``)
     block_hashes: list[bytes] = field(default_factory=list)
+    hash_root: bytes = b""  # the chain's root (``kv.block_pool.cache_root``): set on add
     num_cached_tokens: int = 0  # prompt tokens its first prefill took from the prefix cache
+    arrival: float = field(default_factory=time.monotonic)  # when it was made (waiting bound)
 
     @property
     def num_tokens(self) -> int:

@@ -1,11 +1,15 @@
 """Device paged-KV block accounting with automatic prefix caching (scheduler side; holds no
-tensors).
+tensors): the engine's one KV cache manager. Schedulers only ``match`` cached blocks, take
+blocks with ``allocate_slots`` (share the hits, allocate the rest, make full blocks findable,
+in one call) and ``free`` them; nothing else shares, allocates or commits.
 
 Prefix caching follows vLLM's semantics. A *full* block is identified by a chain hash: a
 128-bit BLAKE2b digest of its parent block's hash and its own token ids (``block_hashes``),
 so a hash names the whole prefix up to the block's end and a wrong hit would need a BLAKE2b
-collision. The KV of a block depends on nothing else here: one pool serves one layout of one
-model's weights, and positions are implied by the chain. Blocks are reference-counted; a
+collision. The chain's root (``cache_root``) names everything else a block's KV depends on:
+the weights' version (an update makes every earlier block unfindable, no flush needed), and
+room for an adapter id and a cache salt. One pool serves one layout, and positions are
+implied by the chain. Blocks are reference-counted; a
 block whose last user is gone keeps its KV and its hash (LRU order) until its memory is
 needed; a new sequence takes the longest run of cached full blocks (``match``) and computes
 only the rest. A shared block is never written: hits are full blocks before the sequence's
@@ -20,18 +24,30 @@ from collections.abc import Sequence
 
 import numpy as np
 
-ROOT_HASH = b""  # the parent of a sequence's first block
+ROOT_HASH = b""  # the parent of a sequence's first block (first weights, no adapter, salt)
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int, hashes: list[bytes]) -> list[bytes]:
-    """Extends ``hashes`` in place to every full block of ``token_ids`` and returns it (the
-    hashes already there must be of the same tokens: callers keep one list per sequence)."""
+def cache_root(weights_version: int = 0, adapter: str | None = None,
+               salt: str | None = None) -> bytes:
+    """The hash chain's root for sequences whose KV comes from these weights, adapter and
+    cache salt (``ROOT_HASH`` for the first weights and neither)."""
+    if weights_version == 0 and adapter is None and salt is None:
+        return ROOT_HASH
+    key = f"weights={weights_version}\x00adapter={adapter}\x00salt={salt}".encode()
+    return hashlib.blake2b(key, digest_size=16).digest()
+
+
+def block_hashes(token_ids: Sequence[int], block_size: int, hashes: list[bytes],
+                 root: bytes = ROOT_HASH) -> list[bytes]:
+    """Extends ``hashes`` in place to every full block of ``token_ids`` (chained from
+    ``root``) and returns it (the hashes already there must be of the same tokens and root:
+    callers keep one list per sequence)."""
     full = len(token_ids) // block_size
     if len(hashes) >= full:
         return hashes
     start = len(hashes) * block_size
     toks = np.asarray(token_ids[start:full * block_size], dtype=np.int64)
-    parent = hashes[-1] if hashes else ROOT_HASH
+    parent = hashes[-1] if hashes else root
     for i in range(full - len(hashes)):
         block = toks[i * block_size:(i + 1) * block_size].tobytes()
         parent = hashlib.blake2b(parent + block, digest_size=16).digest()
@@ -101,15 +117,30 @@ class BlockPool:
         ``num_tokens`` tokens."""
         return self.blocks_left(table, num_tokens, shared) >= 0
 
-    def share(self, table: list[int], blocks: Sequence[int]) -> None:
+    def allocate_slots(self, table: list[int], num_tokens: int, hit: Sequence[int] = (),
+                       hashes: Sequence[bytes] = ()) -> bool:
+        """Grows ``table`` to hold ``num_tokens`` tokens: the cached blocks ``hit`` (from
+        ``match``, for an empty table) shared, then new blocks; the full blocks of
+        ``hashes`` become findable (``_commit``). Returns False, changing nothing, when the
+        blocks are not there."""
+        if not self.can_allocate(table, num_tokens, hit):
+            return False
+        self._share(table, hit)
+        self._allocate(table, num_tokens)
+        self._commit(table, hashes)
+        return True
+
+    def _share(self, table: list[int], blocks: Sequence[int]) -> None:
         """Appends cached ``blocks`` (from ``match``) to ``table``, one reference each."""
         for b in blocks:
+            if b not in self._hash_of:
+                raise RuntimeError(f"block {b} is shared but not cached (a bug)")
             if self._refs[b] == 0:
                 del self._lru[b]
             self._refs[b] += 1
             table.append(b)
 
-    def allocate(self, table: list[int], num_tokens: int) -> None:
+    def _allocate(self, table: list[int], num_tokens: int) -> None:
         """Grows ``table`` in place to hold ``num_tokens`` tokens; takes never-used blocks
         first, then the least recently used cached ones (their hashes are dropped).
 
@@ -129,11 +160,13 @@ class BlockPool:
             self._refs[b] = 1
             table.append(b)
 
-    def commit(self, table: Sequence[int], hashes: Sequence[bytes]) -> None:
-        """Makes the full blocks ``table[i]`` findable by ``hashes[i]`` (their KV is written
-        by the step that scheduled them, before any later reader in it: attention writes a
-        layer's new KV before it reads). A hash already cached in another block (computed
-        twice at once) keeps the first block."""
+    def _commit(self, table: Sequence[int], hashes: Sequence[bytes]) -> None:
+        """Makes the full blocks ``table[i]`` findable by ``hashes[i]``. Their KV is written
+        by the step that scheduled them, before any reader later in that step: within a
+        micro-batch, attention writes a layer's new KV before it reads; micro-batches keep
+        the order in which sequences were scheduled, and a stage runs them one after
+        another (``tests/unit/test_prefix_cache.py`` checks a same-step reader comes
+        after its writer). A hash already cached in another block keeps the first block."""
         if not self.enable_caching:
             return
         for b, h in zip(table, hashes):
@@ -149,6 +182,8 @@ class BlockPool:
         to the pool; a cached one keeps its KV until taken back (tail blocks first, so a
         shared prefix outlives the suffixes that used it)."""
         for b in reversed(table):
+            if self._refs[b] <= 0:
+                raise RuntimeError(f"KV block {b} freed with no user (a double free; a bug)")
             self._refs[b] -= 1
             if self._refs[b] == 0:
                 if b in self._hash_of:
@@ -156,6 +191,26 @@ class BlockPool:
                 else:
                     self._free.append(b)
         table.clear()
+
+    def writable(self, table: Sequence[int], pos: int) -> bool:
+        """Whether the step may write position ``pos`` of ``table``: its block has this one
+        user (a shared block is never written)."""
+        return self._refs[table[pos // self.block_size]] == 1
+
+    def check(self) -> None:
+        """Raises unless the books balance: every block is free, cached-unused or in use
+        (exactly one), counts are never negative, the hash maps agree."""
+        free, lru = set(self._free), set(self._lru)
+        used = {b for b, r in enumerate(self._refs) if r > 0}
+        bad = [b for b, r in enumerate(self._refs) if r < 0]
+        if bad or len(free) != len(self._free) or free & lru or (free | lru) & used:
+            raise RuntimeError(f"block pool books broken: negative {bad}, free/cached/used "
+                               f"overlap {sorted((free & lru) | ((free | lru) & used))}")
+        if len(free) + len(lru) + len(used) != self.num_blocks:
+            raise RuntimeError("block pool books broken: blocks lost")
+        if any(self._cached.get(h) != b for b, h in self._hash_of.items()) or \
+                len(self._cached) != len(self._hash_of) or not lru <= set(self._hash_of):
+            raise RuntimeError("block pool books broken: hash maps disagree")
 
     def reset_cache(self) -> None:
         """Forgets every cached block (their KV is about to be overwritten: a phase switch,

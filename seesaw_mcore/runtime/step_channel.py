@@ -1,7 +1,8 @@
 """Moving step messages and sampled tokens between ranks as tensors (``step_codec.py``).
 
-Rank 0 broadcasts each step as one int64 tensor of a capacity every rank knows (one
-collective per step; a message that outgrows it announces the new capacity first). A replica's
+Rank 0 broadcasts each step as one uint8 tensor (an 8-byte length, then the msgpack message)
+of a capacity every rank knows (one collective per step; a message that outgrows it
+announces the new capacity first). A replica's
 last stage sends its sampled tokens to rank 0 as one float64 tensor whose shape rank 0 knows
 from the step. A world of one rank moves nothing. Both are host tensors on a gloo group
 (``groups.host_group()``): on GPUs nothing is copied to the device and read back per step.
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 from seesaw_mcore.contract import RunnerOutput, ScheduledSeq, StepMessage
 from seesaw_mcore.runtime.step_codec import (
+    SeqMirror,
     decode_prompt_rows,
     decode_step,
     decode_tokens,
@@ -26,38 +28,45 @@ from seesaw_mcore.runtime.step_codec import (
 
 
 class StepChannel:
-    """Rank 0 -> every rank: one step message per ``send`` / ``recv``.
+    """Rank 0 -> every rank: one step message per ``send`` / ``recv``, through this rank's
+    ``SeqMirror`` (what every rank knows of the sequences in flight).
 
     Args:
         group: a gloo group of the world (``None``: the default group, gloo on CPU ranks).
-        capacity: int64 slots broadcast per step; grows (on every rank) when a message needs it.
+        capacity: bytes broadcast per step; grows (on every rank) when a message needs it.
     """
 
-    def __init__(self, group=None, capacity: int = 4096) -> None:
+    def __init__(self, group=None, capacity: int = 1 << 15) -> None:
         self.group, self.capacity = group, capacity
+        self.mirror = SeqMirror()
+        self.mirror.active = dist.get_world_size() > 1
+        self.sent_bytes = 0  # rank 0: message bytes so far
+        self.sent = 0  # rank 0: messages so far
 
     def send(self, msg: StepMessage) -> None:
         """Rank 0: broadcasts ``msg``."""
-        arr = encode_step(msg)
-        if dist.get_world_size() == 1:
+        if not self.mirror.active:
             return
-        n = len(arr)
-        if n + 1 > self.capacity:  # announce the larger capacity, then send
-            grown = 1 << n.bit_length()
-            self._broadcast(torch.tensor([-grown], dtype=torch.int64))
+        data = encode_step(msg, self.mirror)
+        n = len(data)
+        self.sent_bytes += n
+        self.sent += 1
+        if n + 8 > self.capacity:  # announce the larger capacity, then send
+            grown = 1 << (n + 8).bit_length()
+            self._broadcast(_header(-grown))
             self.capacity = grown
-        buf = torch.empty(self.capacity, dtype=torch.int64)
-        buf[0] = n
-        buf[1:n + 1] = torch.from_numpy(arr)
+        buf = torch.empty(self.capacity, dtype=torch.uint8)
+        buf[:8] = _header(n)
+        buf[8:n + 8] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         self._broadcast(buf)
 
     def recv(self) -> StepMessage:
         """Other ranks: the next message rank 0 sent."""
         while True:
-            buf = self._broadcast(torch.empty(self.capacity, dtype=torch.int64))
-            n = int(buf[0])
+            buf = self._broadcast(torch.empty(self.capacity, dtype=torch.uint8))
+            n = int(buf[:8].view(torch.int64))
             if n >= 0:
-                return decode_step(buf[1:n + 1].numpy())
+                return decode_step(buf[8:n + 8].numpy().tobytes(), self.mirror)
             self.capacity = -n
 
     def _broadcast(self, host: torch.Tensor) -> torch.Tensor:
@@ -65,6 +74,11 @@ class StepChannel:
             host = torch.cat([host, host.new_zeros(self.capacity - host.numel())])
         dist.broadcast(host, src=0, group=self.group)
         return host
+
+
+def _header(n: int) -> torch.Tensor:
+    """A message's length (or, negative, the next capacity) as 8 bytes."""
+    return torch.tensor([n], dtype=torch.int64).view(torch.uint8)
 
 
 def send_tokens(out: RunnerOutput, seqs: list[ScheduledSeq], dst: int, group=None) -> None:

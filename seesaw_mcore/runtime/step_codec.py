@@ -1,8 +1,17 @@
-"""The step messages and the sampled tokens as flat arrays: what rank 0 broadcasts each step
+"""The step messages and the sampled tokens as flat buffers: what rank 0 broadcasts each step
 and what a replica's last stage sends back, without pickling an object tree.
 
-``encode_step`` writes a ``StepMessage`` as one int64 array (floats by their bits, the rare
-error or plan text as code points); ``decode_step`` reads it back into the same dataclasses.
+Step messages are msgpack bytes written from the contract's dataclasses by their fields and
+type hints (``_pack`` / ``_unpack``): a field added to a contract dataclass travels with no
+change here. Requests keep their state on every rank (vLLM v1's ``NewRequestData`` once,
+then per-step diffs): ``SeqMirror`` holds, for each sequence in flight, its block table, the
+static part of its sampling spec and its token history, identically on rank 0 (the encoder)
+and on every other rank (the decoder). A sequence's entry in a step (``WireSeq``) carries the
+tokens it feeds, the blocks its table gained, the tokens its history gained and the spec's
+per-step fields; the static spec only when it is new or changed. Finished and aborted
+sequences are forgotten on every rank with the next step. So a step's message grows with the
+running sequences, not with their context.
+
 Sampled tokens travel as one float64 array ``[N, 3 + 2k]``: token id, logprob (NaN: not
 asked), its rank, then ``k`` top ids and ``k`` top logprobs; the receiver knows ``N`` and
 ``k`` from the step it sent.
@@ -10,16 +19,18 @@ asked), its rank, then ``k`` top ids and ``k`` top logprobs; the receiver knows 
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
-import struct
+import types
+import typing
+from dataclasses import dataclass, field
 
+import msgpack
 import numpy as np
 
 from seesaw_mcore.contract import (
-    DISK,
-    HOST,
     Control,
-    ControlKind,
     KVMove,
     MovePlan,
     Phase,
@@ -27,7 +38,6 @@ from seesaw_mcore.contract import (
     SamplingSpec,
     ScheduledSeq,
     SchedulerOutput,
-    SlotRange,
     Step,
     StepMessage,
     Stop,
@@ -35,128 +45,225 @@ from seesaw_mcore.contract import (
 )
 
 _VERSION = 5
-_KINDS = [Step, Switch, MovePlan, Stop, Control]
-_CONTROLS = list(ControlKind)
-_PHASES = [Phase.PREFILL, Phase.DECODE]
-_TIERS = [HOST, DISK]
-_F2I = struct.Struct("<d")
-_I = struct.Struct("<q")
+# the per-step fields of a sampling spec (sent with every entry); the rest is static
+_DYNAMIC = ("step", "history", "banned", "prompt_logprobs")
 
 
-def _fbits(x: float) -> int:
-    return _I.unpack(_F2I.pack(x))[0]
+@dataclass(frozen=True)
+class WireSeq:
+    """One ``ScheduledSeq`` on the wire, as a diff against what every rank knows of it."""
+
+    seq_id: int
+    token_ids: list[int]  # fed this step
+    start_pos: int
+    kept_blocks: int  # the known block table's leading blocks it keeps
+    new_blocks: list[int]  # then these
+    new_history: list[int]  # appended to the known token history (penalties)
+    step: int
+    banned: list[int]
+    prompt_logprobs: int | None
+    spec: SamplingSpec | None = None  # the static spec when new or changed
 
 
-def _float(bits: int) -> float:
-    return _F2I.unpack(_I.pack(bits))[0]
+@dataclass(frozen=True)
+class WireReplica:
+    """One ``SchedulerOutput`` on the wire."""
+
+    phase: Phase
+    micro_batches: list[list[WireSeq]]
+    evict: list[KVMove] = field(default_factory=list)
+    swap_in: list[KVMove] = field(default_factory=list)
+    swap_out: list[KVMove] = field(default_factory=list)
 
 
-def encode_step(msg: StepMessage) -> np.ndarray:
-    """``msg`` as a flat int64 array (see ``decode_step``): the format version, the kind
-    (``Step``, ``Switch``, ``MovePlan``, ``Stop``, ``Control``), its fields, then its
-    replicas."""
-    out: list[int] = [_VERSION, _KINDS.index(type(msg))]
-    if isinstance(msg, Control):
-        out += [_CONTROLS.index(msg.kind), len(msg.args), *map(ord, msg.args)]
-    elif isinstance(msg, Switch):
-        out.append(_PHASES.index(msg.phase))
-    elif isinstance(msg, (MovePlan, Stop)):
-        text = msg.plan if isinstance(msg, MovePlan) else msg.error
-        out += [-1] if text is None else [len(text), *map(ord, text)]
-    replicas = (msg.replicas if isinstance(msg, Step)
-                else msg.hand_back if isinstance(msg, Switch) else [])
-    out.append(len(replicas))
-    for rep in replicas:
+@dataclass(frozen=True)
+class WireStep:
+    """A ``Step`` on the wire, with the sequences every rank forgets first."""
+
+    forget: list[int]
+    replicas: list[WireReplica | None]
+
+
+@dataclass(frozen=True)
+class WireSwitch:
+    """A ``Switch`` on the wire (its hand-back's outputs as ``WireReplica``)."""
+
+    forget: list[int]
+    phase: Phase
+    hand_back: list[WireReplica | None]
+
+
+_KINDS = [WireStep, WireSwitch, MovePlan, Stop, Control]
+
+
+@dataclass
+class _Known:
+    table: list[int]
+    spec: SamplingSpec  # static part (dynamic fields at their defaults)
+    history: list[int]
+
+
+class SeqMirror:
+    """What every rank knows of each sequence in flight (rank 0 and each other rank keep
+    identical copies by applying the same messages)."""
+
+    def __init__(self) -> None:
+        self.known: dict[int, _Known] = {}
+        self._forget: list[int] = []
+        self.active = False  # rank 0: whether messages are sent at all (a world > 1)
+
+    def forget(self, seq_id: int) -> None:
+        """Rank 0: ``seq_id`` ended; every rank drops it with the next message."""
+        if self.active:
+            self._forget.append(seq_id)
+
+    def clear(self) -> None:
+        self.known.clear()
+        self._forget.clear()
+
+    def _take_forget(self) -> list[int]:
+        out, self._forget = self._forget, []
+        for sid in out:
+            self.known.pop(sid, None)
+        return out
+
+    def _drop(self, ids: list[int]) -> None:
+        for sid in ids:
+            self.known.pop(sid, None)
+
+    # -- rank 0 -----------------------------------------------------------------------
+
+    def to_wire(self, s: ScheduledSeq) -> WireSeq:
+        p = s.sampling
+        static = dataclasses.replace(p, step=0, history=[], banned=[], prompt_logprobs=None)
+        k = self.known.get(s.seq_id)
+        spec = None
+        if k is None or k.spec != static or len(p.history) < len(k.history):
+            spec, k = static, _Known([], static, [])
+            self.known[s.seq_id] = k
+        n = len(k.table)
+        kept = n if s.block_table[:n] == k.table else _common(k.table, s.block_table)
+        new_blocks = s.block_table[kept:]
+        new_history = p.history[len(k.history):]
+        k.table = list(s.block_table)
+        k.history.extend(new_history)
+        return WireSeq(s.seq_id, list(s.token_ids), s.start_pos, kept, new_blocks,
+                       new_history, p.step, list(p.banned), p.prompt_logprobs, spec)
+
+    def to_wire_replica(self, rep: SchedulerOutput | None) -> WireReplica | None:
         if rep is None:
-            out.append(0)
-            continue
-        out += [1, _PHASES.index(rep.phase), len(rep.micro_batches)]
-        for mb in rep.micro_batches:
-            out.append(len(mb))
-            for s in mb:
-                p = s.sampling
-                out += [s.seq_id, s.start_pos, len(s.token_ids), len(s.block_table),
-                        _fbits(p.temperature), p.top_k, _fbits(p.top_p), p.seed, p.step,
-                        -1 if p.logprobs is None else p.logprobs, _fbits(p.min_p),
-                        _fbits(p.repetition_penalty), _fbits(p.presence_penalty),
-                        _fbits(p.frequency_penalty), p.prompt_len, len(p.history),
-                        len(p.banned), -1 if p.prompt_logprobs is None else p.prompt_logprobs]
-                out += s.token_ids
-                out += s.block_table
-                out += p.history
-                out += p.banned
-        for moves in (rep.evict, rep.swap_in, rep.swap_out):
-            out.append(len(moves))
-            for m in moves:
-                out += [m.seq_id, _TIERS.index(m.tier_slots.tier), m.tier_slots.start,
-                        m.tier_slots.length, len(m.block_table), *m.block_table]
-    return np.asarray(out, dtype=np.int64)
+            return None
+        return WireReplica(rep.phase, [[self.to_wire(s) for s in mb]
+                                       for mb in rep.micro_batches],
+                           rep.evict, rep.swap_in, rep.swap_out)
+
+    # -- the other ranks --------------------------------------------------------------
+
+    def from_wire(self, w: WireSeq) -> ScheduledSeq:
+        k = self.known.get(w.seq_id)
+        if w.spec is not None:
+            k = self.known[w.seq_id] = _Known([], w.spec, [])
+        if k is None:
+            raise ValueError(f"step message for unknown sequence {w.seq_id}")
+        k.table = k.table[:w.kept_blocks] + w.new_blocks
+        k.history.extend(w.new_history)  # in place: the spec below shares it
+        spec = dataclasses.replace(k.spec, step=w.step, history=k.history, banned=w.banned,
+                                   prompt_logprobs=w.prompt_logprobs)
+        return ScheduledSeq(w.seq_id, w.token_ids, w.start_pos, list(k.table), spec)
+
+    def from_wire_replica(self, w: WireReplica | None) -> SchedulerOutput | None:
+        if w is None:
+            return None
+        return SchedulerOutput(w.phase, [[self.from_wire(s) for s in mb]
+                                         for mb in w.micro_batches],
+                               w.evict, w.swap_in, w.swap_out)
 
 
-def decode_step(arr: np.ndarray) -> StepMessage:
-    """The message that ``encode_step`` wrote."""
-    v = arr.tolist()
-    if v[0] != _VERSION:
-        raise ValueError(f"step message format {v[0]}, expected {_VERSION}")
-    kind, i = _KINDS[v[1]], 2
-    phase, text = None, None
-    if kind is Control:
-        control, n = _CONTROLS[v[i]], v[i + 1]
-        text, i = "".join(map(chr, v[i + 2:i + 2 + n])), i + 2 + n
-    elif kind is Switch:
-        phase, i = _PHASES[v[i]], i + 1
-    elif kind in (MovePlan, Stop):
-        n, i = v[i], i + 1
-        text = None if n < 0 else "".join(map(chr, v[i:i + n]))
-        i += max(n, 0)
-    n_rep = v[i]
-    i += 1
-    replicas: list[SchedulerOutput | None] = []
-    for _ in range(n_rep):
-        present, i = v[i], i + 1
-        if not present:
-            replicas.append(None)
-            continue
-        rep_phase, n_mb = _PHASES[v[i]], v[i + 1]
-        i += 2
-        mbs = []
-        for _ in range(n_mb):
-            n_seq, i = v[i], i + 1
-            mb = []
-            for _ in range(n_seq):
-                (sid, start, nt, nb, temp, top_k, top_p, seed, stp, lp, min_p, rep, pres, freq,
-                 plen, nh, nban, plp) = v[i:i + 18]
-                i += 18
-                tokens, table = v[i:i + nt], v[i + nt:i + nt + nb]
-                i += nt + nb
-                history, banned = v[i:i + nh], v[i + nh:i + nh + nban]
-                i += nh + nban
-                spec = SamplingSpec(_float(temp), top_k, _float(top_p), seed, stp,
-                                    None if lp < 0 else lp, _float(min_p), _float(rep),
-                                    _float(pres), _float(freq), history, plen, banned,
-                                    None if plp < 0 else plp)
-                mb.append(ScheduledSeq(sid, tokens, start, table, spec))
-            mbs.append(mb)
-        lists = []
-        for _ in range(3):
-            n_mv, i = v[i], i + 1
-            moves = []
-            for _ in range(n_mv):
-                sid, tier, start, length, nb = v[i:i + 5]
-                moves.append(KVMove(sid, SlotRange(start, length, _TIERS[tier]),
-                                    v[i + 5:i + 5 + nb]))
-                i += 5 + nb
-            lists.append(moves)
-        replicas.append(SchedulerOutput(rep_phase, mbs, *lists))
-    if i != len(v):
-        raise ValueError(f"step message has {len(v) - i} trailing values")
-    if kind is Control:
-        return Control(control, text)
-    if kind is Step:
-        return Step(replicas)
-    if kind is Switch:
-        return Switch(phase, replicas)
-    return MovePlan(text) if kind is MovePlan else Stop(text)
+def _common(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def encode_step(msg: StepMessage, mirror: SeqMirror | None = None) -> bytes:
+    """``msg`` as msgpack bytes (see the module doc); ``mirror`` (rank 0's) turns each
+    sequence into its diff and is updated. Without one, a fresh mirror: every sequence is
+    sent whole."""
+    mirror = SeqMirror() if mirror is None else mirror
+    if isinstance(msg, Step):
+        wire = WireStep(mirror._take_forget(), [mirror.to_wire_replica(r)
+                                                for r in msg.replicas])
+    elif isinstance(msg, Switch):
+        wire = WireSwitch(mirror._take_forget(), msg.phase,
+                          [mirror.to_wire_replica(r) for r in msg.hand_back])
+    else:
+        wire = msg
+        if isinstance(msg, Stop):
+            mirror.clear()
+    return msgpack.packb([_VERSION, _KINDS.index(type(wire)), _pack(wire)])
+
+
+def decode_step(data: bytes, mirror: SeqMirror | None = None) -> StepMessage:
+    """The message ``encode_step`` wrote, through this rank's ``mirror`` (updated)."""
+    mirror = SeqMirror() if mirror is None else mirror
+    version, kind, body = msgpack.unpackb(data)
+    if version != _VERSION:
+        raise ValueError(f"step message format {version}, expected {_VERSION}")
+    wire = _unpack(body, _KINDS[kind])
+    if isinstance(wire, WireStep):
+        mirror._drop(wire.forget)
+        return Step([mirror.from_wire_replica(r) for r in wire.replicas])
+    if isinstance(wire, WireSwitch):
+        mirror._drop(wire.forget)
+        return Switch(wire.phase, [mirror.from_wire_replica(r) for r in wire.hand_back])
+    if isinstance(wire, Stop):
+        mirror.clear()
+    return wire
+
+
+# -- dataclasses <-> msgpack-able lists, by their fields and type hints -------------------
+
+_HINTS: dict[type, list[tuple[str, object]]] = {}
+
+
+def _fields(cls: type) -> list[tuple[str, object]]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        th = typing.get_type_hints(cls)
+        hints = _HINTS[cls] = [(f.name, th[f.name]) for f in dataclasses.fields(cls)]
+    return hints
+
+
+def _pack(x):
+    if dataclasses.is_dataclass(x):
+        return [_pack(getattr(x, name)) for name, _ in _fields(type(x))]
+    if isinstance(x, enum.Enum):
+        return x.value
+    if isinstance(x, (list, tuple)):
+        return [_pack(v) for v in x] if x and not isinstance(x[0], int) else list(x)
+    return x
+
+
+def _unpack(v, hint):
+    if v is None:
+        return None
+    if isinstance(hint, type):
+        if dataclasses.is_dataclass(hint):
+            return hint(*[_unpack(x, h) for x, (_, h) in zip(v, _fields(hint))])
+        if issubclass(hint, enum.Enum):
+            return hint(v)
+        return v
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        return v if inner is int else [_unpack(x, inner) for x in v]
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _unpack(v, inner)
+    return v
 
 
 def token_width(seqs: list[ScheduledSeq]) -> int:

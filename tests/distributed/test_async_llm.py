@@ -78,11 +78,20 @@ def test_pause_modes_and_a_weight_update_while_kept(results, tiny_models):
 
 @pytest.fixture(scope="module")
 def engine(tiny_models):
+    """A one-rank AsyncLLM in this process; its process group and the rank variables it
+    sets are gone afterwards (jobs this worker launches later must not inherit them)."""
+    import os
+
     from seesaw_mcore import AsyncLLM
 
+    saved = dict(os.environ)
     llm = AsyncLLM(tiny_models["llama"], num_blocks=64, block_size=4, max_num_seqs=8)
-    yield llm
-    llm.close()
+    try:
+        yield llm
+    finally:
+        llm.shutdown()
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def _run(coro):

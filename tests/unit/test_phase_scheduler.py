@@ -243,3 +243,63 @@ def test_policy_errors():
     with pytest.raises(SeesawError, match=r"^scheduler.refill_threshold must be in \[0, 1\], "
                                           r"got 1.5$"):
         SchedulerConfig(refill_threshold=1.5)
+    with pytest.raises(SeesawError, match=r"^scheduler.max_wait_s must be >= 0 or null, "
+                                          r"got -1$"):
+        SchedulerConfig(max_wait_s=-1)
+
+
+def _into_decode(sched, seqs):
+    """Prefill ``seqs`` (they all fit the host tier), switch, admit, first decode step."""
+    for s in seqs:
+        sched.add(s)
+    _sample(sched, sched.schedule())
+    assert switch_phase(sched.schedule()) == Phase.DECODE
+    sched.schedule()  # admissions, prefetched
+    step = sched.schedule()
+    _sample(sched, step)
+    return step
+
+
+def test_a_prompt_waits_at_most_max_wait_s_for_the_prefill_phase():
+    """Transition-minimizing keeps decoding while the tiers are full; a prompt arriving
+    meanwhile waits for them to drain, unless it has waited longer than max_wait_s."""
+    import time
+
+    for wait, expected in ((None, None), (5.0, Phase.PREFILL)):
+        sched = create_scheduler(host_slots=64, decode_blocks=32, max_wait_s=wait)
+        _into_decode(sched, create_requests([8, 8, 8, 8]))
+        assert sched.tier_usage() > sched.config.refill_threshold
+        [late] = create_requests([8])
+        late.seq_id = 99
+        late.arrival = time.monotonic() - 10  # arrived 10 s ago
+        sched.add(late)
+        assert switch_phase(sched.schedule()) == expected
+
+
+def test_abort_frees_a_sequence_in_every_state():
+    """Waiting, offloaded in the host tier, arriving (prefetched), running, swapped out:
+    an abort frees its blocks and tier slots (dead slots at the next switch)."""
+    sched = create_scheduler(host_slots=32, decode_blocks=32)
+    seqs = create_requests([8, 8, 8, 8, 8, 8])
+    for s in seqs[:4]:
+        sched.add(s)
+    _sample(sched, sched.schedule())  # 0..3 prefilled: offloaded
+    for s in seqs[4:]:
+        sched.add(s)  # waiting (the tier is full)
+    sched.abort(seqs[4])
+    assert seqs[4] not in sched.waiting
+    assert switch_phase(sched.schedule()) == Phase.DECODE
+    sched.abort(seqs[0])  # offloaded
+    sched.schedule()  # 1..3 arriving
+    sched.abort(seqs[1])  # arriving: its prefetched blocks freed
+    step = sched.schedule()
+    _sample(sched, step)
+    sched.abort(seqs[2])  # running
+    assert [s.status for s in seqs[:5]] == [SeqStatus.FINISHED] * 3 + [
+        SeqStatus.RUNNING, SeqStatus.FINISHED]
+    sched.finish(seqs[3])
+    sched.abort(seqs[5])
+    assert not sched.has_work()
+    assert sched.decode_pools[0].num_free == 32 and sched.host.used > 0  # dead: until a switch
+    sched.book.free_dead()
+    assert sched.host.used == 0

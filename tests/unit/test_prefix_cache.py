@@ -36,14 +36,12 @@ def test_pool_shares_caches_and_evicts_least_recent_tails_first():
     toks = list(range(10))
     hashes = block_hashes(toks, BS, [])
     first: list[int] = []
-    pool.allocate(first, 10)
-    pool.commit(first, hashes)
+    assert pool.allocate_slots(first, 10, hashes=hashes)
     assert pool.match(hashes) == first[:2] and pool.num_free == 3
     second: list[int] = []
     hit = pool.match(hashes[:1])
     assert pool.can_allocate(second, 10, hit)
-    pool.share(second, hit)
-    pool.allocate(second, 10)
+    assert pool.allocate_slots(second, 10, hit)
     assert second[0] == first[0] and second[1:] != first[1:] and pool.num_free == 1
     head = first[0]
     pool.free(first)  # block 0 still used by `second`; first's tail blocks stay cached
@@ -53,7 +51,7 @@ def test_pool_shares_caches_and_evicts_least_recent_tails_first():
     idle_hit = pool.match(hashes)
     assert pool.can_allocate([], 4 * 6, idle_hit) and not pool.can_allocate([], 4 * 7, idle_hit)
     taken: list[int] = []
-    pool.allocate(taken, 4 * 5)  # four never-used blocks, then the LRU tail (block 1)
+    assert pool.allocate_slots(taken, 4 * 5)  # four never-used blocks, then the LRU tail (block 1)
     assert pool.num_evicted == 1 and pool.match(hashes) == [0]
     pool.reset_cache()
     assert pool.match(hashes) == [] and pool.num_free == 1
@@ -62,8 +60,7 @@ def test_pool_shares_caches_and_evicts_least_recent_tails_first():
 def test_pool_without_caching_never_hits():
     pool = BlockPool(4, BS)
     t: list[int] = []
-    pool.allocate(t, 8)
-    pool.commit(t, block_hashes(list(range(8)), BS, []))
+    assert pool.allocate_slots(t, 8, hashes=block_hashes(list(range(8)), BS, []))
     assert pool.match(block_hashes(list(range(8)), BS, [])) == []
 
 
@@ -292,3 +289,96 @@ def test_dp_routes_shared_contexts_together_before_they_are_computed():
         starts = [s.start_pos for s in rep.seqs]
         assert starts == [0, 12, 12, 12, 0, 12, 12, 12]
     assert not any(sched._pending)  # prefilled: no longer pending
+
+
+def test_the_cache_manager_keeps_its_books_under_random_operations():
+    """Property test: random prompts over a small alphabet (so prefixes are shared) are
+    admitted (longest cached prefix shared), grown a token at a time, freed, or the cache is
+    reset, in random order. After every operation the books balance (no block both free and
+    cached or used, no count negative, no block lost) and a sequence only ever writes blocks
+    it alone holds."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    op = st.tuples(st.sampled_from(["add", "grow", "free", "reset"]),
+                   st.lists(st.integers(0, 2), min_size=1, max_size=14), st.integers(0, 99))
+
+    @settings(max_examples=150, deadline=None)
+    @given(st.lists(op, min_size=1, max_size=60))
+    def run(ops):
+        pool = BlockPool(12, BS, enable_caching=True)
+        live: list[tuple[list[int], list[int], list[bytes]]] = []  # (tokens, table, hashes)
+        for kind, toks, pick in ops:
+            if kind == "add":
+                hashes = block_hashes(toks, BS, [])
+                hit = pool.match(hashes[:(len(toks) - 1) // BS])
+                table: list[int] = []
+                if pool.allocate_slots(table, len(toks), hit, hashes):
+                    for pos in range(len(hit) * BS, len(toks)):  # what the prefill writes
+                        assert pool.writable(table, pos)
+                    live.append((list(toks), table, hashes))
+            elif kind == "grow" and live:
+                toks, table, hashes = live[pick % len(live)]
+                toks.append(pick % 3)
+                if pool.allocate_slots(table, len(toks), hashes=block_hashes(toks, BS, hashes)):
+                    assert pool.writable(table, len(toks) - 1)
+                else:
+                    toks.pop()
+            elif kind == "free" and live:
+                pool.free(live.pop(pick % len(live))[1])
+            elif kind == "reset":
+                pool.reset_cache()
+            pool.check()
+        for _, table, _ in live:
+            pool.free(table)
+        pool.check()
+        assert pool.num_free == 12
+
+    run()
+
+
+def test_a_same_step_reader_of_a_block_runs_after_its_writer():
+    """Blocks become findable when scheduled, before the step writes them: a prompt later
+    in the same prefill step may share them. Safe only because the reader comes after the
+    writer: in a later micro-batch (a stage runs micro-batches in order) or in the same one
+    (attention writes a layer's KV before it reads). Checked over prefill steps of n
+    samples and shared few-shot prefixes split into pipeline micro-batches."""
+    rng = random.Random(3)
+    for trial in range(40):
+        sched = ReplicaSchedulers(SchedulerConfig(max_prefill_tokens=64, max_num_seqs=16,
+                                                  prefill_micro_batches=2), 1, 2, 64, BS,
+                                  enable_caching=True)
+        shared = [rng.randrange(3, 50) for _ in range(rng.randint(4, 20))]
+        p = SamplingParams(temperature=0.8, max_tokens=4)
+        for i in range(rng.randint(2, 8)):
+            toks = shared + [rng.randrange(3, 50) for _ in range(rng.randint(1, 9))]
+            sched.add(Sequence(seq_id=i, request_index=i // 2, sample_index=i % 2,
+                               prompt_token_ids=toks, params=p, seed=i, max_tokens=4))
+        [rep] = sched.schedule().replicas
+        writer: dict[int, int] = {}  # block -> micro-batch writing it
+        for mb_index, mb in enumerate(rep.micro_batches):
+            for s in mb:
+                end = s.start_pos + len(s.token_ids)
+                for b in {s.block_table[pos // BS] for pos in range(s.start_pos, end)}:
+                    writer.setdefault(b, mb_index)
+        for mb_index, mb in enumerate(rep.micro_batches):
+            for s in mb:
+                for b in s.block_table[:s.start_pos // BS]:  # read, not written, by it
+                    assert writer.get(b, -1) <= mb_index, (trial, b)
+
+
+def test_the_hash_root_keys_blocks_by_weights_version():
+    """A block cached under one weights version is not found by a request of the next
+    (its hash chain starts from another root), with no flush; the first version keeps the
+    plain root, so existing hashes stay as they were."""
+    from seesaw_mcore.kv.block_pool import ROOT_HASH, cache_root
+
+    toks = list(range(12))
+    pool = BlockPool(8, BS, enable_caching=True)
+    old = block_hashes(toks, BS, [], cache_root(0))
+    assert cache_root(0) == ROOT_HASH and old == block_hashes(toks, BS, [])
+    assert pool.allocate_slots([], 12, hashes=old)
+    new = block_hashes(toks, BS, [], cache_root(1))
+    assert pool.match(old) != [] and pool.match(new) == []
+    assert len({cache_root(1), cache_root(2), cache_root(1, adapter="a"),
+                cache_root(1, salt="s")}) == 4

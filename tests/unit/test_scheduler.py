@@ -33,14 +33,16 @@ def test_block_pool_verbs():
     pool = BlockPool(4, 4)
     table: list[int] = []
     assert pool.can_allocate(table, 16) and not pool.can_allocate(table, 17)
-    pool.allocate(table, 5)
+    assert pool.allocate_slots(table, 5)
     assert table == [0, 1] and pool.num_free == 2
-    pool.allocate(table, 8)  # still two blocks
+    assert pool.allocate_slots(table, 8)  # still two blocks
     assert table == [0, 1]
+    kept = list(table)
     pool.free(table)
     assert table == [] and pool.num_free == 4
-    with pytest.raises(RuntimeError, match="out of KV blocks"):
-        pool.allocate([], 17)
+    assert not pool.allocate_slots(table, 17) and table == []  # nothing taken
+    with pytest.raises(RuntimeError, match=r"^KV block 1 freed with no user \(a double free"):
+        pool.free(kept)
 
 
 def test_prefill_budget_then_decode():

@@ -83,16 +83,15 @@ def prefix_hit(pool: BlockPool, seq: Sequence) -> list[int]:
     limit = (n - 1) // bs
     if needs_prompt_logprobs(seq):
         limit = min(limit, max(seq.params.prompt_logprobs_from - 1, 0) // bs)
-    hashes = block_hashes(seq.all_token_ids, bs, seq.block_hashes)
+    hashes = block_hashes(seq.all_token_ids, bs, seq.block_hashes, seq.hash_root)
     return pool.match(hashes[:limit])
 
 
 def take_blocks(pool: BlockPool, seq: Sequence, table: list[int], hit: list[int]) -> None:
     """Fills ``table`` for a prefill of ``seq``: the cached ``hit`` blocks shared, the rest
-    newly allocated; its full blocks become findable (``commit``)."""
-    pool.share(table, hit)
-    pool.allocate(table, seq.num_tokens)
-    pool.commit(table, seq.block_hashes)
+    newly allocated; its full blocks become findable (the caller checked there is room)."""
+    if not pool.allocate_slots(table, seq.num_tokens, hit, seq.block_hashes):
+        raise RuntimeError(f"no KV blocks for sequence {seq.seq_id} (a bug)")
     if not seq.output_token_ids:  # its first prefill
         seq.num_cached_tokens = len(hit) * pool.block_size
 
@@ -106,16 +105,15 @@ def grow_running(pool: BlockPool, running: list[Sequence],
     i, bs = 0, pool.block_size
     while i < len(running):
         seq = running[i]
-        if pool.can_allocate(seq.block_table, seq.num_tokens):
-            pool.allocate(seq.block_table, seq.num_tokens)
+        if pool.allocate_slots(seq.block_table, seq.num_tokens):
             i += 1
         else:
             preempt(running.pop())
     if pool.enable_caching:  # only those that run this step: a victim writes nothing
         for seq in running:
             if seq.num_tokens // bs > len(seq.block_hashes):
-                pool.commit(seq.block_table,
-                            block_hashes(seq.all_token_ids, bs, seq.block_hashes))
+                pool.allocate_slots(seq.block_table, seq.num_tokens, hashes=block_hashes(
+                    seq.all_token_ids, bs, seq.block_hashes, seq.hash_root))
 
 
 def prefill_parts(config: SchedulerConfig, pp: int) -> int:

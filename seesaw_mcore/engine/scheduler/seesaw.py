@@ -25,6 +25,7 @@ cache starts empty.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 
 from seesaw_mcore.config import PhasePlan, SchedulerConfig
@@ -156,10 +157,12 @@ class PhaseScheduler:
         """Whether decode hands back to prefill now, per the policy: only if the sequences
         on the device can all be swapped out to the tiers and the next prompt then fits
         (so the prefill phase makes progress)."""
-        policy = self.config.policy
+        policy, wait = self.config.policy, self.config.max_wait_s
         if not self.waiting or policy == "decode_first":
             return False  # decode_first: the phase ends when nothing is left to decode
-        if policy == "transition_minimizing" and self.tier_usage() >= self.config.refill_threshold:
+        overdue = wait is not None and time.monotonic() - self.waiting[0].arrival > wait
+        if (policy == "transition_minimizing" and not overdue
+                and self.tier_usage() >= self.config.refill_threshold):
             return False
         return self.book.can_hand_back(self._on_device(), self.waiting[0].num_tokens)
 
@@ -242,10 +245,9 @@ class PhaseScheduler:
             if r is None:
                 break
             self.offloaded.popleft()
-            pool = self.decode_pools[r]
-            pool.share(seq.block_table, hits[r])
-            pool.allocate(seq.block_table, seq.num_tokens)
-            pool.commit(seq.block_table, full)
+            if not self.decode_pools[r].allocate_slots(seq.block_table, seq.num_tokens,
+                                                       hits[r], full):
+                raise RuntimeError(f"no KV blocks for sequence {seq.seq_id} (a bug)")
             admitted[r] += tier_kv.moves(seq.seq_id, pieces, seq.block_table, self.block_size,
                                          len(hits[r]) * self.block_size)
             self.book.release(seq)

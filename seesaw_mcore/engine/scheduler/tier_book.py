@@ -47,7 +47,8 @@ class TierBook:
         """``seq``'s full-block hashes (none without prefix caching)."""
         if not self.tier_kv.sharing:
             return []
-        return block_hashes(seq.all_token_ids, self.block_size, seq.block_hashes)
+        return block_hashes(seq.all_token_ids, self.block_size, seq.block_hashes,
+                            seq.hash_root)
 
     def pieces(self, seq: Sequence) -> list[Piece]:
         """Where ``seq``'s KV lies in the tiers, in token order."""
