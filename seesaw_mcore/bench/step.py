@@ -71,44 +71,59 @@ def per_step(llm, batch: int, sampled: bool, short: int, long: int, prompt_len: 
             "ms_per_step": round(1e3 * (min(times_l) - min(times_s)) / steps, 3)}
 
 
-def plan_cost(batch: int = 256, context: int = 512, block_size: int = 16,
-              repeats: int = 50) -> dict:
-    """Bytes and host time of one decode step's plan at ``batch`` sequences of ``context``
-    tokens: the flat encoding (encode + decode, what every rank pays per step), and building
-    the step's attention metadata and sampling tensors."""
-    from seesaw_mcore.contract import (
-        Phase,
-        SamplingSpec,
-        ScheduledSeq,
-        SchedulerOutput,
-        Step,
-    )
+def host_cost(batch: int = 256, context: int = 512, block_size: int = 16,
+              penalties: bool = False, repeats: int = 30) -> dict:
+    """Host work of one decode step outside the forward at ``batch`` sequences of
+    ``context`` tokens (``penalties``: repetition penalty, so the sampler needs each
+    sequence's history): the scheduler's decode step, the step message (bytes, and encode on
+    rank 0 + decode on another rank through their mirrors, in steady state), the attention
+    metadata and the sampler's per-row tensors. Best of ``repeats``, ms."""
+    from seesaw_mcore.config import SchedulerConfig
+    from seesaw_mcore.contract import Step
+    from seesaw_mcore.engine.request import Sequence
+    from seesaw_mcore.engine.scheduler import ReplicaScheduler
+    from seesaw_mcore.kv.block_pool import BlockPool
     from seesaw_mcore.model.attention import AttentionMetadata
     from seesaw_mcore.runtime.sampler import SamplingBatch
-    from seesaw_mcore.runtime.step_codec import decode_step, encode_step
+    from seesaw_mcore.runtime.step_codec import SeqMirror, decode_step, encode_step
+    from seesaw_mcore.sampling_params import SamplingParams
 
-    nb = context // block_size
-    seqs = [ScheduledSeq(i, [5], context - 1, list(range(i * nb, (i + 1) * nb)),
-                         SamplingSpec(0.8, 40, 0.9, 1 << 40 | i, 7, None)) for i in range(batch)]
-    step = Step([SchedulerOutput(Phase.DECODE, [seqs])])
-
-    def best(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-        return round(1e3 * min(times), 3)
-
+    nb = -(-(context + 2 * repeats + 8) // block_size)
+    sched = ReplicaScheduler(SchedulerConfig(max_num_seqs=batch, max_prefill_tokens=1 << 30),
+                             BlockPool(batch * nb, block_size), 1)
+    sp = SamplingParams(temperature=0.8, top_k=40, top_p=0.9, max_tokens=1 << 20,
+                        repetition_penalty=1.1 if penalties else 1.0)
+    for i in range(batch):
+        sched.add(Sequence(i, i, 0, [3 + (i + j) % 97 for j in range(context)], sp, i, 1 << 20))
+    sched.schedule()  # the prefill
+    enc, dec = SeqMirror(), SeqMirror()
+    enc.active = True
+    times: dict[str, list[float]] = {k: [] for k in ("schedule", "message", "metadata",
+                                                     "sampler")}
+    size = 0
     cpu = torch.device("cpu")
-    return {
-        "batch": batch, "context": context,
-        "plan_bytes": int(encode_step(step).nbytes),
-        "plan_encode_decode_ms": best(lambda: decode_step(encode_step(step))),
-        "metadata_build_ms": best(lambda: AttentionMetadata.build(
-            [1] * batch, [context] * batch, [s.block_table for s in seqs], block_size, cpu)),
-        "sampling_build_ms": best(lambda: SamplingBatch.build([s.sampling for s in seqs], cpu)),
-    }
+    for _ in range(repeats):
+        for seq in sched.running:
+            seq.output_token_ids.append(5)
+        t0 = time.perf_counter()
+        out = sched.schedule()
+        t1 = time.perf_counter()
+        data = encode_step(Step([out]), enc)
+        decode_step(data, dec)
+        t2 = time.perf_counter()
+        seqs = out.seqs
+        AttentionMetadata.build([1] * len(seqs), [s.start_pos + 1 for s in seqs],
+                                [s.block_table for s in seqs], block_size, cpu)
+        t3 = time.perf_counter()
+        SamplingBatch.build([s.sampling for s in seqs], cpu)
+        t4 = time.perf_counter()
+        size = len(data)
+        for k, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            times[k].append(dt)
+    ms = {f"{k}_ms": round(1e3 * min(v), 3) for k, v in times.items()}
+    return {"batch": batch, "context": context, "penalties": penalties,
+            "message_bytes": size, "message_bytes_per_seq": round(size / batch, 1),
+            **ms, "host_ms": round(sum(ms.values()), 3)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -133,7 +148,9 @@ def main(argv: list[str] | None = None) -> int:
         for b in args.batches:
             rows.append(per_step(llm, b, sampled, args.short, args.long, args.prompt_len, vocab))
     res = {"machine": machine(f"{torch.get_num_threads()} thread(s)"), "model": args.model,
-           "dtype": args.dtype, "rows": rows, "plan_at_256": plan_cost()}
+           "dtype": args.dtype, "rows": rows,
+           "host_per_decode_step": [host_cost(b, ctx, penalties=pen) for pen in (False, True)
+                                    for ctx in (512, 4096) for b in (16, 64, 256)]}
     lo, hi = min(args.batches), max(args.batches)
     for mode in ("greedy", "sampled"):
         by = {r["batch"]: r for r in rows if r["mode"] == mode}

@@ -47,6 +47,7 @@ class Sequence:
     hash_root: bytes = b""  # the chain's root (``kv.block_pool.cache_root``): set on add
     num_cached_tokens: int = 0  # prompt tokens its first prefill took from the prefix cache
     arrival: float = field(default_factory=time.monotonic)  # when it was made (waiting bound)
+    _all: list[int] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:
@@ -54,7 +55,15 @@ class Sequence:
 
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt + completion ids: one list kept up to date as the completion grows (no
+        copy per step; callers must not change it)."""
+        allt = self._all
+        if allt is None:
+            allt = self._all = list(self.prompt_token_ids)
+        done = len(allt) - len(self.prompt_token_ids)
+        if done < len(self.output_token_ids):
+            allt.extend(self.output_token_ids[done:])
+        return allt
 
 
 def make_samples(first_seq_id: int, index: int, request_id: str, prompt_token_ids: list[int],

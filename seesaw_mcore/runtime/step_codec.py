@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import operator
 import types
 import typing
 from dataclasses import dataclass, field
@@ -96,11 +97,18 @@ class WireSwitch:
 _KINDS = [WireStep, WireSwitch, MovePlan, Stop, Control]
 
 
+_SPEC_FIELDS = [f.name for f in dataclasses.fields(SamplingSpec)]
+_STATIC = [n for n in _SPEC_FIELDS if n not in _DYNAMIC]
+_static_key = operator.attrgetter(*_STATIC)  # the static fields' values, as one tuple
+_DYN_AT = {n: _SPEC_FIELDS.index(n) for n in _DYNAMIC}
+
+
 @dataclass
 class _Known:
     table: list[int]
-    spec: SamplingSpec  # static part (dynamic fields at their defaults)
+    key: tuple  # the static fields' values
     history: list[int]
+    values: list | None = None  # decoder: the spec's field values (dynamic ones patched)
 
 
 class SeqMirror:
@@ -135,12 +143,12 @@ class SeqMirror:
 
     def to_wire(self, s: ScheduledSeq) -> WireSeq:
         p = s.sampling
-        static = dataclasses.replace(p, step=0, history=[], banned=[], prompt_logprobs=None)
+        key = _static_key(p)
         k = self.known.get(s.seq_id)
         spec = None
-        if k is None or k.spec != static or len(p.history) < len(k.history):
-            spec, k = static, _Known([], static, [])
-            self.known[s.seq_id] = k
+        if k is None or k.key != key or len(p.history) < len(k.history):
+            spec = dataclasses.replace(p, step=0, history=[], banned=[], prompt_logprobs=None)
+            k = self.known[s.seq_id] = _Known([], key, [])
         n = len(k.table)
         kept = n if s.block_table[:n] == k.table else _common(k.table, s.block_table)
         new_blocks = s.block_table[kept:]
@@ -162,14 +170,21 @@ class SeqMirror:
     def from_wire(self, w: WireSeq) -> ScheduledSeq:
         k = self.known.get(w.seq_id)
         if w.spec is not None:
-            k = self.known[w.seq_id] = _Known([], w.spec, [])
+            k = self.known[w.seq_id] = _Known([], (), [],
+                                              [getattr(w.spec, n) for n in _SPEC_FIELDS])
         if k is None:
             raise ValueError(f"step message for unknown sequence {w.seq_id}")
-        k.table = k.table[:w.kept_blocks] + w.new_blocks
+        if w.kept_blocks < len(k.table):
+            k.table = k.table[:w.kept_blocks] + w.new_blocks
+        else:  # grown in place (a step's entries are used within the step)
+            k.table.extend(w.new_blocks)
         k.history.extend(w.new_history)  # in place: the spec below shares it
-        spec = dataclasses.replace(k.spec, step=w.step, history=k.history, banned=w.banned,
-                                   prompt_logprobs=w.prompt_logprobs)
-        return ScheduledSeq(w.seq_id, w.token_ids, w.start_pos, list(k.table), spec)
+        values = k.values
+        values[_DYN_AT["step"]], values[_DYN_AT["history"]] = w.step, k.history
+        values[_DYN_AT["banned"]] = w.banned
+        values[_DYN_AT["prompt_logprobs"]] = w.prompt_logprobs
+        return ScheduledSeq(w.seq_id, w.token_ids, w.start_pos, k.table,
+                            SamplingSpec(*values))
 
     def from_wire_replica(self, w: WireReplica | None) -> SchedulerOutput | None:
         if w is None:
@@ -225,45 +240,107 @@ def decode_step(data: bytes, mirror: SeqMirror | None = None) -> StepMessage:
 
 
 # -- dataclasses <-> msgpack-able lists, by their fields and type hints -------------------
+# Each class gets a packer and an unpacker made once from its fields' type hints: plain
+# fields (numbers, strings, lists of ints, optionals of those) pass as they are; enums,
+# dataclasses and lists of them are converted.
 
-_HINTS: dict[type, list[tuple[str, object]]] = {}
-
-
-def _fields(cls: type) -> list[tuple[str, object]]:
-    hints = _HINTS.get(cls)
-    if hints is None:
-        th = typing.get_type_hints(cls)
-        hints = _HINTS[cls] = [(f.name, th[f.name]) for f in dataclasses.fields(cls)]
-    return hints
+_PACKERS: dict[type, typing.Callable] = {}
+_UNPACKERS: dict[type, typing.Callable] = {}
 
 
 def _pack(x):
-    if dataclasses.is_dataclass(x):
-        return [_pack(getattr(x, name)) for name, _ in _fields(type(x))]
-    if isinstance(x, enum.Enum):
-        return x.value
-    if isinstance(x, (list, tuple)):
-        return [_pack(v) for v in x] if x and not isinstance(x[0], int) else list(x)
-    return x
+    return _packer(type(x))(x)
 
 
-def _unpack(v, hint):
-    if v is None:
-        return None
+def _unpack(v, cls: type):
+    return _unpacker(cls)(v)
+
+
+def _packer(cls: type) -> typing.Callable:
+    fn = _PACKERS.get(cls)
+    if fn is None:
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        get = operator.attrgetter(*names)
+        convs = [(i, c) for i, n in enumerate(names) if (c := _to_wire(hints[n])) is not None]
+        if len(names) == 1:
+            def fn(x, get=get, convs=convs):
+                vals = [get(x)]
+                for i, c in convs:
+                    vals[i] = c(vals[i])
+                return vals
+        else:
+            def fn(x, get=get, convs=convs):
+                vals = list(get(x))
+                for i, c in convs:
+                    vals[i] = c(vals[i])
+                return vals
+        _PACKERS[cls] = fn
+    return fn
+
+
+def _unpacker(cls: type) -> typing.Callable:
+    fn = _UNPACKERS.get(cls)
+    if fn is None:
+        hints = typing.get_type_hints(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        convs = [(i, c) for i, n in enumerate(names) if (c := _from_wire(hints[n])) is not None]
+
+        def fn(v, cls=cls, convs=convs):
+            for i, c in convs:
+                v[i] = c(v[i])
+            return cls(*v)
+        _UNPACKERS[cls] = fn
+    return fn
+
+
+def _optional(hint):
+    """``X`` of ``X | None`` (``None``: not an optional)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return None
+
+
+def _to_wire(hint) -> typing.Callable | None:
+    """How a field of type ``hint`` is packed (``None``: as it is)."""
+    inner = _optional(hint)
+    if inner is not None:
+        c = _to_wire(inner)
+        return None if c is None else (lambda v, c=c: None if v is None else c(v))
     if isinstance(hint, type):
         if dataclasses.is_dataclass(hint):
-            return hint(*[_unpack(x, h) for x, (_, h) in zip(v, _fields(hint))])
+            return _packer_of
         if issubclass(hint, enum.Enum):
-            return hint(v)
-        return v
-    origin = typing.get_origin(hint)
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        return v if inner is int else [_unpack(x, inner) for x in v]
-    if origin in (typing.Union, types.UnionType):
-        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
-        return _unpack(v, inner)
-    return v
+            return operator.attrgetter("value")
+        return None
+    if typing.get_origin(hint) is list:
+        c = _to_wire(typing.get_args(hint)[0])
+        return None if c is None else (lambda v, c=c: [c(x) for x in v])
+    return None
+
+
+def _packer_of(x):
+    return _packer(type(x))(x)
+
+
+def _from_wire(hint) -> typing.Callable | None:
+    """How a field of type ``hint`` is unpacked (``None``: as it is)."""
+    inner = _optional(hint)
+    if inner is not None:
+        c = _from_wire(inner)
+        return None if c is None else (lambda v, c=c: None if v is None else c(v))
+    if isinstance(hint, type):
+        if dataclasses.is_dataclass(hint):
+            return _unpacker(hint)
+        if issubclass(hint, enum.Enum):
+            return hint
+        return None
+    if typing.get_origin(hint) is list:
+        c = _from_wire(typing.get_args(hint)[0])
+        return None if c is None else (lambda v, c=c: [c(x) for x in v])
+    return None
 
 
 def token_width(seqs: list[ScheduledSeq]) -> int:
