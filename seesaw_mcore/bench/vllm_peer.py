@@ -12,6 +12,7 @@ results); ``WORKDIR/NAME.stop`` ends it. Workloads:
 
 - ``unique``: greedy completions of distinct prompts (``prompts``, ``max_tokens``);
 - ``eval``: ``n`` sampled completions (``temperature``, ``top_p``) of each prompt;
+- ``long``: one sampled completion of each prompt with ``repetition_penalty``;
 - ``mc``: loglikelihoods of ``(context, continuation)`` pairs, the way lm-eval asks them
   (this engine: through its lm-eval backend, ``SeesawLM``; vLLM: as lm-eval's vLLM backend
   does, prompt logprobs of context + continuation).
@@ -92,6 +93,7 @@ def serve_vllm(work: str, model: str, caching: bool) -> None:
                     for o, (c, x) in zip(outs, job["pairs"])], None
         sp = SamplingParams(n=job.get("n", 1), temperature=job.get("temperature", 0.0),
                             top_p=job.get("top_p", 1.0), max_tokens=job["max_tokens"],
+                            repetition_penalty=job.get("repetition_penalty", 1.0),
                             ignore_eos=True, detokenize=False)
         outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], sp,
                             use_tqdm=False)
@@ -120,6 +122,7 @@ def serve_engine(work: str, model: str, plan: str, caching: bool) -> None:
         else:
             sp = SamplingParams(n=job.get("n", 1), temperature=job.get("temperature", 0.0),
                                 top_p=job.get("top_p", 1.0), max_tokens=job["max_tokens"],
+                                repetition_penalty=job.get("repetition_penalty", 1.0),
                                 ignore_eos=True)
             outs = llm.generate([{"prompt_token_ids": p} for p in job["prompts"]], sp,
                                 use_tqdm=False)

@@ -48,6 +48,8 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens its first prefill took from the prefix cache
     arrival: float = field(default_factory=time.monotonic)  # when it was made (waiting bound)
     _all: list[int] | None = field(default=None, repr=False, compare=False)
+    # its sampling spec's fields but the per-step ones (``batching.scheduled``), made once
+    spec_base: object = field(default=None, repr=False, compare=False)
 
     @property
     def num_tokens(self) -> int:

@@ -3,6 +3,7 @@ cache slots (shared by the CPU paths in ``attention.py`` and the Triton kernel).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,10 +60,12 @@ class AttentionMetadata:
         """
         q = np.asarray(query_lens, dtype=np.int64)  # [B]
         c = np.asarray(context_lens, dtype=np.int64)  # [B]
-        width = max(max(len(t) for t in block_tables), width or 0)
+        lens = np.fromiter(map(len, block_tables), np.int64, len(block_tables))  # [B]
+        width = max(int(lens.max()), width or 0)
         tables = np.zeros((len(block_tables), width), dtype=np.int64)  # [B, NBmax]
-        for i, t in enumerate(block_tables):
-            tables[i, : len(t)] = t
+        # every row's blocks in one fill (row-major order is the tables' order)
+        tables[np.arange(width) < lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(block_tables), np.int64, int(lens.sum()))
         cu = np.zeros(len(q) + 1, dtype=np.int64)
         np.cumsum(q, out=cu[1:])
         seq = np.repeat(np.arange(len(q)), q)  # [T] sequence of each token

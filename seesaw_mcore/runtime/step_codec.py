@@ -50,7 +50,7 @@ _VERSION = 5
 _DYNAMIC = ("step", "history", "banned", "prompt_logprobs")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WireSeq:
     """One ``ScheduledSeq`` on the wire, as a diff against what every rank knows of it."""
 
@@ -66,7 +66,7 @@ class WireSeq:
     spec: SamplingSpec | None = None  # the static spec when new or changed
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WireReplica:
     """One ``SchedulerOutput`` on the wire."""
 
@@ -77,7 +77,7 @@ class WireReplica:
     swap_out: list[KVMove] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WireStep:
     """A ``Step`` on the wire, with the sequences every rank forgets first."""
 
@@ -85,7 +85,7 @@ class WireStep:
     replicas: list[WireReplica | None]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class WireSwitch:
     """A ``Switch`` on the wire (its hand-back's outputs as ``WireReplica``)."""
 

@@ -3,6 +3,7 @@ splitting a step into pipeline micro-batches, and a sequence's entry in a step."
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -105,7 +106,8 @@ def grow_running(pool: BlockPool, running: list[Sequence],
     i, bs = 0, pool.block_size
     while i < len(running):
         seq = running[i]
-        if pool.allocate_slots(seq.block_table, seq.num_tokens):
+        if seq.num_tokens <= len(seq.block_table) * bs or pool.allocate_slots(
+                seq.block_table, seq.num_tokens):  # (most steps: room in its last block)
             i += 1
         else:
             preempt(running.pop())
@@ -140,22 +142,31 @@ def split_micro_batches(batch: list[ScheduledSeq], parts: int,
     return out
 
 
+_SPEC_FIELDS = [f.name for f in dataclasses.fields(SamplingSpec)]
+
+
 def scheduled(seq: Sequence, token_ids: list[int], start: int,
               block_table: list[int] | None = None) -> ScheduledSeq:
     """The step entry of ``seq``: feed ``token_ids`` at ``start`` (its own block table by
     default)."""
     p = seq.params
-    history = seq.all_token_ids if p.has_penalties else []
-    spec = SamplingSpec(
-        temperature=float(p.temperature), top_k=int(p.top_k), top_p=float(p.top_p),
-        seed=seq.seed, step=len(seq.output_token_ids), logprobs=p.logprobs,
-        min_p=float(p.min_p), repetition_penalty=float(p.repetition_penalty),
-        presence_penalty=float(p.presence_penalty),
-        frequency_penalty=float(p.frequency_penalty), history=history,
-        prompt_len=len(seq.prompt_token_ids) if history else 0,
-        banned=(list(seq.min_tokens_banned)
-                if len(seq.output_token_ids) < p.min_tokens else []),
-        prompt_logprobs=p.prompt_logprobs if needs_prompt_logprobs(seq) else None,
-    )
+    base = seq.spec_base
+    if base is None:  # its spec's field values but the per-step ones, made once
+        spec = SamplingSpec(
+            temperature=float(p.temperature), top_k=int(p.top_k), top_p=float(p.top_p),
+            seed=seq.seed, step=0, logprobs=p.logprobs, min_p=float(p.min_p),
+            repetition_penalty=float(p.repetition_penalty),
+            presence_penalty=float(p.presence_penalty),
+            frequency_penalty=float(p.frequency_penalty),
+            prompt_len=len(seq.prompt_token_ids) if p.has_penalties else 0)
+        base = seq.spec_base = [getattr(spec, n) for n in _SPEC_FIELDS]
+    spec = SamplingSpec(*base)
+    spec.step = len(seq.output_token_ids)
+    if p.has_penalties:  # the live token list (no copy)
+        spec.history = seq.all_token_ids
+    if spec.step < p.min_tokens:
+        spec.banned = list(seq.min_tokens_banned)
+    if needs_prompt_logprobs(seq):
+        spec.prompt_logprobs = p.prompt_logprobs
     table = seq.block_table if block_table is None else block_table
-    return ScheduledSeq(seq.seq_id, list(token_ids), start, list(table), spec)
+    return ScheduledSeq(seq.seq_id, token_ids, start, list(table), spec)
