@@ -80,6 +80,7 @@ class AsyncLLM:
             finally:
                 self._close_engine()
             return
+        self._device = groups.device()
         self._loop = EngineLoop(self.engine, self.tokenizer)
         self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
@@ -286,6 +287,9 @@ class AsyncLLM:
         """The engine thread: commands between turns of the loop, keep-alives while idle."""
         engine, loop = self.engine, self._loop
         try:
+            dev = self._device  # (read on the constructing thread)
+            if dev.type != "cpu":  # a thread's current device is its own: this rank's
+                groups.accelerator().set_device(dev.index or 0)
             with engine.session():
                 busy = False
                 while True:  # every queued command runs before the next turn

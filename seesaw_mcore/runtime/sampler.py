@@ -25,6 +25,7 @@ _M64 = (1 << 64) - 1
 # Top-p / min-p without top-k: the most likely tokens looked at first; when they hold every
 # row's nucleus (almost always with a trained model), no sort of the whole vocabulary.
 CANDIDATES = 1024
+NUCLEUS_BITS = 13  # a probability's sign, exponent and 4 mantissa bits: 8,192 bins
 
 
 def _i64(x: int) -> int:
@@ -88,6 +89,7 @@ class SamplingBatch:
     any_random: bool  # some row samples (else argmax only)
     any_filter: bool  # some sampled row uses top-k / top-p / min-p (else no sort)
     all_top_k: int  # every sampled row has top-k on: the largest k (0: some row has not)
+    any_top_k: bool  # some sampled row has top-k on
     max_logprobs: int | None  # most top-k logprobs any row asks for; None: no row asks
     want_logprobs: list[bool]  # per row
 
@@ -105,6 +107,7 @@ class SamplingBatch:
         ks = [s.top_k if s.top_k > 0 else 0 for r, s in zip(rand, specs) if r]
         return cls(floats[:, 0], floats[:, 1], floats[:, 2], ints[:, 0], ints[:, 1],
                    ints[:, 2], any(rand), filt, max(ks) if ks and min(ks) > 0 else 0,
+                   any(k > 0 for k in ks),
                    max(asks) if asks else None,
                    [s.logprobs is not None for s in specs])
 
@@ -133,7 +136,10 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if 0 < batch.all_top_k < vocab:  # every sampled row keeps <= K tokens: no full sort
         scores, order = scores.topk(batch.all_top_k, dim=-1)  # [N, K] each, descending
     else:
-        scores, order, full = _candidates(scores, batch)
+        cand = _candidates(scores, batch, sort=batch.any_top_k)
+        if cand is None:  # top-p / min-p rows whose nuclei the candidates miss: no sort
+            return _sample_masked(scores, batch, greedy)
+        scores, order, full = cand
     rank = torch.arange(scores.shape[1], device=logits.device)  # [K]
     k = torch.where(batch.top_k > 0, batch.top_k, vocab).unsqueeze(1)  # [N, 1]
     scores = scores.masked_fill(rank >= k, float("-inf"))  # top-k
@@ -149,11 +155,12 @@ def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return torch.where(batch.temperature > 0, drawn, greedy)
 
 
-def _candidates(scores: torch.Tensor, batch: SamplingBatch
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _candidates(scores: torch.Tensor, batch: SamplingBatch, sort: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """Rows' tokens in descending order, as far as the filters can keep any: the top
     ``CANDIDATES`` when, for every sampled row, they hold all a filter can keep (top-k with
-    k <= CANDIDATES, the top-p nucleus, or every token above min-p), else the full sort.
+    k <= CANDIDATES, the top-p nucleus, or every token above min-p), else (``sort``) the
+    full sort, or ``None``.
 
     Returns:
         ``(scores, order, full)``: ``[N, K]`` sorted scores and their vocab ids, and the
@@ -162,7 +169,12 @@ def _candidates(scores: torch.Tensor, batch: SamplingBatch
     vocab = scores.shape[1]
     sampled = batch.temperature > 0
     probs = scores.softmax(dim=-1) if CANDIDATES < vocab else None  # [N, V]
-    if probs is not None:
+    # a nucleus needs at least top_p / max prob tokens: a flat row cannot fit. Checked
+    # first on CPU ranks only, where a sync is free and a wasted top-k is not.
+    flat = probs is not None and probs.device.type == "cpu" and bool((
+        sampled & (batch.top_k <= 0) & (batch.top_p < 1)
+        & (batch.top_p > CANDIDATES * probs.amax(dim=-1))).any())
+    if probs is not None and not flat:
         top, order = probs.topk(CANDIDATES, dim=-1)  # [N, C] each, descending
         # a row fits when its filters keep only candidates (a flat row's nucleus cannot)
         kept = ((batch.top_k > 0) & (batch.top_k <= CANDIDATES)) \
@@ -170,8 +182,64 @@ def _candidates(scores: torch.Tensor, batch: SamplingBatch
             | ((batch.min_p > 0) & (top[:, -1] < batch.min_p * top[:, 0]))
         if bool((kept | ~sampled).all()):  # the step's one sync; else the full sort below
             return scores.gather(1, order), order, top
+    if not sort:
+        return None
     order = _sort_descending(scores.softmax(dim=-1) if probs is None else probs)  # [N, V]
     return scores.gather(1, order), order, None
+
+
+def _sample_masked(scores: torch.Tensor, batch: SamplingBatch, greedy: torch.Tensor
+                   ) -> torch.Tensor:
+    """Top-p / min-p rows (no top-k) drawn over the whole vocabulary: each row's kept set
+    as a mask (``nucleus``; min-p of the max; the most likely token always), then the same
+    seeded Gumbel draw the sorted path makes (noise is a function of the vocab id, not of a
+    position), so the same tokens without sorting the vocabulary."""
+    n, vocab = scores.shape
+    probs = scores.softmax(dim=-1)  # [N, V]
+    top = probs.amax(dim=-1, keepdim=True)  # [N, 1]
+    keep = nucleus(probs, batch.top_p) & (probs >= batch.min_p.unsqueeze(1) * top)
+    keep[torch.arange(n), probs.argmax(dim=-1)] = True  # the most likely token stays
+    vocab_ids = torch.arange(vocab, device=scores.device)  # [V]
+    noisy = (scores + _gumbel(batch, vocab_ids)).masked_fill(~keep, float("-inf"))
+    return torch.where(batch.temperature > 0, noisy.argmax(dim=-1), greedy)
+
+
+def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``[N, V]`` bool: each row's top-p nucleus - tokens in descending probability (ties:
+    lower id first) while the mass before them is below ``top_p`` - found without sorting the
+    vocabulary: non-negative floats order as their bits, so a histogram of the high bits
+    (``NUCLEUS_BITS``: sign, exponent and a few mantissa bits) finds the bin where the mass
+    crosses ``top_p``; bins above it are kept, bins below
+    dropped, and only the crossing bin's few tokens are sorted. Masses in float64.
+
+    Args:
+        probs: ``[N, V]`` float32 probabilities.
+        top_p: ``[N]`` (1: every token).
+    """
+    n, v = probs.shape
+    bits = probs.view(torch.int32)  # [N, V], >= 0
+    hi = (bits >> (32 - NUCLEUS_BITS)).long()  # [N, V] bins
+    p64 = probs.double()
+    mass = torch.zeros(n, 1 << NUCLEUS_BITS, dtype=torch.float64, device=probs.device)
+    mass.scatter_add_(1, hi, p64)  # [N, B]
+    incl = mass.flip(1).cumsum(1).flip(1)  # [N, B] mass of bins >= b
+    want = top_p.double().unsqueeze(1)  # [N, 1]
+    cross = (incl >= want).sum(1) - 1  # [N] the last bin whose upper mass reaches top_p
+    keep = hi > cross.unsqueeze(1)  # [N, V]
+    edge = hi == cross.unsqueeze(1)  # [N, V] the crossing bin's tokens
+    r, c = edge.nonzero(as_tuple=True)  # row-major: ids ascending within a row
+    if r.numel():
+        key = (r << 32) | (0x7FFFFFFF - bits[r, c]).long()  # row, then probability desc
+        order = key.sort(stable=True).indices  # (stable: lower ids first among ties)
+        r, c = r[order], c[order]
+        p = p64[r, c]
+        before = p.cumsum(0) - p  # [M] over the rows' runs; minus each run's start:
+        start = torch.searchsorted(r, r)  # [M] first index of each element's row
+        before = before - before[start]
+        above = incl[r, cross[r]] - mass[r, cross[r]]  # mass of the bins above
+        kept = above + before < want[r, 0]
+        keep[r[kept], c[kept]] = True
+    return keep | (top_p >= 1).unsqueeze(1)
 
 
 def _sort_descending(probs: torch.Tensor) -> torch.Tensor:
@@ -188,8 +256,9 @@ def _sort_descending(probs: torch.Tensor) -> torch.Tensor:
 
 def apply_penalties(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Tensor:
     """Repetition, presence and frequency penalties and banned ids, for the rows that have
-    them (vLLM's definitions), batched: one host -> device copy of the rows' histories and
-    one scatter each for the "seen" mask and the completion counts.
+    them (vLLM's definitions), batched and sparse: one host -> device copy of the rows'
+    histories as flat ``row * V + token`` keys, then the penalties applied at the positions
+    those keys name only (no ``[N, V]`` mask or count matrix).
 
     Args:
         logits: ``[N, V]`` float32 logits.
@@ -202,35 +271,32 @@ def apply_penalties(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Te
     if not rows:
         return logits
     dev, vocab = logits.device, logits.shape[1]
-    seen_r, seen_t, out_r, out_t, ban_r, ban_t, params = [], [], [], [], [], [], []
-    for j, i in enumerate(rows):
+    seen, done, ban = [], [], []  # flat keys row * V + token
+    rep = torch.ones(len(specs))
+    pres, freq = torch.zeros(len(specs)), torch.zeros(len(specs))
+    for i in rows:
         s = specs[i]
-        seen_r += [j] * len(s.history)
-        seen_t += s.history
-        done = s.history[s.prompt_len:]
-        out_r += [j] * len(done)
-        out_t += done
-        ban_r += [j] * len(s.banned)
-        ban_t += s.banned
-        params.append((s.repetition_penalty, s.presence_penalty, s.frequency_penalty))
-    flat = seen_r + seen_t + out_r + out_t + ban_r + ban_t
-    idx = h2d.tensor(flat, torch.int64, dev)  # one copy: every index list
-    cuts = [len(seen_r)] * 2 + [len(out_r)] * 2 + [len(ban_r)] * 2
-    seen_r_t, seen_t_t, out_r_t, out_t_t, ban_r_t, ban_t_t = idx.split(cuts)
-    rep, pres, freq = h2d.tensor(params, torch.float32, dev).unbind(1)  # [R] each
-    sub = logits[rows]  # [R, V]
-    seen = torch.zeros_like(sub, dtype=torch.bool)
-    seen[seen_r_t, seen_t_t] = True
-    counts = torch.zeros_like(sub)
-    counts.index_put_((out_r_t, out_t_t), torch.ones_like(out_t_t, dtype=sub.dtype),
-                      accumulate=True)  # [R, V]
-    rep = rep.unsqueeze(1)  # [R, 1]
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    sub = sub - freq.unsqueeze(1) * counts - pres.unsqueeze(1) * (counts > 0)
-    sub[ban_r_t, ban_t_t.clamp(max=vocab - 1)] = float("-inf")
-    logits = logits.clone()
-    logits[rows] = sub
-    return logits
+        base = i * vocab
+        seen += [base + t for t in s.history]
+        done += [base + t for t in s.history[s.prompt_len:]]
+        ban += [base + min(t, vocab - 1) for t in s.banned]
+        rep[i], pres[i], freq[i] = s.repetition_penalty, s.presence_penalty, s.frequency_penalty
+    keys = h2d.tensor(seen + done + ban, torch.int64, dev)  # one copy: every key
+    seen_k, done_k, ban_k = keys.split([len(seen), len(done), len(ban)])
+    rep, pres, freq = h2d.to_device(torch.stack([rep, pres, freq]), dev)  # [N] each
+    out = logits.clone()
+    flat = out.view(-1)  # [N * V]
+    if seen:  # repetition: every token of the prompt and completion, once
+        u = torch.unique(seen_k)
+        v, r = flat[u], rep[u // vocab]
+        flat[u] = torch.where(v > 0, v / r, v * r)
+    if done:  # frequency per occurrence in the completion, presence once
+        u, n = torch.unique(done_k, return_counts=True)
+        row = u // vocab
+        flat[u] = flat[u] - freq[row] * n.to(flat.dtype) - pres[row]
+    if ban:
+        flat[ban_k] = float("-inf")
+    return out
 
 
 def sample(

@@ -159,11 +159,7 @@ class SeqMirror:
                        new_history, p.step, list(p.banned), p.prompt_logprobs, spec)
 
     def to_wire_replica(self, rep: SchedulerOutput | None) -> WireReplica | None:
-        if rep is None:
-            return None
-        return WireReplica(rep.phase, [[self.to_wire(s) for s in mb]
-                                       for mb in rep.micro_batches],
-                           rep.evict, rep.swap_in, rep.swap_out)
+        return _map_replica(rep, self.to_wire, WireReplica)
 
     # -- the other ranks --------------------------------------------------------------
 
@@ -187,11 +183,15 @@ class SeqMirror:
                             SamplingSpec(*values))
 
     def from_wire_replica(self, w: WireReplica | None) -> SchedulerOutput | None:
-        if w is None:
-            return None
-        return SchedulerOutput(w.phase, [[self.from_wire(s) for s in mb]
-                                         for mb in w.micro_batches],
-                               w.evict, w.swap_in, w.swap_out)
+        return _map_replica(w, self.from_wire, SchedulerOutput)
+
+
+def _map_replica(rep, seq_fn, cls):
+    """``rep`` (a replica's step, either form) as ``cls``, each sequence through ``seq_fn``."""
+    if rep is None:
+        return None
+    return cls(rep.phase, [[seq_fn(s) for s in mb] for mb in rep.micro_batches],
+               rep.evict, rep.swap_in, rep.swap_out)
 
 
 def _common(a: list[int], b: list[int]) -> int:
@@ -262,7 +262,8 @@ def _packer(cls: type) -> typing.Callable:
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]
         get = operator.attrgetter(*names)
-        convs = [(i, c) for i, n in enumerate(names) if (c := _to_wire(hints[n])) is not None]
+        convs = [(i, c) for i, n in enumerate(names)
+                 if (c := _convert(hints[n], True)) is not None]
         if len(names) == 1:
             def fn(x, get=get, convs=convs):
                 vals = [get(x)]
@@ -284,7 +285,8 @@ def _unpacker(cls: type) -> typing.Callable:
     if fn is None:
         hints = typing.get_type_hints(cls)
         names = [f.name for f in dataclasses.fields(cls)]
-        convs = [(i, c) for i, n in enumerate(names) if (c := _from_wire(hints[n])) is not None]
+        convs = [(i, c) for i, n in enumerate(names)
+                 if (c := _convert(hints[n], False)) is not None]
 
         def fn(v, cls=cls, convs=convs):
             for i, c in convs:
@@ -303,42 +305,20 @@ def _optional(hint):
     return None
 
 
-def _to_wire(hint) -> typing.Callable | None:
-    """How a field of type ``hint`` is packed (``None``: as it is)."""
+def _convert(hint, pack: bool) -> typing.Callable | None:
+    """How a field of type ``hint`` is packed (``pack``) or unpacked (``None``: as it is)."""
     inner = _optional(hint)
     if inner is not None:
-        c = _to_wire(inner)
+        c = _convert(inner, pack)
         return None if c is None else (lambda v, c=c: None if v is None else c(v))
     if isinstance(hint, type):
         if dataclasses.is_dataclass(hint):
-            return _packer_of
+            return _pack if pack else _unpacker(hint)
         if issubclass(hint, enum.Enum):
-            return operator.attrgetter("value")
+            return operator.attrgetter("value") if pack else hint
         return None
     if typing.get_origin(hint) is list:
-        c = _to_wire(typing.get_args(hint)[0])
-        return None if c is None else (lambda v, c=c: [c(x) for x in v])
-    return None
-
-
-def _packer_of(x):
-    return _packer(type(x))(x)
-
-
-def _from_wire(hint) -> typing.Callable | None:
-    """How a field of type ``hint`` is unpacked (``None``: as it is)."""
-    inner = _optional(hint)
-    if inner is not None:
-        c = _from_wire(inner)
-        return None if c is None else (lambda v, c=c: None if v is None else c(v))
-    if isinstance(hint, type):
-        if dataclasses.is_dataclass(hint):
-            return _unpacker(hint)
-        if issubclass(hint, enum.Enum):
-            return hint
-        return None
-    if typing.get_origin(hint) is list:
-        c = _from_wire(typing.get_args(hint)[0])
+        c = _convert(typing.get_args(hint)[0], pack)
         return None if c is None else (lambda v, c=c: [c(x) for x in v])
     return None
 

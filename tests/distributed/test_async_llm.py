@@ -56,10 +56,11 @@ def test_aborts_in_every_state_free_everything(results, case):
     assert a["after"] == results[case]["batch"][0]  # the engine goes on as before
 
 
-def test_pause_modes_and_a_weight_update_while_kept(results, tiny_models):
-    p = results["T1@llama"]["pauses"]
+@pytest.mark.parametrize("case", [c for c in ALL if c.endswith("@llama")])
+def test_pause_modes_and_a_weight_update_while_kept(results, tiny_models, case):
+    p = results[case]["pauses"]
     assert p["abort_reason"] == "abort"
-    assert p["late_waited"] and p["late"] == results["T1@llama"]["batch"][0]
+    assert p["late_waited"] and p["late"] == results[case]["batch"][0]
     assert p["wait_done_at_pause"] == "length"  # pause(wait) returned after it finished
     # keep: frozen with its KV, finished after resume, its later tokens from new weights
     assert p["keep_reason"] == "length" and len(p["keep_tokens"]) == 40
@@ -187,7 +188,7 @@ def test_sleep_and_wake_up_while_requests_run(engine):
 
 
 def test_many_requests_aborted_at_random_leave_nothing_behind(engine):
-    """1,000 requests arriving over time, a third aborted at random points: every block
+    """10,000 requests arriving over time, a third aborted at random points: every block
     is free afterwards and the engine's memory does not grow."""
     import random
 
@@ -203,12 +204,12 @@ def test_many_requests_aborted_at_random_leave_nothing_behind(engine):
                 await engine.abort(f"m{i}")
 
     async def wave(n0):
-        await asyncio.gather(*[one(i) for i in range(n0, n0 + 100)])
+        await asyncio.gather(*[one(i) for i in range(n0, n0 + 500)])
 
     async def main():
         rss = []
-        for w in range(10):
-            await wave(100 * w)
+        for w in range(20):
+            await wave(500 * w)
             rss.append(psutil.Process().memory_info().rss)
         st = await engine._call(lambda: (len(engine.engine._seqs),
                                          engine.engine.scheduler.replicas[0].pool.num_free,
@@ -217,4 +218,4 @@ def test_many_requests_aborted_at_random_leave_nothing_behind(engine):
 
     rss, (seqs, free, streams, live) = _run(main())
     assert (seqs, free, streams, live) == (0, 64, 0, 0)
-    assert rss[-1] - rss[2] < 20 * 2**20, [r // 2**20 for r in rss]
+    assert rss[-1] - rss[4] < 20 * 2**20, [r // 2**20 for r in rss]

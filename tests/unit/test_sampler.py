@@ -174,3 +174,27 @@ def test_nucleus_from_candidates_equals_full_sort(monkeypatch, peaked):
     monkeypatch.setattr(sampler_mod, "CANDIDATES", 5000)  # always the full sort
     want = [t.token_id for t in sample(logits, list(range(25)), specs)]
     assert got == want
+
+
+def test_nucleus_mask_equals_the_sorted_rule():
+    """The histogram nucleus keeps exactly the tokens the sorted rule keeps (descending
+    probability, lower id first among ties, while the mass before is below top_p), on flat,
+    peaked and tied rows and every top_p from tiny to 1."""
+    from seesaw_mcore.runtime.sampler import nucleus
+
+    gen = torch.Generator().manual_seed(4)
+    rows = [torch.randn(3001, generator=gen) * s for s in (0.05, 1.0, 8.0)]
+    tied = torch.randn(3001, generator=gen).round()  # many exactly equal logits
+    rows += [tied, torch.zeros(3001)]  # (3001: no top_p lands on a boundary exactly)
+    for top_p in (1e-4, 0.3, 0.9, 0.999, 1.0):
+        probs = torch.stack(rows).softmax(-1)  # [5, 3001]
+        got = nucleus(probs, torch.full((5,), top_p))
+        for i, row in enumerate(probs):
+            order = sorted(range(3001), key=lambda t: (-row[t].item(), t))
+            want, before = set(), 0.0
+            for t in order:
+                if before >= top_p and top_p < 1:  # (1: off, every token)
+                    break
+                want.add(t)
+                before += row[t].item()
+            assert set(got[i].nonzero().flatten().tolist()) == want, (i, top_p)

@@ -4,6 +4,7 @@ splitting a step into pipeline micro-batches, and a sequence's entry in a step."
 from __future__ import annotations
 
 import dataclasses
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -11,6 +12,7 @@ from seesaw_mcore.config import SchedulerConfig
 from seesaw_mcore.contract import KVMove, Phase, SamplingSpec, ScheduledSeq, SchedulerOutput
 from seesaw_mcore.engine.request import Sequence
 from seesaw_mcore.kv.block_pool import BlockPool, block_hashes
+from seesaw_mcore.sampling_params import SamplingParams
 
 
 @dataclass
@@ -142,7 +144,24 @@ def split_micro_batches(batch: list[ScheduledSeq], parts: int,
     return out
 
 
-_SPEC_FIELDS = [f.name for f in dataclasses.fields(SamplingSpec)]
+_SPEC_HINTS = typing.get_type_hints(SamplingSpec)
+# the spec's fields a request's SamplingParams gives by the same name (a sampling field is
+# declared in both and read by the sampler: nothing here changes for it)
+_FROM_PARAMS = [f.name for f in dataclasses.fields(SamplingSpec)
+                if f.name in {g.name for g in dataclasses.fields(SamplingParams)}
+                and f.name not in ("seed", "prompt_logprobs")]
+
+
+def spec_values(seq: Sequence) -> list:
+    """``seq``'s sampling spec as field values, the per-step fields at their defaults: the
+    request's own fields by name (numbers as the spec's types), its resolved seed, and the
+    prompt length when a penalty needs the token history."""
+    p = seq.params
+    fields = {n: _SPEC_HINTS[n](getattr(p, n)) if _SPEC_HINTS[n] in (int, float)
+              else getattr(p, n) for n in _FROM_PARAMS}
+    spec = SamplingSpec(seed=seq.seed, step=0, **fields,
+                        prompt_len=len(seq.prompt_token_ids) if p.has_penalties else 0)
+    return [getattr(spec, f.name) for f in dataclasses.fields(SamplingSpec)]
 
 
 def scheduled(seq: Sequence, token_ids: list[int], start: int,
@@ -152,14 +171,7 @@ def scheduled(seq: Sequence, token_ids: list[int], start: int,
     p = seq.params
     base = seq.spec_base
     if base is None:  # its spec's field values but the per-step ones, made once
-        spec = SamplingSpec(
-            temperature=float(p.temperature), top_k=int(p.top_k), top_p=float(p.top_p),
-            seed=seq.seed, step=0, logprobs=p.logprobs, min_p=float(p.min_p),
-            repetition_penalty=float(p.repetition_penalty),
-            presence_penalty=float(p.presence_penalty),
-            frequency_penalty=float(p.frequency_penalty),
-            prompt_len=len(seq.prompt_token_ids) if p.has_penalties else 0)
-        base = seq.spec_base = [getattr(spec, n) for n in _SPEC_FIELDS]
+        base = seq.spec_base = spec_values(seq)
     spec = SamplingSpec(*base)
     spec.step = len(seq.output_token_ids)
     if p.has_penalties:  # the live token list (no copy)
