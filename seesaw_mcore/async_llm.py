@@ -28,8 +28,6 @@ import asyncio
 import concurrent.futures
 import itertools
 import json
-import queue
-import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from typing import Any
@@ -39,6 +37,7 @@ import torch.distributed as dist
 
 from seesaw_mcore.contract import Control, ControlKind
 from seesaw_mcore.engine.loop import EngineLoop, LoopRequest
+from seesaw_mcore.engine.loop_thread import LoopThread
 from seesaw_mcore.engine.request import RequestOutput, make_samples
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.io.requests import PromptType, prompt_tokens
@@ -46,8 +45,6 @@ from seesaw_mcore.llm import LLM
 from seesaw_mcore.model.weight_update import check_update
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.sampling_params import SamplingParams
-
-_STOP = object()  # the loop thread's last command
 
 
 class EngineDeadError(SeesawError):
@@ -80,17 +77,13 @@ class AsyncLLM:
             finally:
                 self._close_engine()
             return
-        self._device = groups.device()
         self._loop = EngineLoop(self.engine, self.tokenizer)
-        self._inbox: queue.Queue = queue.Queue()
         self._streams: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
-        self._pause_waiters: list[concurrent.futures.Future] = []
         self._indices = itertools.count()
         self._next_seq = 0  # the next request's first sequence id
         timeout = self.engine.config.runtime.dist_timeout_s
-        self._keepalive_s = max(1.0, min(30.0, timeout / 4))
-        self._thread = threading.Thread(target=self._run, name="seesaw-engine-loop",
-                                        daemon=True)
+        self._thread = LoopThread(self.engine, self._loop, groups.device(),
+                                  max(1.0, min(30.0, timeout / 4)), self._fail)
         self._thread.start()
 
     # -- facts ------------------------------------------------------------------------
@@ -196,17 +189,13 @@ class AsyncLLM:
         their KV kept, to continue after ``resume_generation``). New requests wait. Weight
         updates, sleep / wake-up and ``reset_prefix_cache`` may run while paused.
         ``clear_cache``: also forget the prefix cache."""
-        done: concurrent.futures.Future = concurrent.futures.Future()
-
-        def pause() -> None:
+        def pause() -> concurrent.futures.Future:
             self._loop.pause(mode)
             if clear_cache:
                 self.engine.reset_prefix_cache()
-            self._pause_waiters.append(done)
-            self._resolve_pause()
+            return self._thread.when_paused()
 
-        await self._call(pause)
-        await asyncio.wrap_future(done)
+        await asyncio.wrap_future(await self._call(pause))
 
     async def resume_generation(self) -> None:
         """Generation goes on: kept requests continue, queued ones are admitted."""
@@ -273,76 +262,12 @@ class AsyncLLM:
         if self._closed:
             return
         if self.is_driver:
-            self._inbox.put((_STOP, None))
-            self._thread.join()
+            self._thread.stop()
         self._close_engine()
 
     def _close_engine(self) -> None:
         self._closed = True
         self._llm.close()
-
-    # -- the engine thread ------------------------------------------------------------
-
-    def _run(self) -> None:
-        """The engine thread: commands between turns of the loop, keep-alives while idle."""
-        engine, loop = self.engine, self._loop
-        try:
-            dev = self._device  # (read on the constructing thread)
-            if dev.type != "cpu":  # a thread's current device is its own: this rank's
-                groups.accelerator().set_device(dev.index or 0)
-            with engine.session():
-                busy = False
-                while True:  # every queued command runs before the next turn
-                    try:
-                        fn, fut = self._inbox.get(block=not busy, timeout=None if busy
-                                                  else self._keepalive_s)
-                    except queue.Empty:
-                        fn = None
-                        if not busy and dist.get_world_size() > 1:  # idle: a sign of life
-                            engine.executor.control(Control(ControlKind.KEEPALIVE))
-                    if fn is _STOP:
-                        loop.abort_all()
-                        break
-                    if fn is not None:
-                        self._run_command(fn, fut)
-                        busy = True  # then a turn, for what it may have queued
-                        continue
-                    busy = loop.iterate()
-                    self._resolve_pause()
-        except BaseException as e:  # noqa: BLE001 - every waiter hears of it
-            self._fail(e)
-
-    def _run_command(self, fn, fut) -> None:
-        try:
-            result = fn()
-        except BaseException as e:  # noqa: BLE001 - the caller gets it
-            if fut is not None:
-                fut.set_exception(e)
-            return
-        if fut is not None:
-            fut.set_result(result)
-
-    def _resolve_pause(self) -> None:
-        if self._loop.paused is not None:
-            for fut in self._pause_waiters:
-                fut.set_result(None)
-            self._pause_waiters.clear()
-
-    def _fail(self, e: BaseException) -> None:
-        err = e if isinstance(e, SeesawError) else EngineDeadError(
-            f"the engine loop failed: {type(e).__name__}: {e}")
-        self._error = err
-        for sink in list(self._streams.values()):
-            sink(err)
-        for fut in self._pause_waiters:
-            fut.set_exception(err)
-        while True:
-            try:
-                _fn, fut = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if fut is not None:
-                fut.set_exception(err)
 
     # -- every rank: Control commands -------------------------------------------------
 
@@ -386,9 +311,15 @@ class AsyncLLM:
             raise SeesawError("this AsyncLLM was shut down")
 
     def _post(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
-        fut: concurrent.futures.Future = concurrent.futures.Future()
-        self._inbox.put((fn, fut))
-        return fut
+        return self._thread.post(fn)
+
+    def _fail(self, e: BaseException) -> None:
+        """The engine thread failed: every stream hears of it; later calls raise it."""
+        err = e if isinstance(e, SeesawError) else EngineDeadError(
+            f"the engine loop failed: {type(e).__name__}: {e}")
+        self._error = err
+        for sink in list(self._streams.values()):
+            sink(err)
 
     async def _call(self, fn: Callable[[], Any]) -> Any:
         """Runs ``fn`` on the engine thread between two steps and returns its result."""

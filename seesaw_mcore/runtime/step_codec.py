@@ -20,11 +20,8 @@ asked), its rank, then ``k`` top ids and ``k`` top logprobs; the receiver knows 
 from __future__ import annotations
 
 import dataclasses
-import enum
 import math
 import operator
-import types
-import typing
 from dataclasses import dataclass, field
 
 import msgpack
@@ -44,6 +41,7 @@ from seesaw_mcore.contract import (
     Stop,
     Switch,
 )
+from seesaw_mcore.runtime.wire import wire_pack, wire_unpack
 
 _VERSION = 5
 # the per-step fields of a sampling spec (sent with every entry); the rest is static
@@ -218,7 +216,7 @@ def encode_step(msg: StepMessage, mirror: SeqMirror | None = None) -> bytes:
         wire = msg
         if isinstance(msg, Stop):
             mirror.clear()
-    return msgpack.packb([_VERSION, _KINDS.index(type(wire)), _pack(wire)])
+    return msgpack.packb([_VERSION, _KINDS.index(type(wire)), wire_pack(wire)])
 
 
 def decode_step(data: bytes, mirror: SeqMirror | None = None) -> StepMessage:
@@ -227,7 +225,7 @@ def decode_step(data: bytes, mirror: SeqMirror | None = None) -> StepMessage:
     version, kind, body = msgpack.unpackb(data)
     if version != _VERSION:
         raise ValueError(f"step message format {version}, expected {_VERSION}")
-    wire = _unpack(body, _KINDS[kind])
+    wire = wire_unpack(body, _KINDS[kind])
     if isinstance(wire, WireStep):
         mirror._drop(wire.forget)
         return Step([mirror.from_wire_replica(r) for r in wire.replicas])
@@ -237,90 +235,6 @@ def decode_step(data: bytes, mirror: SeqMirror | None = None) -> StepMessage:
     if isinstance(wire, Stop):
         mirror.clear()
     return wire
-
-
-# -- dataclasses <-> msgpack-able lists, by their fields and type hints -------------------
-# Each class gets a packer and an unpacker made once from its fields' type hints: plain
-# fields (numbers, strings, lists of ints, optionals of those) pass as they are; enums,
-# dataclasses and lists of them are converted.
-
-_PACKERS: dict[type, typing.Callable] = {}
-_UNPACKERS: dict[type, typing.Callable] = {}
-
-
-def _pack(x):
-    return _packer(type(x))(x)
-
-
-def _unpack(v, cls: type):
-    return _unpacker(cls)(v)
-
-
-def _packer(cls: type) -> typing.Callable:
-    fn = _PACKERS.get(cls)
-    if fn is None:
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        get = operator.attrgetter(*names)
-        convs = [(i, c) for i, n in enumerate(names)
-                 if (c := _convert(hints[n], True)) is not None]
-        if len(names) == 1:
-            def fn(x, get=get, convs=convs):
-                vals = [get(x)]
-                for i, c in convs:
-                    vals[i] = c(vals[i])
-                return vals
-        else:
-            def fn(x, get=get, convs=convs):
-                vals = list(get(x))
-                for i, c in convs:
-                    vals[i] = c(vals[i])
-                return vals
-        _PACKERS[cls] = fn
-    return fn
-
-
-def _unpacker(cls: type) -> typing.Callable:
-    fn = _UNPACKERS.get(cls)
-    if fn is None:
-        hints = typing.get_type_hints(cls)
-        names = [f.name for f in dataclasses.fields(cls)]
-        convs = [(i, c) for i, n in enumerate(names)
-                 if (c := _convert(hints[n], False)) is not None]
-
-        def fn(v, cls=cls, convs=convs):
-            for i, c in convs:
-                v[i] = c(v[i])
-            return cls(*v)
-        _UNPACKERS[cls] = fn
-    return fn
-
-
-def _optional(hint):
-    """``X`` of ``X | None`` (``None``: not an optional)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if len(args) == 1:
-            return args[0]
-    return None
-
-
-def _convert(hint, pack: bool) -> typing.Callable | None:
-    """How a field of type ``hint`` is packed (``pack``) or unpacked (``None``: as it is)."""
-    inner = _optional(hint)
-    if inner is not None:
-        c = _convert(inner, pack)
-        return None if c is None else (lambda v, c=c: None if v is None else c(v))
-    if isinstance(hint, type):
-        if dataclasses.is_dataclass(hint):
-            return _pack if pack else _unpacker(hint)
-        if issubclass(hint, enum.Enum):
-            return operator.attrgetter("value") if pack else hint
-        return None
-    if typing.get_origin(hint) is list:
-        c = _convert(typing.get_args(hint)[0], pack)
-        return None if c is None else (lambda v, c=c: [c(x) for x in v])
-    return None
 
 
 def token_width(seqs: list[ScheduledSeq]) -> int:
