@@ -219,3 +219,19 @@ def test_many_requests_aborted_at_random_leave_nothing_behind(engine):
     rss, (seqs, free, streams, live) = _run(main())
     assert (seqs, free, streams, live) == (0, 64, 0, 0)
     assert rss[-1] - rss[4] < 20 * 2**20, [r // 2**20 for r in rss]
+
+
+def test_weights_from_a_trainer_process_while_serving(tiny_models, tmp_path):
+    """Under T2 and P2:T2, every rank joins a trainer's update group and receives its
+    checkpoint through the engine's control messages while a request is kept: the request
+    finishes and a new one generates what HF generates on the new weights."""
+    from tests.conftest import hf_greedy
+
+    models = f"A={tiny_models['llama']},B={tiny_models['llama_b']}"
+    res = launch_job(2, "tests.distributed.async_trainer_job", tmp_path / "t.json",
+                     [models, "T2", "P2:T2"], timeout=400)
+    want = hf_greedy(tiny_models["llama_b"], [PROMPTS[0]], 24)[0]
+    for plan in ("T2", "P2:T2"):
+        r = res[plan]
+        assert r["trainer_exit"] == 0 and r["kept_reason"] == "length"
+        assert r["kept_tokens"] == 24 and r["new"] == want, (plan, r)
