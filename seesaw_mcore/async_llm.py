@@ -36,11 +36,11 @@ import torch
 import torch.distributed as dist
 
 from seesaw_mcore.contract import Control, ControlKind
-from seesaw_mcore.engine.loop import EngineLoop, LoopRequest
+from seesaw_mcore.engine.loop import EngineLoop
 from seesaw_mcore.engine.loop_thread import LoopThread
-from seesaw_mcore.engine.request import RequestOutput, make_samples
+from seesaw_mcore.engine.request import RequestOutput
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.io.requests import PromptType, prompt_tokens
+from seesaw_mcore.io.requests import PromptType
 from seesaw_mcore.llm import LLM
 from seesaw_mcore.model.weight_update import check_update
 from seesaw_mcore.runtime import groups
@@ -135,11 +135,6 @@ class AsyncLLM:
                               f"{type(params).__name__}")
         index = next(self._indices)
         rid = str(index) if request_id is None else str(request_id)
-        toks = prompt_tokens(f"request {rid!r}", prompt, self.tokenizer, self.engine.model_cfg)
-        max_tokens = self.engine.check_request(f"request {rid!r}", len(toks), params.max_tokens)
-        first, self._next_seq = self._next_seq, self._next_seq + params.n
-        samples = make_samples(first, index, rid, toks, params, max_tokens,
-                               self._llm.config.seed)
         outputs: asyncio.Queue = asyncio.Queue()
         aloop = asyncio.get_running_loop()
 
@@ -151,9 +146,10 @@ class AsyncLLM:
             except RuntimeError:  # the caller's event loop is gone: nobody listens
                 pass
 
-        text = prompt if isinstance(prompt, str) else prompt.get("prompt")
-        req = LoopRequest(index, rid, text, toks, samples, sink, params.output_kind,
-                          time.perf_counter())
+        req = self._llm.loop_request(index, rid, prompt, params, self._next_seq,
+                                     f"request {rid!r}", sink, time.perf_counter(),
+                                     params.output_kind)
+        self._next_seq += params.n
 
         def submit() -> None:
             self._loop.submit(req)

@@ -28,7 +28,7 @@ from seesaw_mcore.io.requests import (
     requests_of,
 )
 from seesaw_mcore.model.weight_update import check_update
-from seesaw_mcore.sampling_params import SamplingParams
+from seesaw_mcore.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -172,24 +172,34 @@ class LLM:
 
     def _requests(self, requests, on_reject, done: Callable[[int, RequestOutput], None],
                   start: float) -> Iterator[LoopRequest]:
-        """Every request with its samples (``make_samples``: seeded by request id, not
-        position), made as the engine loop pulls them."""
+        """Every request (``loop_request``), made as the engine loop pulls them."""
         seq_id = 0
         for i, rid, prompt, p in requests:
             label = "prompt" if on_reject else f"prompt {i}"
             try:  # a rejected prompt's message names it by its index only if raised
-                toks = prompt_tokens(label, prompt, self.tokenizer, self.engine.model_cfg)
-                max_tokens = self.engine.check_request(label, len(toks), p.max_tokens)
+                req = self.loop_request(i, str(rid), prompt, p, seq_id, label,
+                                        partial(done, i), start)
             except SeesawError as e:
                 if on_reject is None:
                     raise
                 on_reject(rid, str(e))
                 continue
-            samples = make_samples(seq_id, i, rid, toks, p, max_tokens, self.config.seed)
             seq_id += p.n
-            text = prompt if isinstance(prompt, str) else prompt.get("prompt")
-            yield LoopRequest(i, str(rid), text, toks, samples, partial(done, i),
-                              arrival=start)
+            yield req
+
+    def loop_request(self, index: int, request_id: str, prompt: PromptType,
+                     params: SamplingParams, first_seq_id: int, label: str,
+                     sink: Callable[[RequestOutput], None], arrival: float,
+                     kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY) -> LoopRequest:
+        """A prompt as the engine loop takes it: tokenized and checked against the model and
+        the caches (a one-line error naming it by ``label``), its samples made
+        (``make_samples``: seeded by request id, not position)."""
+        toks = prompt_tokens(label, prompt, self.tokenizer, self.engine.model_cfg)
+        max_tokens = self.engine.check_request(label, len(toks), params.max_tokens)
+        samples = make_samples(first_seq_id, index, request_id, toks, params, max_tokens,
+                               self.config.seed)
+        text = prompt if isinstance(prompt, str) else prompt.get("prompt")
+        return LoopRequest(index, request_id, text, toks, samples, sink, kind, arrival)
 
     def update_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Takes new weights in place (an RL or eval loop's new checkpoint), on every rank.

@@ -121,8 +121,7 @@ class EngineLoop:
         if req in self._pending:
             self._pending.remove(req)
         if req.admitted == 0:  # the processor has not seen it yet
-            self.processor.add_request(req.index, req.request_id, req.prompt,
-                                       req.prompt_token_ids, req.samples, req.arrival)
+            self._open(req)
         for seq in req.samples[:req.admitted]:
             if seq.finish_reason is None:
                 self.engine.abort(seq)
@@ -156,7 +155,7 @@ class EngineLoop:
             self.paused = mode
         elif mode == PauseMode.KEEP:
             self.paused = mode
-        elif not self._in_flight():
+        elif not self.engine.has_unfinished():
             self.paused = mode
         else:
             self._draining = True
@@ -202,9 +201,6 @@ class EngineLoop:
                 self._deliver(req, self.processor.snapshot(index), final=False)
         return True
 
-    def _in_flight(self) -> bool:
-        return self.engine.has_unfinished()
-
     def _admit(self) -> None:
         """Hands samples to the engine while its waiting queue is short of a lookahead and
         the driver admits: submitted requests first, then the source's."""
@@ -218,12 +214,16 @@ class EngineLoop:
                 self._track(nxt)
             req = self._pending[0]
             if req.admitted == 0:
-                self.processor.add_request(req.index, req.request_id, req.prompt,
-                                           req.prompt_token_ids, req.samples, req.arrival)
+                self._open(req)
             driver.add(req.samples[req.admitted])
             req.admitted += 1
             if req.admitted == len(req.samples):
                 self._pending.popleft()
+
+    def _open(self, req: LoopRequest) -> None:
+        """The output processor takes the request (at its first admission, or its abort)."""
+        self.processor.add_request(req.index, req.request_id, req.prompt,
+                                   req.prompt_token_ids, req.samples, req.arrival)
 
     def _track(self, req: LoopRequest) -> None:
         self._live[req.request_id] = req

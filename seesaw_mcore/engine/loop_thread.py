@@ -47,7 +47,6 @@ class LoopThread:
         self.keepalive_s, self.on_fail = keepalive_s, on_fail
         self._inbox: queue.Queue = queue.Queue()
         self._pause_waiters: list[concurrent.futures.Future] = []
-        self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="seesaw-engine-loop",
                                         daemon=True)
 
@@ -107,7 +106,6 @@ class LoopThread:
             self._pause_waiters.clear()
 
     def _fail(self, e: BaseException) -> None:
-        self.error = e
         self.on_fail(e)
         for fut in self._pause_waiters:
             fut.set_exception(e)

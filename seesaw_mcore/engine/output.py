@@ -133,9 +133,6 @@ class OutputProcessor:
             raise RuntimeError(f"request {req.id!r} did not end at its abort (a bug)")
         return out
 
-    def __contains__(self, index: int) -> bool:
-        return index in self._requests
-
     def process(self, seqs: list[Sequence]
                 ) -> tuple[list[Sequence], list[tuple[int, RequestOutput]]]:
         """Handles one step's sequences (each got one token).

@@ -142,12 +142,6 @@ class Executor:
         """A sequence ended: every rank drops what it keeps of it (with the next step)."""
         self.worker.channel.mirror.forget(seq_id)
 
-    @property
-    def step_bytes(self) -> tuple[int, int]:
-        """``(messages, bytes)`` rank 0 has broadcast (0s with one rank)."""
-        ch = self.worker.channel
-        return ch.sent, ch.sent_bytes
-
     def control(self, msg: Control) -> None:
         """Broadcasts a serving loop's command; every rank runs it (this one too)."""
         self.worker.channel.send(msg)

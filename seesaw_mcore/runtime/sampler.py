@@ -216,7 +216,7 @@ def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         probs: ``[N, V]`` float32 probabilities.
         top_p: ``[N]`` (1: every token).
     """
-    n, v = probs.shape
+    n = probs.shape[0]
     bits = probs.view(torch.int32)  # [N, V], >= 0
     hi = (bits >> (32 - NUCLEUS_BITS)).long()  # [N, V] bins
     p64 = probs.double()

@@ -40,8 +40,6 @@ class StepChannel:
         self.group, self.capacity = group, capacity
         self.mirror = SeqMirror()
         self.mirror.active = dist.get_world_size() > 1
-        self.sent_bytes = 0  # rank 0: message bytes so far
-        self.sent = 0  # rank 0: messages so far
 
     def send(self, msg: StepMessage) -> None:
         """Rank 0: broadcasts ``msg``."""
@@ -49,8 +47,6 @@ class StepChannel:
             return
         data = encode_step(msg, self.mirror)
         n = len(data)
-        self.sent_bytes += n
-        self.sent += 1
         if n + 8 > self.capacity:  # announce the larger capacity, then send
             grown = 1 << (n + 8).bit_length()
             self._broadcast(_header(-grown))

@@ -129,8 +129,7 @@ class SeqMirror:
 
     def _take_forget(self) -> list[int]:
         out, self._forget = self._forget, []
-        for sid in out:
-            self.known.pop(sid, None)
+        self._drop(out)
         return out
 
     def _drop(self, ids: list[int]) -> None:

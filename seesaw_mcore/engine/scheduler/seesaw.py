@@ -300,16 +300,13 @@ class PhaseScheduler:
         """Removes ``seq`` wherever it is: waiting, in a tier (offloaded, or swapped out in
         the last step), arriving or running on the device; its blocks are freed, its tier
         spans lose a user (freed at the next switch, past its barrier)."""
-        r = seq.replica
-        if seq in self.waiting:
+        if seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
-        elif seq in self._evicted:
-            self._evicted.remove(seq)
-            self.book.release(seq)
         elif seq.status == SeqStatus.OFFLOADED:
-            self.offloaded.remove(seq)
+            (self._evicted if seq in self._evicted else self.offloaded).remove(seq)
             self.book.release(seq)
-        elif r < len(self.running) and seq in self.running[r] + self.arriving[r]:
+        elif seq.status == SeqStatus.RUNNING:
+            r = seq.replica
             (self.running[r] if seq in self.running[r] else self.arriving[r]).remove(seq)
             self.decode_pools[r].free(seq.block_table)
         seq.status = SeqStatus.FINISHED
@@ -332,11 +329,6 @@ class PhaseScheduler:
         self.book.tier_kv.index.clear()
 
     def finish(self, seq: Sequence) -> None:
-        """Removes a finished sequence and frees what it holds."""
-        if seq.status == SeqStatus.OFFLOADED:  # finished by its first token (prefill)
-            self.offloaded.remove(seq)
-            self.book.release(seq)
-        else:
-            self.decode_pools[seq.replica].free(seq.block_table)
-            self.running[seq.replica].remove(seq)
-        seq.status = SeqStatus.FINISHED
+        """Removes a finished sequence (offloaded if its first token ended it, else
+        running) and frees what it holds."""
+        self.abort(seq)

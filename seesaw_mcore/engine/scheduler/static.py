@@ -210,13 +210,17 @@ class ReplicaSchedulers:
             raise RuntimeError("scheduler stalled with work left (a bug)")
         for r, out in enumerate(outs):  # prefilled: cached from now on, no longer pending
             for entry in out.seqs if out is not None and out.phase == Phase.PREFILL else ():
-                for h in self._pending_of.pop(entry.seq_id, ()):
-                    left = self._pending[r][h] - 1
-                    if left:
-                        self._pending[r][h] = left
-                    else:
-                        del self._pending[r][h]
+                self._unpend(r, entry.seq_id)
         return Step(outs)
+
+    def _unpend(self, r: int, seq_id: int) -> None:
+        """A prompt routed to replica ``r`` no longer counts as pending there."""
+        pending = self._pending[r]
+        for h in self._pending_of.pop(seq_id, ()):
+            if pending[h] > 1:
+                pending[h] -= 1
+            else:
+                del pending[h]
 
     def finish(self, seq: Sequence) -> None:
         self.replicas[seq.replica].finish(seq)
@@ -224,12 +228,7 @@ class ReplicaSchedulers:
     def abort(self, seq: Sequence) -> None:
         """Removes ``seq`` from its replica (and its prompt's pending hashes)."""
         self.replicas[seq.replica].abort(seq)
-        pending = self._pending[seq.replica]
-        for h in self._pending_of.pop(seq.seq_id, ()):
-            if pending[h] > 1:
-                pending[h] -= 1
-            else:
-                del pending[h]
+        self._unpend(seq.replica, seq.seq_id)
 
     def release_device(self) -> None:
         for s in self.replicas:
