@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from seesaw_mcore.contract import Control, ControlKind
+from seesaw_mcore.engine.load import EngineLoad, RequestCounters, engine_load
 from seesaw_mcore.engine.loop import EngineLoop
 from seesaw_mcore.engine.loop_thread import LoopThread
 from seesaw_mcore.engine.request import RequestOutput
@@ -80,6 +81,7 @@ class AsyncLLM:
         self._loop = EngineLoop(self.engine, self.tokenizer)
         self._streams: dict[str, Callable[[RequestOutput | BaseException], None]] = {}
         self._indices = itertools.count()
+        self.counters = RequestCounters()
         self._next_seq = 0  # the next request's first sequence id
         timeout = self.engine.config.runtime.dist_timeout_s
         self._thread = LoopThread(self.engine, self._loop, groups.device(),
@@ -91,6 +93,11 @@ class AsyncLLM:
     @property
     def is_driver(self) -> bool:
         return self.engine.is_driver
+
+    @property
+    def error(self) -> BaseException | None:
+        """Why the engine loop failed (``None`` while it runs)."""
+        return self._error
 
     @property
     def errored(self) -> bool:
@@ -113,6 +120,15 @@ class AsyncLLM:
         """Requests in flight or queued (read without a lock: a snapshot)."""
         return self._loop.num_requests
 
+    @property
+    def num_queued(self) -> int:
+        """Requests queued and not yet handed to the engine (a snapshot, as above)."""
+        return self._loop.num_pending
+
+    async def abort_all(self) -> int:
+        """Aborts every request in flight or queued; returns how many."""
+        return await self._call(self._loop.abort_all)
+
     # -- requests ---------------------------------------------------------------------
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
@@ -128,6 +144,19 @@ class AsyncLLM:
             sampling_params: vLLM's (default ``SamplingParams()``).
             request_id: unique among requests in flight (default: a fresh number).
         """
+        stream = await self.add_request(prompt, sampling_params, request_id)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.close()
+
+    async def add_request(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                          request_id: str | None = None) -> RequestStream:
+        """``generate`` in two halves: checks and queues the request now (a bad one raises
+        here, nothing queued) and returns its stream of outputs, which the caller must
+        ``close`` (it aborts the request if it has not finished). What a server needs to
+        refuse a request before it starts its response."""
         self._check_alive()
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -137,10 +166,13 @@ class AsyncLLM:
         rid = str(index) if request_id is None else str(request_id)
         outputs: asyncio.Queue = asyncio.Queue()
         aloop = asyncio.get_running_loop()
+        counts = self.counters
 
         def sink(out) -> None:  # the engine thread's side
             if isinstance(out, BaseException) or out.finished:
                 self._streams.pop(rid, None)
+                if not isinstance(out, BaseException):
+                    counts.finished(out)
             try:
                 aloop.call_soon_threadsafe(outputs.put_nowait, out)
             except RuntimeError:  # the caller's event loop is gone: nobody listens
@@ -156,19 +188,7 @@ class AsyncLLM:
             self._streams[rid] = sink
 
         await self._call(submit)  # (a duplicate id raises here: nothing to abort)
-        finished = False
-        try:
-            while True:
-                out = await outputs.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
-                yield out
-                if finished:
-                    return
-        finally:
-            if not finished and not self._closed and self._error is None:
-                self._post(lambda: self._loop.abort(rid))  # a dropped caller
+        return RequestStream(self, rid, outputs)
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
         """Ends requests in any state: each stops with what it has (``finish_reason``
@@ -200,6 +220,17 @@ class AsyncLLM:
     async def reset_prefix_cache(self) -> None:
         """Forgets every cached prefix (blocks in use stay in use)."""
         await self._call(self.engine.reset_prefix_cache)
+
+    async def load(self) -> EngineLoad:
+        """What the engine holds now (``EngineLoad``), read between two steps."""
+        return await self._call(lambda: engine_load(self.engine, self._loop))
+
+    async def update_weights_from_disk(self, path: str) -> None:
+        """Every rank reads new weights from a checkpoint folder (HF safetensors or a
+        Megatron checkpoint of the same model) and takes them in place between two steps,
+        like ``update_weights``; a folder of another model is a one-line error, nothing
+        written."""
+        await self._control(ControlKind.LOAD_WEIGHTS, {"path": path})
 
     async def update_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
         """Takes new weights in place between two steps, like ``LLM.update_weights`` (HF
@@ -289,6 +320,8 @@ class AsyncLLM:
             self._llm.update_weights_from_distributed(args["names"], dtypes, args["shapes"])
         elif kind == ControlKind.INIT_UPDATE_GROUP:
             self._llm.init_weight_update_group(**args)
+        elif kind == ControlKind.LOAD_WEIGHTS:
+            engine.load_weights(args["path"])
         elif kind == ControlKind.SLEEP:
             engine.sleep(args["level"])
         elif kind == ControlKind.WAKE_UP:
@@ -325,3 +358,32 @@ class AsyncLLM:
     async def _control(self, kind: ControlKind, args: dict) -> None:
         await self._call(lambda: self.engine.executor.control(Control(kind, json.dumps(args))))
 
+
+
+class RequestStream:
+    """One request's outputs (``AsyncLLM.add_request``): an async iterator that ends after
+    the final output; ``close`` aborts the request if it has not finished."""
+
+    def __init__(self, llm: AsyncLLM, request_id: str, outputs: asyncio.Queue) -> None:
+        self.llm, self.request_id, self._outputs = llm, request_id, outputs
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        out = await self._outputs.get()
+        if isinstance(out, BaseException):
+            self.finished = True
+            raise out
+        self.finished = out.finished
+        return out
+
+    def close(self) -> None:
+        """Aborts the request unless it finished (a dropped caller); idempotent."""
+        llm = self.llm
+        if not self.finished and not llm._closed and llm._error is None:
+            llm._post(lambda: llm._loop.abort(self.request_id))
+        self.finished = True

@@ -141,6 +141,7 @@ class ControlKind(str, enum.Enum):
     UPDATE_WEIGHTS = "update_weights"  # the pairs follow as one broadcast object
     UPDATE_FROM_DISTRIBUTED = "update_weights_from_distributed"  # args: names, dtypes, shapes
     INIT_UPDATE_GROUP = "init_weight_update_group"  # args: address, port, offset, world
+    LOAD_WEIGHTS = "load_weights"  # args: path (a checkpoint folder every rank reads)
     SLEEP = "sleep"  # args: level
     WAKE_UP = "wake_up"  # args: tags
 

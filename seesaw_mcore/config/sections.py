@@ -5,6 +5,7 @@ itself in ``__post_init__`` with one-line errors naming the field as the CLI spe
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 from seesaw_mcore.config.model import ModelConfig
@@ -220,3 +221,15 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.dist_timeout_s <= 0:
             raise SeesawError(f"runtime.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+
+
+def resolve_model_paths(model: dict, repo: str) -> None:
+    """A launcher's ``model`` mapping: relative ``path``, ``tokenizer`` and
+    ``hf_config_path`` resolve against the working directory, else against ``repo`` (the
+    bundled models)."""
+    for key in ("path", "tokenizer", "hf_config_path"):
+        path = model.get(key)
+        if path and not os.path.isabs(path) and not os.path.exists(path):
+            in_repo = os.path.join(repo, path)
+            if os.path.exists(in_repo):
+                model[key] = in_repo

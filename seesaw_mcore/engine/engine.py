@@ -9,6 +9,7 @@ other ranks ``serve`` until rank 0 ends the run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -23,12 +24,20 @@ from seesaw_mcore.engine.stats import EngineStats, StepTiming, TraceEvent
 from seesaw_mcore.engine.tokens import append_token, min_tokens_banned, token_stop
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.block_pool import cache_root
+from seesaw_mcore.model.loader import open_checkpoint
 from seesaw_mcore.runtime import cluster, groups
 from seesaw_mcore.runtime.dtype import resolve_dtype
 from seesaw_mcore.runtime.executor import Executor
 
 if TYPE_CHECKING:
     from torch import Tensor
+
+
+# the architecture facts a checkpoint must share with the engine's to replace its weights
+SHAPE_FIELDS = ("architecture", "vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                "num_heads", "num_kv_heads", "head_dim", "tie_word_embeddings", "qkv_bias",
+                "qk_norm", "num_experts", "num_experts_per_tok", "expert_intermediate_size",
+                "moe_layers")
 
 
 class Engine:
@@ -165,6 +174,11 @@ class Engine:
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
 
+    @property
+    def num_unfinished(self) -> int:
+        """Sequences added and not finished."""
+        return len(self._seqs)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
@@ -221,7 +235,21 @@ class Engine:
         (its hash chain has another root; no flush needed). Sequences in flight keep their
         KV and continue with the new weights. ``weights`` must be checked
         (``weight_update.check_update``)."""
-        n = self.executor.update_weights(weights)
+        return self._weights_changed(self.executor.update_weights(weights))
+
+    def load_weights(self, path: str) -> int:
+        """Every rank, between steps: every weight from the checkpoint folder ``path`` (HF
+        or Megatron) of this same model, taken like ``update_weights``. A folder whose
+        architecture differs is a one-line error, nothing written."""
+        new = dataclasses.replace(self.config.model, path=path).open()
+        for name in SHAPE_FIELDS:
+            mine, theirs = getattr(self.model_cfg, name), getattr(new, name)
+            if mine != theirs:
+                raise SeesawError(f"{path} is not a checkpoint of this model: its {name} is "
+                                  f"{theirs}, the engine's is {mine}")
+        return self._weights_changed(self.executor.load_weights(open_checkpoint(new)))
+
+    def _weights_changed(self, n: int) -> int:
         self.weights_version += 1
         root = cache_root(self.weights_version)
         for seq in self._seqs.values():  # no KV anywhere yet: computed with the new weights

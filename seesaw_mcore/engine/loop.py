@@ -140,6 +140,16 @@ class EngineLoop:
         """Requests in flight or queued."""
         return len(self._live)
 
+    @property
+    def num_pending(self) -> int:
+        """Submitted requests not yet wholly handed to the engine (any thread: a read)."""
+        return len(self._pending)
+
+    @property
+    def pending(self) -> tuple[LoopRequest, ...]:
+        """Submitted requests not yet wholly handed to the engine, oldest first."""
+        return tuple(self._pending)
+
     # -- pause ------------------------------------------------------------------------
 
     def pause(self, mode: PauseMode | str) -> None:

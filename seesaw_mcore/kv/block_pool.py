@@ -220,3 +220,10 @@ class BlockPool:
         self._lru.clear()
         self._hash_of.clear()
         self._cached.clear()
+
+
+def pools_usage(pools: list[BlockPool]) -> float:
+    """Share of the blocks of ``pools`` that sequences hold (cached blocks with no user
+    count as free)."""
+    total = sum(p.num_blocks for p in pools)
+    return sum(p.num_blocks - p.num_free for p in pools) / total if total else 0.0

@@ -161,10 +161,18 @@ class Executor:
 
     def update_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
         """See ``ModelRunner.update_weights`` (not while the weights sleep)."""
-        if "weights" in self._asleep:
-            raise SeesawError("update_weights while asleep: call wake_up() (or "
-                              "wake_up(tags=['weights'])) first")
+        self._check_awake("update_weights")
         return self.runner.update_weights(weights)
+
+    def load_weights(self, ckpt) -> int:
+        """See ``ModelRunner.load_weights`` (not while the weights sleep)."""
+        self._check_awake("update_weights_from_disk")
+        return self.runner.load_weights(ckpt)
+
+    def _check_awake(self, what: str) -> None:
+        if "weights" in self._asleep:
+            raise SeesawError(f"{what} while asleep: call wake_up() (or "
+                              "wake_up(tags=['weights'])) first")
 
     def sleep(self, level: int) -> bool:
         """Frees the device KV cache and the device stages (level 1; the host shards stay)

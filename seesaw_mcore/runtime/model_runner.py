@@ -138,7 +138,17 @@ class ModelRunner:
             Parameters of the live stage written.
         """
         self.transfer.drain()
-        touched = self.store.update(weights)
+        return self._refresh(self.store.update(weights))
+
+    def load_weights(self, ckpt) -> int:
+        """Every weight from ``ckpt`` (another checkpoint of this model, opened), written
+        like ``update_weights``. Returns the parameters of the live stage written."""
+        self.transfer.drain()
+        return self._refresh(self.store.reload(ckpt, self.dtype))
+
+    def _refresh(self, touched: dict[str, set[str]]) -> int:
+        """The live device stage copies the host shard's ``touched`` parameters; packed
+        CPU weights are re-packed."""
         layout = self.info.layout
         names = touched.get(str(layout), set())
         if self.model is not None and layout not in self._resident and names:

@@ -91,6 +91,24 @@ class ShardStore:
             self.missing -= {(key, name) for name in touched[key]}
         return touched
 
+    @torch.no_grad()
+    def reload(self, ckpt: Checkpoint | MegatronCheckpoint, dtype: torch.dtype
+               ) -> dict[str, set[str]]:
+        """Reads every layout's shard from another checkpoint of the same model into the
+        tensors held now (in place: views and device copies stay valid).
+
+        Returns:
+            Per layout (``str``), the shard parameter names written (all of them).
+        """
+        touched: dict[str, set[str]] = {}
+        for key, shard in self.shards.items():
+            fresh = load_shard(ckpt, shard_spec(self._layouts[key], self.rank), dtype)
+            for name, t in fresh.items():
+                shard[name].copy_(t)
+            touched[key] = set(fresh)
+            self.missing -= {(key, name) for name in fresh}
+        return touched
+
     def discard(self) -> None:
         """Frees every shard (``sleep(level=2)``), remembering names, shapes and which
         tensors layouts share, for ``restore``."""

@@ -9,7 +9,8 @@ Layers, bottom to top (a module may import its own layer and any lower one)::
     2 runtime
     3 engine
     4 planner
-    5 api       llm, io, the package root (``from seesaw_mcore import LLM``), eval_harness
+    5 api       llm, async_llm, io, serving, the package root (``from seesaw_mcore import
+                LLM``), eval_harness
     6 bench     benchmarks (and the random checkpoints they and the tests build)
     7 tools     command-line tools (the GPU check runs benchmark code)
 
@@ -35,7 +36,7 @@ LAYERS: dict[str, int] = {
     "engine": 3,
     "planner": 4,
     "llm": 5, "async_llm": 5, "io": 5, "": 5,
-    "eval_harness": 5, "bench": 6, "tools": 7,
+    "eval_harness": 5, "serving": 5, "bench": 6, "tools": 7,
 }
 
 

@@ -52,6 +52,9 @@ class SchedulerInterface(Protocol):
     def tier_usage(self) -> float | None:
         """The KV tiers' load (Seesaw plans), ``None`` without tiers."""
 
+    def kv_usage(self) -> float:
+        """Share of the device KV blocks that sequences hold now (the active layout's)."""
+
     @property
     def tier_shared_tokens(self) -> int:
         """KV tokens stored in a tier by reference, not written (Seesaw plans; else 0)."""

@@ -42,7 +42,7 @@ from seesaw_mcore.engine.scheduler.batching import (
 )
 from seesaw_mcore.engine.scheduler.tier_book import TierBook
 from seesaw_mcore.kv import tier_kv
-from seesaw_mcore.kv.block_pool import BlockPool
+from seesaw_mcore.kv.block_pool import BlockPool, pools_usage
 from seesaw_mcore.kv.slots import SlotAllocator
 
 
@@ -149,6 +149,10 @@ class PhaseScheduler:
         """The tiers' load (``TierBook.usage``) with what decodes on the device counted
         there. Falls only as sequences finish."""
         return self.book.usage(sum(s.num_tokens for s in self._on_device()))
+
+    def kv_usage(self) -> float:
+        return pools_usage(self.prefill_pools if self.phase == Phase.PREFILL
+                           else self.decode_pools)
 
     def _on_device(self) -> list[Sequence]:
         return [s for r in range(len(self.running)) for s in self.running[r] + self.arriving[r]]

@@ -25,7 +25,7 @@ from seesaw_mcore.engine.scheduler.batching import (
     split_micro_batches,
     take_blocks,
 )
-from seesaw_mcore.kv.block_pool import BlockPool
+from seesaw_mcore.kv.block_pool import BlockPool, pools_usage
 
 
 class ReplicaScheduler:
@@ -153,6 +153,9 @@ class ReplicaSchedulers:
     def tier_usage(self) -> float | None:
         """No KV tiers in a static plan."""
         return None
+
+    def kv_usage(self) -> float:
+        return pools_usage([s.pool for s in self.replicas])
 
     @property
     def tier_shared_tokens(self) -> int:
