@@ -194,6 +194,12 @@ class GenerateRequest(_Body):
             raise RequestError("input_ids must not be empty", "input_ids")
         return [list(ids)] if isinstance(ids[0], int) else [list(x) for x in ids]
 
+    @property
+    def batched(self) -> bool:
+        """A list of prompts (answered with a list), not one."""
+        return isinstance(self.text, list) or (
+            bool(self.input_ids) and isinstance(self.input_ids[0], list))
+
     def sampling(self, num_prompts: int) -> list[SamplingParams]:
         """One ``SamplingParams`` per prompt from SGLang's ``sampling_params`` names."""
         _check_logprobs("top_logprobs_num", self.top_logprobs_num)

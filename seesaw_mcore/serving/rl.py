@@ -68,7 +68,7 @@ def add_rl_routes(app: FastAPI, server) -> None:
         if ids is not None and len(ids) != len(prompts):
             raise RequestError(f"got {len(ids)} rids for {len(prompts)} prompts", "rid")
         streams = await server.start(prompts, params, rid, ids)
-        single = len(prompts) == 1 and params[0].n == 1
+        single = not req.batched and params[0].n == 1  # SGLang: one body, else a list
 
         def bodies(out) -> list[dict]:
             return [generate_body(out, c, server.decode, req.return_text_in_logprobs)
