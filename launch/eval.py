@@ -29,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from seesaw_mcore.config import EngineConfig  # noqa: E402
+from seesaw_mcore.config.sections import resolve_model_paths  # noqa: E402
 from seesaw_mcore.errors import SeesawError  # noqa: E402
 
 
@@ -73,10 +74,7 @@ def run(cfg: DictConfig) -> int:
     opts = EvalOptions(**raw["eval"])
     if not opts.tasks:
         raise SeesawError("eval.tasks is empty: name at least one lm-eval task")
-    for key in ("path", "tokenizer", "hf_config_path"):  # relative: else the repo's
-        path = raw["model"].get(key)
-        if path and not os.path.isabs(path) and not os.path.exists(path):
-            raw["model"][key] = os.path.join(REPO, path)
+    resolve_model_paths(raw["model"], REPO)  # relative: else the repo's
     engine = EngineConfig.from_mapping(raw)
     manager = TaskManager(include_path=opts.include_path)
     unknown = [t for t in opts.tasks if t not in manager.all_tasks]

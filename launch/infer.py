@@ -25,11 +25,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 MAX_ERROR_LINES = 20  # bad records printed; the rest are counted
+FORMATS = ("prompts", "openai_batch")  # data.format
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from seesaw_mcore.config import EngineConfig  # noqa: E402
+from seesaw_mcore.config.sections import resolve_model_paths  # noqa: E402
 from seesaw_mcore.errors import Interrupted, SeesawError  # noqa: E402
 from seesaw_mcore.runtime import groups  # noqa: E402
 
@@ -39,6 +41,9 @@ class DataConfig:
     """Where prompts come from and completions go (``conf/data/``)."""
 
     input: str = "data/sample_prompts.jsonl"  # JSONL, JSON, Parquet, CSV or a datasets folder
+    # "prompts" (records with a prompt or messages) or "openai_batch" (OpenAI Batch API
+    # lines in, its output lines out; each body carries its own sampling parameters)
+    format: str = "prompts"
     output: str = "outputs/out.jsonl"  # JSONL, one record per prompt, written as each finishes
     overwrite: bool = False  # false: a rerun keeps finished records, runs only the other ids
     fsync_every_s: float = 5.0  # finished records are forced to disk at least this often
@@ -84,22 +89,31 @@ def run(cfg: DictConfig) -> int:
     from seesaw_mcore.io import InputSpec, OutputWriter, PromptReader
 
     raw = OmegaConf.to_container(cfg, resolve=True)
-    for key in ("path", "tokenizer", "hf_config_path"):
-        if raw["model"].get(key):
-            raw["model"][key] = _resolve(raw["model"][key])
+    resolve_model_paths(raw["model"], REPO)
     engine_cfg = EngineConfig.from_mapping(raw)
     sampling = SamplingParams(**raw["sampling"])
+    fmt = cfg.data.get("format", "prompts")
+    if fmt not in FORMATS:
+        raise SeesawError(f"data.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     llm = LLM(config=engine_cfg)
     reader, writer, failure = None, None, None
     if llm.is_driver:  # input and output problems end every rank, not only rank 0
         try:
-            spec = InputSpec(**{k: cfg.data[k] for k in (
-                "prompt_field", "messages_field", "id_field", "system_prompt",
-                "prompt_template") if k in cfg.data})
             writer = OutputWriter(cfg.data.output, overwrite=cfg.data.get("overwrite", False),
-                                  fsync_every_s=cfg.data.get("fsync_every_s", 5.0))
-            reader = PromptReader(_resolve(cfg.data.input), llm.tokenizer, spec,
-                                  skip=writer.done)
+                                  fsync_every_s=cfg.data.get("fsync_every_s", 5.0),
+                                  key="custom_id" if fmt == "openai_batch" else "id")
+            if fmt == "openai_batch":
+                from seesaw_mcore.serving.batch import OpenAIBatch
+
+                name = os.path.basename(os.path.normpath(engine_cfg.model.path))
+                reader = OpenAIBatch(_resolve(cfg.data.input), llm.tokenizer, name,
+                                     skip=writer.done)
+            else:
+                spec = InputSpec(**{k: cfg.data[k] for k in (
+                    "prompt_field", "messages_field", "id_field", "system_prompt",
+                    "prompt_template") if k in cfg.data})
+                reader = PromptReader(_resolve(cfg.data.input), llm.tokenizer, spec,
+                                      skip=writer.done)
         except SeesawError as e:
             failure = str(e)
     wd = groups.watchdog()
@@ -121,16 +135,29 @@ def run(cfg: DictConfig) -> int:
     rejected: list[str] = []
 
     def on_output(out) -> None:
-        writer.write(out)
+        if fmt == "openai_batch":
+            record = reader.finished(out)
+            if record is not None:
+                writer.write_row(record)
+        else:
+            writer.write(out)
         totals.add(out)
 
+    # (id, prompt, params) per request, streamed from the reader
+    if reader is None:
+        requests = iter(())
+    elif fmt == "openai_batch":
+        requests = reader.requests()
+    else:
+        requests = ((r.id, r.prompt, sampling) for r in reader)
     start = time.perf_counter()
     try:
-        # Records stream from the reader: tee keeps prompts and ids in step, buffering one.
-        recs_a, recs_b = itertools.tee(reader if reader is not None else ())
+        # tee keeps prompts, params and ids in step, buffering one
+        reqs = itertools.tee(requests, 3)
         llm.generate(
-            (r.prompt for r in recs_a), sampling, use_tqdm=cfg.progress and llm.is_driver,
-            request_ids=(r.id for r in recs_b), on_output=on_output if writer else None,
+            (r[1] for r in reqs[0]), (r[2] for r in reqs[1]),
+            use_tqdm=cfg.progress and llm.is_driver,
+            request_ids=(r[0] for r in reqs[2]), on_output=on_output if writer else None,
             on_reject=lambda rid, msg: rejected.append(f"id {rid!r}: {msg}"),
             keep_outputs=False,
         )

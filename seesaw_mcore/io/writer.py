@@ -22,9 +22,11 @@ class OutputWriter:
         path: the output file, in an existing writable directory.
         overwrite: start the file over; otherwise keep its complete records (``done``).
         fsync_every_s: how often written records are forced to disk.
+        key: the field that names a record (``id``; OpenAI batch output: ``custom_id``).
     """
 
-    def __init__(self, path: str, overwrite: bool = False, fsync_every_s: float = 5.0) -> None:
+    def __init__(self, path: str, overwrite: bool = False, fsync_every_s: float = 5.0,
+                 key: str = "id") -> None:
         folder = os.path.dirname(os.path.abspath(path))
         if not os.path.isdir(folder):
             raise SeesawError(f"data.output {path!r}: directory {folder!r} does not exist")
@@ -35,7 +37,7 @@ class OutputWriter:
         self.done: set[str] = set()  # ids already in the file
         self.dropped_bytes = 0  # a torn last line removed
         if not overwrite and os.path.exists(path):
-            self.done, self.dropped_bytes = _recover(path)
+            self.done, self.dropped_bytes = _recover(path, key)
         self._f = open(path, "w" if overwrite else "a", encoding="utf-8")
         self._synced = time.monotonic()
         self.written = 0  # records appended by this run
@@ -65,6 +67,10 @@ class OutputWriter:
         }
         if out.prompt_logprobs is not None:
             row["prompt_logprobs"] = logprobs_json(out.prompt_logprobs)
+        self.write_row(row)
+
+    def write_row(self, row: dict) -> None:
+        """Appends ``row`` (a JSON object with the record's key) as one line."""
         line = json.dumps(row, ensure_ascii=False) + "\n"
         with self._lock:
             if self._f.closed:
@@ -88,7 +94,7 @@ class OutputWriter:
                 self._f.close()
 
 
-def _recover(path: str) -> tuple[set[str], int]:
+def _recover(path: str, key: str = "id") -> tuple[set[str], int]:
     """Ids of the complete records of an earlier run's output; a torn last line (no newline,
     or not a record) is cut off.
 
@@ -111,12 +117,12 @@ def _recover(path: str) -> tuple[set[str], int]:
             obj = None if last else json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
             obj = None
-        if not isinstance(obj, dict) or not isinstance(obj.get("id"), str):
+        if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
             if n >= len(lines) - 1:  # the final line: torn by a killed run
                 break
             raise SeesawError(f"data.output {path}:{n} is not a record of this tool; fix it or "
                               f"set data.overwrite=true")
-        ids.add(obj["id"])
+        ids.add(obj[key])
         good += len(raw) + 1
     dropped = len(data) - good
     if dropped:

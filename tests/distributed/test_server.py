@@ -564,6 +564,59 @@ def test_a_full_queue_is_refused_at_once(servers):
     wait_idle(s)
 
 
+# -- OpenAI batch files offline (launch/infer.py data.format=openai_batch) ---------------------
+
+def test_openai_batch_file_answers_like_the_server_and_resumes(servers, ref, tmp_path):
+    """Run before the servers end: the same bodies through the T1 server and a batch file
+    on two ranks (P2:T2) get the same answers and the same refusals; a killed run's torn
+    output resumes with every line once."""
+    bodies = {
+        "greedy": ("/v1/completions", {"model": "tiny-llama", "prompt": PROMPTS, **GREEDY}),
+        "chat": ("/v1/chat/completions", {"messages": CHATS[1], "temperature": 0,
+                                          "max_tokens": 12}),
+        "seeded-n": ("/v1/completions", {"prompt": PROMPTS[:2], "n": 2, **SEEDED}),
+        "bad-top-p": ("/v1/completions", {"prompt": "x", "top_p": 2}),
+        "bad-model": ("/v1/completions", {"prompt": "x", "model": "gpt-4"}),
+    }
+    lines = [{"custom_id": cid, "method": "POST", "url": url, "body": body}
+             for cid, (url, body) in bodies.items()]
+    lines.append({"custom_id": "bad-url", "method": "POST", "url": "/v1/embeddings",
+                  "body": {}})
+    src, out = tmp_path / "batch.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines) + "{torn\n")
+    args = ["launch.infer", "plan=P2:T2", "dtype=float32", "data.format=openai_batch",
+            f"data.input={src}", f"data.output={out}", "progress=false"]
+    proc = launch(2, args, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error: ")]
+    server = {cid: post(servers["T1"], url, body) for cid, (url, body) in bodies.items()}
+    assert errors == [
+        f"error: {src}:4: {server['bad-top-p'].json()['error']['message']}",
+        f"error: {src}:5: {server['bad-model'].json()['error']['message']}",
+        f"error: {src}:6: url must be one of /v1/completions, /v1/chat/completions, got "
+        "'/v1/embeddings'",
+        f"error: {src}:7: invalid JSON (Expecting property name enclosed in double quotes "
+        "at column 2)"]
+    got = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert sorted(got) == ["chat", "greedy", "seeded-n"]
+    for cid, rec in got.items():
+        assert rec["response"]["status_code"] == 200 and rec["error"] is None
+        body, want = rec["response"]["body"], server[cid].json()
+        assert rec["id"].startswith("batch_req_") and body["object"] == want["object"]
+        key = "message" if cid == "chat" else "text"
+        assert [c[key] for c in body["choices"]] == [c[key] for c in want["choices"]], cid
+        assert body["usage"] == want["usage"]
+    assert [c["text"] for c in got["greedy"]["response"]["body"]["choices"]] == [
+        w["samples"][0]["text"] for w in ref["cases"]["greedy"]]
+    # a torn output (a killed run) resumes: the complete lines stay, the rest run once
+    text = out.read_text().splitlines(keepends=True)
+    out.write_text(text[0] + text[1][:40])
+    proc = launch(2, args, timeout=300)
+    assert proc.returncode == 1 and "resuming" in proc.stdout, proc.stderr[-3000:]
+    again = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]
+    assert sorted(again) == ["chat", "greedy", "seeded-n"]
+
+
 # -- the end: SIGTERM, a failed rank (each ends its server) -----------------------------------
 
 def test_sigterm_finishes_the_request_in_flight_and_exits_0(servers):
@@ -596,3 +649,4 @@ def test_a_failed_rank_stops_the_server_non_zero(servers):
     code = s.wait(90)
     assert code != 0 and time.monotonic() - t0 < 90, s.log[-3000:]
     assert "error: rank 1 exited" in s.log or "error: the engine failed" in s.log, s.log[-3000:]
+
