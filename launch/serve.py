@@ -60,7 +60,7 @@ def run(cfg: DictConfig) -> int:
     engine_cfg = EngineConfig.from_mapping(raw)
     if engine_cfg.is_auto:
         raise SeesawError("plan=auto needs a batch known up front: name a plan to serve")
-    if int(os.environ.get("RANK", "0")) != 0:
+    if _launch_rank() != 0:
         # rank 0 decides when the job stops: a launcher's SIGTERM reaches every rank
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
@@ -79,6 +79,15 @@ def run(cfg: DictConfig) -> int:
         return asyncio.run(_serve(llm, server_cfg, engine_cfg, sock))
     finally:
         llm.shutdown()
+
+
+def _launch_rank() -> int:
+    """This process's rank as its launcher set it (before the process group exists)."""
+    from seesaw_mcore.runtime.cluster import in_srun_step
+
+    if in_srun_step():
+        return int(os.environ["SLURM_PROCID"])
+    return int(os.environ.get("RANK", "0"))
 
 
 def _bind(host: str, port: int) -> socket.socket:

@@ -1,6 +1,7 @@
-"""launch/slurm/infer.sbatch on a real two-node Slurm cluster (tests/slurm/cluster.sh: each
-node its own network namespace, address and hostname), against a single-process run of the
-same prompts. Run by ``make slurm-test`` (which installs slurm-wlm and munge); needs root."""
+"""launch/slurm/infer.sbatch and serve.sbatch on a real two-node Slurm cluster
+(tests/slurm/cluster.sh: each node its own network namespace, address and hostname), against
+a single-process run of the same prompts. Run by ``make slurm-test`` (which installs slurm-wlm
+and munge); needs root."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from tests.conftest import REPO
 
 CLUSTER = os.path.join(REPO, "tests", "slurm", "cluster.sh")
 SBATCH = os.path.join(REPO, "launch", "slurm", "infer.sbatch")
+SERVE = os.path.join(REPO, "launch", "slurm", "serve.sbatch")
+NODE_ADDRESSES = {"node1": "10.77.0.11", "node2": "10.77.0.12"}  # tests/slurm/cluster.sh
 COMMON = ["sampling.max_tokens=16", "progress=false", "data.overwrite=true"]
 
 
@@ -185,3 +188,38 @@ def test_a_rank_killed_on_the_second_node_ends_the_job(slurm, tmp_path):
     assert state == "FAILED" and code != "0:0", log[-3000:]
     assert time.monotonic() - start < 90
     assert "srun: error: node2: task 1: Killed" in log, log[-3000:]
+
+
+def test_serve_sbatch_answers_across_nodes_and_scancel_stops_it(slurm, reference, tmp_path):
+    """launch/slurm/serve.sbatch on two nodes (T2): the endpoint it prints answers a client
+    outside the allocation with the offline run's greedy text; ``scancel --signal=TERM``
+    stops it and every task exits 0."""
+    import httpx
+
+    env, _ = slurm
+    log, port = tmp_path / "serve.log", 18123
+    proc = subprocess.run(["sbatch", "--parsable", f"--output={log}", "--nodes=2",
+                           "--ntasks-per-node=1", SERVE, "plan=t2", f"server.port={port}"],
+                          env=env, capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + 200
+    while time.monotonic() < deadline and not (log.exists() and "serving " in log.read_text()):
+        time.sleep(0.5)
+    text = log.read_text() if log.exists() else ""
+    m = re.search(r"^endpoint: http://(node\d):(\d+)/v1 \(job \d+\)$", text, re.M)
+    assert m and "serving tiny-llama on http://0.0.0.0:" in text, text[-3000:]
+    url = f"http://{NODE_ADDRESSES[m.group(1)]}:{m.group(2)}/v1"
+    rec = next(r for r in map(json.loads, open(os.path.join(REPO, "data",
+                                                            "sample_prompts.jsonl")))
+               if "prompt" in r)
+    try:
+        r = httpx.post(url + "/completions", timeout=60, json={
+            "prompt": rec["prompt"], "max_tokens": 16, "temperature": 0})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["text"] == reference[rec["id"]][0][1]
+    finally:
+        subprocess.run(["scancel", "--signal=TERM", job], env=env, check=True)
+    state, code, text = wait(env, job, log, 120)
+    assert (state, code) == ("COMPLETED", "0:0"), text[-3000:]
+    assert "server stopped" in text
