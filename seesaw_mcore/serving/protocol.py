@@ -317,8 +317,7 @@ def _field(loc: tuple) -> str:
     for p in loc:
         if isinstance(p, int):
             parts.append(f"[{p}]")
-        elif not (p.startswith(("list[", "str", "int", "dict[", "float", "bool"))
-                  or p in ("none", "function-after")):
+        elif not ("[" in p or p in ("str", "int", "float", "bool", "none")):
             parts.append(("." if parts else "") + p)
     return "".join(parts)
 
