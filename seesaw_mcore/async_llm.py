@@ -84,8 +84,10 @@ class AsyncLLM:
         self.counters = RequestCounters()
         self._next_seq = 0  # the next request's first sequence id
         timeout = self.engine.config.runtime.dist_timeout_s
+        self._outbox = Outbox()
         self._thread = LoopThread(self.engine, self._loop, groups.device(),
-                                  max(1.0, min(30.0, timeout / 4)), self._fail)
+                                  max(1.0, min(30.0, timeout / 4)), self._fail,
+                                  self._outbox.flush)
         self._thread.start()
 
     # -- facts ------------------------------------------------------------------------
@@ -173,10 +175,7 @@ class AsyncLLM:
                 self._streams.pop(rid, None)
                 if not isinstance(out, BaseException):
                     counts.finished(out)
-            try:
-                aloop.call_soon_threadsafe(outputs.put_nowait, out)
-            except RuntimeError:  # the caller's event loop is gone: nobody listens
-                pass
+            self._outbox.put(aloop, outputs, out)
 
         req = self._llm.loop_request(index, rid, prompt, params, self._next_seq,
                                      f"request {rid!r}", sink, time.perf_counter(),
@@ -387,3 +386,28 @@ class RequestStream:
         if not self.finished and not llm._closed and llm._error is None:
             llm._post(lambda: llm._loop.abort(self.request_id))
         self.finished = True
+
+
+class Outbox:
+    """Outputs for asyncio queues, gathered on the engine thread during a turn and handed to
+    each event loop in one ``call_soon_threadsafe`` after it (a wake-up per turn, not one
+    per request and step)."""
+
+    def __init__(self) -> None:
+        self._items: dict[asyncio.AbstractEventLoop, list] = {}
+
+    def put(self, aloop: asyncio.AbstractEventLoop, queue: asyncio.Queue, item) -> None:
+        self._items.setdefault(aloop, []).append((queue, item))
+
+    def flush(self) -> None:
+        items, self._items = self._items, {}
+        for aloop, batch in items.items():
+            try:
+                aloop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the caller's event loop is gone: nobody listens
+                pass
+
+
+def _put_all(batch: list) -> None:
+    for queue, item in batch:
+        queue.put_nowait(item)

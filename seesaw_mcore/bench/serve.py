@@ -6,13 +6,14 @@ requests of the same shape.
         --json docs/bench/serve.json
 
 Both servers run the same model on the same cores (``taskset``), started once and warmed
-up; the client (vLLM's ``vllm.benchmarks.serve``, random dataset: ``--num-prompts`` prompts
-of ``--input-len`` tokens, ``--output-len`` new tokens each, EOS ignored) runs against each
-in turn, round after round, at each request rate (``inf``: every request at once), each with
-the same KV cache memory (``--kv-gib``: vLLM's ``VLLM_CPU_KVCACHE_SPACE``). Then the
-offline engine generates requests of the same shape (random token prompts) on the same
-cores. Reported per side and rate: the best round's output tokens/s and request throughput,
-with that round's TTFT and TPOT p50 / p99.
+up (a 16-prompt client run each); the client (vLLM's ``vllm.benchmarks.serve``, random
+dataset: ``--num-prompts`` prompts of ``--input-len`` tokens, ``--output-len`` new tokens
+each, EOS ignored; new prompts each round, the same for both sides within a round) runs
+against each in turn, round after round, at each request rate (``inf``: every request at
+once), each with the same KV cache memory (``--kv-gib``: vLLM's
+``VLLM_CPU_KVCACHE_SPACE``). Then the offline engine generates requests of the same shape
+(random token prompts) on the same cores. Reported per side and rate: the best round's output
+tokens/s and request throughput, with that round's TTFT and TPOT p50 / p99.
 
 Default model: a random Llama shaped like SmolLM-135M (30 layers, hidden 576, 9/3 heads)
 with the bundled tiny model's 2,048-token tokenizer (the client makes its prompts with it),
@@ -83,11 +84,11 @@ def start_servers(args, work: str) -> dict[str, tuple[subprocess.Popen, str]]:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     servers = {}
     port = free_port()
-    ranks = 1 if args.plan == "T1" else 2
+    ranks = _ranks(args.plan)
     serve = [os.path.join(REPO, "launch", "serve.py"), f"model.path={args.model}",
              f"plan={args.plan}", "dtype=float32", f"server.port={port}",
              "server.served_model_name=bench", "server.max_queued_requests=100000",
-             f"cache.kv_cache_gib={args.kv_gib}"]
+             f"cache.kv_cache_gib={args.kv_gib / ranks}"]  # the same memory in all
     if ranks == 1:
         cmd = [sys.executable, *serve]
     else:
@@ -114,6 +115,11 @@ def _launch(cmd, env, log, port, timeout) -> tuple[subprocess.Popen, str]:
     return proc, url
 
 
+def _ranks(plan: str) -> int:
+    """Ranks of a plan this benchmark runs: ``T1`` one, the others two."""
+    return 1 if plan.upper() == "T1" else 2
+
+
 def _count(cores: str) -> int:
     n = 0
     for part in cores.split(","):
@@ -122,14 +128,17 @@ def _count(cores: str) -> int:
     return n
 
 
-def run_client(args, url: str, rate: str, work: str, tag: str) -> dict:
-    """One run of vLLM's benchmark client against ``url``; its result's key figures."""
+def run_client(args, url: str, rate: str, work: str, tag: str, seed: int,
+               num_prompts: int | None = None) -> dict:
+    """One run of vLLM's benchmark client against ``url`` (its random prompts drawn with
+    ``seed``); its result's key figures."""
     out = os.path.join(work, f"{tag}.json")
     cmd = [args.vllm_python, "-c", CLIENT, "--backend", "vllm", "--base-url", url,
            "--endpoint", "/v1/completions", "--model", "bench", "--tokenizer", args.model,
            "--dataset-name", "random", "--random-input-len", str(args.input_len),
            "--random-output-len", str(args.output_len), "--num-prompts",
-           str(args.num_prompts), "--request-rate", rate, "--ignore-eos", "--seed", "0",
+           str(num_prompts or args.num_prompts), "--request-rate", rate, "--ignore-eos",
+           "--seed", str(seed),
            "--save-result", "--result-dir", work, "--result-filename", f"{tag}.json",
            "--disable-tqdm"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout,
@@ -145,13 +154,16 @@ def offline(args) -> dict:
     from seesaw_mcore import LLM, SamplingParams
     from seesaw_mcore.bench.common import random_prompts
 
-    prompts = random_prompts(args.model, args.num_prompts, (args.input_len, args.input_len))
-    llm = LLM(args.model, plan=args.plan, dtype="float32", kv_cache_gib=args.kv_gib)
+    llm = LLM(args.model, plan=args.plan, dtype="float32",
+              kv_cache_gib=args.kv_gib / _ranks(args.plan))
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
-    ids = [{"prompt_token_ids": p} for p in prompts]
-    llm.generate(ids[:8], params, use_tqdm=False)  # warm-up
+    shape = (args.input_len, args.input_len)
+    warm = random_prompts(args.model, 16, shape, seed=999)
+    llm.generate([{"prompt_token_ids": p} for p in warm], params, use_tqdm=False)
     best = None
-    for _ in range(args.rounds):
+    for rnd in range(args.rounds):  # new prompts each round: no prefix-cache hit
+        ids = [{"prompt_token_ids": p}
+               for p in random_prompts(args.model, args.num_prompts, shape, seed=rnd + 1)]
         t0 = time.perf_counter()
         outs = llm.generate(ids, params, use_tqdm=False)
         dt = time.perf_counter() - t0
@@ -168,13 +180,13 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--vllm-python", help="python of a vllm-cpu environment (make bench-vllm)")
     ap.add_argument("--model", help="HF folder with a tokenizer (default: see the module doc)")
-    ap.add_argument("--plan", default="T1")
+    ap.add_argument("--plan", default="D2", help="this engine's plan (1 or 2 ranks)")
     ap.add_argument("--cores", default="0-1", help="taskset cores for both servers")
     ap.add_argument("--num-prompts", type=int, default=128)
     ap.add_argument("--input-len", type=int, default=256)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--rates", nargs="+", default=["inf", "4"])
-    ap.add_argument("--kv-gib", type=int, default=2, help="KV cache per server (GiB), both")
+    ap.add_argument("--kv-gib", type=float, default=2, help="KV cache per server (GiB), both")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--start-timeout", type=float, default=900)
     ap.add_argument("--run-timeout", type=float, default=1800)
@@ -182,7 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     if args.offline_only:
-        print("OFFLINE " + json.dumps(offline(args)), flush=True)
+        best = offline(args)
+        if best:  # rank 0
+            print("OFFLINE " + json.dumps(best), flush=True)
         return 0
     if not args.vllm_python or not os.access(args.vllm_python, os.X_OK):
         print(f"error: --vllm-python {args.vllm_python} is not an executable; make one with "
@@ -197,13 +211,19 @@ def main(argv: list[str] | None = None) -> int:
            f"{args.output_len} new tokens, ignore_eos", "rates": {}}
     servers = start_servers(args, work)
     try:
+        for side, (_, url) in servers.items():  # warm-up: first-call costs out of the figures
+            run_client(args, url, "inf", work, f"{side}-warmup", seed=999, num_prompts=16)
+        seed = 0
         for rate in args.rates:
             runs: dict[str, list[dict]] = {"seesaw": [], "vllm": []}
             for rnd in range(args.rounds):
+                # new prompts each round (no prefix-cache hit from an earlier one), the same
+                # prompts for both sides within a round
+                seed += 1
                 order = ["seesaw", "vllm"] if rnd % 2 == 0 else ["vllm", "seesaw"]
                 for side in order:
                     runs[side].append(run_client(args, servers[side][1], rate, work,
-                                                 f"{side}-{rate}-{rnd}"))
+                                                 f"{side}-{rate}-{rnd}", seed))
             best = {s: max(r, key=lambda x: x["output_throughput"]) for s, r in runs.items()}
             best["ratio_output_tok_s"] = (best["seesaw"]["output_throughput"]
                                           / best["vllm"]["output_throughput"])
@@ -218,10 +238,14 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, 9)
-    cmd = ["taskset", "-c", args.cores, sys.executable, "-m", "seesaw_mcore.bench.serve",
-           "--offline-only", "--model", args.model, "--plan", args.plan, "--num-prompts",
-           str(args.num_prompts), "--input-len", str(args.input_len), "--output-len",
-           str(args.output_len), "--rounds", str(args.rounds), "--kv-gib", str(args.kv_gib)]
+    launcher = [sys.executable] if _ranks(args.plan) == 1 else [
+        os.path.join(os.path.dirname(sys.executable), "deepspeed"), "--no_local_rank",
+        "--num_gpus", "2", "--master_port", str(free_port()), "--module"]
+    cmd = ["taskset", "-c", args.cores, *launcher, *(["-m"] if len(launcher) == 1 else []),
+           "seesaw_mcore.bench.serve", "--offline-only", "--model", args.model, "--plan",
+           args.plan, "--num-prompts", str(args.num_prompts), "--input-len",
+           str(args.input_len), "--output-len", str(args.output_len), "--rounds",
+           str(args.rounds), "--kv-gib", str(args.kv_gib)]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.run_timeout)
     line = [x for x in proc.stdout.splitlines() if x.startswith("OFFLINE ")]
     if proc.returncode != 0 or not line:

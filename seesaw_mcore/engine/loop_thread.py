@@ -39,12 +39,15 @@ class LoopThread:
             device is its own: the thread sets it first).
         keepalive_s: how often an idle loop tells the other ranks it is there.
         on_fail: called once, on the thread, with the error that ended the loop.
+        after_turn: called on the thread after every turn and command (hands the outputs
+            they made to their consumers at once: one wake-up a turn, not one an output).
     """
 
     def __init__(self, engine: Engine, loop: EngineLoop, device: torch.device,
-                 keepalive_s: float, on_fail: Callable[[BaseException], None]) -> None:
+                 keepalive_s: float, on_fail: Callable[[BaseException], None],
+                 after_turn: Callable[[], None] = lambda: None) -> None:
         self.engine, self.loop, self.device = engine, loop, device
-        self.keepalive_s, self.on_fail = keepalive_s, on_fail
+        self.keepalive_s, self.on_fail, self.after_turn = keepalive_s, on_fail, after_turn
         self._inbox: queue.Queue = queue.Queue()
         self._pause_waiters: list[concurrent.futures.Future] = []
         self._thread = threading.Thread(target=self._run, name="seesaw-engine-loop",
@@ -89,12 +92,15 @@ class LoopThread:
                             engine.executor.control(Control(ControlKind.KEEPALIVE))
                     if fn is _STOP:
                         loop.abort_all()
+                        self.after_turn()
                         break
                     if fn is not None:
                         _run_command(fn, fut)
+                        self.after_turn()
                         busy = True  # then a turn, for what it may have queued
                         continue
                     busy = loop.iterate()
+                    self.after_turn()
                     self._resolve_pause()
         except BaseException as e:  # noqa: BLE001 - every waiter hears of it
             self._fail(e)
@@ -107,6 +113,7 @@ class LoopThread:
 
     def _fail(self, e: BaseException) -> None:
         self.on_fail(e)
+        self.after_turn()
         for fut in self._pause_waiters:
             fut.set_exception(e)
         while True:
