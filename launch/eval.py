@@ -30,7 +30,7 @@ sys.path.insert(0, REPO)
 
 from seesaw_mcore.config import EngineConfig  # noqa: E402
 from seesaw_mcore.config.sections import resolve_model_paths  # noqa: E402
-from seesaw_mcore.errors import SeesawError  # noqa: E402
+from seesaw_mcore.errors import SeesawError, exit_status  # noqa: E402
 
 
 @dataclass
@@ -98,13 +98,7 @@ def run(cfg: DictConfig) -> int:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        code = run(cfg)
-    except SeesawError as e:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        code = 1
-    sys.exit(code)
+    sys.exit(exit_status(lambda: run(cfg)))
 
 
 if __name__ == "__main__":

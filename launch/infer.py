@@ -31,8 +31,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from seesaw_mcore.config import EngineConfig  # noqa: E402
-from seesaw_mcore.config.sections import resolve_model_paths  # noqa: E402
-from seesaw_mcore.errors import Interrupted, SeesawError  # noqa: E402
+from seesaw_mcore.config.sections import resolve_model_paths, resolve_path  # noqa: E402
+from seesaw_mcore.errors import Interrupted, SeesawError, exit_status  # noqa: E402
 from seesaw_mcore.runtime import groups  # noqa: E402
 
 
@@ -70,14 +70,6 @@ class InferConfig(EngineConfig):
 ConfigStore.instance().store(name="infer_schema", node=InferConfig)
 
 
-def _resolve(path: str) -> str:
-    """Relative paths: against the working directory, else against the repo (bundled files)."""
-    if os.path.isabs(path) or os.path.exists(path):
-        return path
-    in_repo = os.path.join(REPO, path)
-    return in_repo if os.path.exists(in_repo) else path
-
-
 def run(cfg: DictConfig) -> int:
     """The job; returns the exit status."""
     from seesaw_mcore import quiet
@@ -106,13 +98,13 @@ def run(cfg: DictConfig) -> int:
                 from seesaw_mcore.serving.batch import OpenAIBatch
 
                 name = os.path.basename(os.path.normpath(engine_cfg.model.path))
-                reader = OpenAIBatch(_resolve(cfg.data.input), llm.tokenizer, name,
+                reader = OpenAIBatch(resolve_path(cfg.data.input, REPO), llm.tokenizer, name,
                                      skip=writer.done)
             else:
                 spec = InputSpec(**{k: cfg.data[k] for k in (
                     "prompt_field", "messages_field", "id_field", "system_prompt",
                     "prompt_template") if k in cfg.data})
-                reader = PromptReader(_resolve(cfg.data.input), llm.tokenizer, spec,
+                reader = PromptReader(resolve_path(cfg.data.input, REPO), llm.tokenizer, spec,
                                       skip=writer.done)
         except SeesawError as e:
             failure = str(e)
@@ -233,13 +225,7 @@ def _report(llm, totals: _Totals, elapsed: float, cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="infer")
 def main(cfg: DictConfig) -> None:
-    try:
-        code = run(cfg)
-    except SeesawError as e:  # raised identically on every rank: rank 0 reports it
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {e}", file=sys.stderr)
-        code = e.exit_code if isinstance(e, Interrupted) else 1
-    sys.exit(code)
+    sys.exit(exit_status(lambda: run(cfg)))
 
 
 if __name__ == "__main__":

@@ -223,13 +223,18 @@ class RuntimeConfig:
             raise SeesawError(f"runtime.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
 
 
+def resolve_path(path: str, repo: str) -> str:
+    """A launcher's relative path: against the working directory, else against ``repo``
+    (the bundled models and data), else as given."""
+    if os.path.isabs(path) or os.path.exists(path):
+        return path
+    in_repo = os.path.join(repo, path)
+    return in_repo if os.path.exists(in_repo) else path
+
+
 def resolve_model_paths(model: dict, repo: str) -> None:
-    """A launcher's ``model`` mapping: relative ``path``, ``tokenizer`` and
-    ``hf_config_path`` resolve against the working directory, else against ``repo`` (the
-    bundled models)."""
+    """A launcher's ``model`` mapping: ``path``, ``tokenizer`` and ``hf_config_path``
+    through ``resolve_path``."""
     for key in ("path", "tokenizer", "hf_config_path"):
-        path = model.get(key)
-        if path and not os.path.isabs(path) and not os.path.exists(path):
-            in_repo = os.path.join(repo, path)
-            if os.path.exists(in_repo):
-                model[key] = in_repo
+        if model.get(key):
+            model[key] = resolve_path(model[key], repo)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -158,6 +158,29 @@ class Server:
                 t.cancel()
 
 
+    def event_stream(self, request_id: str, streams: list[RequestStream],
+                     bodies: Callable[[int, RequestOutput], Iterable[dict]],
+                     tail: Callable[[], Iterable[dict]] = tuple) -> StreamingResponse:
+        """A server-sent-events response: ``bodies(prompt index, output)`` for every output
+        of every stream as it comes, then ``tail()``, then ``[DONE]``; an engine failure
+        midway is one 503 error event. However it ends (a client gone included), the
+        streams are closed: what has not finished is aborted."""
+        async def events() -> AsyncIterator[str]:
+            try:
+                async for i, out in self.merged(streams):
+                    for body in bodies(i, out):
+                        yield sse(body)
+                for body in tail():
+                    yield sse(body)
+            except SeesawError as e:  # the engine failed mid-stream
+                yield sse(RequestError(str(e), status=503).body())
+            finally:
+                self.done(request_id, streams)
+            yield sse("[DONE]")
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+
 class ClientGone(Exception):  # noqa: N818 - an event, not a failure
     """The client disconnected before its response was ready."""
 
@@ -191,10 +214,8 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str, model_path: 
 
     async def openai(kind: str, request: Request):
         server.check_open()
-        given = request.headers.get("x-request-id")  # vLLM's: the client names it
-        prefix = "cmpl" if kind == "completion" else "chatcmpl"
         prep = prepare(kind, await request.body(), server.tokenizer, model_name,
-                       f"{prefix}-{given}" if given else None)
+                       request.headers.get("x-request-id"))  # vLLM's: the client names it
         server.warn_ignored(prep.ignored)
         params = prep.params
         params.output_kind = RequestOutputKind.DELTA if prep.stream \
@@ -205,21 +226,12 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str, model_path: 
             outs = await server.finals(request, rid, streams)
             return JSONResponse(prep.builder.response(outs))
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for i, out in server.merged(streams):
-                    chunk = prep.builder.chunk(i, out)
-                    if chunk is not None:
-                        yield sse(chunk)
-                if prep.include_usage:
-                    yield sse(prep.builder.usage_chunk())
-            except SeesawError as e:  # the engine failed mid-stream
-                yield sse(RequestError(str(e), status=503).body())
-            finally:
-                server.done(rid, streams)
-            yield sse("[DONE]")
+        def chunks(i: int, out: RequestOutput) -> list[dict]:
+            chunk = prep.builder.chunk(i, out)
+            return [] if chunk is None else [chunk]
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return server.event_stream(rid, streams, chunks, lambda: [
+            prep.builder.usage_chunk()] if prep.include_usage else [])
 
     @app.post("/v1/completions")
     async def completions(request: Request):

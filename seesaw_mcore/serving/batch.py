@@ -72,9 +72,7 @@ class OpenAIBatch:
                 if cid in self.skip:
                     self.num_skipped += 1
                     continue
-                prep = prepare(kind, body, self.tokenizer, self.model_name,
-                               f"{'cmpl' if kind == 'completion' else 'chatcmpl'}-"
-                               f"{uuid.uuid4().hex}")
+                prep = prepare(kind, body, self.tokenizer, self.model_name)
             except SeesawError as e:
                 self.errors.append(f"{self.path}:{n}: {e}")
                 continue

@@ -52,8 +52,9 @@ class Prepared:
 
 
 def prepare(kind: str, body: bytes | dict, tokenizer, model_name: str,
-            request_id: str | None = None) -> Prepared:
-    """Validates and prepares a ``completion`` or ``chat`` request body.
+            client_id: str | None = None) -> Prepared:
+    """Validates and prepares a ``completion`` or ``chat`` request body; its response id is
+    ``cmpl-`` / ``chatcmpl-`` and ``client_id`` (a client's ``X-Request-Id``) or a fresh one.
 
     Raises:
         RequestError: a bad body (400, naming the field) or another model's name (404).
@@ -65,10 +66,11 @@ def prepare(kind: str, body: bytes | dict, tokenizer, model_name: str,
                            f"`{model_name}`)", "model", status=404)
     params = req.sampling()
     decode = token_decoder(tokenizer)
+    suffix = client_id or uuid.uuid4().hex
     if kind == "completion":
         prompts = [_completion_prompt(p, tokenizer, req.add_special_tokens)
                    for p in req.prompts()]
-        builder = ResponseBuilder("completion", request_id or f"cmpl-{uuid.uuid4().hex}",
+        builder = ResponseBuilder("completion", f"cmpl-{suffix}",
                                   model_name, params.n, decode, echo=req.echo)
     else:
         try:
@@ -76,7 +78,7 @@ def prepare(kind: str, body: bytes | dict, tokenizer, model_name: str,
                                    req.add_generation_prompt)]
         except SeesawError as e:
             raise RequestError(str(e), "messages") from None
-        builder = ResponseBuilder("chat", request_id or f"chatcmpl-{uuid.uuid4().hex}",
+        builder = ResponseBuilder("chat", f"chatcmpl-{suffix}",
                                   model_name, params.n, decode,
                                   top_logprobs=params.logprobs)
     return Prepared(req, prompts, params, builder, req.ignored_fields())

@@ -9,13 +9,13 @@ Commands answer ``{"success": true, "message": ...}``; a refused one answers HTT
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
 from typing import Annotated
 
 import torch
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
+from seesaw_mcore.async_llm import EngineDeadError
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.sampling_params import RequestOutputKind
 from seesaw_mcore.serving.protocol import (
@@ -29,7 +29,7 @@ from seesaw_mcore.serving.protocol import (
     WakeUpRequest,
     parse,
 )
-from seesaw_mcore.serving.responses import generate_body, sse
+from seesaw_mcore.serving.responses import generate_body
 
 PAUSE_MODES = {"in_place": "keep", "retract": "keep"}  # SGLang's names for ours
 
@@ -43,7 +43,7 @@ async def _command(coro) -> JSONResponse | dict:
     try:
         await coro
     except SeesawError as e:
-        status = 503 if type(e).__name__ == "EngineDeadError" else 400
+        status = 503 if isinstance(e, EngineDeadError) else 400
         return JSONResponse({"success": False, "message": str(e)}, status_code=status)
     return _ok()
 
@@ -79,19 +79,11 @@ def add_rl_routes(app: FastAPI, server) -> None:
             flat = [b for out in outs for b in bodies(out)]
             return flat[0] if single else flat
 
-        async def events() -> AsyncIterator[str]:
-            try:
-                async for i, out in server.merged(streams):
-                    for k, body in enumerate(bodies(out)):
-                        body["index"] = i * params[i].n + k
-                        yield sse(body)
-            except SeesawError as e:
-                yield sse(RequestError(str(e), status=503).body())
-            finally:
-                server.done(rid, streams)
-            yield sse("[DONE]")
+        def indexed(i: int, out) -> list[dict]:
+            return [{**body, "index": i * params[i].n + k}
+                    for k, body in enumerate(bodies(out))]
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return server.event_stream(rid, streams, indexed)
 
     @app.post("/abort_request")
     async def abort_request(request: Request):
