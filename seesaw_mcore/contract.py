@@ -11,6 +11,26 @@ from dataclasses import dataclass, field
 
 HOST, DISK = "host", "disk"  # the KV tiers below the device cache
 
+# What returned logprobs are of (vLLM's ``logprobs_mode``): the model's distribution, or the
+# one sampled from (after penalties, temperature, top-k / top-p / min-p); as logprobs or as
+# the logits themselves.
+LOGPROBS_MODES = ("raw_logprobs", "raw_logits", "processed_logprobs", "processed_logits")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Engine-wide choices every rank's model runner applies to every step.
+
+    Attributes:
+        logprobs_mode: one of ``LOGPROBS_MODES``.
+        routed_experts: the last stage returns each token's routed experts per MoE layer.
+        batch_invariant: fixed reduction orders (``model/invariant.py``).
+    """
+
+    logprobs_mode: str = "raw_logprobs"
+    routed_experts: bool = False
+    batch_invariant: bool = False
+
 
 @dataclass(frozen=True)
 class SlotRange:
@@ -171,6 +191,9 @@ class SampledToken:
     # with SamplingSpec.prompt_logprobs: per prompt position 1..L-1, the row
     # [actual id, logprob, rank, k top ids, k top logprobs]
     prompt_rows: list[list[float]] | None = None
+    # with RunOptions.routed_experts: the step's tokens' expert ids, int16 bytes of
+    # [tokens fed this step, MoE layers, top_k] (positions start_pos ..)
+    routed: bytes | None = None
 
 
 @dataclass

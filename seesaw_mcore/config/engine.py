@@ -21,6 +21,7 @@ from seesaw_mcore.config.sections import (
     RuntimeConfig,
     SchedulerConfig,
 )
+from seesaw_mcore.contract import LOGPROBS_MODES, RunOptions
 from seesaw_mcore.errors import SeesawError
 
 
@@ -43,6 +44,12 @@ class EngineConfig:
         dtype: ``auto`` (float32 on CPU ranks, the checkpoint's dtype on GPUs), ``float32``,
             ``bfloat16`` or ``float16``.
         seed: engine seed, for requests whose ``SamplingParams.seed`` is ``None``.
+        logprobs_mode: what returned logprobs (sampled, top-k and prompt) are of, vLLM's
+            values: ``raw_logprobs`` (the model's distribution), ``raw_logits``,
+            ``processed_logprobs`` (the distribution sampled from: after penalties,
+            temperature, top-k / top-p / min-p), ``processed_logits``.
+        enable_return_routed_experts: every completion returns the top-k expert ids each
+            MoE layer chose for each of its tokens (router replay), as vLLM.
         cache: device KV cache and the host / disk tiers.
         scheduler: batching budgets and the phase-switch policy.
         runtime: timeouts and verbosity.
@@ -57,6 +64,8 @@ class EngineConfig:
     auto_trial_seqs: int = 16
     dtype: str = "auto"
     seed: int = 0
+    logprobs_mode: str = "raw_logprobs"
+    enable_return_routed_experts: bool = False
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
@@ -69,6 +78,9 @@ class EngineConfig:
             raise SeesawError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.plan != "auto":
             self.plan = PhasePlan.from_string(self.plan).to_string()
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise SeesawError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got "
+                              f"{self.logprobs_mode!r}")
         for name in ("auto_candidates", "auto_trial_steps", "auto_trial_seqs"):
             if getattr(self, name) < 1:
                 raise SeesawError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -76,6 +88,11 @@ class EngineConfig:
     @property
     def is_auto(self) -> bool:
         return self.plan == "auto"
+
+    def run_options(self) -> RunOptions:
+        """What every rank's model runner applies to every step."""
+        return RunOptions(self.logprobs_mode, self.enable_return_routed_experts,
+                          self.runtime.batch_invariant)
 
     def phase_plan(self) -> PhasePlan:
         """The plan as layouts (not for ``plan="auto"``: resolve it first)."""

@@ -212,11 +212,15 @@ class RuntimeConfig:
             run hides by default.
         enforce_eager: no CUDA graphs (vLLM's meaning); by default GPU decode steps replay
             per-batch-size graphs (``runtime/cuda_graphs.py``).
+        batch_invariant: a request's tokens and logprobs are bitwise the same whatever else
+            shares its steps and whether its prefix came from the cache (fixed reduction
+            orders, ``model/invariant.py``; CPU ranks).
     """
 
     dist_timeout_s: float = 300.0
     verbose: bool = False
     enforce_eager: bool = False
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.dist_timeout_s <= 0:

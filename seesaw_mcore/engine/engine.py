@@ -19,6 +19,7 @@ import torch.distributed as dist
 from seesaw_mcore.config import EngineConfig, ParallelConfig, PhasePlan
 from seesaw_mcore.contract import Phase, RunnerOutput, Step, Switch
 from seesaw_mcore.engine.request import SeqStatus, Sequence
+from seesaw_mcore.engine.routed import RoutedExperts
 from seesaw_mcore.engine.scheduler import ReplicaSchedulers, SchedulerInterface, make_scheduler
 from seesaw_mcore.engine.stats import EngineStats, StepTiming, TraceEvent
 from seesaw_mcore.engine.tokens import append_token, min_tokens_banned, token_stop
@@ -78,6 +79,13 @@ class Engine:
         self._pools: tuple[PhasePlan, list] | None = None
         self._seqs: dict[int, Sequence] = {}  # added and not finished
         self.weights_version = 0  # moves on at every update: part of cached blocks' keys
+        self.routed: RoutedExperts | None = None  # rank 0: enable_return_routed_experts
+        if config.enable_return_routed_experts:
+            ex = self.executor
+            self.routed = RoutedExperts(
+                len(self.model_cfg.moe_layers), self.model_cfg.num_experts_per_tok,
+                self.cache.block_size, 2 * sum(self.num_blocks.values())
+                + (ex.host_slots + ex.disk_slots) // self.cache.block_size)
         self._t0 = 0.0
 
     @property
@@ -227,6 +235,8 @@ class Engine:
         self._pools = None
         if self.scheduler is not None:
             self.scheduler.reset_prefix_cache()
+        if self.routed is not None:
+            self.routed.clear()
 
     def update_weights(self, weights: list[tuple[str, Tensor]]) -> int:
         """Every rank, between steps (a serving loop's, or between runs): writes new weights
@@ -298,6 +308,8 @@ class Engine:
         for out in outputs:
             for tok in out.tokens if out is not None else ():
                 seq = self._seqs[tok.seq_id]
+                if tok.routed is not None:
+                    self.routed.add(seq, tok.routed)
                 append_token(seq, tok)
                 if token_stop(seq, self.eos_token_ids, self.max_model_len):
                     self.finish(seq)
@@ -307,9 +319,12 @@ class Engine:
     def _make_scheduler(self) -> SchedulerInterface:
         pools, self._pools = self._pools, None
         ex = self.executor
-        return make_scheduler(self.plan, self.sched_cfg, self.cache, self.num_blocks, ex.phase,
-                              ex.host_slots, ex.disk_slots, ex.disk_page,
-                              pools[1] if pools and pools[0] == self.plan else None)
+        sched = make_scheduler(self.plan, self.sched_cfg, self.cache, self.num_blocks, ex.phase,
+                               ex.host_slots, ex.disk_slots, ex.disk_page,
+                               pools[1] if pools and pools[0] == self.plan else None)
+        if self.routed is not None:  # hits only where their routed experts are kept
+            sched.limit_hits(self.routed.known)
+        return sched
 
     def _record(self, msg: Step | Switch | None, seconds: float) -> None:
         """Counts a step, a switch or (``None``) a move to another plan in the stats,

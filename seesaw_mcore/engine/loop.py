@@ -263,7 +263,7 @@ class EngineLoop:
                 cumulative_logprob=c.cumulative_logprob,
                 logprobs=None if c.logprobs is None else c.logprobs[t0:],
                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                num_preemptions=c.num_preemptions))
+                num_preemptions=c.num_preemptions, routed_experts=c.routed_experts))
         prompt_lp = None if req.sent_prompt_logprobs else out.prompt_logprobs
         req.sent_prompt_logprobs = True
         return RequestOutput(out.request_id, out.prompt, out.prompt_token_ids, prompt_lp,

@@ -225,7 +225,9 @@ class OutputProcessor:
             cumulative_logprob=s.cumulative_logprob if asked else None,
             logprobs=list(self._decoded(s.logprobs)) if asked else None,
             finish_reason=s.finish_reason, stop_reason=s.stop_reason,
-            num_preemptions=s.num_preemptions)
+            num_preemptions=s.num_preemptions,
+            routed_experts=None if s.routed is None or s.finish_reason is None
+            else s.routed[:s.num_tokens - 1].copy())
 
     def _decoded(self, entries: list | None) -> list | None:
         """Fills each ``Logprob.decoded_token`` (one batched decode per list)."""

@@ -47,6 +47,10 @@ class Sequence:
     hash_root: bytes = b""  # the chain's root (``kv.block_pool.cache_root``): set on add
     num_cached_tokens: int = 0  # prompt tokens its first prefill took from the prefix cache
     arrival: float = field(default_factory=time.monotonic)  # when it was made (waiting bound)
+    # routed experts (``engine/routed.py``): [rows, MoE layers, top_k] int16 by position, and
+    # how many leading positions are written
+    routed: object = field(default=None, repr=False, compare=False)
+    routed_filled: int = 0
     _all: list[int] | None = field(default=None, repr=False, compare=False)
     # its sampling spec's fields but the per-step ones (``batching.scheduled``), made once
     spec_base: object = field(default=None, repr=False, compare=False)
@@ -109,6 +113,9 @@ class CompletionOutput:
     finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) or "length"
     stop_reason: int | str | None = None  # the stop token id or string; None for EOS/length
     num_preemptions: int = 0
+    # with enable_return_routed_experts: [prompt + generated - 1, MoE layers, top_k] int16,
+    # the experts each MoE layer chose for every token fed (final outputs)
+    routed_experts: object = None
 
     def finished(self) -> bool:
         return self.finish_reason is not None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -76,6 +76,8 @@ class BlockPool:
         self._hash_of: dict[int, bytes] = {}  # block -> its hash (cached blocks)
         self._cached: dict[bytes, int] = {}  # hash -> block
         self.num_evicted = 0  # cached blocks whose memory was taken back
+        # a prefill takes only hits this accepts (by hash): routed experts kept for them
+        self.hit_filter: Callable[[bytes], bool] | None = None
 
     @property
     def num_free(self) -> int:

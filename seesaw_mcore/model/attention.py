@@ -66,10 +66,13 @@ def paged_attention(
         from seesaw_mcore.model.triton_attention import paged_attention_triton
 
         return paged_attention_triton(q, k_cache, v_cache, meta)
-    if meta.fresh:
-        return _prefill_cpu(q, k, v, meta)
     from seesaw_mcore.model import cpu_attention
 
+    if meta.invariant:  # each query's result a function of its own keys only
+        return cpu_attention.paged_attention_cpu(q, k_cache, v_cache, meta.block_tables,
+                                                 meta.cu_query_lens, meta.seq_lens)
+    if meta.fresh:
+        return _prefill_cpu(q, k, v, meta)
     if cpu_attention.available():
         if meta.common_blocks:
             return cascade_attention_cpu(q, k_cache, v_cache, meta)

@@ -31,6 +31,7 @@ class AttentionMetadata:
     fresh: bool  # every sequence is a fresh prefill: its K/V are all this step's
     decode: bool  # every sequence feeds one token
     common_blocks: int = 0  # leading blocks every sequence shares (cascade attention, CPU)
+    invariant: bool = False  # batch-invariant mode: every query through the paged kernel
     _cpu: dict = field(default_factory=dict, repr=False)  # per-step CPU index tensors
 
     @property
@@ -46,6 +47,7 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device,
         width: int | None = None,
+        invariant: bool = False,
     ) -> "AttentionMetadata":
         """Computes positions, write slots and the padded block table as flat tensors.
 
@@ -57,6 +59,8 @@ class AttentionMetadata:
             device: where the tensors live.
             width: block-table columns (default: the longest table's; CUDA graphs pad to a
                 fixed width).
+            invariant: batch-invariant mode (``model/invariant.py``): no SDPA prefill, no
+                cascade.
         """
         q = np.asarray(query_lens, dtype=np.int64)  # [B]
         c = np.asarray(context_lens, dtype=np.int64)  # [B]
@@ -78,5 +82,5 @@ class AttentionMetadata:
         return cls(q, c, parts[0], parts[1], parts[4].view(tables.shape).int(),
                    parts[2].int(), parts[3].int(), block_size, bool((q == c).all()),
                    bool((q == 1).all()),
-                   common_prefix_blocks(tables, q, c, block_size) if device.type == "cpu"
-                   else 0)
+                   common_prefix_blocks(tables, q, c, block_size)
+                   if device.type == "cpu" and not invariant else 0, invariant)

@@ -16,6 +16,7 @@ from torch import nn
 
 from seesaw_mcore import env
 from seesaw_mcore.mcore import tensor_parallel
+from seesaw_mcore.model import invariant
 
 
 def _fast_all_reduce_allowed(group) -> bool:
@@ -40,6 +41,8 @@ class TPAllReduce:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.size == 1:
             return x
+        if self.size > 2 and invariant.enabled():
+            return invariant.ordered_sum(x, self.group, self.size)
         if self.fast:
             import deepspeed.comm as ds_comm
 
@@ -73,7 +76,7 @@ class CPUPackedLinear:
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed is None:
-            return F.linear(x, self.weight, bias)
+            return invariant.linear(x, self.weight, bias)
         m = x.shape[0]
         if m <= PACKED_TILE_ROWS:
             return self._packed_tile(x, bias)
@@ -138,10 +141,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        dtype = x.dtype
-        x32 = x.float()
+        dtype, m = x.dtype, x.shape[0]
+        x32 = invariant.pad_rows(x).float()  # (batch-invariant mode: >= MIN_ROWS rows)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * x32[:m].to(dtype)
 
 
 class Rotary(nn.Module):

@@ -241,6 +241,21 @@ class LlamaStage(nn.Module):
         self.repack()
         return copied
 
+    def record_routes(self, on: bool) -> None:
+        """Whether this stage's MoE layers keep each forward's expert ids (``routes``)."""
+        for layer in self.layers:
+            if layer.moe is not None:
+                layer.moe.record = on
+
+    def routes(self, tokens: int) -> torch.Tensor:
+        """The last forward's expert ids ``[T, MoE layers here, top_k]`` int16 (layer
+        order)."""
+        got = [layer.moe.routes for layer in self.layers if layer.moe is not None]
+        if not got:
+            return torch.empty(tokens, 0, self.cfg.num_experts_per_tok, dtype=torch.int16,
+                               device=self.rotary.cos.device)
+        return torch.stack(got, dim=1)
+
     def idle_moe(self, passes: int) -> None:
         """An E layout's rank with fewer forwards in a step than its E peers: takes part in
         each missing forward's MoE exchanges with no tokens."""

@@ -27,6 +27,7 @@ from torch import nn
 
 from seesaw_mcore.config import ModelConfig
 from seesaw_mcore.contract import RankInfo
+from seesaw_mcore.model import invariant
 from seesaw_mcore.model.layers import TPAllReduce
 
 
@@ -50,10 +51,12 @@ class MoEMLP(nn.Module):
         self.down = nn.Parameter(torch.empty(local, h, i, dtype=dtype), requires_grad=False)
         self.reduce = TPAllReduce(info.tp_group)
         self.ep_group = info.ep_group
+        self.record = False  # keep each forward's expert ids (routed-experts replay)
+        self.routes: torch.Tensor | None = None  # [T, k] int16, the last forward's
 
     def route(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``h`` ``[T, H]`` -> (weights ``[T, k]`` in ``h``'s dtype, expert ids ``[T, k]``)."""
-        probs = F.softmax(F.linear(h, self.router).float(), dim=-1)  # [T, E]
+        probs = F.softmax(invariant.linear(h, self.router).float(), dim=-1)  # [T, E]
         weights, experts = probs.topk(self.top_k, dim=-1)  # [T, k] each
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -61,12 +64,14 @@ class MoEMLP(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Local expert ``e`` (its TP slice) on rows ``x`` ``[n, H]`` -> ``[n, H]``."""
-        gate, up = F.linear(x, self.gate_up[e]).chunk(2, dim=-1)  # [n, I/TP] each
-        return F.linear(F.silu(gate) * up, self.down[e])
+        gate, up = invariant.linear(x, self.gate_up[e]).chunk(2, dim=-1)  # [n, I/TP] each
+        return invariant.linear(F.silu(gate) * up, self.down[e])
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Normed ``h`` ``[T, H]`` -> ``[T, H]`` (summed over TP)."""
         weights, experts = self.route(h)
+        if self.record:
+            self.routes = experts.to(torch.int16)
         flat = experts.flatten()  # [T k]
         order = flat.argsort(stable=True)  # token-expert pairs grouped by expert
         counts = torch.bincount(flat, minlength=self.router.shape[0])  # [E]

@@ -57,7 +57,8 @@ class Executor:
                   and (groups.device().type == "cuda" or env.decode_padding()))
         self.runner = runner = ModelRunner(
             model_cfg, plans[0], dtype, cache.block_size, store, cache.async_swap, layouts,
-            capture_sizes(sched.max_num_seqs) if graphs else None, max_model_len)
+            capture_sizes(sched.max_num_seqs) if graphs else None, max_model_len,
+            config.run_options())
         if len(plans) > 1 and runner.device.type == "cpu":
             for lay in layouts:  # CPU stages view the store: build them all now, not mid-run
                 runner.use(lay)

@@ -13,10 +13,18 @@ import torch.distributed as dist
 
 from seesaw_mcore import h2d
 from seesaw_mcore.config import ModelConfig, ParallelConfig, PhasePlan
-from seesaw_mcore.contract import HOST, KVMove, RunnerOutput, SampledToken, SchedulerOutput
+from seesaw_mcore.contract import (
+    HOST,
+    KVMove,
+    RunnerOutput,
+    RunOptions,
+    SampledToken,
+    SchedulerOutput,
+)
+from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.copier import KVCopier
 from seesaw_mcore.kv.transfer import CopyQueue
-from seesaw_mcore.model import cpu_attention
+from seesaw_mcore.model import cpu_attention, invariant
 from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
 from seesaw_mcore.model.loader import open_checkpoint
@@ -48,6 +56,7 @@ class ModelRunner:
         graph_sizes: decode batch sizes to capture as CUDA graphs (``runtime/cuda_graphs.py``);
             ``None``: decode runs eagerly (``enforce_eager``).
         max_model_len: the longest sequence (a graph's block-table width).
+        options: the engine's logprobs mode, routed experts and batch-invariant mode.
     """
 
     def __init__(
@@ -61,6 +70,7 @@ class ModelRunner:
         layouts: list[ParallelConfig] | None = None,
         graph_sizes: list[int] | None = None,
         max_model_len: int | None = None,
+        options: RunOptions | None = None,
     ) -> None:
         if isinstance(plan, ParallelConfig):
             plan = PhasePlan(plan, plan)
@@ -70,8 +80,22 @@ class ModelRunner:
             cfg.check_layout(lay)
         groups.prepare(self.layouts)
         self.device = groups.device()
+        self.options = options = options or RunOptions()
         if self.device.type == "cpu":  # build (once per machine) before the first step
             cpu_attention.available()
+        if options.batch_invariant and not (self.device.type == "cpu"
+                                            and cpu_attention.available()):
+            raise SeesawError(
+                "runtime.batch_invariant needs CPU ranks with the paged-attention extension "
+                f"(this rank runs on {self.device.type}: its GEMMs' reduction order follows "
+                "the row count)" if self.device.type != "cpu" else
+                "runtime.batch_invariant needs the CPU paged-attention extension, which "
+                "could not be built here (a C++ compiler)")
+        invariant.enable(options.batch_invariant)
+        if options.routed_experts and not cfg.num_experts:
+            raise SeesawError(f"enable_return_routed_experts needs a mixture-of-experts model; "
+                              f"{cfg.architecture} has no experts")
+        self._routes: torch.Tensor | None = None  # [T, MoE layers, k] the last stage's
         self.store = store or ShardStore(open_checkpoint(cfg), self.layouts, dist.get_rank(),
                                          dtype)
         self.kv = KVBuffer(cfg, self.layouts, dtype, block_size, self.device)
@@ -108,6 +132,7 @@ class ModelRunner:
             else:
                 self._resident[layout] = model
             self.model = model
+        self.model.record_routes(self.options.routed_experts)
         self.kv.bind(layout, self.info.rank, len(self.model.layers))
         return copied
 
@@ -255,13 +280,17 @@ class ModelRunner:
                 continue
             last = meta.cu_query_lens[1:len(mb) + 1].long() - 1  # [B] each one's last token
             logits = self.model.logits(hidden[last])  # [B, V]
+            mode = self.options.logprobs_mode
             if self.info.tp_rank == 0:
-                mb_tokens = sample(logits, [s.seq_id for s in mb], [s.sampling for s in mb])
+                mb_tokens = sample(logits, [s.seq_id for s in mb], [s.sampling for s in mb],
+                                   mode)
+                if self._routes is not None:
+                    _attach_routes(mb_tokens, qlens, self._routes)
                 sampled += mb_tokens
             else:
                 mb_tokens = [None] * len(mb)
             attach_prompt_logprobs(self.model.logits, mb, hidden, mb_tokens,
-                                   keep=self.info.tp_rank == 0)
+                                   keep=self.info.tp_rank == 0, mode=mode)
         for work, _buf in sends:
             work.wait()
         if self.info.is_last_stage and self.info.tp_rank == 0:
@@ -284,18 +313,35 @@ class ModelRunner:
             x = h2d.tensor(input_ids, torch.long, dev)  # [B]
             self.graph_steps += 1
             return graphs.forward(x, query_lens, context_lens, block_tables)  # ([B, H], meta)
-        meta = AttentionMetadata.build(query_lens, context_lens, block_tables, self.block_size, dev)
+        meta = AttentionMetadata.build(query_lens, context_lens, block_tables, self.block_size, dev,
+                                       invariant=self.options.batch_invariant)
+        t = len(input_ids)
         if info.is_first_stage:
             x = h2d.tensor(input_ids, torch.long, dev)  # [T]
         else:
-            x = torch.empty(len(input_ids), self.cfg.hidden_size, dtype=self.dtype, device=dev)
+            x = torch.empty(t, self.cfg.hidden_size, dtype=self.dtype, device=dev)
             dist.recv(x, src=info.prev_rank)  # [T, H]
         hidden = self.model(x, meta.positions, self.kv_cache, meta, after_attention)  # [T, H]
+        routes = self._stage_routes(t) if self.options.routed_experts else None
         if info.is_last_stage:
+            self._routes = routes
             return hidden, meta
         hidden = hidden.contiguous()
         sends.append((dist.isend(hidden, dst=info.next_rank), hidden))
+        if routes is not None and routes.shape[1]:
+            sends.append((dist.isend(routes, dst=info.next_rank), routes))
         return None, meta
+
+    def _stage_routes(self, tokens: int) -> torch.Tensor:
+        """``[T, MoE layers up to this stage's last, top_k]`` int16: the earlier stages'
+        expert ids (received after the hidden states, in the same order) and this one's."""
+        mine = self.model.routes(tokens)
+        before = sum(map(self.cfg.is_moe_layer, range(self.model.layer_range[0])))
+        if not before:
+            return mine.contiguous()
+        prev = torch.empty(tokens, before, mine.shape[2], dtype=torch.int16, device=mine.device)
+        dist.recv(prev, src=self.info.prev_rank)
+        return torch.cat([prev, mine], dim=1)
 
     def _decode_graphs(self, query_lens: list[int], after_attention) -> DecodeGraphs | None:
         """The live stage's decode graphs when this step can replay one: a decode step (one
@@ -311,3 +357,14 @@ class ModelRunner:
                 self.block_size, capture=self.device.type == "cuda")
             self._graphs_for = self.kv.version
         return self._graphs
+
+
+def _attach_routes(tokens: list[SampledToken], query_lens: list[int], routes: torch.Tensor
+                   ) -> None:
+    """Each sequence's rows of the micro-batch's ``routes`` ``[T, L, k]`` (its tokens fed
+    this step, in order) as int16 bytes on its sampled token."""
+    data = routes.cpu().numpy()
+    start = 0
+    for tok, n in zip(tokens, query_lens):
+        tok.routed = data[start:start + n].tobytes()
+        start += n

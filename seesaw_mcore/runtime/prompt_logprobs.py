@@ -9,12 +9,15 @@ from collections.abc import Callable
 import torch
 
 from seesaw_mcore import h2d
-from seesaw_mcore.contract import SampledToken, ScheduledSeq
+from seesaw_mcore.contract import SampledToken, SamplingSpec, ScheduledSeq
+from seesaw_mcore.runtime.sampler import SamplingBatch, logprob_rows, logprob_source
 
 PROMPT_CHUNK = 1024  # prompt positions whose [rows, V] log-softmax is held at once
 
 
-def prompt_logprob_rows(logits: torch.Tensor, actual: torch.Tensor, k: int) -> list[list[float]]:
+def prompt_logprob_rows(logits: torch.Tensor, actual: torch.Tensor, k: int,
+                        mode: str = "raw_logprobs", spec: SamplingSpec | None = None
+                        ) -> list[list[float]]:
     """Per row: the logprob and rank of the actual next token and the top ``k``, in one
     device -> host transfer.
 
@@ -22,24 +25,25 @@ def prompt_logprob_rows(logits: torch.Tensor, actual: torch.Tensor, k: int) -> l
         logits: ``[R, V]`` logits at prompt positions ``0 .. R-1``.
         actual: ``[R]`` int64 the prompt's tokens at positions ``1 .. R``.
         k: top alternatives per row.
+        mode: ``logprobs_mode``; processed modes apply the request's temperature and
+            top-k / top-p / min-p to every position (not penalties: they follow a
+            completion's history).
+        spec: the request's sampling settings (processed modes).
 
     Returns:
         ``R`` rows ``[actual id, logprob, rank, k top ids, k top logprobs]``.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)  # [R, V]
-    chosen = logp.gather(1, actual.unsqueeze(1))  # [R, 1]
-    rank = (logp > chosen).sum(dim=1, keepdim=True) + 1  # [R, 1]
-    cols = [actual.double().unsqueeze(1), chosen.double(), rank.double()]
-    k = min(k, logp.shape[1])
-    if k:
-        top = logp.topk(k, dim=-1)  # [R, k]
-        cols += [top.indices.double(), top.values.double()]
-    return torch.cat(cols, dim=1).tolist()
+    logits = logits.float()
+    batch = None
+    if mode.startswith("processed"):
+        batch = SamplingBatch.build([spec] * logits.shape[0], logits.device)
+    return logprob_rows(logprob_source(logits, mode, batch), actual, k)
 
 
 def attach_prompt_logprobs(logits: Callable[[torch.Tensor], torch.Tensor],
                            seqs: list[ScheduledSeq], hidden: torch.Tensor,
-                           tokens: list[SampledToken | None], keep: bool) -> None:
+                           tokens: list[SampledToken | None], keep: bool,
+                           mode: str = "raw_logprobs") -> None:
     """For the sequences of a micro-batch that ask: every prompt position's rows, in chunks
     of ``PROMPT_CHUNK``, on their sampled token (``SampledToken.prompt_rows``).
 
@@ -50,6 +54,7 @@ def attach_prompt_logprobs(logits: Callable[[torch.Tensor], torch.Tensor],
         hidden: ``[T, H]`` the micro-batch's final hidden states.
         tokens: each sequence's sampled token (``None`` on ranks that do not sample).
         keep: whether this rank keeps the rows (TP rank 0).
+        mode: ``logprobs_mode``.
     """
     start = 0  # the sequence's first row in ``hidden``: offsets from the host, no sync
     for i, s in enumerate(seqs):
@@ -64,6 +69,6 @@ def attach_prompt_logprobs(logits: Callable[[torch.Tensor], torch.Tensor],
             m = min(PROMPT_CHUNK, n - c)
             chunk = logits(hidden[first + c:first + c + m])  # [m, V]
             if keep:
-                rows += prompt_logprob_rows(chunk, actual[c:c + m], k)
+                rows += prompt_logprob_rows(chunk, actual[c:c + m], k, mode, s.sampling)
         if tokens[i] is not None:
             tokens[i].prompt_rows = rows

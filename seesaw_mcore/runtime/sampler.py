@@ -299,33 +299,91 @@ def apply_penalties(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Te
     return out
 
 
-def sample(
-    logits: torch.Tensor, seq_ids: list[int], specs: list[SamplingSpec]
-) -> list[SampledToken]:
+def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The distribution each row is sampled from, as logits (vLLM's ``processed_logits``):
+    sampled rows divided by their temperature, tokens outside their top-k, top-p nucleus
+    (of the top-k renormalized, as the draw applies them) or min-p set to ``-inf``; greedy
+    rows as given. Computed over the whole vocabulary (``logprobs_mode`` processed only).
+
+    Args:
+        logits: ``[N, V]`` float32 logits (penalties applied).
+        batch: the rows' settings.
+
+    Returns:
+        ``[N, V]`` float32.
+    """
+    n, vocab = logits.shape
+    sampled = (batch.temperature > 0).unsqueeze(1)  # [N, 1]
+    scores = logits / torch.where(batch.temperature > 0, batch.temperature, 1.0).unsqueeze(1)
+    k = torch.where(sampled.squeeze(1) & (batch.top_k > 0), batch.top_k.clamp(max=vocab),
+                    vocab)  # [N]
+    kmax = int(k.max())
+    if kmax < vocab or bool((k < vocab).any()):
+        kth = scores.topk(kmax, dim=-1).values.gather(1, (k - 1).unsqueeze(1))  # [N, 1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    probs = scores.softmax(dim=-1)  # [N, V] over each row's top-k
+    top_p = torch.where(sampled.squeeze(1), batch.top_p, 1.0)  # [N]
+    keep = nucleus(probs, top_p)
+    keep &= probs >= (batch.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True))
+    keep |= ~sampled  # greedy rows: every token
+    return scores.masked_fill(~keep, float("-inf"))
+
+
+def logprob_source(logits: torch.Tensor, mode: str, batch: SamplingBatch | None
+                   ) -> torch.Tensor:
+    """``[N, V]`` the values returned as logprobs under ``mode`` (``LOGPROBS_MODES``), from
+    raw ``logits`` (processed modes: with penalties applied) and the rows' settings."""
+    if mode.startswith("processed"):
+        logits = process_logits(logits, batch)
+    return logits if mode.endswith("logits") else torch.log_softmax(logits, dim=-1)
+
+
+def logprob_rows(values: torch.Tensor, chosen_ids: torch.Tensor, k: int) -> list[list[float]]:
+    """Per row: the chosen token's value and rank and the top ``k``, in one device -> host
+    transfer.
+
+    Args:
+        values: ``[N, V]`` logprobs (or logits: ``logprobs_mode``).
+        chosen_ids: ``[N]`` int64 the token each row reports on.
+        k: top alternatives per row.
+
+    Returns:
+        ``N`` rows ``[id, value, rank, k top ids, k top values]``.
+    """
+    chosen = values.gather(1, chosen_ids.unsqueeze(1))  # [N, 1]
+    rank = (values > chosen).sum(dim=1, keepdim=True) + 1  # [N, 1]
+    cols = [chosen_ids.double().unsqueeze(1), chosen.double(), rank.double()]
+    k = min(k, values.shape[-1])
+    if k:
+        top = values.topk(k, dim=-1)  # [N, k]
+        cols += [top.indices.double(), top.values.double()]
+    return torch.cat(cols, dim=1).tolist()
+
+
+def sample(logits: torch.Tensor, seq_ids: list[int], specs: list[SamplingSpec],
+           mode: str = "raw_logprobs") -> list[SampledToken]:
     """Samples one token per row and returns them with the logprobs asked for.
 
-    Logprobs are of the model's raw distribution (before temperature and filters), as in
-    vLLM. The step's results reach the host in one transfer.
+    Logprobs are of the distribution ``mode`` names (``LOGPROBS_MODES``; by default the
+    model's raw distribution, before penalties, temperature and filters, as in vLLM). The
+    step's results reach the host in one transfer.
 
     Args:
         logits: ``[N, V]`` logits (any float dtype; sampled in float32).
         seq_ids: sequence id per row.
         specs: sampling settings per row.
+        mode: what the returned logprobs are of.
     """
     logits = logits.float()
     batch = SamplingBatch.build(specs, logits.device)
-    tokens = sample_tokens(apply_penalties(logits, specs), batch)  # [N]
+    penalized = apply_penalties(logits, specs)
+    tokens = sample_tokens(penalized, batch)  # [N]
     if batch.max_logprobs is None:
         return [SampledToken(sid, t) for sid, t in zip(seq_ids, tokens.tolist())]
-    logp = torch.log_softmax(logits, dim=-1)  # [N, V] of the raw logits, as vLLM
-    chosen = logp.gather(1, tokens.unsqueeze(1))  # [N, 1]
-    rank = (logp > chosen).sum(dim=1, keepdim=True) + 1  # [N, 1]
-    cols = [tokens.double().unsqueeze(1), chosen.double(), rank.double()]
-    k = min(batch.max_logprobs, logp.shape[-1])
-    if k:
-        top = logp.topk(k, dim=-1)  # [N, k]
-        cols += [top.indices.double(), top.values.double()]
-    rows = torch.cat(cols, dim=1).tolist()  # one device -> host transfer: [N, 3 + 2k]
+    source = logprob_source(penalized if mode.startswith("processed") else logits, mode,
+                            batch)  # [N, V]
+    k = min(batch.max_logprobs, logits.shape[-1])
+    rows = logprob_rows(source, tokens, k)  # [N, 3 + 2k]
     out = []
     for sid, spec, want, row in zip(seq_ids, specs, batch.want_logprobs, rows):
         tok = SampledToken(sid, int(row[0]))

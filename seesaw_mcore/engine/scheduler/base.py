@@ -49,6 +49,10 @@ class SchedulerInterface(Protocol):
     def reset_prefix_cache(self) -> None:
         """Nothing cached so far is findable any more (new weights; freed device KV)."""
 
+    def limit_hits(self, accept) -> None:
+        """Prefills take only prefix-cache hits whose block hashes ``accept`` (a callable;
+        ``None``: any)."""
+
     def tier_usage(self) -> float | None:
         """The KV tiers' load (Seesaw plans), ``None`` without tiers."""
 

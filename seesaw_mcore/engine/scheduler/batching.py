@@ -4,6 +4,7 @@ splitting a step into pipeline micro-batches, and a sequence's entry in a step."
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -79,15 +80,17 @@ def prefix_hit(pool: BlockPool, seq: Sequence) -> list[int]:
     """The cached blocks a (re)prefill of ``seq`` can take: full blocks before its last
     token (which must be computed, for the logits) and before the first position whose
     prompt logprobs it returns (``prompt_logprobs_from``; vLLM's rule: those are
-    computed)."""
+    computed), and those the pool's ``hit_filter`` accepts."""
     if not pool.enable_caching:
         return []
     n, bs = seq.num_tokens, pool.block_size
     limit = (n - 1) // bs
     if needs_prompt_logprobs(seq):
         limit = min(limit, max(seq.params.prompt_logprobs_from - 1, 0) // bs)
-    hashes = block_hashes(seq.all_token_ids, bs, seq.block_hashes, seq.hash_root)
-    return pool.match(hashes[:limit])
+    hashes = block_hashes(seq.all_token_ids, bs, seq.block_hashes, seq.hash_root)[:limit]
+    if pool.hit_filter is not None:
+        hashes = list(itertools.takewhile(pool.hit_filter, hashes))
+    return pool.match(hashes)
 
 
 def take_blocks(pool: BlockPool, seq: Sequence, table: list[int], hit: list[int]) -> None:

@@ -332,6 +332,10 @@ class PhaseScheduler:
             pool.reset_cache()
         self.book.tier_kv.index.clear()
 
+    def limit_hits(self, accept) -> None:  # noqa: D102
+        for pool in self.prefill_pools:
+            pool.hit_filter = accept
+
     def finish(self, seq: Sequence) -> None:
         """Removes a finished sequence (offloaded if its first token ended it, else
         running) and frees what it holds."""

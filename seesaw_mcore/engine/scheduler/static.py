@@ -240,3 +240,7 @@ class ReplicaSchedulers:
     def reset_prefix_cache(self) -> None:
         for s in self.replicas:
             s.pool.reset_cache()
+
+    def limit_hits(self, accept) -> None:  # noqa: D102
+        for s in self.replicas:
+            s.pool.hit_filter = accept
