@@ -143,6 +143,13 @@ class ModelRunner:
         self.kv.allocate(num_blocks)
 
     @property
+    def routes_shape(self) -> tuple[int, int] | None:
+        """``(MoE layers, top_k)`` of each fed token's routed experts (``None``: off)."""
+        if not self.options.routed_experts:
+            return None
+        return len(self.cfg.moe_layers), self.cfg.num_experts_per_tok
+
+    @property
     def kv_cache(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Per local layer of the live layout, K and V ``[NB, BS, Hkv/TP, D]``."""
         return self.kv.layers

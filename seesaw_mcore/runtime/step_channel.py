@@ -10,6 +10,7 @@ from the step. A world of one rank moves nothing. Both are host tensors on a glo
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -77,17 +78,23 @@ def _header(n: int) -> torch.Tensor:
     return torch.tensor([n], dtype=torch.int64).view(torch.uint8)
 
 
-def send_tokens(out: RunnerOutput, seqs: list[ScheduledSeq], dst: int, group=None) -> None:
+def send_tokens(out: RunnerOutput, seqs: list[ScheduledSeq], dst: int, group=None,
+                routes: bool = False) -> None:
     """A replica's last stage: its step's sampled tokens to ``dst`` (host tensors over the
-    gloo ``group``)."""
+    gloo ``group``), and (``routes``) the routed experts of the tokens it fed."""
     arr = encode_tokens(out.tokens, token_width(seqs))
     dist.send(torch.from_numpy(arr), dst=dst, group=group)
     if prompt_shape(seqs)[0]:  # prompt logprobs: a second array, its shape known to both
         dist.send(torch.from_numpy(encode_prompt_rows(out.tokens, seqs)), dst=dst, group=group)
+    if routes:  # int16 [fed tokens, MoE layers, top_k] of every sequence, in order
+        data = np.frombuffer(b"".join(t.routed for t in out.tokens), dtype=np.int16)
+        dist.send(torch.from_numpy(data.copy()), dst=dst, group=group)
 
 
-def recv_tokens(seqs: list[ScheduledSeq], src: int, group=None) -> RunnerOutput:
-    """Rank 0: the tokens replica rank ``src`` sampled for ``seqs``."""
+def recv_tokens(seqs: list[ScheduledSeq], src: int, group=None,
+                routes: tuple[int, int] | None = None) -> RunnerOutput:
+    """Rank 0: the tokens replica rank ``src`` sampled for ``seqs`` (and, with ``routes``
+    ``(MoE layers, top_k)``, the routed experts of the tokens it fed)."""
     buf = torch.empty(len(seqs), token_width(seqs), dtype=torch.float64)
     dist.recv(buf, src=src, group=group)
     tokens = decode_tokens(buf.numpy(), seqs)
@@ -96,4 +103,13 @@ def recv_tokens(seqs: list[ScheduledSeq], src: int, group=None) -> RunnerOutput:
         buf = torch.empty(rows, width, dtype=torch.float64)
         dist.recv(buf, src=src, group=group)
         decode_prompt_rows(buf.numpy(), seqs, tokens)
+    if routes is not None:
+        per_token = routes[0] * routes[1] * 2  # bytes per fed token
+        buf = torch.empty(sum(len(s.token_ids) for s in seqs) * per_token // 2,
+                          dtype=torch.int16)
+        dist.recv(buf, src=src, group=group)
+        data, start = buf.numpy().tobytes(), 0
+        for s, t in zip(seqs, tokens):
+            t.routed = data[start:start + len(s.token_ids) * per_token]
+            start += len(s.token_ids) * per_token
     return RunnerOutput(tokens)

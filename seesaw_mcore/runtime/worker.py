@@ -112,7 +112,8 @@ class Worker:
             elif src == 0:
                 outputs.append(mine)
             else:
-                outputs.append(recv_tokens(out.seqs, src, groups.host_group()))
+                outputs.append(recv_tokens(out.seqs, src, groups.host_group(),
+                                              self.runner.routes_shape))
         return outputs
 
     def serve(self) -> None:
@@ -135,7 +136,8 @@ class Worker:
                 out = self.run_step(msg)
                 if out is not None:
                     mine = msg.replicas[self.runner.info.dp_rank]
-                    send_tokens(out, mine.seqs, 0, groups.host_group())
+                    send_tokens(out, mine.seqs, 0, groups.host_group(),
+                                routes=self.runner.routes_shape is not None)
 
     def control(self, msg: Control) -> None:
         """Every rank: a serving loop's command (rank 0 runs it after sending it)."""

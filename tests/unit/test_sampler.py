@@ -198,3 +198,27 @@ def test_nucleus_mask_equals_the_sorted_rule():
                 want.add(t)
                 before += row[t].item()
             assert set(got[i].nonzero().flatten().tolist()) == want, (i, top_p)
+
+
+@pytest.mark.parametrize("settings", [dict(top_k=5), dict(top_p=0.6), dict(min_p=0.2),
+                                      dict(top_k=12, top_p=0.8, min_p=0.05), dict()])
+def test_processed_logprobs_hold_every_drawn_token(settings):
+    """``processed_logprobs`` describe the distribution the draw uses: over many seeds, each
+    drawn token has a finite processed logprob, the kept set is what the filters keep, and the
+    values are a log-softmax of the tempered, filtered logits."""
+    from seesaw_mcore.runtime.sampler import SamplingBatch, process_logits
+
+    logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(4)) * 3
+    specs = [spec(temperature=0.7, seed=s, logprobs=300, **settings) for s in range(64)]
+    toks = sample(logits.expand(64, -1), list(range(64)), specs, mode="processed_logprobs")
+    proc = process_logits(logits.expand(64, -1), SamplingBatch.build(specs, logits.device))[0]
+    kept = torch.isfinite(proc)
+    for t in toks:
+        assert kept[t.token_id] and math.isfinite(t.logprob)
+        assert sum(math.isfinite(v) for v in t.top_logprobs.values()) == int(kept.sum())
+    want = torch.log_softmax(proc, -1)
+    got = torch.tensor([toks[0].top_logprobs.get(i, -math.inf) for i in range(300)])
+    assert torch.allclose(got[kept], want[kept], atol=1e-6)
+    raw = sample(logits, [0], [specs[0]], mode="raw_logits")[0]
+    assert raw.logprob == pytest.approx(float(logits[0, raw.token_id]))
+    assert not kept.all() or not settings  # a filter drops something
