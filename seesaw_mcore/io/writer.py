@@ -61,7 +61,9 @@ class OutputWriter:
                          "stop_reason": o.stop_reason,
                          **({"cumulative_logprob": o.cumulative_logprob,
                              "logprobs": logprobs_json(o.logprobs)}
-                            if o.logprobs is not None else {})}
+                            if o.logprobs is not None else {}),
+                         **({"routed_experts": routed_experts_json(o.routed_experts)}
+                            if o.routed_experts is not None else {})}
                         for o in out.outputs],
             "latency_s": round(out.latency_s, 4),
         }
@@ -133,9 +135,30 @@ def _recover(path: str, key: str = "id") -> tuple[set[str], int]:
 
 def logprobs_json(entries: list | None) -> list | None:
     """Per position ``{token id (str): {"logprob", "rank", "decoded_token"}}`` (``None`` for a
-    prompt's first position): vLLM's ``Logprob`` objects as JSON."""
+    prompt's first position): vLLM's ``Logprob`` objects as JSON (a token a processed
+    ``logprobs_mode`` filtered out, ``-inf``, as ``-9999.0``, vLLM's server value)."""
     if entries is None:
         return None
-    return [None if e is None else {str(t): {"logprob": lp.logprob, "rank": lp.rank,
+    return [None if e is None else {str(t): {"logprob": json_logprob(lp.logprob),
+                                             "rank": lp.rank,
                                              "decoded_token": lp.decoded_token}
                                     for t, lp in e.items()} for e in entries]
+
+
+def json_logprob(value: float) -> float:
+    """A logprob (or logit) JSON can hold: ``-inf`` (a token the sampling filters drop) as
+    ``-9999.0``, as vLLM's server writes it."""
+    return value if value > -9999.0 else -9999.0
+
+
+def routed_experts_json(rows) -> dict:
+    """A completion's routed experts (``[tokens, MoE layers, top_k]`` int16) compactly:
+    ``{"shape", "dtype": "int16", "data"}``, ``data`` the little-endian bytes in base64
+    (``np.frombuffer(base64.b64decode(data), "<i2").reshape(shape)`` reads it back)."""
+    import base64
+
+    import numpy as np
+
+    arr = np.ascontiguousarray(rows, dtype="<i2")
+    return {"shape": list(arr.shape), "dtype": "int16",
+            "data": base64.b64encode(arr.tobytes()).decode("ascii")}

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from seesaw_mcore.engine.request import CompletionOutput, Logprob, RequestOutput
+from seesaw_mcore.io.writer import json_logprob, routed_experts_json
 
 Decode = Callable[[int], str]  # one token id -> its text
 
@@ -65,9 +66,9 @@ class TextLogprobs:
                 self.token_logprobs.append(None)
                 self.top_logprobs.append(None)
                 continue
-            self.token_logprobs.append(entry[tid].logprob)
-            self.top_logprobs.append({_token_text(entry, t, self.decode): lp.logprob
-                                      for t, lp in entry.items()})
+            self.token_logprobs.append(json_logprob(entry[tid].logprob))
+            self.top_logprobs.append({_token_text(entry, t, self.decode):
+                                      json_logprob(lp.logprob) for t, lp in entry.items()})
         return self.body(start)
 
     def body(self, start: int = 0) -> dict:
@@ -80,7 +81,8 @@ def chat_logprobs(ids: list[int], entries: list[dict[int, Logprob]], top: int,
     """A chat choice's ``logprobs`` (``{"content": [...]}``, top ``top`` alternatives)."""
     def item(tid: int, lp: Logprob, entry) -> dict:
         text = _token_text(entry, tid, decode)
-        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode())}
+        return {"token": text, "logprob": json_logprob(lp.logprob),
+                "bytes": list(text.encode())}
 
     content = []
     for tid, entry in zip(ids, entries):
@@ -199,7 +201,8 @@ def generate_body(out: RequestOutput, c: CompletionOutput, decode: Decode,
     """SGLang's ``/generate`` body for one sample: ``text``, ``output_ids``, ``meta_info``
     (finish reason, token counts, per-token logprobs as ``[logprob, id, text|None]``)."""
     def triple(tid: int, lp: Logprob, entry) -> list:
-        return [lp.logprob, tid, _token_text(entry, tid, decode) if with_text else None]
+        return [json_logprob(lp.logprob), tid,
+                _token_text(entry, tid, decode) if with_text else None]
 
     if c.finish_reason == "length":
         reason = {"type": "length", "length": len(c.token_ids)}
@@ -221,6 +224,8 @@ def generate_body(out: RequestOutput, c: CompletionOutput, decode: Decode,
         meta["input_token_logprobs"] = [
             [None, t, None] if e is None or t not in e else triple(t, e[t], e)
             for t, e in zip(out.prompt_token_ids, out.prompt_logprobs)]
+    if c.routed_experts is not None:
+        meta["routed_experts"] = routed_experts_json(c.routed_experts)
     return {"text": c.text, "output_ids": list(c.token_ids), "meta_info": meta}
 
 

@@ -162,3 +162,44 @@ def test_batch_invariant_mode_is_bitwise(results, plan, dtype):
         for name in ("batch", "hit"):
             assert cases[name]["tokens"] == alone["tokens"], (kind, name)
             assert cases[name]["logprobs"] == alone["logprobs"], (kind, name)
+
+
+def test_infer_jsonl_carries_routed_experts_and_processed_logprobs(tmp_path):
+    """``launch/infer.py`` with ``enable_return_routed_experts`` and a processed
+    ``logprobs_mode`` on a Qwen3-MoE with the demo tokenizer: each output's routed experts
+    (base64 int16) equal HF's router choices over its tokens; filtered tokens' logprobs are
+    ``-9999.0``."""
+    import base64
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from seesaw_mcore.bench.models import build_random
+    from tests.conftest import TINY, launch
+
+    model = build_random(str(tmp_path / "moe"), arch="qwen3_moe", num_layers=3, vocab=2048,
+                         seed=21, head_dim=16)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(f"{TINY}/{f}", model)
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": t}) + "\n"
+                           for i, t in enumerate(["The cat", "Once upon a time there"])))
+    proc = launch(1, ["launch.infer", f"model.path={model}", f"data.input={src}",
+                      f"data.output={out}", "enable_return_routed_experts=true",
+                      "logprobs_mode=processed_logprobs", "sampling=random", "sampling.top_k=2",
+                      "sampling.logprobs=3", "sampling.max_tokens=6", "sampling.seed=3"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    for row in map(json.loads, out.read_text().splitlines()):
+        o = row["outputs"][0]
+        enc = o["routed_experts"]
+        got = np.frombuffer(base64.b64decode(enc["data"]), "<i2").reshape(enc["shape"])
+        ids = torch.tensor([row["prompt_token_ids"] + o["token_ids"][:-1]])
+        with torch.no_grad():
+            logits = hf(ids, output_router_logits=True).router_logits
+        want = np.stack([x.topk(2, -1).indices.numpy() for x in logits if x is not None], 1)
+        assert enc["dtype"] == "int16" and np.array_equal(got, want)
+        for step in o["logprobs"]:
+            values = sorted(v["logprob"] for v in step.values())
+            assert values[0] == -9999.0 and all(v > -100 for v in values[1:])

@@ -123,6 +123,31 @@ def test_generate_body():
     assert meta["input_token_logprobs"] == [[None, 1, None], [-0.3, 1, "a"]]
 
 
+def test_generate_body_routed_experts_and_filtered_logprobs_are_json():
+    """Routed experts as base64 int16 with their shape; a processed ``logprobs_mode``'s
+    ``-inf`` (a token the filters drop) as ``-9999.0`` (Starlette refuses non-finite
+    JSON)."""
+    import base64
+    import json
+
+    import numpy as np
+
+    out = _out()
+    c = out.outputs[0]
+    c.logprobs[1][7] = Logprob(float("-inf"), 2)
+    c.routed_experts = np.arange(12, dtype=np.int16).reshape(3, 2, 2)
+    body = json.loads(json.dumps(generate_body(out, c, DECODE, with_text=False),
+                                 allow_nan=False))
+    meta = body["meta_info"]
+    assert meta["output_token_logprobs"][1] == [-9999.0, 7, None]
+    enc = meta["routed_experts"]
+    assert enc["shape"] == [3, 2, 2] and enc["dtype"] == "int16"
+    assert np.array_equal(np.frombuffer(base64.b64decode(enc["data"]), "<i2").reshape(3, 2, 2),
+                          c.routed_experts)
+    b = ResponseBuilder("completions", "cmpl-1", "m", 1, DECODE)
+    json.dumps(b.response([out]), allow_nan=False)
+
+
 class _Engine:
     max_model_len = 64
     weights_version = 0
