@@ -225,21 +225,11 @@ class _Reads:
 
     def load(self) -> None:
         from megatron.core import dist_checkpointing
-        from megatron.core.dist_checkpointing.strategies.common import (
-            TorchCommonLoadStrategy,
-        )
-
-        class _NoCommon(TorchCommonLoadStrategy):
-            """The common state (``common.pt``: training args, optimizer settings) is not
-            needed and not unpickled here (``config/megatron.py`` reads the args)."""
-
-            def load_common(self, checkpoint_dir):
-                return {}
 
         if self.request:  # every rank asks for something (norms at least): same calls
             try:
                 got = dist_checkpointing.load(self.request, self.ckpt.cfg.path,
-                                              common_strategy=_NoCommon(),
+                                              common_strategy=no_common_state(),
                                               validate_access_integrity=False)
             except Exception as e:  # noqa: BLE001 - DCP wraps read errors its own ways
                 raise SeesawError(f"reading {self.ckpt.cfg.path} failed: "
@@ -251,6 +241,19 @@ class _Reads:
             parts = [self.loaded[p] for p in self.groups[handle]]
             return parts[0] if self.ckpt.stacked else torch.stack(parts)
         return self.loaded[handle]
+
+
+def no_common_state():
+    """A ``dist_checkpointing.load`` common strategy that skips the common state
+    (``common.pt``: training args, optimizer settings), which is not needed and not
+    unpickled here (``config/megatron.py`` reads the args)."""
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    class _NoCommon(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            return {}
+
+    return _NoCommon()
 
 
 def _pad_rows(rows: torch.Tensor, n: int) -> torch.Tensor:

@@ -27,63 +27,8 @@ import sys
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file
 
-
-def hf_tensors(path: str) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(os.listdir(path)):
-        if f.endswith(".safetensors"):
-            out.update(load_file(os.path.join(path, f)))
-    return out
-
-
-def padded_vocab(vocab: int, tp: int) -> int:
-    """Megatron-LM's padding: a multiple of 128 x TP (--make-vocab-size-divisible-by 128)."""
-    return -(-vocab // (128 * tp)) * 128 * tp
-
-
-def megatron_params(hf: dict[str, torch.Tensor], cfg, tp: int, tp_rank: int, first_layer: int,
-                    num_local: int, first: bool, last: bool) -> dict[str, torch.Tensor]:
-    """The local parameters of megatron-core's ``GPTModel`` (local spec) for this rank, from
-    full HF tensors: q/k/v interleaved per KV group, gate and up fused in ``linear_fc1``."""
-    h, heads, groups = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
-    d = h // heads
-    qpg = heads // groups
-
-    def rows(t: torch.Tensor) -> torch.Tensor:
-        return t.chunk(tp, 0)[tp_rank]
-
-    def vocab(t: torch.Tensor) -> torch.Tensor:
-        noise = torch.randn(padded_vocab(t.shape[0], tp) - t.shape[0], h,
-                            generator=torch.Generator().manual_seed(9))
-        return rows(torch.cat([t, 100 * noise]))  # padding rows must never be read
-
-    out = {}
-    if first:
-        out["embedding.word_embeddings.weight"] = vocab(hf["model.embed_tokens.weight"])
-    for j in range(num_local):
-        p, q = f"model.layers.{first_layer + j}.", f"decoder.layers.{j}."
-        for kind in ("weight", "bias"):
-            if p + f"self_attn.q_proj.{kind}" not in hf:
-                continue
-            qw = hf[p + f"self_attn.q_proj.{kind}"].unflatten(0, (groups, qpg * d))
-            kw = hf[p + f"self_attn.k_proj.{kind}"].unflatten(0, (groups, d))
-            vw = hf[p + f"self_attn.v_proj.{kind}"].unflatten(0, (groups, d))
-            out[q + f"self_attention.linear_qkv.{kind}"] = rows(
-                torch.cat([qw, kw, vw], 1).flatten(0, 1))
-        out[q + "self_attention.linear_proj.weight"] = hf[p + "self_attn.o_proj.weight"].chunk(
-            tp, 1)[tp_rank]
-        out[q + "mlp.linear_fc1.weight"] = torch.cat([rows(hf[p + "mlp.gate_proj.weight"]),
-                                                      rows(hf[p + "mlp.up_proj.weight"])])
-        out[q + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"].chunk(tp, 1)[tp_rank]
-        out[q + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]
-        out[q + "pre_mlp_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
-    if last:
-        out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
-        head = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-        out["output_layer.weight"] = vocab(hf[head])
-    return out
+from seesaw_mcore.tools.mcore_reference import hf_tensors, megatron_params, padded_vocab
 
 
 def save(hf_path: str, out: str, tp: int, pp: int, per_layer_keys: bool,
