@@ -70,11 +70,12 @@ def memcpy_gbps(nbytes: int = 256 * 2**20, repeats: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def timed_generate(llm, prompts: list[list[int]], max_tokens: int) -> float:
-    """Wall seconds of one greedy ``generate`` of ``prompts`` over every rank."""
+def timed_generate(llm, prompts: list[list[int]], max_tokens: int, sp=None) -> float:
+    """Wall seconds of one ``generate`` of ``prompts`` over every rank (``sp``: its
+    ``SamplingParams``; default greedy)."""
     from seesaw_mcore import SamplingParams
 
-    sp = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    sp = sp or SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     dist.barrier()
     t0 = time.perf_counter()
     llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)

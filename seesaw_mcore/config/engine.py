@@ -78,6 +78,9 @@ class EngineConfig:
             raise SeesawError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.plan != "auto":
             self.plan = PhasePlan.from_string(self.plan).to_string()
+        if not isinstance(self.enable_return_routed_experts, bool):
+            raise SeesawError(f"enable_return_routed_experts must be true or false, got "
+                              f"{self.enable_return_routed_experts!r}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise SeesawError(f"logprobs_mode must be one of {', '.join(LOGPROBS_MODES)}, got "
                               f"{self.logprobs_mode!r}")

@@ -225,6 +225,10 @@ class RuntimeConfig:
     def __post_init__(self) -> None:
         if self.dist_timeout_s <= 0:
             raise SeesawError(f"runtime.dist_timeout_s must be > 0, got {self.dist_timeout_s}")
+        for name in ("verbose", "enforce_eager", "batch_invariant"):
+            if not isinstance(getattr(self, name), bool):
+                raise SeesawError(f"runtime.{name} must be true or false, got "
+                                  f"{getattr(self, name)!r}")
 
 
 def resolve_path(path: str, repo: str) -> str:

@@ -56,6 +56,9 @@ class Engine:
                  plans: Iterable[PhasePlan] = ()) -> None:
         self.config = config
         self.model_cfg = config.model.open()
+        if config.enable_return_routed_experts and not self.model_cfg.num_experts:
+            raise SeesawError(f"enable_return_routed_experts needs a mixture-of-experts model; "
+                              f"{self.model_cfg.architecture} has no experts")
         self.plans = list(dict.fromkeys(plans)) or [config.phase_plan()]
         for p in self.plans:
             self.model_cfg.check_plan(p)

@@ -6,9 +6,11 @@ that does not depend on the number of rows. On CPU ranks, measured on this proje
 machines (``tests/unit/test_invariant.py`` checks it wherever the suite runs):
 
 - float32 GEMMs (MKL ``sgemm``) take one path for 1 row, another for 2-3 rows and a third,
-  row-independent, from 4 rows on; the oneDNN-packed float32 linear (``CPUPackedLinear``)
-  already pads to 16 rows; bfloat16 GEMMs (oneDNN) are row-independent from 1 row. So every
-  linear pads its rows to at least ``MIN_ROWS`` (``linear``).
+  row-independent, from 4 rows on; bfloat16 GEMMs (oneDNN) are row-independent from 1 row.
+  So every linear pads its rows to at least ``MIN_ROWS`` (``linear``) and runs ``F.linear``
+  - the GEMM megatron-core's ``torch.matmul`` runs, so a trainer's linears give the same
+  bits (``tools/op_gap.py``) - not the oneDNN-packed float32 path (``CPUPackedLinear``),
+  whose blocking differs from MKL's for some shapes.
 - a row reduction over a long row (an RMSNorm of a wide hidden state) is split across intra-op
   threads when the output has a single element: norms pad their rows as linears do.
 - attention: every query goes through the paged C++ kernel (``model/cpu_attention.py``),

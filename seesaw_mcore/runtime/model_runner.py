@@ -92,9 +92,6 @@ class ModelRunner:
                 "runtime.batch_invariant needs the CPU paged-attention extension, which "
                 "could not be built here (a C++ compiler)")
         invariant.enable(options.batch_invariant)
-        if options.routed_experts and not cfg.num_experts:
-            raise SeesawError(f"enable_return_routed_experts needs a mixture-of-experts model; "
-                              f"{cfg.architecture} has no experts")
         self._routes: torch.Tensor | None = None  # [T, MoE layers, k] the last stage's
         self.store = store or ShardStore(open_checkpoint(cfg), self.layouts, dist.get_rank(),
                                          dtype)
@@ -234,6 +231,7 @@ class ModelRunner:
         Returns:
             ``[N, vocab]`` float32 logits on the last stage's ranks, ``None`` elsewhere.
         """
+        invariant.enable(self.options.batch_invariant)  # (per process: engines may differ)
         sends: list = []
         hidden, _ = self._stage(input_ids, query_lens, context_lens, block_tables, sends)
         for work, _buf in sends:
@@ -258,6 +256,7 @@ class ModelRunner:
         Returns:
             The sampled tokens on the last stage's TP rank 0, ``None`` on other ranks.
         """
+        invariant.enable(self.options.batch_invariant)  # (per process: engines may differ)
         self.transfer.drain()
         if step.evict:
             self.transfer.submit(lambda: self._swap(step.evict, to_tier=True))

@@ -312,6 +312,8 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     Returns:
         ``[N, V]`` float32.
     """
+    if not batch.any_random:  # every row greedy: nothing to apply
+        return logits
     n, vocab = logits.shape
     sampled = (batch.temperature > 0).unsqueeze(1)  # [N, 1]
     scores = logits / torch.where(batch.temperature > 0, batch.temperature, 1.0).unsqueeze(1)

@@ -25,18 +25,19 @@ KERNELS = {
     "rope (k)": ("q * cos + rotate_half(q) * sin, HF tables", "apply_rotary_pos_emb"),
     "core_attention": ("paged C++ kernel: per-query softmax, keys in order",
                        "DotProductAttention: baddbmm, fused softmax, bmm"),
-    "linear_proj": ("oneDNN packed sgemm", "torch.matmul (MKL sgemm)"),
+    "linear_proj": ("F.linear (MKL sgemm), rows padded to 16", "torch.matmul (MKL sgemm)"),
     "pre_mlp_layernorm": ("RMSNorm, float32 mean of squares", "torch.nn.RMSNorm"),
-    "linear_fc1": ("oneDNN packed sgemm", "torch.matmul (MKL sgemm)"),
+    "linear_fc1": ("F.linear (MKL sgemm), rows padded to 16", "torch.matmul (MKL sgemm)"),
     "swiglu": ("silu(gate) * up", "megatron glu: silu(gate) * up"),
-    "linear_fc2": ("oneDNN packed sgemm", "torch.matmul (MKL sgemm)"),
+    "linear_fc2": ("F.linear (MKL sgemm), rows padded to 16", "torch.matmul (MKL sgemm)"),
     "final_layernorm": ("RMSNorm, float32 mean of squares", "torch.nn.RMSNorm"),
-    "output_layer": ("oneDNN packed sgemm", "torch.matmul (MKL sgemm)"),
+    "output_layer": ("F.linear (MKL sgemm), rows padded to 16", "torch.matmul (MKL sgemm)"),
 }
 
 
 class _Linear(CPUPackedLinear):
-    """The engine's linear for a weight (packed for oneDNN on CPU ranks, as its stages)."""
+    """The engine's linear for a weight, as its stages run it (batch-invariant mode:
+    ``F.linear`` on at least 16 rows)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight

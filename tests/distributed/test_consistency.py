@@ -164,24 +164,49 @@ def test_batch_invariant_mode_is_bitwise(results, plan, dtype):
             assert cases[name]["logprobs"] == alone["logprobs"], (kind, name)
 
 
-def test_infer_jsonl_carries_routed_experts_and_processed_logprobs(tmp_path):
+@pytest.fixture(scope="module")
+def moe_with_tokenizer(tmp_path_factory) -> str:
+    """A random Qwen3-MoE with the demo model's vocabulary size and tokenizer."""
+    import shutil
+
+    from seesaw_mcore.bench.models import build_random
+    from tests.conftest import TINY
+
+    model = build_random(str(tmp_path_factory.mktemp("moe") / "moe"), arch="qwen3_moe",
+                         num_layers=3, vocab=2048, seed=21, head_dim=16)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(f"{TINY}/{f}", model)
+    return model
+
+
+def hf_router_choices(model: str, ids: list[int]) -> np.ndarray:
+    """HF's top-k expert ids ``[T, MoE layers, k]`` over ``ids``."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(torch.tensor([ids]), output_router_logits=True).router_logits
+    k = hf.config.num_experts_per_tok
+    return np.stack([x.topk(k, -1).indices.numpy() for x in logits if x is not None], 1)
+
+
+def decode_routed(enc: dict) -> np.ndarray:
+    import base64
+
+    assert enc["dtype"] == "int16"
+    return np.frombuffer(base64.b64decode(enc["data"]), "<i2").reshape(enc["shape"])
+
+
+def test_infer_jsonl_carries_routed_experts_and_processed_logprobs(moe_with_tokenizer, tmp_path):
     """``launch/infer.py`` with ``enable_return_routed_experts`` and a processed
     ``logprobs_mode`` on a Qwen3-MoE with the demo tokenizer: each output's routed experts
     (base64 int16) equal HF's router choices over its tokens; filtered tokens' logprobs are
     ``-9999.0``."""
-    import base64
     import json
-    import shutil
 
-    from transformers import AutoModelForCausalLM
+    from tests.conftest import launch
 
-    from seesaw_mcore.bench.models import build_random
-    from tests.conftest import TINY, launch
-
-    model = build_random(str(tmp_path / "moe"), arch="qwen3_moe", num_layers=3, vocab=2048,
-                         seed=21, head_dim=16)
-    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-        shutil.copy(f"{TINY}/{f}", model)
+    model = moe_with_tokenizer
     src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text("".join(json.dumps({"id": f"r{i}", "prompt": t}) + "\n"
                            for i, t in enumerate(["The cat", "Once upon a time there"])))
@@ -190,16 +215,43 @@ def test_infer_jsonl_carries_routed_experts_and_processed_logprobs(tmp_path):
                       "logprobs_mode=processed_logprobs", "sampling=random", "sampling.top_k=2",
                       "sampling.logprobs=3", "sampling.max_tokens=6", "sampling.seed=3"])
     assert proc.returncode == 0, proc.stderr[-2000:]
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
     for row in map(json.loads, out.read_text().splitlines()):
         o = row["outputs"][0]
-        enc = o["routed_experts"]
-        got = np.frombuffer(base64.b64decode(enc["data"]), "<i2").reshape(enc["shape"])
-        ids = torch.tensor([row["prompt_token_ids"] + o["token_ids"][:-1]])
-        with torch.no_grad():
-            logits = hf(ids, output_router_logits=True).router_logits
-        want = np.stack([x.topk(2, -1).indices.numpy() for x in logits if x is not None], 1)
-        assert enc["dtype"] == "int16" and np.array_equal(got, want)
+        want = hf_router_choices(model, row["prompt_token_ids"] + o["token_ids"][:-1])
+        assert np.array_equal(decode_routed(o["routed_experts"]), want)
         for step in o["logprobs"]:
             values = sorted(v["logprob"] for v in step.values())
             assert values[0] == -9999.0 and all(v > -100 for v in values[1:])
+
+
+def test_server_generate_returns_routed_experts_and_processed_logprobs(moe_with_tokenizer):
+    """``launch/serve.py`` on two ranks (``P2:T2``) with both options: ``/generate``'s
+    ``meta_info.routed_experts`` equal HF's router choices; ``/v1/completions`` logprobs of
+    filtered tokens are ``-9999.0`` (valid JSON)."""
+    import httpx
+
+    from tests.distributed.test_server import Server
+
+    server = Server(2, [f"model.path={moe_with_tokenizer}", "plan=P2:T2",
+                        "cache.host_kv_tokens=4096", "enable_return_routed_experts=true",
+                        "logprobs_mode=processed_logprobs"])
+    try:
+        ids = [[1, 5, 9, 33, 7, 100, 200], [3, 4, 5]]
+        r = httpx.post(f"{server.url}/generate", json={
+            "input_ids": ids, "return_logprob": True, "top_logprobs_num": 3,
+            "sampling_params": {"max_new_tokens": 6, "temperature": 1.0, "top_k": 2,
+                                "sampling_seed": 1}}, timeout=60)
+        assert r.status_code == 200, r.text
+        for prompt, got in zip(ids, r.json()):
+            want = hf_router_choices(moe_with_tokenizer, prompt + got["output_ids"][:-1])
+            assert np.array_equal(decode_routed(got["meta_info"]["routed_experts"]), want)
+            tops = got["meta_info"]["output_top_logprobs"]
+            assert all(sorted(x[0] for x in step)[0] == -9999.0 for step in tops)
+        r = httpx.post(f"{server.url}/v1/completions", json={
+            "prompt": "The cat", "max_tokens": 4, "top_k": 2,
+            "logprobs": 3, "seed": 2}, timeout=60)
+        assert r.status_code == 200, r.text
+        top = r.json()["choices"][0]["logprobs"]["top_logprobs"]
+        assert all(min(step.values()) == -9999.0 for step in top)
+    finally:
+        server.kill()

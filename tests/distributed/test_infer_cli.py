@@ -149,6 +149,10 @@ ERRORS = [
     (["cache.disk_path=/tmp"], "error: cache.disk_path needs a re-sharding plan; plan T1 is "
                                "static (its KV stays on the device)"),
     (["data.prompt_template=Question"], "error: data.prompt_template must contain {prompt}"),
+    (["enable_return_routed_experts=true"], "error: enable_return_routed_experts needs a "
+     "mixture-of-experts model; LlamaForCausalLM has no experts"),
+    (["logprobs_mode=processed"], "error: logprobs_mode must be one of raw_logprobs, raw_logits, "
+     "processed_logprobs, processed_logits, got 'processed'"),
 ]
 
 

@@ -84,6 +84,11 @@ def test_plan_string_round_trip():
                          "prefill_first, decode_first, got 'fifo'"),
     ({"plan": "auto", "auto_candidates": 0}, "auto_candidates must be >= 1, got 0"),
     ({"auto_trial_steps": 0}, "auto_trial_steps must be >= 1, got 0"),
+    ({"logprobs_mode": "processed"}, "logprobs_mode must be one of raw_logprobs, raw_logits, "
+     "processed_logprobs, processed_logits, got 'processed'"),
+    ({"batch_invariant": "yes"}, "runtime.batch_invariant must be true or false, got 'yes'"),
+    ({"enable_return_routed_experts": 1},
+     "enable_return_routed_experts must be true or false, got 1"),
     ({"enable_prefix_caching": "maybe"},
      "cache.enable_prefix_caching must be true or false, got 'maybe'"),
 ])
