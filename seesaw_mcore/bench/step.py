@@ -84,7 +84,7 @@ def host_cost(batch: int = 256, context: int = 512, block_size: int = 16,
     from seesaw_mcore.engine.scheduler import ReplicaScheduler
     from seesaw_mcore.kv.block_pool import BlockPool
     from seesaw_mcore.model.attention import AttentionMetadata
-    from seesaw_mcore.runtime.sampler import SamplingBatch
+    from seesaw_mcore.runtime.sampling_batch import SamplingBatch
     from seesaw_mcore.runtime.step_codec import SeqMirror, decode_step, encode_step
     from seesaw_mcore.sampling_params import SamplingParams
 

@@ -6,11 +6,10 @@ that does not depend on the number of rows. On CPU ranks, measured on this proje
 machines (``tests/unit/test_invariant.py`` checks it wherever the suite runs):
 
 - float32 GEMMs (MKL ``sgemm``) take one path for 1 row, another for 2-3 rows and a third,
-  row-independent, from 4 rows on; bfloat16 GEMMs (oneDNN) are row-independent from 1 row.
-  So every linear pads its rows to at least ``MIN_ROWS`` (``linear``) and runs ``F.linear``
-  - the GEMM megatron-core's ``torch.matmul`` runs, so a trainer's linears give the same
-  bits (``tools/op_gap.py``) - not the oneDNN-packed float32 path (``CPUPackedLinear``),
-  whose blocking differs from MKL's for some shapes.
+  row-independent, from 4 rows on; the oneDNN-packed float32 linear (``CPUPackedLinear``,
+  the default on CPU ranks) pads to 16 rows already; bfloat16 GEMMs (oneDNN) are
+  row-independent from 1 row. So every linear pads its rows to at least ``MIN_ROWS``
+  (``linear``).
 - a row reduction over a long row (an RMSNorm of a wide hidden state) is split across intra-op
   threads when the output has a single element: norms pad their rows as linears do.
 - attention: every query goes through the paged C++ kernel (``model/cpu_attention.py``),
@@ -39,6 +38,21 @@ def enable(on: bool) -> None:
     """Turns batch-invariant mode on or off for this process."""
     global _enabled
     _enabled = bool(on)
+
+
+def check_device(device: torch.device) -> None:
+    """One-line error unless this rank can run the mode: CPU ranks with the paged-attention
+    extension (a GPU's GEMMs pick split-K and tiles by the row count)."""
+    from seesaw_mcore.errors import SeesawError
+    from seesaw_mcore.model import cpu_attention
+
+    if device.type != "cpu":
+        raise SeesawError(f"runtime.batch_invariant runs on CPU ranks only for now (this rank "
+                          f"runs on {device.type}, whose GEMMs' reduction order follows the "
+                          f"row count)")
+    if not cpu_attention.available():
+        raise SeesawError("runtime.batch_invariant needs the CPU paged-attention extension, "
+                          "which could not be built here (a C++ compiler)")
 
 
 def enabled() -> bool:

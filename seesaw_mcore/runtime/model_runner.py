@@ -21,7 +21,6 @@ from seesaw_mcore.contract import (
     SampledToken,
     SchedulerOutput,
 )
-from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.copier import KVCopier
 from seesaw_mcore.kv.transfer import CopyQueue
 from seesaw_mcore.model import cpu_attention, invariant
@@ -32,6 +31,7 @@ from seesaw_mcore.runtime import groups, memory
 from seesaw_mcore.runtime.cuda_graphs import DecodeGraphs
 from seesaw_mcore.runtime.kv_buffer import KVBuffer
 from seesaw_mcore.runtime.prompt_logprobs import attach_prompt_logprobs
+from seesaw_mcore.runtime.routes import attach_routes, stage_routes
 from seesaw_mcore.runtime.sampler import sample
 from seesaw_mcore.runtime.weights import ShardStore
 
@@ -83,14 +83,8 @@ class ModelRunner:
         self.options = options = options or RunOptions()
         if self.device.type == "cpu":  # build (once per machine) before the first step
             cpu_attention.available()
-        if options.batch_invariant and not (self.device.type == "cpu"
-                                            and cpu_attention.available()):
-            raise SeesawError(
-                "runtime.batch_invariant needs CPU ranks with the paged-attention extension "
-                f"(this rank runs on {self.device.type}: its GEMMs' reduction order follows "
-                "the row count)" if self.device.type != "cpu" else
-                "runtime.batch_invariant needs the CPU paged-attention extension, which "
-                "could not be built here (a C++ compiler)")
+        if options.batch_invariant:
+            invariant.check_device(self.device)
         invariant.enable(options.batch_invariant)
         self._routes: torch.Tensor | None = None  # [T, MoE layers, k] the last stage's
         self.store = store or ShardStore(open_checkpoint(cfg), self.layouts, dist.get_rank(),
@@ -291,7 +285,7 @@ class ModelRunner:
                 mb_tokens = sample(logits, [s.seq_id for s in mb], [s.sampling for s in mb],
                                    mode)
                 if self._routes is not None:
-                    _attach_routes(mb_tokens, qlens, self._routes)
+                    attach_routes(mb_tokens, qlens, self._routes)
                 sampled += mb_tokens
             else:
                 mb_tokens = [None] * len(mb)
@@ -328,7 +322,8 @@ class ModelRunner:
             x = torch.empty(t, self.cfg.hidden_size, dtype=self.dtype, device=dev)
             dist.recv(x, src=info.prev_rank)  # [T, H]
         hidden = self.model(x, meta.positions, self.kv_cache, meta, after_attention)  # [T, H]
-        routes = self._stage_routes(t) if self.options.routed_experts else None
+        routes = stage_routes(self.model, self.cfg, info, t) if self.options.routed_experts \
+            else None
         if info.is_last_stage:
             self._routes = routes
             return hidden, meta
@@ -337,17 +332,6 @@ class ModelRunner:
         if routes is not None and routes.shape[1]:
             sends.append((dist.isend(routes, dst=info.next_rank), routes))
         return None, meta
-
-    def _stage_routes(self, tokens: int) -> torch.Tensor:
-        """``[T, MoE layers up to this stage's last, top_k]`` int16: the earlier stages'
-        expert ids (received after the hidden states, in the same order) and this one's."""
-        mine = self.model.routes(tokens)
-        before = sum(map(self.cfg.is_moe_layer, range(self.model.layer_range[0])))
-        if not before:
-            return mine.contiguous()
-        prev = torch.empty(tokens, before, mine.shape[2], dtype=torch.int16, device=mine.device)
-        dist.recv(prev, src=self.info.prev_rank)
-        return torch.cat([prev, mine], dim=1)
 
     def _decode_graphs(self, query_lens: list[int], after_attention) -> DecodeGraphs | None:
         """The live stage's decode graphs when this step can replay one: a decode step (one
@@ -364,13 +348,3 @@ class ModelRunner:
             self._graphs_for = self.kv.version
         return self._graphs
 
-
-def _attach_routes(tokens: list[SampledToken], query_lens: list[int], routes: torch.Tensor
-                   ) -> None:
-    """Each sequence's rows of the micro-batch's ``routes`` ``[T, L, k]`` (its tokens fed
-    this step, in order) as int16 bytes on its sampled token."""
-    data = routes.cpu().numpy()
-    start = 0
-    for tok, n in zip(tokens, query_lens):
-        tok.routed = data[start:start + n].tobytes()
-        start += n

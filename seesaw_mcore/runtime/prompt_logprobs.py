@@ -10,7 +10,8 @@ import torch
 
 from seesaw_mcore import h2d
 from seesaw_mcore.contract import SampledToken, SamplingSpec, ScheduledSeq
-from seesaw_mcore.runtime.sampler import SamplingBatch, logprob_rows, logprob_source
+from seesaw_mcore.runtime.logprobs import logprob_rows, logprob_source
+from seesaw_mcore.runtime.sampling_batch import SamplingBatch
 
 PROMPT_CHUNK = 1024  # prompt positions whose [rows, V] log-softmax is held at once
 

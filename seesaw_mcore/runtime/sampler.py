@@ -14,18 +14,17 @@ depend on the batch it runs in, the parallel layout, or preemption.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from seesaw_mcore import h2d
 from seesaw_mcore.contract import SampledToken, SamplingSpec
+from seesaw_mcore.runtime.logprobs import logprob_rows, logprob_source, nucleus
+from seesaw_mcore.runtime.sampling_batch import SamplingBatch
 
 _M64 = (1 << 64) - 1
 # Top-p / min-p without top-k: the most likely tokens looked at first; when they hold every
 # row's nucleus (almost always with a trained model), no sort of the whole vocabulary.
 CANDIDATES = 1024
-NUCLEUS_BITS = 13  # a probability's sign, exponent and 4 mantissa bits: 8,192 bins
 
 
 def _i64(x: int) -> int:
@@ -71,45 +70,6 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab_ids: torch.Tenso
 
 def _gumbel(batch: "SamplingBatch", vocab_ids: torch.Tensor) -> torch.Tensor:
     return -torch.log(-torch.log(uniform_noise(batch.seed, batch.step, vocab_ids)))
-
-
-@dataclass
-class SamplingBatch:
-    """One step's sampling settings as per-row tensors on the device.
-
-    Built from the rows' ``SamplingSpec`` in two host -> device copies.
-    """
-
-    temperature: torch.Tensor  # [N] float32, 0 = greedy
-    top_p: torch.Tensor  # [N] float32, 1 = off
-    min_p: torch.Tensor  # [N] float32, 0 = off
-    top_k: torch.Tensor  # [N] int64, <= 0 = off
-    seed: torch.Tensor  # [N] int64
-    step: torch.Tensor  # [N] int64
-    any_random: bool  # some row samples (else argmax only)
-    any_filter: bool  # some sampled row uses top-k / top-p / min-p (else no sort)
-    all_top_k: int  # every sampled row has top-k on: the largest k (0: some row has not)
-    any_top_k: bool  # some sampled row has top-k on
-    max_logprobs: int | None  # most top-k logprobs any row asks for; None: no row asks
-    want_logprobs: list[bool]  # per row
-
-    @classmethod
-    def build(cls, specs: list[SamplingSpec], device: torch.device) -> "SamplingBatch":
-        """Packs per-row settings (host Python over the rows, two tensor copies)."""
-        floats = h2d.tensor([(s.temperature, s.top_p, s.min_p) for s in specs],
-                            torch.float32, device)  # [N, 3]
-        ints = h2d.tensor([(s.top_k, s.seed & ((1 << 63) - 1), s.step) for s in specs],
-                          torch.int64, device)  # [N, 3]
-        rand = [s.temperature > 0 for s in specs]
-        filt = any(r and (s.top_k > 0 or s.top_p < 1 or s.min_p > 0)
-                   for r, s in zip(rand, specs))
-        asks = [s.logprobs for s in specs if s.logprobs is not None]
-        ks = [s.top_k if s.top_k > 0 else 0 for r, s in zip(rand, specs) if r]
-        return cls(floats[:, 0], floats[:, 1], floats[:, 2], ints[:, 0], ints[:, 1],
-                   ints[:, 2], any(rand), filt, max(ks) if ks and min(ks) > 0 else 0,
-                   any(k > 0 for k in ks),
-                   max(asks) if asks else None,
-                   [s.logprobs is not None for s in specs])
 
 
 def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -204,44 +164,6 @@ def _sample_masked(scores: torch.Tensor, batch: SamplingBatch, greedy: torch.Ten
     return torch.where(batch.temperature > 0, noisy.argmax(dim=-1), greedy)
 
 
-def nucleus(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """``[N, V]`` bool: each row's top-p nucleus - tokens in descending probability (ties:
-    lower id first) while the mass before them is below ``top_p`` - found without sorting the
-    vocabulary: non-negative floats order as their bits, so a histogram of the high bits
-    (``NUCLEUS_BITS``: sign, exponent and a few mantissa bits) finds the bin where the mass
-    crosses ``top_p``; bins above it are kept, bins below
-    dropped, and only the crossing bin's few tokens are sorted. Masses in float64.
-
-    Args:
-        probs: ``[N, V]`` float32 probabilities.
-        top_p: ``[N]`` (1: every token).
-    """
-    n = probs.shape[0]
-    bits = probs.view(torch.int32)  # [N, V], >= 0
-    hi = (bits >> (32 - NUCLEUS_BITS)).long()  # [N, V] bins
-    p64 = probs.double()
-    mass = torch.zeros(n, 1 << NUCLEUS_BITS, dtype=torch.float64, device=probs.device)
-    mass.scatter_add_(1, hi, p64)  # [N, B]
-    incl = mass.flip(1).cumsum(1).flip(1)  # [N, B] mass of bins >= b
-    want = top_p.double().unsqueeze(1)  # [N, 1]
-    cross = (incl >= want).sum(1) - 1  # [N] the last bin whose upper mass reaches top_p
-    keep = hi > cross.unsqueeze(1)  # [N, V]
-    edge = hi == cross.unsqueeze(1)  # [N, V] the crossing bin's tokens
-    r, c = edge.nonzero(as_tuple=True)  # row-major: ids ascending within a row
-    if r.numel():
-        key = (r << 32) | (0x7FFFFFFF - bits[r, c]).long()  # row, then probability desc
-        order = key.sort(stable=True).indices  # (stable: lower ids first among ties)
-        r, c = r[order], c[order]
-        p = p64[r, c]
-        before = p.cumsum(0) - p  # [M] over the rows' runs; minus each run's start:
-        start = torch.searchsorted(r, r)  # [M] first index of each element's row
-        before = before - before[start]
-        above = incl[r, cross[r]] - mass[r, cross[r]]  # mass of the bins above
-        kept = above + before < want[r, 0]
-        keep[r[kept], c[kept]] = True
-    return keep | (top_p >= 1).unsqueeze(1)
-
-
 def _sort_descending(probs: torch.Tensor) -> torch.Tensor:
     """``[N, V]`` each row's vocab ids by descending probability (ties: lower id first), as
     one stable sort of ``[N * V]`` int64 keys (row, then the probability's float32 bits,
@@ -297,69 +219,6 @@ def apply_penalties(logits: torch.Tensor, specs: list[SamplingSpec]) -> torch.Te
     if ban:
         flat[ban_k] = float("-inf")
     return out
-
-
-def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """The distribution each row is sampled from, as logits (vLLM's ``processed_logits``):
-    sampled rows divided by their temperature, tokens outside their top-k, top-p nucleus
-    (of the top-k renormalized, as the draw applies them) or min-p set to ``-inf``; greedy
-    rows as given. Computed over the whole vocabulary (``logprobs_mode`` processed only).
-
-    Args:
-        logits: ``[N, V]`` float32 logits (penalties applied).
-        batch: the rows' settings.
-
-    Returns:
-        ``[N, V]`` float32.
-    """
-    if not batch.any_random:  # every row greedy: nothing to apply
-        return logits
-    n, vocab = logits.shape
-    sampled = (batch.temperature > 0).unsqueeze(1)  # [N, 1]
-    scores = logits / torch.where(batch.temperature > 0, batch.temperature, 1.0).unsqueeze(1)
-    k = torch.where(sampled.squeeze(1) & (batch.top_k > 0), batch.top_k.clamp(max=vocab),
-                    vocab)  # [N]
-    kmax = int(k.max())
-    if kmax < vocab or bool((k < vocab).any()):
-        kth = scores.topk(kmax, dim=-1).values.gather(1, (k - 1).unsqueeze(1))  # [N, 1]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    probs = scores.softmax(dim=-1)  # [N, V] over each row's top-k
-    top_p = torch.where(sampled.squeeze(1), batch.top_p, 1.0)  # [N]
-    keep = nucleus(probs, top_p)
-    keep &= probs >= (batch.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True))
-    keep |= ~sampled  # greedy rows: every token
-    return scores.masked_fill(~keep, float("-inf"))
-
-
-def logprob_source(logits: torch.Tensor, mode: str, batch: SamplingBatch | None
-                   ) -> torch.Tensor:
-    """``[N, V]`` the values returned as logprobs under ``mode`` (``LOGPROBS_MODES``), from
-    raw ``logits`` (processed modes: with penalties applied) and the rows' settings."""
-    if mode.startswith("processed"):
-        logits = process_logits(logits, batch)
-    return logits if mode.endswith("logits") else torch.log_softmax(logits, dim=-1)
-
-
-def logprob_rows(values: torch.Tensor, chosen_ids: torch.Tensor, k: int) -> list[list[float]]:
-    """Per row: the chosen token's value and rank and the top ``k``, in one device -> host
-    transfer.
-
-    Args:
-        values: ``[N, V]`` logprobs (or logits: ``logprobs_mode``).
-        chosen_ids: ``[N]`` int64 the token each row reports on.
-        k: top alternatives per row.
-
-    Returns:
-        ``N`` rows ``[id, value, rank, k top ids, k top values]``.
-    """
-    chosen = values.gather(1, chosen_ids.unsqueeze(1))  # [N, 1]
-    rank = (values > chosen).sum(dim=1, keepdim=True) + 1  # [N, 1]
-    cols = [chosen_ids.double().unsqueeze(1), chosen.double(), rank.double()]
-    k = min(k, values.shape[-1])
-    if k:
-        top = values.topk(k, dim=-1)  # [N, k]
-        cols += [top.indices.double(), top.values.double()]
-    return torch.cat(cols, dim=1).tolist()
 
 
 def sample(logits: torch.Tensor, seq_ids: list[int], specs: list[SamplingSpec],

@@ -90,7 +90,8 @@ def _hf_model(path: str, dtype: torch.dtype):
     if key not in _MODELS:
         from transformers import AutoModelForCausalLM
 
-        _MODELS[key] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+        _MODELS[key] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
+                                                            use_safetensors=True).eval()
     return _MODELS[key]
 
 

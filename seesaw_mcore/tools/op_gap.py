@@ -13,11 +13,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from seesaw_mcore import env
 from seesaw_mcore.config import ModelConfig
 from seesaw_mcore.model import cpu_attention, invariant
 from seesaw_mcore.model.layers import CPUPackedLinear, RMSNorm, apply_rotary, rope_tables
 from seesaw_mcore.tools.mcore_reference import on_cpu
 
+# the engine's float32 linear on CPU ranks (``SEESAW_CPU_PACKED_LINEAR=0``: ``F.linear``)
+LINEAR = "oneDNN packed sgemm" if env.cpu_packed_linear() else "F.linear (MKL sgemm)"
 # op -> (the engine's kernel, megatron-core's)
 KERNELS = {
     "input_layernorm": ("RMSNorm, float32 mean of squares", "torch.nn.RMSNorm"),
@@ -25,19 +28,19 @@ KERNELS = {
     "rope (k)": ("q * cos + rotate_half(q) * sin, HF tables", "apply_rotary_pos_emb"),
     "core_attention": ("paged C++ kernel: per-query softmax, keys in order",
                        "DotProductAttention: baddbmm, fused softmax, bmm"),
-    "linear_proj": ("F.linear (MKL sgemm), rows padded to 16", "torch.matmul (MKL sgemm)"),
+    "linear_proj": (LINEAR, "torch.matmul (MKL sgemm)"),
     "pre_mlp_layernorm": ("RMSNorm, float32 mean of squares", "torch.nn.RMSNorm"),
-    "linear_fc1": ("F.linear (MKL sgemm), rows padded to 16", "torch.matmul (MKL sgemm)"),
+    "linear_fc1": (LINEAR, "torch.matmul (MKL sgemm)"),
     "swiglu": ("silu(gate) * up", "megatron glu: silu(gate) * up"),
-    "linear_fc2": ("F.linear (MKL sgemm), rows padded to 16", "torch.matmul (MKL sgemm)"),
+    "linear_fc2": (LINEAR, "torch.matmul (MKL sgemm)"),
     "final_layernorm": ("RMSNorm, float32 mean of squares", "torch.nn.RMSNorm"),
-    "output_layer": ("F.linear (MKL sgemm), rows padded to 16", "torch.matmul (MKL sgemm)"),
+    "output_layer": (LINEAR, "torch.matmul (MKL sgemm)"),
 }
 
 
 class _Linear(CPUPackedLinear):
-    """The engine's linear for a weight, as its stages run it (batch-invariant mode:
-    ``F.linear`` on at least 16 rows)."""
+    """The engine's linear for a weight, as its stages run it (oneDNN-packed on CPU ranks
+    unless ``SEESAW_CPU_PACKED_LINEAR=0``; at least 16 rows)."""
 
     def __init__(self, weight: torch.Tensor) -> None:
         self.weight = weight

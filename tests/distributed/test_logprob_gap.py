@@ -4,7 +4,9 @@ T2 and P2:T2, float32 and bfloat16, default and batch-invariant, recomputed by m
 Bounds: float32 max |delta| <= 1e-5 in every plan and mode; bfloat16 near HF's own gap to
 the same ``GPTModel`` (sampling noise on a few hundred tokens: mean within 1.3x, max within
 1.5x; the figures with 768 tokens are in docs/results.md);
-the op table names the ops the two forwards do not share, each within 1e-4. The same
+the op table: norms and RoPE bitwise equal on the same inputs, attention not, each within
+1e-4; with the trainer's GEMM (``SEESAW_CPU_PACKED_LINEAR=0``) every op but attention
+bitwise. The same
 weights as a Megatron checkpoint (loaded by megatron-core's ``dist_checkpointing.load``)
 give the same float32 gap."""
 
@@ -56,8 +58,23 @@ def test_op_table_names_where_the_forwards_differ(gap):
     for o in ops.values():
         assert o["max_abs"] <= 1e-4, o
         assert o["bitwise"] == (o["max_abs"] == 0), o
-    assert ops["input_layernorm"]["bitwise"] and ops["rope (q)"]["bitwise"]
     assert not ops["core_attention"]["bitwise"]  # the paged kernel's order, not baddbmm's
+    assert ops["input_layernorm"]["bitwise"] and ops["rope (q)"]["bitwise"]
+
+
+def test_with_the_trainers_gemm_every_op_but_attention_is_bitwise(tmp_path):
+    """``SEESAW_CPU_PACKED_LINEAR=0``: the engine's float32 linears are MKL's GEMM, as
+    megatron-core's ``torch.matmul``: every op of the table gives the trainer's bits but
+    attention (the trainer's softmax runs over the whole masked row, the engine's over a
+    query's own keys)."""
+    out = tmp_path / "gap.json"
+    proc = launch(1, ["seesaw_mcore.tools.logprob_gap", "--model", TINY, "--dtypes", "float32",
+                      "--modes", "invariant", "--ops", "--json", str(out), *ARGS],
+                  timeout=300, env={"SEESAW_CPU_PACKED_LINEAR": "0"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ops = json.loads(out.read_text())["ops"]
+    assert [o["op"] for o in ops if not o["bitwise"]] == ["core_attention"]
+    assert all(o["engine"] != "oneDNN packed sgemm" for o in ops)
 
 
 def test_megatron_checkpoint_gives_the_same_gap(megatron_checkpoints, tmp_path):

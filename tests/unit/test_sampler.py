@@ -180,7 +180,7 @@ def test_nucleus_mask_equals_the_sorted_rule():
     """The histogram nucleus keeps exactly the tokens the sorted rule keeps (descending
     probability, lower id first among ties, while the mass before is below top_p), on flat,
     peaked and tied rows and every top_p from tiny to 1."""
-    from seesaw_mcore.runtime.sampler import nucleus
+    from seesaw_mcore.runtime.logprobs import nucleus
 
     gen = torch.Generator().manual_seed(4)
     rows = [torch.randn(3001, generator=gen) * s for s in (0.05, 1.0, 8.0)]
@@ -206,7 +206,8 @@ def test_processed_logprobs_hold_every_drawn_token(settings):
     """``processed_logprobs`` describe the distribution the draw uses: over many seeds, each
     drawn token has a finite processed logprob, the kept set is what the filters keep, and the
     values are a log-softmax of the tempered, filtered logits."""
-    from seesaw_mcore.runtime.sampler import SamplingBatch, process_logits
+    from seesaw_mcore.runtime.logprobs import process_logits
+    from seesaw_mcore.runtime.sampling_batch import SamplingBatch
 
     logits = torch.randn(1, 300, generator=torch.Generator().manual_seed(4)) * 3
     specs = [spec(temperature=0.7, seed=s, logprobs=300, **settings) for s in range(64)]
