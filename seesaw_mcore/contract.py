@@ -101,9 +101,12 @@ class SchedulerOutput:
     """One replica's step: all-prefill or all-decode, split into PP micro-batches."""
 
     phase: Phase
-    micro_batches: list[list[ScheduledSeq]]  # len <= PP; each runs through every stage
+    # each runs through every stage: decode <= PP of them, prefill <= PP x
+    # ``scheduler.prefill_micro_batches`` (under PP > 1)
+    micro_batches: list[list[ScheduledSeq]]
     evict: list[KVMove] = field(default_factory=list)  # preempted: device -> host, first
-    swap_in: list[KVMove] = field(default_factory=list)  # host -> device, before the forward
+    # host -> device behind the forward, for sequences that join the next step
+    swap_in: list[KVMove] = field(default_factory=list)
     swap_out: list[KVMove] = field(default_factory=list)  # device -> host, after the forward
 
     @property

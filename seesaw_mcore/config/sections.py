@@ -64,8 +64,8 @@ class ModelOptions:
         if self.trust_remote_code:
             raise SeesawError(
                 "trust_remote_code=True is not supported: seesaw_mcore runs Llama, Qwen2, "
-                "Qwen3 and Mistral checkpoints with its own megatron-core model and never "
-                "runs code from a model folder")
+                "Qwen3, Mistral, Qwen3-MoE and Mixtral checkpoints with its own megatron-core "
+                "model and never runs code from a model folder")
 
 
 CPU_KV_CACHE_GIB = 1.0  # CPU ranks' KV budget per rank when none is given

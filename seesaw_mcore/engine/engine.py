@@ -215,8 +215,8 @@ class Engine:
     def use_plan(self, plan: PhasePlan) -> None:
         """Rank 0, between steps of a run: every rank moves to ``plan`` (one the engine
         was built with) through the re-sharding machinery, and a new scheduler takes every
-        unfinished sequence. They keep their tokens; those with KV recompute it (counted as
-        preemptions)."""
+        unfinished sequence. They keep their tokens; those with KV recompute it (not
+        counted as preemptions: nothing ran short of memory)."""
         if plan not in self.plans:
             raise SeesawError(f"plan {plan} is not one this engine was built for "
                               f"({', '.join(map(str, self.plans))})")
@@ -224,9 +224,6 @@ class Engine:
         old, self.scheduler = self.scheduler, self._make_scheduler()
         self.stats.add_scheduler(old)
         for seq in sorted(self._seqs.values(), key=lambda s: s.seq_id):
-            if seq.status != SeqStatus.WAITING:
-                seq.num_preemptions += 1
-                self.stats.preemptions += 1
             seq.block_table, seq.status = [], SeqStatus.WAITING
             seq.replica = seq.request_index % plan.prefill.dp
             self.scheduler.add(seq)

@@ -2,8 +2,8 @@
 between a prefill layout and a decode layout through the host tier.
 
 The host tier is ``[layers, 2, kv_heads, token_slots, head_dim]`` (heads-major), so a rank's
-``[layer_range, :, head_range]`` slice is a few contiguous runs. Mirrors megatron-core's
-``KVShardLayout`` (``layer_range()`` / ``head_range()``).
+``[layer_range, :, head_range]`` slice is a few contiguous runs: the layers of its pipeline
+stage (megatron-core's split of layers over PP ranks) and the KV heads of its TP rank.
 """
 
 from __future__ import annotations

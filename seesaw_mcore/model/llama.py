@@ -113,7 +113,8 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(x)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """SwiGLU MLP of the normed ``x``: ``[T, H] -> [T, H]`` (summed over TP).
+        """SwiGLU MLP of the residual stream ``x`` (normed here, by ``post_norm``):
+        ``[T, H] -> [T, H]`` (summed over TP).
 
         With oneDNN-packed weights (CPU ranks) a long input runs row tile by row tile, so
         each tile's ``[tile, 2I/TP]`` intermediate is still in cache for SiLU and the down

@@ -105,7 +105,7 @@ def _decode_step_s(path: str, plan: str, num_seqs: int, dtype: torch.dtype
     of ``_ROUNDS`` runs of ``num_seqs`` sequences, after a warm-up run."""
     from seesaw_mcore.config import EngineConfig
     from seesaw_mcore.engine.engine import Engine
-    from seesaw_mcore.engine.request import Sequence
+    from seesaw_mcore.runtime.reshard import internal_moves
     from seesaw_mcore.sampling_params import SamplingParams
 
     name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -113,6 +113,18 @@ def _decode_step_s(path: str, plan: str, num_seqs: int, dtype: torch.dtype
                                    dtype=name[dtype])
     engine = Engine(cfg)
     params = SamplingParams(temperature=0, max_tokens=_TOKENS, ignore_eos=True)
+    with internal_moves():  # its switches are measurements (logged with runtime.verbose)
+        best = _rounds(engine, num_seqs, params)
+    box = [best]
+    dist.broadcast_object_list(box, src=0)  # rank 0 timed the steps
+    return box[0][0], box[0][1]
+
+
+def _rounds(engine, num_seqs: int, params) -> list[float]:
+    """``[seconds per decode step, seconds per switch]``, each the best of ``_ROUNDS`` timed
+    runs (after a warm-up) of ``num_seqs`` sequences on ``engine``; closes it."""
+    from seesaw_mcore.engine.request import Sequence
+
     best = [float("inf"), float("inf")]
     try:
         for rnd in range(_ROUNDS + 1):
@@ -133,9 +145,7 @@ def _decode_step_s(path: str, plan: str, num_seqs: int, dtype: torch.dtype
                 best = [min(best[0], step), min(best[1], switch)]
     finally:
         engine.close()
-    box = [best]
-    dist.broadcast_object_list(box, src=0)  # rank 0 timed the steps
-    return box[0][0], box[0][1]
+    return best
 
 
 def _line(points: list[tuple[int, float]]) -> tuple[float, float]:

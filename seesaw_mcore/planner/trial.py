@@ -34,6 +34,7 @@ from seesaw_mcore.engine.stats import StepTiming
 from seesaw_mcore.planner.auto import auto_candidates
 from seesaw_mcore.planner.cost_model import CostModel
 from seesaw_mcore.planner.workload import Workload, workload
+from seesaw_mcore.runtime.reshard import internal_moves
 
 log = logging.getLogger("seesaw_mcore")
 
@@ -239,12 +240,14 @@ class TrialDriver(RunDriver):
 
     def step(self) -> list:
         trial = self.trial
-        if not trial.done:
-            trial.before_step(self.engine)  # may end the trial (the fastest chosen)
-        measured = not trial.done  # this step belongs to a candidate's window
-        out = self.engine.step()
-        if measured:
-            trial.observe(self.engine.last_step)
+        if not trial.done:  # its moves and switches are the trial's (logged with verbose)
+            with internal_moves():
+                trial.before_step(self.engine)  # may end the trial (the fastest chosen)
+        if trial.done:
+            return self.engine.step()
+        with internal_moves():  # this step belongs to a candidate's window
+            out = self.engine.step()
+        trial.observe(self.engine.last_step)
         return out
 
     def idle(self) -> bool:
@@ -252,7 +255,8 @@ class TrialDriver(RunDriver):
         if trial.done:
             return False
         if not trial.room():  # its sequences are done: the candidates so far decide
-            trial.conclude(self.engine)
+            with internal_moves():
+                trial.conclude(self.engine)
             return True
         trial.pause()
         return False

@@ -1,6 +1,8 @@
-"""Batch tensors -> pipeline forward (send/recv between stages) -> logits.
+"""A scheduled step -> tier copies, the pipeline forward (send/recv between stages), sampling.
 
-Every rank calls ``forward`` with the same step description; each runs its own stage.
+Every rank calls ``execute`` with the same ``SchedulerOutput``; each runs its own stage, and
+the last stage's TP rank 0 samples and returns the tokens. ``forward`` (logits of chosen
+tokens, no sampling) serves the parity tool and calibration.
 """
 
 from __future__ import annotations

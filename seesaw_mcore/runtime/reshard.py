@@ -8,18 +8,34 @@ every rank's writes complete before any rank reads.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch.distributed as dist
 
+from seesaw_mcore import quiet
 from seesaw_mcore.config import ParallelConfig
 from seesaw_mcore.contract import Phase, SchedulerOutput
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.runtime.model_runner import ModelRunner
 
 log = logging.getLogger("seesaw_mcore")
+_internal = 0  # depth of ``internal_moves``
+
+
+@contextlib.contextmanager
+def internal_moves() -> Iterator[None]:
+    """Switches and plan moves made inside it (``plan=auto``'s calibration and trial: the
+    planner's measurements, not the job's phases) are logged only with ``runtime.verbose``."""
+    global _internal
+    _internal += 1
+    try:
+        yield
+    finally:
+        _internal -= 1
 
 
 @dataclass(frozen=True)
@@ -76,8 +92,9 @@ class Resharder:
                            self.runner.store.nbytes(dst), copied)
         self.records.append(rec)
         if dist.get_rank() == 0:
-            log.info("switch %s -> %s (%s): %.2f ms (drain %.2f, rebuild %.2f), weights "
-                     "%.1f MB, copied %.1f MB", src, dst, phase.value, rec.seconds * 1e3,
-                     rec.drain_s * 1e3, rec.rebuild_s * 1e3, rec.weight_bytes / 1e6,
-                     copied / 1e6)
+            level = logging.DEBUG if _internal and not quiet.verbose() else logging.INFO
+            log.log(level, "switch %s -> %s (%s): %.2f ms (drain %.2f, rebuild %.2f), weights "
+                    "%.1f MB, copied %.1f MB", src, dst, phase.value, rec.seconds * 1e3,
+                    rec.drain_s * 1e3, rec.rebuild_s * 1e3, rec.weight_bytes / 1e6,
+                    copied / 1e6)
         return rec

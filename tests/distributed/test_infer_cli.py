@@ -330,6 +330,9 @@ def test_plan_auto_measures_once_logs_and_runs(tmp_path):
         assert "predicted" in line and "trial candidates" in line
         assert ("plan=auto trial: continuing on" in text  # 12 requests, 16 tokens: the job
                 or "plan=auto trial: the run ended during the trial" in text)  # may end first
+        # the calibration's and the trial's switches are measurements, not the job's lines
+        decided = [i for i, x in enumerate(text.splitlines()) if "plan=auto trial: " in x]
+        assert not [x for x in text.splitlines()[:decided[0]] if "switch " in x]
     rows = [json.loads(x) for x in out.read_text().splitlines()]
     assert len(rows) == 12 and all(r["text"] for r in rows)
 

@@ -65,8 +65,8 @@ def test_plan_string_round_trip():
     ({"max_num_batched_tokens": 8, "max_prefill_tokens": 8}, "give either "
      "max_num_batched_tokens= or max_prefill_tokens=, not both"),
     ({"trust_remote_code": True}, "trust_remote_code=True is not supported: seesaw_mcore runs "
-     "Llama, Qwen2, Qwen3 and Mistral checkpoints with its own megatron-core model and never runs "
-     "code from a model folder"),
+     "Llama, Qwen2, Qwen3, Mistral, Qwen3-MoE and Mixtral checkpoints with its own megatron-core "
+     "model and never runs code from a model folder"),
     ({"block_sise": 8}, "LLM() got an unknown keyword argument 'block_sise'; did you mean "
                         "'block_size'?"),
     ({"plan": "T2", "prefill": "P2"}, "give the plan either as plan= or as prefill=/decode=, "
