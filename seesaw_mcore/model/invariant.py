@@ -21,7 +21,8 @@ machines (``tests/unit/test_invariant.py`` checks it wherever the suite runs):
   of two is the same in either order).
 
 The switch is process-wide, like ``torch.use_deterministic_algorithms``: the model runner
-sets it from the engine's config when it builds.
+sets it from the engine's config when it builds and before every step (engines in one
+process may differ).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def check_device(device: torch.device) -> None:
     if device.type != "cpu":
         raise SeesawError(f"runtime.batch_invariant runs on CPU ranks only for now (this rank "
                           f"runs on {device.type}, whose GEMMs' reduction order follows the "
-                          f"row count)")
+                          "row count)")
     if not cpu_attention.available():
         raise SeesawError("runtime.batch_invariant needs the CPU paged-attention extension, "
                           "which could not be built here (a C++ compiler)")

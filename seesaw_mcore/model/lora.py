@@ -22,8 +22,6 @@ import torch
 from seesaw_mcore.config import ModelConfig
 from seesaw_mcore.errors import SeesawError
 
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP = ("gate_proj", "up_proj", "down_proj")
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
                   r"\.lora_([AB])\.weight$")
 

@@ -28,20 +28,17 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """
     if not batch.any_random:  # every row greedy: nothing to apply
         return logits
-    n, vocab = logits.shape
-    sampled = (batch.temperature > 0).unsqueeze(1)  # [N, 1]
-    scores = logits / torch.where(batch.temperature > 0, batch.temperature, 1.0).unsqueeze(1)
-    k = torch.where(sampled.squeeze(1) & (batch.top_k > 0), batch.top_k.clamp(max=vocab),
-                    vocab)  # [N]
-    kmax = int(k.max())
-    if kmax < vocab or bool((k < vocab).any()):
-        kth = scores.topk(kmax, dim=-1).values.gather(1, (k - 1).unsqueeze(1))  # [N, 1]
+    vocab = logits.shape[1]
+    sampled = batch.temperature > 0  # [N]
+    scores = logits / torch.where(sampled, batch.temperature, 1.0).unsqueeze(1)  # [N, V]
+    k = torch.where(sampled & (batch.top_k > 0), batch.top_k.clamp(max=vocab), vocab)  # [N]
+    if bool((k < vocab).any()):
+        kth = scores.topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))  # [N, 1]
         scores = scores.masked_fill(scores < kth, float("-inf"))
     probs = scores.softmax(dim=-1)  # [N, V] over each row's top-k
-    top_p = torch.where(sampled.squeeze(1), batch.top_p, 1.0)  # [N]
-    keep = nucleus(probs, top_p)
+    keep = nucleus(probs, torch.where(sampled, batch.top_p, 1.0))
     keep &= probs >= (batch.min_p.unsqueeze(1) * probs.amax(dim=-1, keepdim=True))
-    keep |= ~sampled  # greedy rows: every token
+    keep |= ~sampled.unsqueeze(1)  # greedy rows: every token
     return scores.masked_fill(~keep, float("-inf"))
 
 

@@ -76,10 +76,10 @@ def generate(model: str, plan: str, dtype: str, invariant: bool, prompts: list[l
 def hf_logprobs(path: str, dtype: torch.dtype, ids: list[int], start: int) -> list[float]:
     """HF ``transformers``' float32 log-softmax of each token of ``ids`` from ``start`` on."""
     model = _hf_model(path, dtype)
+    dev = next(model.parameters()).device
     with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0]  # [T, V]
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return logp[start - 1:-1].gather(1, torch.tensor(ids[start:]).unsqueeze(1)).squeeze(1).tolist()
+        logits = model(torch.tensor([ids], device=dev)).logits[0]  # [T, V]
+    return ref.next_token_logprobs(logits, ids, start)
 
 
 _MODELS: dict = {}
@@ -90,8 +90,10 @@ def _hf_model(path: str, dtype: torch.dtype):
     if key not in _MODELS:
         from transformers import AutoModelForCausalLM
 
-        _MODELS[key] = AutoModelForCausalLM.from_pretrained(path, dtype=dtype,
-                                                            use_safetensors=True).eval()
+        from seesaw_mcore.runtime import groups
+
+        _MODELS[key] = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True).to(groups.device()).eval()
     return _MODELS[key]
 
 

@@ -137,7 +137,9 @@ def build_gpt(cfg: ModelConfig, dtype: torch.dtype, tp: int = 1):
         with torch.no_grad():
             for name, value in state.items():
                 value.copy_(params[name])
-    return model.eval()
+    from seesaw_mcore.runtime import groups
+
+    return model.to(groups.device()).eval()  # this rank's accelerator (the CPU on CPU ranks)
 
 
 def _saved_vocab(path: str) -> int:
@@ -166,11 +168,11 @@ def _load_megatron(model, path: str) -> None:
 
 
 @contextlib.contextmanager
-def on_cpu() -> Iterator[None]:
-    """megatron-core 0.16.1's forward on CPU ranks: RoPE moves its ``inv_freq`` to
+def on_cpu(device: torch.device) -> Iterator[None]:
+    """megatron-core 0.16.1's forward on a CPU ``device``: RoPE moves its ``inv_freq`` to
     ``torch.cuda.current_device()`` (here: the CPU) and attention forks the CUDA RNG tracker
-    around dropout (a no-op in eval: skipped). Nothing changes where CUDA is available."""
-    if torch.cuda.is_available():
+    around dropout (a no-op in eval: skipped). Nothing changes on an accelerator."""
+    if device.type != "cpu":
         yield
         return
     from megatron.core import tensor_parallel
@@ -193,17 +195,24 @@ def token_logprobs(model, ids: list[int], start: int, vocab: int) -> list[float]
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    t = len(ids)
-    x = torch.tensor([ids])
-    mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)[None, None]  # True: masked
-    with on_cpu():
-        logits = model(x, torch.arange(t).unsqueeze(0), attention_mask=mask)[0]  # [T, Vp/TP]
+    t, dev = len(ids), next(model.parameters()).device
+    x = torch.tensor([ids], device=dev)
+    mask = torch.triu(torch.ones(t, t, dtype=torch.bool, device=dev), 1)[None, None]  # masked
+    with on_cpu(dev):
+        logits = model(x, torch.arange(t, device=dev).unsqueeze(0),
+                       attention_mask=mask)[0]  # [T, Vp/TP]
     tp = ps.get_tensor_model_parallel_world_size()
     if tp > 1:  # the vocabulary shards, gathered
         logits = logits.float()
         parts = [torch.empty_like(logits) for _ in range(tp)]
         dist.all_gather(parts, logits, group=ps.get_tensor_model_parallel_group())
         logits = torch.cat(parts, dim=-1)  # [T, Vp]
-    logp = torch.log_softmax(logits[:, :vocab].float(), dim=-1)
-    target = torch.tensor(ids[start:])
-    return logp[start - 1:t - 1].gather(1, target.unsqueeze(1)).squeeze(1).tolist()
+    return next_token_logprobs(logits[:, :vocab], ids, start)
+
+
+def next_token_logprobs(logits: torch.Tensor, ids: list[int], start: int) -> list[float]:
+    """From a causal forward's logits ``[T, V]`` over ``ids``: each token's float32
+    log-softmax logprob from ``start`` on, given the tokens before it."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # [T, V]
+    target = torch.tensor(ids[start:], device=logits.device).unsqueeze(1)
+    return logp[start - 1:len(ids) - 1].gather(1, target).squeeze(1).tolist()

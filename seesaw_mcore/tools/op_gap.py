@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from seesaw_mcore import env
 from seesaw_mcore.config import ModelConfig
+from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.model import cpu_attention, invariant
 from seesaw_mcore.model.layers import CPUPackedLinear, RMSNorm, apply_rotary, rope_tables
 from seesaw_mcore.tools.mcore_reference import on_cpu
@@ -67,6 +68,10 @@ def compare_ops(cfg: ModelConfig, gpt, prompt: list[int]) -> list[dict]:
     """
     from megatron.core.transformer import attention as mattn
 
+    device = next(gpt.parameters()).device
+    if device.type != "cpu":
+        raise SeesawError(f"the op table compares with CPU ranks' kernels (this rank runs on "
+                          f"{device.type}): run --ops on CPU ranks")
     layer, caps = gpt.decoder.layers[0], {}
 
     def keep(name):  # copies: the forward adds residuals into some outputs in place
@@ -94,7 +99,7 @@ def compare_ops(cfg: ModelConfig, gpt, prompt: list[int]) -> list[dict]:
     t = len(prompt)
     mask = torch.triu(torch.ones(t, t, dtype=torch.bool), 1)[None, None]
     try:
-        with on_cpu():
+        with on_cpu(device):
             gpt(torch.tensor([prompt]), torch.arange(t).unsqueeze(0), attention_mask=mask)
     finally:
         mattn.apply_rotary_pos_emb = original

@@ -121,23 +121,27 @@ def test_logprobs_modes_equal_a_hand_computation(results, plan):
 @pytest.fixture(scope="module")
 def hf_routes(tiny_models, results) -> dict:
     """HF's router top-k per layer for every fed token of T1's completions (both runs)."""
-    from transformers import AutoModelForCausalLM
-
     out = {}
     for name in ("qwen3_moe", "mixtral"):
-        model = AutoModelForCausalLM.from_pretrained(tiny_models[name], dtype=torch.float32)
-        k = model.config.num_experts_per_tok
-        out[name] = []
-        for prompts, run in zip(routed_prompts(), results["T1"]["routed"][name]):
-            refs = []
-            for p, got in zip(prompts, run):
-                ids = torch.tensor([p + got["tokens"][:-1]])
-                with torch.no_grad():
-                    logits = model(ids, output_router_logits=True).router_logits
-                refs.append(np.stack([x.topk(k, -1).indices.numpy() for x in logits
-                                      if x is not None], 1))  # [T, MoE layers, k]
-            out[name].append(refs)
+        model = hf_moe(tiny_models[name])
+        out[name] = [[hf_router_choices(model, p + got["tokens"][:-1])
+                      for p, got in zip(prompts, run)]
+                     for prompts, run in zip(routed_prompts(), results["T1"]["routed"][name])]
     return out
+
+
+def hf_moe(path: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+
+
+def hf_router_choices(model, ids: list[int]) -> np.ndarray:
+    """A loaded HF MoE model's top-k expert ids ``[T, MoE layers, k]`` over ``ids``."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), output_router_logits=True).router_logits
+    k = model.config.num_experts_per_tok
+    return np.stack([x.topk(k, -1).indices.numpy() for x in logits if x is not None], 1)
 
 
 @pytest.mark.parametrize("plan", ROUTED_PLANS)
@@ -179,17 +183,6 @@ def moe_with_tokenizer(tmp_path_factory) -> str:
     return model
 
 
-def hf_router_choices(model: str, ids: list[int]) -> np.ndarray:
-    """HF's top-k expert ids ``[T, MoE layers, k]`` over ``ids``."""
-    from transformers import AutoModelForCausalLM
-
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
-    with torch.no_grad():
-        logits = hf(torch.tensor([ids]), output_router_logits=True).router_logits
-    k = hf.config.num_experts_per_tok
-    return np.stack([x.topk(k, -1).indices.numpy() for x in logits if x is not None], 1)
-
-
 def decode_routed(enc: dict) -> np.ndarray:
     import base64
 
@@ -215,9 +208,10 @@ def test_infer_jsonl_carries_routed_experts_and_processed_logprobs(moe_with_toke
                       "logprobs_mode=processed_logprobs", "sampling=random", "sampling.top_k=2",
                       "sampling.logprobs=3", "sampling.max_tokens=6", "sampling.seed=3"])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    hf = hf_moe(model)
     for row in map(json.loads, out.read_text().splitlines()):
         o = row["outputs"][0]
-        want = hf_router_choices(model, row["prompt_token_ids"] + o["token_ids"][:-1])
+        want = hf_router_choices(hf, row["prompt_token_ids"] + o["token_ids"][:-1])
         assert np.array_equal(decode_routed(o["routed_experts"]), want)
         for step in o["logprobs"]:
             values = sorted(v["logprob"] for v in step.values())
@@ -242,8 +236,9 @@ def test_server_generate_returns_routed_experts_and_processed_logprobs(moe_with_
             "sampling_params": {"max_new_tokens": 6, "temperature": 1.0, "top_k": 2,
                                 "sampling_seed": 1}}, timeout=60)
         assert r.status_code == 200, r.text
+        hf = hf_moe(moe_with_tokenizer)
         for prompt, got in zip(ids, r.json()):
-            want = hf_router_choices(moe_with_tokenizer, prompt + got["output_ids"][:-1])
+            want = hf_router_choices(hf, prompt + got["output_ids"][:-1])
             assert np.array_equal(decode_routed(got["meta_info"]["routed_experts"]), want)
             tops = got["meta_info"]["output_top_logprobs"]
             assert all(sorted(x[0] for x in step)[0] == -9999.0 for step in tops)
