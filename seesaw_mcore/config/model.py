@@ -9,12 +9,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from seesaw_mcore.config import megatron
+from seesaw_mcore.config.families import SUPPORTED_ARCHITECTURES, Family, family_of
 from seesaw_mcore.config.parallel import ParallelConfig, PhasePlan, layout_error
 from seesaw_mcore.errors import SeesawError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-                           "MistralForCausalLM", "Qwen3MoeForCausalLM", "MixtralForCausalLM")
-MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", "MixtralForCausalLM")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
@@ -51,6 +49,11 @@ class ModelConfig:
     expert_intermediate_size: int = 0
     norm_topk_prob: bool = True
     moe_layers: tuple[int, ...] = ()
+
+    @property
+    def family(self) -> Family:
+        """The model family module's facts (``config/families``)."""
+        return family_of(self.architecture)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether global layer ``layer`` has a mixture-of-experts MLP."""
@@ -165,6 +168,7 @@ class ModelConfig:
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in eos_ids):
             raise ValueError(f"eos_token_id must be an int or a list of ints, got {eos!r}")
         dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+        family = family_of(arch)
         return cls(
             path=os.path.abspath(path),
             architecture=arch,
@@ -178,10 +182,10 @@ class ModelConfig:
             rms_norm_eps=float(hf.rms_norm_eps),
             max_position_embeddings=int(hf.max_position_embeddings),
             tie_word_embeddings=bool(getattr(hf, "tie_word_embeddings", False)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(getattr(hf, "attention_bias", False)),
-            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
-            sliding_window=_sliding_window(arch, hf),
-            **_moe_fields(arch, hf),
+            qkv_bias=family.qkv_bias or bool(getattr(hf, "attention_bias", False)),
+            qk_norm=family.qk_norm,
+            sliding_window=family.window(hf),
+            **family.experts(hf),
             rope_parameters=rope,
             torch_dtype=str(dtype),
             eos_token_ids=eos_ids,
@@ -220,49 +224,3 @@ class ModelConfig:
                      f"num_experts={self.num_experts}")
         if error:
             raise SeesawError(error)
-
-
-def moe_layers(num_layers: int, experts: int, sparse_step: int | None,
-               dense_layers: list[int] | None) -> tuple[int, ...]:
-    """Qwen3-MoE's rule for which layers are MoE: every ``decoder_sparse_step``-th one not
-    in ``mlp_only_layers`` (none without experts)."""
-    step, dense = int(sparse_step or 1), set(dense_layers or [])
-    return tuple(i for i in range(num_layers)
-                 if experts > 0 and i not in dense and (i + 1) % step == 0)
-
-
-def _moe_fields(arch: str, hf) -> dict[str, Any]:
-    """The mixture-of-experts facts of a Qwen3-MoE or Mixtral config (none for dense)."""
-    if arch == "MixtralForCausalLM":  # every layer; top-k weights renormalized
-        return dict(num_experts=int(hf.num_local_experts),
-                    num_experts_per_tok=int(hf.num_experts_per_tok),
-                    expert_intermediate_size=int(hf.intermediate_size), norm_topk_prob=True,
-                    moe_layers=tuple(range(int(hf.num_hidden_layers))))
-    if arch == "Qwen3MoeForCausalLM":  # dense where mlp_only_layers / decoder_sparse_step say
-        experts = int(hf.num_experts)
-        layers = moe_layers(int(hf.num_hidden_layers), experts,
-                            getattr(hf, "decoder_sparse_step", 1),
-                            getattr(hf, "mlp_only_layers", None))
-        return dict(num_experts=experts, num_experts_per_tok=int(hf.num_experts_per_tok),
-                    expert_intermediate_size=int(hf.moe_intermediate_size),
-                    norm_topk_prob=bool(getattr(hf, "norm_topk_prob", True)),
-                    moe_layers=layers)
-    return {}
-
-
-def _sliding_window(arch: str, hf) -> int | None:
-    """The attention window a config uses (Mistral's ``sliding_window``; Qwen2/Qwen3 only
-    with ``use_sliding_window``), ``None`` when no layer is windowed or the window covers
-    the whole context."""
-    window = getattr(hf, "sliding_window", None)
-    if not window:
-        return None
-    if arch in ("Qwen2ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"):
-        if not getattr(hf, "use_sliding_window", False):
-            return None
-        layer_types = getattr(hf, "layer_types", None)
-        if layer_types and "sliding_attention" not in layer_types:
-            return None
-    if int(window) >= int(hf.max_position_embeddings):
-        return None
-    return int(window)

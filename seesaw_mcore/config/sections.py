@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from seesaw_mcore.config.families import family_names
 from seesaw_mcore.config.model import ModelConfig
 from seesaw_mcore.errors import SeesawError
 
@@ -63,8 +64,8 @@ class ModelOptions:
             raise SeesawError(f"model.max_model_len must be >= 2, got {self.max_model_len}")
         if self.trust_remote_code:
             raise SeesawError(
-                "trust_remote_code=True is not supported: seesaw_mcore runs Llama, Qwen2, "
-                "Qwen3, Mistral, Qwen3-MoE and Mixtral checkpoints with its own megatron-core "
+                "trust_remote_code=True is not supported: seesaw_mcore runs "
+                f"{family_names()} checkpoints with its own megatron-core "
                 "model and never runs code from a model folder")
 
 

@@ -13,9 +13,8 @@ def part(n: int, tp: int, rank: int) -> tuple[int, int]:
 
 def moe_names(c: ModelConfig) -> tuple[str, str, str, str]:
     """The HF names of an MoE block: (block, expert gate, expert up, expert down)."""
-    if c.architecture == "MixtralForCausalLM":
-        return "block_sparse_moe", "w1", "w3", "w2"
-    return "mlp", "gate_proj", "up_proj", "down_proj"
+    n = c.family.moe_names
+    return n.block, n.gate, n.up, n.down
 
 
 def hf_shapes(c: ModelConfig, fused_qkv: bool, fused_gate_up: bool) -> dict[str, tuple[int, ...]]:

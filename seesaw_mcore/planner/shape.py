@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from seesaw_mcore.config import ModelConfig
-from seesaw_mcore.config.model import moe_layers
+from seesaw_mcore.config.families import FAMILIES
 from seesaw_mcore.errors import SeesawError
 
 
@@ -69,17 +70,21 @@ class ModelShape:
             heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
             layers = int(raw["num_hidden_layers"])
-            experts = int(raw.get("num_experts") or raw.get("num_local_experts") or 0)
-            moe = len(moe_layers(layers, experts, raw.get("decoder_sparse_step"),
-                                 raw.get("mlp_only_layers")))
+            archs = raw.get("architectures") or []
+            family = next((FAMILIES[a] for a in archs if a in FAMILIES), None)
+            moe_fields = family.experts(SimpleNamespace(**raw)) if family else {}
+            experts = moe_fields.get("num_experts", 0)
+            moe = len(moe_fields.get("moe_layers", ()))
             return cls(layers, hidden, int(raw["intermediate_size"]),
                        heads, int(raw.get("num_key_value_heads") or heads),
                        int(raw.get("head_dim") or hidden // heads), int(raw["vocab_size"]),
                        bool(raw.get("tie_word_embeddings", False)), experts,
                        int(raw.get("num_experts_per_tok") or 0),
-                       int(raw.get("moe_intermediate_size") or raw["intermediate_size"]), moe)
+                       moe_fields.get("expert_intermediate_size", raw["intermediate_size"]), moe)
         except KeyError as e:
             raise SeesawError(f"model config {path} has no {e.args[0]}") from None
+        except AttributeError as e:  # a family's expert fields read attributes
+            raise SeesawError(f"model config {path} has no {e.name}") from None
 
     @property
     def attn_params(self) -> int:
