@@ -10,45 +10,22 @@ from __future__ import annotations
 import glob
 import json
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
 
-from seesaw_mcore.config import ModelConfig, padded_vocab_size, split_layers
+from seesaw_mcore.config import ModelConfig
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.model.hf_names import hf_shapes, moe_names, part
+from seesaw_mcore.model.hf_names import hf_shapes
+from seesaw_mcore.model.params import Cut, ShardSpec, shard_params
+
+__all__ = ["Checkpoint", "ShardSpec", "load_shard", "open_checkpoint"]
 
 if TYPE_CHECKING:
     from seesaw_mcore.model.megatron_checkpoint import MegatronCheckpoint
 
 _FLOAT_DTYPES = ("F32", "F16", "BF16")
-
-
-@dataclass(frozen=True)
-class ShardSpec:
-    """Which part of the model one rank holds under one layout."""
-
-    tp: int
-    tp_rank: int
-    pp: int
-    pp_rank: int
-    ep: int = 1  # expert parallel: this rank holds experts [ep_rank E/ep, (ep_rank+1) E/ep)
-    ep_rank: int = 0
-
-    def experts(self, num_experts: int) -> range:
-        """The experts (global ids) this rank holds: all of them without E."""
-        n = num_experts // self.ep
-        return range(self.ep_rank * n, (self.ep_rank + 1) * n)
-
-    @property
-    def is_first(self) -> bool:
-        return self.pp_rank == 0
-
-    @property
-    def is_last(self) -> bool:
-        return self.pp_rank == self.pp - 1
 
 
 class Checkpoint:
@@ -92,16 +69,13 @@ class Checkpoint:
                     f"tensor {name} has dtype {sl.get_dtype()}; expected one of {_FLOAT_DTYPES}"
                 )
 
-    def rows(self, name: str, start: int, end: int) -> torch.Tensor:
-        """Rows ``[start, end)`` of a tensor (the whole of a 1-D slice range)."""
-        return self._handles[self.where[name]].get_slice(name)[start:end]
-
-    def cols(self, name: str, start: int, end: int) -> torch.Tensor:
-        """Columns ``[start, end)`` of a 2-D tensor."""
-        return self._handles[self.where[name]].get_slice(name)[:, start:end]
-
-    def full(self, name: str) -> torch.Tensor:
-        return self._handles[self.where[name]].get_tensor(name)
+    def read(self, cut: Cut) -> torch.Tensor:
+        """The rows/columns of ``cut``, read from the file without the rest."""
+        if cut.rows is None and cut.cols is None:
+            return self._handles[self.where[cut.name]].get_tensor(cut.name)
+        sl = self._handles[self.where[cut.name]].get_slice(cut.name)
+        rows = slice(*cut.rows) if cut.rows else slice(None)
+        return sl[rows] if cut.cols is None else sl[rows, cut.cols[0]:cut.cols[1]]
 
 
 def _weight_files(path: str) -> list[str]:
@@ -146,8 +120,9 @@ def load_shard(
     ckpt: "Checkpoint | MegatronCheckpoint", spec: ShardSpec, dtype: torch.dtype,
     vocab_multiple: int = 64
 ) -> dict[str, torch.Tensor]:
-    """Cuts the shard of ``spec`` out of the checkpoint (a Megatron one reads its regions
-    in one collective call: ``MegatronCheckpoint.load_shard``).
+    """Cuts the shard of ``spec`` out of the checkpoint as ``params.shard_params`` describes
+    it (a Megatron one reads its regions in one collective call:
+    ``MegatronCheckpoint.load_shard``).
 
     Returns:
         A state dict keyed like ``LlamaStage`` parameters: ``embed.weight``,
@@ -157,86 +132,5 @@ def load_shard(
     """
     if not isinstance(ckpt, Checkpoint):
         return ckpt.load_shard(spec, dtype, vocab_multiple)
-    c, t, r = ckpt.cfg, spec.tp, spec.tp_rank
-    out: dict[str, torch.Tensor] = {}
-    vocab_pad = padded_vocab_size(c.vocab_size, t, vocab_multiple)
-    if spec.is_first:
-        out["embed.weight"] = _vocab_rows(ckpt, "model.embed_tokens.weight", vocab_pad, t, r)
-    start, end = split_layers(c.num_layers, spec.pp)[spec.pp_rank]
-    for j, layer in enumerate(range(start, end)):
-        p, q = f"model.layers.{layer}.", f"layers.{j}."
-        out[q + "qkv.weight"] = _qkv(ckpt, p, "weight", t, r)
-        if c.qkv_bias:
-            out[q + "qkv.bias"] = _qkv(ckpt, p, "bias", t, r)
-        qo = c.num_heads * c.head_dim
-        out[q + "o_proj.weight"] = ckpt.cols(p + "self_attn.o_proj.weight", *part(qo, t, r))
-        if c.is_moe_layer(layer):
-            out.update(_experts(ckpt, p, q, spec))
-        else:
-            out[q + "gate_up.weight"] = _gate_up(ckpt, p, t, r)
-            i = c.intermediate_size
-            out[q + "down.weight"] = ckpt.cols(p + "mlp.down_proj.weight", *part(i, t, r))
-        out[q + "input_norm.weight"] = ckpt.full(p + "input_layernorm.weight")
-        out[q + "post_norm.weight"] = ckpt.full(p + "post_attention_layernorm.weight")
-        if c.qk_norm:  # per head, so the same on every TP rank
-            out[q + "q_norm.weight"] = ckpt.full(p + "self_attn.q_norm.weight")
-            out[q + "k_norm.weight"] = ckpt.full(p + "self_attn.k_norm.weight")
-    if spec.is_last:
-        out["norm.weight"] = ckpt.full("model.norm.weight")
-        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-        out["lm_head.weight"] = _vocab_rows(ckpt, head, vocab_pad, t, r)
-    return {k: v.to(dtype).contiguous() for k, v in out.items()}
-
-
-def _vocab_rows(ckpt: Checkpoint, name: str, vocab_pad: int, tp: int, rank: int) -> torch.Tensor:
-    start, end = part(vocab_pad, tp, rank)
-    real = ckpt.cfg.vocab_size
-    rows = ckpt.rows(name, min(start, real), min(end, real))  # [<=Vp/TP, H]
-    if rows.shape[0] < end - start:  # zero rows for padding past the real vocab
-        pad = rows.new_zeros(end - start - rows.shape[0], rows.shape[1])
-        rows = torch.cat([rows, pad])
-    return rows
-
-
-def _qkv(ckpt: Checkpoint, prefix: str, kind: str, tp: int, rank: int) -> torch.Tensor:
-    c = ckpt.cfg
-    qo, kvo = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    qs, qe = part(qo, tp, rank)
-    ks, ke = part(kvo, tp, rank)
-    if ckpt.fused_qkv:
-        name = prefix + f"self_attn.qkv_proj.{kind}"
-        parts = [ckpt.rows(name, qs, qe), ckpt.rows(name, qo + ks, qo + ke),
-                 ckpt.rows(name, qo + kvo + ks, qo + kvo + ke)]
-    else:
-        parts = [ckpt.rows(prefix + f"self_attn.q_proj.{kind}", qs, qe),
-                 ckpt.rows(prefix + f"self_attn.k_proj.{kind}", ks, ke),
-                 ckpt.rows(prefix + f"self_attn.v_proj.{kind}", ks, ke)]
-    return torch.cat(parts)  # [(Hq + 2 Hkv) D / TP, H] or [(Hq + 2 Hkv) D / TP]
-
-
-def _experts(ckpt: Checkpoint, prefix: str, q: str, spec: ShardSpec
-             ) -> dict[str, torch.Tensor]:
-    """One MoE layer's router (replicated) and this rank's experts (all of them, or its
-    E group's share), each cut to its TP slice, stacked."""
-    c = ckpt.cfg
-    block, gate, up, down = moe_names(c)
-    s, e = part(c.expert_intermediate_size, spec.tp, spec.tp_rank)
-    gate_up, downs = [], []
-    for x in spec.experts(c.num_experts):
-        name = prefix + f"{block}.experts.{x}."
-        gate_up.append(torch.cat([ckpt.rows(name + f"{gate}.weight", s, e),
-                                  ckpt.rows(name + f"{up}.weight", s, e)]))  # [2 I/TP, H]
-        downs.append(ckpt.cols(name + f"{down}.weight", s, e))  # [H, I/TP]
-    return {q + "moe.router": ckpt.full(prefix + f"{block}.gate.weight"),  # [E, H]
-            q + "moe.gate_up": torch.stack(gate_up),  # [E local, 2 I/TP, H]
-            q + "moe.down": torch.stack(downs)}  # [E local, H, I/TP]
-
-
-def _gate_up(ckpt: Checkpoint, prefix: str, tp: int, rank: int) -> torch.Tensor:
-    i = ckpt.cfg.intermediate_size
-    s, e = part(i, tp, rank)
-    if ckpt.fused_gate_up:
-        name = prefix + "mlp.gate_up_proj.weight"
-        return torch.cat([ckpt.rows(name, s, e), ckpt.rows(name, i + s, i + e)])
-    return torch.cat([ckpt.rows(prefix + "mlp.gate_proj.weight", s, e),
-                      ckpt.rows(prefix + "mlp.up_proj.weight", s, e)])  # [2 I / TP, H]
+    params = shard_params(ckpt.cfg, spec, ckpt.fused_qkv, ckpt.fused_gate_up, vocab_multiple)
+    return {key: p.assemble(ckpt.read).to(dtype).contiguous() for key, p in params.items()}

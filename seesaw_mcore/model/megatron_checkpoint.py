@@ -26,8 +26,9 @@ from __future__ import annotations
 import torch
 
 from seesaw_mcore import mcore  # noqa: F401  (megatron-core's one import path)
-from seesaw_mcore.config import ModelConfig, padded_vocab_size, split_layers
+from seesaw_mcore.config import ModelConfig
 from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.model.params import Cut, ShardSpec, shard_params
 
 _NORMS = {  # our name -> the names megatron-core may save it under (first found is used)
     "input_norm": ("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight"),
@@ -119,62 +120,86 @@ class MegatronCheckpoint:
                 raise SeesawError(f"tensor {key} has shape {list(shape)} but the model's "
                                   f"config implies [>= {c.vocab_size}, {c.hidden_size}]")
 
-    def load_shard(self, spec, dtype: torch.dtype,
+    def load_shard(self, spec: ShardSpec, dtype: torch.dtype,
                    vocab_multiple: int = 64) -> dict[str, torch.Tensor]:
-        """The shard of ``spec`` (a ``loader.ShardSpec``), keyed as ``loader.load_shard``'s.
+        """The shard of ``spec``, made as ``params.shard_params`` describes it from the
+        fused HF spellings, each cut read as the regions of megatron-core's tensors it
+        maps to (``_regions``).
 
         Collective: every rank of the job calls it once per layout, in the same order.
         """
-        c, t, r = self.cfg, spec.tp, spec.tp_rank
-        d, i = c.head_dim, c.intermediate_size
-        qpg = c.num_heads // c.num_kv_heads  # query heads per KV group
-        rows = (qpg + 2) * d  # one KV group's rows of linear_qkv
-        g0, g1 = r * c.num_kv_heads // t, (r + 1) * c.num_kv_heads // t  # this rank's groups
-        start, end = split_layers(c.num_layers, spec.pp)[spec.pp_rank]
+        params = shard_params(self.cfg, spec, True, True, vocab_multiple)
         reads = _Reads(self)
-        qkv = {kind: reads.layers(f"self_attention.linear_qkv.{kind}", start, end,
-                                  (g0 * rows, g1 * rows))
-               for kind in (("weight", "bias") if c.qkv_bias else ("weight",))}
-        proj = reads.layers("self_attention.linear_proj.weight", start, end,
-                            cols=(r * c.num_heads * d // t, (r + 1) * c.num_heads * d // t))
-        s, e = r * i // t, (r + 1) * i // t
-        gate = reads.layers("mlp.linear_fc1.weight", start, end, (s, e))
-        up = reads.layers("mlp.linear_fc1.weight", start, end, (i + s, i + e))
-        down = reads.layers("mlp.linear_fc2.weight", start, end, cols=(s, e))
-        norms = {ours: reads.layers(name, start, end) for ours, name in self.norms.items()}
-        vocab_pad = padded_vocab_size(c.vocab_size, t, vocab_multiple)
-        vs, ve = r * vocab_pad // t, (r + 1) * vocab_pad // t
-        embed_key = self._key("embedding.word_embeddings.weight")
-        head_key = embed_key if c.tie_word_embeddings else self._key("output_layer.weight")
-        vocab = {}
-        for key in {embed_key if spec.is_first else None, head_key if spec.is_last else None}:
-            if key is not None:
-                vocab[key] = reads.region(key, (min(vs, c.vocab_size), 0),
-                                          (min(ve, c.vocab_size) - min(vs, c.vocab_size),
-                                           c.hidden_size))
-        final = reads.region(self._key("decoder.final_layernorm.weight"), (0,),
-                             (c.hidden_size,)) if spec.is_last else None
+        cuts = dict.fromkeys(cut for param in params.values() for item in param.items
+                             for cut in item)  # once each (a tied head is the embedding)
+        handles = {cut: [reads.region(*region) for region in self._regions(cut)]
+                   for cut in cuts}
         reads.load()
 
-        out: dict[str, torch.Tensor] = {}
-        if spec.is_first:
-            out["embed.weight"] = _pad_rows(reads[vocab[embed_key]], ve - vs)
-        for j in range(end - start):
-            q = f"layers.{j}."
-            for kind, ref in qkv.items():
-                grouped = reads[ref][j].unflatten(0, (g1 - g0, qpg + 2, d))  # [g, qpg+2, D, ...]
-                out[q + f"qkv.{kind}"] = torch.cat([
-                    grouped[:, :qpg].flatten(0, 2),  # this rank's query heads, in head order
-                    grouped[:, qpg].flatten(0, 1), grouped[:, qpg + 1].flatten(0, 1)])
-            out[q + "o_proj.weight"] = reads[proj][j]
-            out[q + "gate_up.weight"] = torch.cat([reads[gate][j], reads[up][j]])
-            out[q + "down.weight"] = reads[down][j]
-            for ours, ref in norms.items():
-                out[q + f"{ours}.weight"] = reads[ref][j]
-        if spec.is_last:
-            out["norm.weight"] = reads[final]
-            out["lm_head.weight"] = _pad_rows(reads[vocab[head_key]], ve - vs)
-        return {k: v.to(dtype).contiguous() for k, v in out.items()}
+        def read(cut: Cut) -> torch.Tensor:
+            return torch.cat([reads[h] for h in handles[cut]])
+
+        return {key: p.assemble(read).to(dtype).contiguous() for key, p in params.items()}
+
+    def _regions(self, cut: Cut) -> list[tuple[str, tuple[int, ...], tuple[int, ...], bool]]:
+        """The (key, offset, shape, one layer of a stacked tensor) regions of megatron-core's
+        tensors that make the HF ``cut``, in row order."""
+        name, c = cut.name, self.cfg
+        layer = None
+        if name.startswith("model.layers."):
+            parts = name.split(".")
+            layer, rest = int(parts[2]), ".".join(parts[3:])
+            names = {"self_attn.qkv_proj.weight": "self_attention.linear_qkv.weight",
+                     "self_attn.qkv_proj.bias": "self_attention.linear_qkv.bias",
+                     "self_attn.o_proj.weight": "self_attention.linear_proj.weight",
+                     "mlp.gate_up_proj.weight": "mlp.linear_fc1.weight",
+                     "mlp.down_proj.weight": "mlp.linear_fc2.weight",
+                     "input_layernorm.weight": self.norms["input_norm"],
+                     "post_attention_layernorm.weight": self.norms["post_norm"]}
+            if rest not in names:
+                raise SeesawError(f"{c.path}: {c.family.name} checkpoints in Megatron format "
+                                  f"are not read ({name} has no megatron-core name here)")
+            key = self._layer_key(layer, names[rest])
+        else:
+            key = self._key({"model.embed_tokens.weight": "embedding.word_embeddings.weight",
+                             "lm_head.weight": "output_layer.weight",
+                             "model.norm.weight": "decoder.final_layernorm.weight"}[name])
+        stacked = layer is not None and self.stacked
+        shape = self.shapes[key][1:] if stacked else self.shapes[key]
+        rows = [cut.rows or (0, shape[0])]
+        if name.endswith((".qkv_proj.weight", ".qkv_proj.bias")):  # HF [q; k; v] -> KV groups
+            rows = _grouped_rows(c, *rows[0])
+        out = []
+        for start, end in rows:
+            offset, size = [start] + [0] * (len(shape) - 1), [end - start, *shape[1:]]
+            if cut.cols is not None:
+                offset[1], size[1] = cut.cols[0], cut.cols[1] - cut.cols[0]
+            if stacked:
+                offset, size = [layer, *offset], [1, *size]
+            out.append((key, tuple(offset), tuple(size), stacked))
+        return out
+
+
+def _grouped_rows(c: ModelConfig, start: int, end: int) -> list[tuple[int, int]]:
+    """Rows ``[start, end)`` of HF's fused ``[q; k; v]`` (head-aligned) as runs of
+    megatron-core's ``linear_qkv`` rows, where each KV group holds its query heads' rows,
+    then its key head's, then its value head's."""
+    d, qpg = c.head_dim, c.num_heads // c.num_kv_heads
+    group, qo, kvo = (qpg + 2) * d, c.num_heads * d, c.num_kv_heads * d
+    runs: list[list[int]] = []
+    for x in range(start, end, d):
+        if x < qo:
+            head = x // d
+            row = head // qpg * group + head % qpg * d
+        elif x < qo + kvo:
+            row = (x - qo) // d * group + qpg * d
+        else:
+            row = (x - qo - kvo) // d * group + (qpg + 1) * d
+        if runs and runs[-1][1] == row:
+            runs[-1][1] = row + d
+        else:
+            runs.append([row, row + d])
+    return [(a, b) for a, b in runs]
 
 
 class _Reads:
@@ -184,16 +209,20 @@ class _Reads:
     def __init__(self, ckpt: MegatronCheckpoint) -> None:
         self.ckpt = ckpt
         self.request: dict[str, object] = {}
-        self.groups: dict[str, list[str]] = {}  # a layers() handle -> its per-layer regions
+        self.layer_of_stack: set[str] = set()  # regions of one layer of a stacked tensor
         self.loaded: dict[str, torch.Tensor] = {}
 
-    def region(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...]) -> str:
+    def region(self, key: str, offset: tuple[int, ...], shape: tuple[int, ...],
+               one_layer: bool = False) -> str:
         """Asks for ``shape`` elements at ``offset`` of the global tensor ``key``; returns
-        a handle (``self[handle]`` after ``load``). An empty region reads nothing."""
+        a handle (``self[handle]`` after ``load``, without its leading axis for
+        ``one_layer`` of a stacked tensor). An empty region reads nothing."""
         from megatron.core.dist_checkpointing import ShardedTensor
 
         handle = f"r{len(self.request) + len(self.loaded)}"
         dtype = self.ckpt.dtypes[key]
+        if one_layer:
+            self.layer_of_stack.add(handle)
         if 0 in shape:
             self.loaded[handle] = torch.empty(shape, dtype=dtype)
             return handle
@@ -201,26 +230,6 @@ class _Reads:
             key=key, data=torch.empty(shape, dtype=dtype), dtype=dtype,
             local_shape=tuple(shape), global_shape=self.ckpt.shapes[key],
             global_offset=tuple(offset), axis_fragmentations=None)
-        return handle
-
-    def layers(self, name: str, start: int, end: int, rows: tuple[int, int] | None = None,
-               cols: tuple[int, int] | None = None) -> str:
-        """Layers ``[start, end)`` of the per-layer tensor ``name``, its rows and/or
-        columns cut; ``self[handle]`` is ``[end - start, ...]``."""
-        ck = self.ckpt
-        shape = list(ck.shapes[ck._layer_key(start, name)][1 if ck.stacked else 0:])
-        offset = [0] * len(shape)
-        for axis, cut in ((0, rows), (1, cols)):
-            if cut is not None:
-                offset[axis], shape[axis] = cut[0], cut[1] - cut[0]
-        if ck.stacked:
-            parts = [self.region(ck._layer_key(start, name), (start, *offset),
-                                 (end - start, *shape))]
-        else:
-            parts = [self.region(ck._layer_key(n, name), tuple(offset), tuple(shape))
-                     for n in range(start, end)]
-        handle = f"g{len(self.groups)}"
-        self.groups[handle] = parts
         return handle
 
     def load(self) -> None:
@@ -237,10 +246,8 @@ class _Reads:
             self.loaded.update(got)
 
     def __getitem__(self, handle: str) -> torch.Tensor:
-        if handle in self.groups:
-            parts = [self.loaded[p] for p in self.groups[handle]]
-            return parts[0] if self.ckpt.stacked else torch.stack(parts)
-        return self.loaded[handle]
+        t = self.loaded[handle]
+        return t[0] if handle in self.layer_of_stack else t
 
 
 def no_common_state():
