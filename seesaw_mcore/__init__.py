@@ -18,8 +18,12 @@ def __getattr__(name: str):  # LLM pulls in torch/megatron: import it lazily
         from seesaw_mcore.async_llm import AsyncLLM
 
         return AsyncLLM
+    if name == "LoRARequest":
+        from seesaw_mcore.model.lora import LoRARequest
+
+        return LoRARequest
     raise AttributeError(name)
 
 
 __all__ = ["LLM", "AsyncLLM", "EngineConfig", "SamplingParams", "RequestOutputKind",
-           "RequestOutput", "CompletionOutput", "SeesawError"]
+           "RequestOutput", "CompletionOutput", "SeesawError", "LoRARequest"]

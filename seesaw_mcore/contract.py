@@ -25,11 +25,15 @@ class RunOptions:
         logprobs_mode: one of ``LOGPROBS_MODES``.
         routed_experts: the last stage returns each token's routed experts per MoE layer.
         batch_invariant: fixed reduction orders (``model/invariant.py``).
+        max_loras: LoRA adapters held at once (0: no adapters).
+        max_lora_rank: the largest adapter rank.
     """
 
     logprobs_mode: str = "raw_logprobs"
     routed_experts: bool = False
     batch_invariant: bool = False
+    max_loras: int = 0
+    max_lora_rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,7 @@ class ScheduledSeq:
     start_pos: int  # position of token_ids[0]; KV of positions < start_pos is cached
     block_table: list[int]  # device blocks, enough for start_pos + len(token_ids)
     sampling: SamplingSpec
+    lora: int = 0  # the LoRA adapter's index (``RankAdapters``); 0: the base model
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from seesaw_mcore.io.requests import (
     prompt_tokens,
     requests_of,
 )
+from seesaw_mcore.model.lora import LoRARequest
 from seesaw_mcore.model.weight_update import check_update
 from seesaw_mcore.sampling_params import RequestOutputKind, SamplingParams
 
@@ -110,6 +111,7 @@ class LLM:
         request_ids: Iterable[str] | None = None,
         on_reject: Callable[[str, str], None] | None = None,
         keep_outputs: bool = True,
+        lora_request: LoRARequest | list[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generates completions for every prompt.
 
@@ -128,6 +130,9 @@ class LLM:
                 cannot run (too long, bad token ids), which is then skipped; without it
                 such a prompt is an error for the whole call.
             keep_outputs: return the outputs (else ``[]``: use ``on_output``).
+            lora_request: the LoRA adapter for every prompt, or one per prompt (``None``:
+                the base model); needs ``LLM(enable_lora=True)``. Requests under different
+                adapters and the base model share steps.
 
         Returns:
             On rank 0, one ``RequestOutput`` per prompt that ran, in input order; ``[]``
@@ -140,6 +145,7 @@ class LLM:
         for name, given in (("SamplingParams", sampling_params), ("request ids", request_ids)):
             if total is not None and isinstance(given, Sized) and len(given) != total:
                 raise SeesawError(f"got {len(given)} {name} for {total} prompts")
+        lora_of = self._adapters(lora_request, total)
         if not self.is_driver:
             self.engine.serve()
             return []
@@ -160,7 +166,7 @@ class LLM:
 
             driver = TrialDriver(engine, self.trial)
         source = self._requests(requests_of(prompts, sampling_params, request_ids), on_reject,
-                                done, time.perf_counter())
+                                done, time.perf_counter(), lora_of)
         loop = EngineLoop(engine, self.tokenizer, driver, source)  # the engine's one loop
         try:
             with engine.session():
@@ -170,15 +176,36 @@ class LLM:
             bar.close()
         return [results[i] for i in sorted(results)]
 
+    def _adapters(self, lora_request, total: int | None
+                  ) -> Callable[[int], LoRARequest | None]:
+        """Every rank: loads ``generate``'s adapters; returns prompt index -> adapter."""
+        if lora_request is None:
+            return lambda i: None
+        if self.engine.adapters is None:
+            raise SeesawError("lora_request needs LLM(enable_lora=True)")
+        many = isinstance(lora_request, (list, tuple))
+        if many and total is not None and len(lora_request) != total:
+            raise SeesawError(f"got {len(lora_request)} LoRA requests for {total} prompts")
+        self.engine.adapters.prepare(lora_request if many else [lora_request])
+        if not many:
+            return lambda i: lora_request
+
+        def of(i: int) -> LoRARequest | None:
+            if i >= len(lora_request):
+                raise SeesawError(f"got {len(lora_request)} LoRA requests for more prompts")
+            return lora_request[i]
+        return of
+
     def _requests(self, requests, on_reject, done: Callable[[int, RequestOutput], None],
-                  start: float) -> Iterator[LoopRequest]:
+                  start: float, lora_of: Callable[[int], LoRARequest | None]
+                  ) -> Iterator[LoopRequest]:
         """Every request (``loop_request``), made as the engine loop pulls them."""
         seq_id = 0
         for i, rid, prompt, p in requests:
             label = "prompt" if on_reject else f"prompt {i}"
             try:  # a rejected prompt's message names it by its index only if raised
                 req = self.loop_request(i, str(rid), prompt, p, seq_id, label,
-                                        partial(done, i), start)
+                                        partial(done, i), start, lora=lora_of(i))
             except SeesawError as e:
                 if on_reject is None:
                     raise
@@ -190,7 +217,8 @@ class LLM:
     def loop_request(self, index: int, request_id: str, prompt: PromptType,
                      params: SamplingParams, first_seq_id: int, label: str,
                      sink: Callable[[RequestOutput], None], arrival: float,
-                     kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY) -> LoopRequest:
+                     kind: RequestOutputKind = RequestOutputKind.FINAL_ONLY,
+                     lora: LoRARequest | None = None) -> LoopRequest:
         """A prompt as the engine loop takes it: tokenized and checked against the model and
         the caches (a one-line error naming it by ``label``), its samples made
         (``make_samples``: seeded by request id, not position)."""
@@ -198,6 +226,9 @@ class LLM:
         max_tokens = self.engine.check_request(label, len(toks), params.max_tokens)
         samples = make_samples(first_seq_id, index, request_id, toks, params, max_tokens,
                                self.config.seed)
+        adapter = self.engine.adapters.of(lora) if lora is not None else None
+        for seq in samples if adapter is not None else ():
+            seq.lora, seq.lora_key = adapter.index, adapter.key
         text = prompt if isinstance(prompt, str) else prompt.get("prompt")
         return LoopRequest(index, request_id, text, toks, samples, sink, kind, arrival)
 

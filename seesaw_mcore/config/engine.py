@@ -17,6 +17,7 @@ from seesaw_mcore.config.parallel import PhasePlan
 from seesaw_mcore.config.sections import (
     DTYPES,
     CacheConfig,
+    LoRAConfig,
     ModelOptions,
     RuntimeConfig,
     SchedulerConfig,
@@ -53,6 +54,7 @@ class EngineConfig:
         cache: device KV cache and the host / disk tiers.
         scheduler: batching budgets and the phase-switch policy.
         runtime: timeouts and verbosity.
+        lora: LoRA adapters (``enable_lora``, ``max_loras``, ``max_lora_rank``).
     """
 
     model: ModelOptions = field(default_factory=ModelOptions)
@@ -69,6 +71,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self) -> None:
         if not self.model.path:
@@ -94,8 +97,10 @@ class EngineConfig:
 
     def run_options(self) -> RunOptions:
         """What every rank's model runner applies to every step."""
+        lora = self.lora
         return RunOptions(self.logprobs_mode, self.enable_return_routed_experts,
-                          self.runtime.batch_invariant)
+                          self.runtime.batch_invariant,
+                          lora.max_loras if lora.enable_lora else 0, lora.max_lora_rank)
 
     def phase_plan(self) -> PhasePlan:
         """The plan as layouts (not for ``plan="auto"``: resolve it first)."""
@@ -120,9 +125,10 @@ class EngineConfig:
             kwargs["plan"] = prefill if decode in (None, prefill) or prefill == "auto" \
                 else f"{prefill}:{decode}"
         sections: dict[str, dict[str, Any]] = {"model": {"path": str(model)}, "cache": {},
-                                               "scheduler": {}, "runtime": {}}
+                                               "scheduler": {}, "runtime": {}, "lora": {}}
         top: dict[str, Any] = {}
-        owner = {f.name: name for name, sect in _SECTIONS.items() for f in fields(sect)}
+        owner = {f.name: name for name, sect in _SECTIONS.items() for f in fields(sect)
+                 if (name, f.name) not in (("lora", "path"), ("lora", "name"))}
         tops = {f.name for f in fields(cls)} - set(_SECTIONS)
         for key, value in kwargs.items():
             if key in tops:
@@ -173,4 +179,4 @@ def _vllm_names(kwargs: dict[str, Any]) -> None:
 
 
 _SECTIONS = {"model": ModelOptions, "cache": CacheConfig, "scheduler": SchedulerConfig,
-             "runtime": RuntimeConfig}
+             "runtime": RuntimeConfig, "lora": LoRAConfig}

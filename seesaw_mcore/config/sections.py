@@ -232,6 +232,36 @@ class RuntimeConfig:
                                   f"{getattr(self, name)!r}")
 
 
+@dataclass
+class LoRAConfig:
+    """LoRA adapters (vLLM's names).
+
+    Attributes:
+        enable_lora: requests may run under PEFT LoRA adapters (``lora_request=``).
+        max_loras: adapters held at once (each costs its A and B per layer and linear).
+        max_lora_rank: the largest adapter rank accepted (the stacked tensors' width).
+        path: the launchers' adapter folder for every request (``lora.path=``; a row's own
+            ``lora_path`` field overrides it); implies ``enable_lora``.
+        name: the adapter's name (default: the folder's name).
+    """
+
+    enable_lora: bool = False
+    max_loras: int = 1
+    max_lora_rank: int = 16
+    path: str | None = None
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.enable_lora, bool):
+            raise SeesawError(f"enable_lora must be true or false, got {self.enable_lora!r}")
+        for name in ("max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise SeesawError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.path:
+            self.enable_lora = True
+
+
 def resolve_path(path: str, repo: str) -> str:
     """A launcher's relative path: against the working directory, else against ``repo``
     (the bundled models and data), else as given."""

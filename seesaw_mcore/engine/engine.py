@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from seesaw_mcore.config import EngineConfig, ParallelConfig, PhasePlan
 from seesaw_mcore.contract import Phase, RunnerOutput, Step, Switch
+from seesaw_mcore.engine.adapters import Adapters
 from seesaw_mcore.engine.request import SeqStatus, Sequence
 from seesaw_mcore.engine.routed import RoutedExperts
 from seesaw_mcore.engine.scheduler import ReplicaSchedulers, SchedulerInterface, make_scheduler
@@ -89,6 +90,9 @@ class Engine:
                 len(self.model_cfg.moe_layers), self.model_cfg.num_experts_per_tok,
                 self.cache.block_size, 2 * sum(self.num_blocks.values())
                 + (ex.host_slots + ex.disk_slots) // self.cache.block_size)
+        self.adapters: Adapters | None = None  # every rank: enable_lora
+        if config.lora.enable_lora:
+            self.adapters = Adapters(self.model_cfg, config.lora, self.executor.put_lora)
         self._t0 = 0.0
 
     @property
@@ -175,7 +179,7 @@ class Engine:
     def add(self, seq: Sequence) -> None:
         """Queues a sequence (its replica: by its request's index)."""
         seq.replica = seq.request_index % self.plan.prefill.dp
-        seq.hash_root = cache_root(self.weights_version)
+        seq.hash_root = cache_root(self.weights_version, seq.lora_key)
         seq.min_tokens_banned = min_tokens_banned(seq.params, self.eos_token_ids,
                                                   self.model_cfg.vocab_size)
         self._seqs[seq.seq_id] = seq
@@ -261,10 +265,10 @@ class Engine:
 
     def _weights_changed(self, n: int) -> int:
         self.weights_version += 1
-        root = cache_root(self.weights_version)
         for seq in self._seqs.values():  # no KV anywhere yet: computed with the new weights
             if seq.status == SeqStatus.WAITING:
-                seq.hash_root, seq.block_hashes = root, []
+                seq.hash_root = cache_root(self.weights_version, seq.lora_key)
+                seq.block_hashes = []
         return n
 
     def sleep(self, level: int = 1) -> None:

@@ -40,6 +40,8 @@ class Sequence:
     finish_reason: str | None = None  # "stop" or "length" once finished
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     num_preemptions: int = 0
+    lora: int = 0  # its LoRA adapter's index (0: the base model)
+    lora_key: str | None = None  # the adapter's prefix-cache key (``engine/adapters.py``)
     # ids that cannot end it before ``params.min_tokens`` (stop token ids, EOS): set on add
     min_tokens_banned: tuple[int, ...] = ()
     # prefix caching: chain hashes of its full blocks so far (``kv.block_pool.block_hashes``)

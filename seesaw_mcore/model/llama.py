@@ -31,6 +31,7 @@ from seesaw_mcore.model.layers import (
     TPAllReduce,
     apply_rotary,
 )
+from seesaw_mcore.model.lora_layers import ActiveLoRA
 from seesaw_mcore.model.moe import MoEMLP
 
 
@@ -60,6 +61,8 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, mp: ModelParallelConfig, info: RankInfo,
                  layer: int = 0) -> None:
         super().__init__()
+        self.lora: ActiveLoRA | None = None  # this forward's adapters (``set_lora``)
+        self.index = 0  # its local index in the stage (the adapters' key)
         tp, d, group = info.layout.tp, cfg.head_dim, info.tp_group
         self.hq, self.hkv, self.d = cfg.num_heads // tp, cfg.num_kv_heads // tp, d
         qkv_out = (cfg.num_heads + 2 * cfg.num_kv_heads) * d
@@ -99,6 +102,8 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         h = self.input_norm(x)
         qkv = self.qkv(h)  # [T, (hq + 2 hkv) D]
+        if self.lora is not None:
+            self.lora.add(self.index, "qkv", h, qkv)
         q, k, v = qkv.split([self.hq * self.d, self.hkv * self.d, self.hkv * self.d], dim=-1)
         q = q.view(t, self.hq, self.d)  # [T, hq, D]
         k = k.view(t, self.hkv, self.d)  # [T, hkv, D]
@@ -109,7 +114,13 @@ class DecoderLayer(nn.Module):
         attn = paged_attention(q, k, v.contiguous(), kv[0], kv[1], meta)  # [T, hq, D]
         if after_attention is not None:
             after_attention()
-        x = x + self.o_proj(attn.reshape(t, self.hq * self.d))
+        attn = attn.reshape(t, self.hq * self.d)  # [T, hq D]
+        if self.lora is None:
+            x = x + self.o_proj(attn)
+        else:
+            out = self.o_proj.partial(attn)  # [T, H] this rank's partial sums
+            self.lora.add(self.index, "o_proj", attn, out)
+            x = x + self.o_proj.finish(out)
         return x + self.mlp(x)
 
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
@@ -124,6 +135,15 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         if self.moe is not None:
             return self.moe(self.post_norm(x))
+        if self.lora is not None:
+            h = self.post_norm(x)
+            gate_up = self.gate_up(h)  # [T, 2I/TP]
+            self.lora.add(self.index, "gate_up", h, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up  # [T, I/TP]
+            out = self.down.partial(act)  # [T, H] this rank's partial sums
+            self.lora.add(self.index, "down", act, out)
+            return self.down.finish(out)
         if self.gate_up.packed is None or t <= PACKED_TILE_ROWS:
             gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)  # [T, I/TP] each
             return self.down(F.silu(gate) * up)
@@ -241,6 +261,11 @@ class LlamaStage(nn.Module):
         self.to(device)  # other buffers
         self.repack()
         return copied
+
+    def set_lora(self, lora: ActiveLoRA | None) -> None:
+        """The adapters (and their rows) the next forwards apply; ``None``: the base model."""
+        for j, layer in enumerate(self.layers):
+            layer.lora, layer.index = lora, j
 
     def record_routes(self, on: bool) -> None:
         """Whether this stage's MoE layers keep each forward's expert ids (``routes``)."""

@@ -160,6 +160,11 @@ class Executor:
         """Waits for this rank's tier copies."""
         self.runner.drain()
 
+    def put_lora(self, index: int, adapter) -> None:
+        """Loads a LoRA adapter (``model.lora.LoRAAdapter``) at ``index`` on this rank
+        (``None``: unloads it)."""
+        self.runner.adapters.put(index, adapter)
+
     def update_weights(self, weights: list[tuple[str, torch.Tensor]]) -> int:
         """See ``ModelRunner.update_weights`` (not while the weights sleep)."""
         self._check_awake("update_weights")

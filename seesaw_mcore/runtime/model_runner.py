@@ -30,6 +30,7 @@ from seesaw_mcore.model.attention import AttentionMetadata
 from seesaw_mcore.model.llama import LlamaStage
 from seesaw_mcore.model.loader import open_checkpoint
 from seesaw_mcore.runtime import groups, memory
+from seesaw_mcore.runtime.adapters import RankAdapters
 from seesaw_mcore.runtime.cuda_graphs import DecodeGraphs
 from seesaw_mcore.runtime.kv_buffer import KVBuffer
 from seesaw_mcore.runtime.prompt_logprobs import attach_prompt_logprobs
@@ -89,6 +90,8 @@ class ModelRunner:
             invariant.check_device(self.device)
         invariant.enable(options.batch_invariant)
         self._routes: torch.Tensor | None = None  # [T, MoE layers, k] the last stage's
+        self.adapters = RankAdapters(cfg, options.max_loras, options.max_lora_rank, dtype,
+                                     self.device) if options.max_loras else None
         self.store = store or ShardStore(open_checkpoint(cfg), self.layouts, dist.get_rank(),
                                          dtype)
         self.kv = KVBuffer(cfg, self.layouts, dtype, block_size, self.device)
@@ -275,7 +278,7 @@ class ModelRunner:
                 lambda: self._swap(moves, to_tier=True, layers=range(i, i + 1)))
             ) if by_layer else None
             hidden, meta = self._stage(ids, qlens, ctx, [s.block_table for s in mb], sends,
-                                       stash)
+                                       stash, [s.lora for s in mb])
             if after:
                 self.transfer.submit(lambda moves=after: self._swap(moves, to_tier=True))
             if hidden is None:
@@ -304,13 +307,17 @@ class ModelRunner:
         self.transfer.drain()
 
     def _stage(self, input_ids, query_lens, context_lens, block_tables, sends,
-               after_attention=None):
+               after_attention=None, loras: list[int] | None = None):
         """This rank's stage on one micro-batch; returns (hidden ``[T, H]``, the step's
         attention metadata) on the last stage, else queues an async send of the hidden states
         to the next stage and returns ``(None, metadata)``.
-        ``after_attention(i)`` runs once local layer ``i`` has written its KV."""
+        ``after_attention(i)`` runs once local layer ``i`` has written its KV; ``loras``:
+        each sequence's adapter index (0 or ``None``: the base model)."""
         info, dev = self.info, self.device
-        graphs = self._decode_graphs(query_lens, after_attention)
+        lora = self.adapters.active(info, loras, query_lens) \
+            if self.adapters is not None and loras else None
+        self.model.set_lora(lora)
+        graphs = None if lora is not None else self._decode_graphs(query_lens, after_attention)
         if graphs is not None:  # a decode step, replayed from its bucket's CUDA graph
             x = h2d.tensor(input_ids, torch.long, dev)  # [B]
             self.graph_steps += 1

@@ -43,7 +43,7 @@ from seesaw_mcore.contract import (
 )
 from seesaw_mcore.runtime.wire import wire_pack, wire_unpack
 
-_VERSION = 5
+_VERSION = 6
 # the per-step fields of a sampling spec (sent with every entry); the rest is static
 _DYNAMIC = ("step", "history", "banned", "prompt_logprobs")
 
@@ -62,6 +62,7 @@ class WireSeq:
     banned: list[int]
     prompt_logprobs: int | None
     spec: SamplingSpec | None = None  # the static spec when new or changed
+    lora: int = 0
 
 
 @dataclass(slots=True)
@@ -153,7 +154,7 @@ class SeqMirror:
         k.table = list(s.block_table)
         k.history.extend(new_history)
         return WireSeq(s.seq_id, list(s.token_ids), s.start_pos, kept, new_blocks,
-                       new_history, p.step, list(p.banned), p.prompt_logprobs, spec)
+                       new_history, p.step, list(p.banned), p.prompt_logprobs, spec, s.lora)
 
     def to_wire_replica(self, rep: SchedulerOutput | None) -> WireReplica | None:
         return _map_replica(rep, self.to_wire, WireReplica)
@@ -177,7 +178,7 @@ class SeqMirror:
         values[_DYN_AT["banned"]] = w.banned
         values[_DYN_AT["prompt_logprobs"]] = w.prompt_logprobs
         return ScheduledSeq(w.seq_id, w.token_ids, w.start_pos, k.table,
-                            SamplingSpec(*values))
+                            SamplingSpec(*values), w.lora)
 
     def from_wire_replica(self, w: WireReplica | None) -> SchedulerOutput | None:
         return _map_replica(w, self.from_wire, SchedulerOutput)

@@ -184,4 +184,4 @@ def scheduled(seq: Sequence, token_ids: list[int], start: int,
     if needs_prompt_logprobs(seq):
         spec.prompt_logprobs = p.prompt_logprobs
     table = seq.block_table if block_table is None else block_table
-    return ScheduledSeq(seq.seq_id, token_ids, start, list(table), spec)
+    return ScheduledSeq(seq.seq_id, token_ids, start, list(table), spec, seq.lora)

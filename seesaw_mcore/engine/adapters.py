@@ -1,0 +1,95 @@
+"""Which LoRA adapter sits at which index (``1..max_loras``), decided the same way on every
+rank: each rank reads the adapter folders itself (like the model's) and the same requests
+in the same order give the same indices, so nothing but the index travels with a step."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from seesaw_mcore.config import ModelConfig
+from seesaw_mcore.config.sections import LoRAConfig
+from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.model.lora import LoRAAdapter, LoRARequest, load_adapter
+
+
+@dataclass(frozen=True)
+class Resident:
+    """A loaded adapter: its index, where it came from, and its prefix-cache key."""
+
+    index: int
+    request: LoRARequest
+    key: str
+
+
+class Adapters:
+    """The adapters loaded on this rank, least recently used first.
+
+    Args:
+        cfg: the model (adapters are checked against it).
+        lora: ``max_loras`` and ``max_lora_rank``.
+        put: loads an adapter at an index on this rank (``None``: unloads it).
+    """
+
+    def __init__(self, cfg: ModelConfig, lora: LoRAConfig,
+                 put: Callable[[int, LoRAAdapter | None], None]) -> None:
+        self.cfg, self.max_loras, self.max_rank, self._put = cfg, lora.max_loras, \
+            lora.max_lora_rank, put
+        self.resident: OrderedDict[int, Resident] = OrderedDict()  # by lora_int_id
+        self._loads = 0  # every load gets a new cache key (a reloaded id's KV differs)
+
+    def prepare(self, requests: Iterable[LoRARequest | None],
+                busy: Iterable[int] = ()) -> None:
+        """Makes every adapter of ``requests`` resident, evicting the least recently used
+        ones no request needs (nor any sequence in flight: ``busy`` adapter ids). Every
+        new adapter is read and checked before anything is evicted or loaded.
+
+        Raises:
+            SeesawError: a bad adapter (one line naming it), or more adapters than
+                ``max_loras`` needed at once.
+        """
+        wanted: dict[int, LoRARequest] = {}
+        for r in requests:
+            if r is None:
+                continue
+            if not isinstance(r, LoRARequest):
+                raise SeesawError(f"lora_request must be a LoRARequest or None, got "
+                                  f"{type(r).__name__}")
+            other = wanted.setdefault(r.lora_int_id, r)
+            if other != r:
+                raise SeesawError(f"lora_int_id {r.lora_int_id} names two adapters "
+                                  f"({other.lora_name!r} and {r.lora_name!r})")
+        keep = set(wanted) | set(busy)
+        if len(keep) > self.max_loras:
+            raise SeesawError(f"{len(keep)} LoRA adapters are needed at once but max_loras is "
+                              f"{self.max_loras}: raise max_loras")
+        new = {i: r for i, r in wanted.items()
+               if i not in self.resident or self.resident[i].request != r}
+        loaded = {i: load_adapter(r, self.cfg, self.max_rank) for i, r in new.items()}
+        for i in wanted:
+            if i in self.resident and i not in new:
+                self.resident.move_to_end(i)
+        for i, adapter in loaded.items():
+            self._install(i, adapter, keep)
+
+    def _install(self, lora_id: int, adapter: LoRAAdapter, keep: set[int]) -> None:
+        old = self.resident.pop(lora_id, None)
+        if old is not None:
+            index = old.index
+        else:
+            free = set(range(1, self.max_loras + 1)) - {r.index for r in self.resident.values()}
+            if not free:
+                victim = next(i for i in self.resident if i not in keep)
+                free = {self.resident.pop(victim).index}
+            index = min(free)
+        self._loads += 1
+        self._put(index, adapter)
+        self.resident[lora_id] = Resident(index, adapter.request,
+                                          f"{adapter.request.lora_name}#{lora_id}@{self._loads}")
+
+    def of(self, request: LoRARequest | None) -> Resident | None:
+        """The resident adapter of ``request`` (``None``: the base model)."""
+        if request is None:
+            return None
+        return self.resident[request.lora_int_id]
