@@ -27,7 +27,7 @@ from seesaw_mcore.io.requests import (
     prompt_tokens,
     requests_of,
 )
-from seesaw_mcore.model.lora import LoRARequest
+from seesaw_mcore.model.lora import LoRARequest, is_adapter_name
 from seesaw_mcore.model.weight_update import check_update
 from seesaw_mcore.sampling_params import RequestOutputKind, SamplingParams
 
@@ -232,7 +232,8 @@ class LLM:
         text = prompt if isinstance(prompt, str) else prompt.get("prompt")
         return LoopRequest(index, request_id, text, toks, samples, sink, kind, arrival)
 
-    def update_weights(self, weights: Iterable[tuple[str, Any]]) -> None:
+    def update_weights(self, weights: Iterable[tuple[str, Any]],
+                       lora_name: str | None = None) -> None:
         """Takes new weights in place (an RL or eval loop's new checkpoint), on every rank.
 
         ``weights``: ``(name, tensor)`` pairs with HF parameter names
@@ -244,8 +245,18 @@ class LLM:
         new weights). Every pair is checked before anything is written (a foreign name, a
         shape that is not the full tensor's, a non-float tensor: a one-line error, nothing
         changed). The prefix cache is forgotten. Between ``generate`` calls only.
+
+        Adapter-only sync (RL with LoRA): pairs named as PEFT saves them
+        (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``) replace those
+        tensors of the loaded adapter ``lora_name`` (or the only one loaded), as if the
+        adapter were loaded again from a folder holding them.
         """
         pairs = list(weights)
+        if pairs and all(is_adapter_name(n) for n, _ in pairs):  # an adapter-only sync
+            if self.engine.adapters is None:
+                raise SeesawError("update_weights: LoRA tensors need LLM(enable_lora=True)")
+            self.engine.adapters.update(pairs, lora_name)
+            return
         check_update(self.engine.model_cfg, pairs)
         self.engine.update_weights(pairs)
 

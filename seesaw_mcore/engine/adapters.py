@@ -8,10 +8,12 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
+
 from seesaw_mcore.config import ModelConfig
 from seesaw_mcore.config.sections import LoRAConfig
 from seesaw_mcore.errors import SeesawError
-from seesaw_mcore.model.lora import LoRAAdapter, LoRARequest, load_adapter
+from seesaw_mcore.model.lora import LoRAAdapter, LoRARequest, load_adapter, updated
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class Resident:
     index: int
     request: LoRARequest
     key: str
+    adapter: LoRAAdapter
 
 
 class Adapters:
@@ -86,7 +89,21 @@ class Adapters:
         self._loads += 1
         self._put(index, adapter)
         self.resident[lora_id] = Resident(index, adapter.request,
-                                          f"{adapter.request.lora_name}#{lora_id}@{self._loads}")
+                                          f"{adapter.request.lora_name}#{lora_id}@{self._loads}",
+                                          adapter)
+
+    def update(self, pairs: list[tuple[str, torch.Tensor]], lora_name: str | None) -> None:
+        """Takes new tensors (PEFT names) for the resident adapter ``lora_name`` (or the
+        only one resident): checked first, then the adapter is re-cut and gets a new
+        prefix-cache key (requests added after it never reuse the old tensors' KV)."""
+        named = [r for r in self.resident.values()
+                 if lora_name is None or r.request.lora_name == lora_name]
+        if len(named) != 1:
+            which = f"LoRA adapter {lora_name!r} is not loaded" if lora_name is not None \
+                else f"{len(self.resident)} LoRA adapters are loaded: give lora_name="
+            raise SeesawError(f"update_weights: {which}")
+        res = named[0]
+        self._install(res.request.lora_int_id, updated(res.adapter, pairs), set())
 
     def of(self, request: LoRARequest | None) -> Resident | None:
         """The resident adapter of ``request`` (``None``: the base model)."""

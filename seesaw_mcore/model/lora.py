@@ -1,6 +1,5 @@
 """LoRA adapters as PEFT saves them, read and checked against the model (vLLM's
-``LoRARequest`` surface). Only the reading and checking for now: applying adapters in the
-forward comes with issue 39's batched LoRA linears.
+``LoRARequest`` surface); ``model/lora_layers.py`` applies them in the forward.
 
 A PEFT adapter folder holds ``adapter_config.json`` (``peft_type`` ``LORA``, ``r``,
 ``lora_alpha``, ``use_rslora``, ``target_modules``) and ``adapter_model.safetensors`` with
@@ -104,6 +103,16 @@ def load_adapter(request: LoRARequest, cfg: ModelConfig, max_lora_rank: int) -> 
     if str(conf.get("peft_type", "")).upper() != "LORA":
         raise SeesawError(f"LoRA adapter {name!r}: peft_type is {conf.get('peft_type')!r}, "
                           "not LORA")
+    unsupported = [(bool(conf.get("use_dora")), "use_dora (DoRA)"),
+                   (bool(conf.get("rank_pattern")), "rank_pattern (per-module ranks)"),
+                   (bool(conf.get("alpha_pattern")), "alpha_pattern (per-module alphas)"),
+                   (bool(conf.get("modules_to_save")), "modules_to_save"),
+                   (conf.get("bias", "none") != "none" or bool(conf.get("lora_bias")),
+                    "trained biases (bias / lora_bias)"),
+                   (bool(conf.get("fan_in_fan_out")), "fan_in_fan_out")]
+    for refused, what in unsupported:
+        if refused:
+            raise SeesawError(f"LoRA adapter {name!r}: {what} is not supported")
     rank = conf.get("r")
     if not isinstance(rank, int) or rank < 1:
         raise SeesawError(f"LoRA adapter {name!r}: r must be an integer >= 1, got {rank!r}")
@@ -131,7 +140,8 @@ def load_adapter(request: LoRARequest, cfg: ModelConfig, max_lora_rank: int) -> 
             raise SeesawError(f"LoRA adapter {name!r}: unexpected tensor {key!r}")
         layer, module, ab = int(m.group(1)), m.group(3), m.group(4)
         if module not in shapes or layer >= cfg.num_layers:
-            raise SeesawError(f"LoRA adapter {name!r}: {key} is not a module of this model")
+            raise SeesawError(f"LoRA adapter {name!r}: {key} is not a module of this model "
+                              "(an adapter of another base model?)")
         out, inp = shapes[module]
         want = (rank, inp) if ab == "A" else (out, rank)
         if tuple(t.shape) != want:
@@ -145,3 +155,32 @@ def load_adapter(request: LoRARequest, cfg: ModelConfig, max_lora_rank: int) -> 
                               f"{next(iter(ab))} without its pair")
         weights[(layer, module)] = (ab["A"], ab["B"])
     return LoRAAdapter(request, rank, scale, weights)
+
+
+def is_adapter_name(name: str) -> bool:
+    """Whether ``name`` is a PEFT adapter tensor's name (``...lora_A.weight``)."""
+    return name.startswith("base_model.model.")
+
+
+def updated(adapter: LoRAAdapter, pairs: list[tuple[str, torch.Tensor]]) -> LoRAAdapter:
+    """``adapter`` with the tensors ``pairs`` (PEFT names) replaced, every pair checked
+    first (a module it does not target, a shape of another rank: one line, nothing
+    changed)."""
+    name = adapter.request.lora_name
+    weights = dict(adapter.weights)
+    for key, t in pairs:
+        m = _KEY.match(key)
+        if m is None or (int(m.group(1)), m.group(3)) not in weights:
+            raise SeesawError(f"update_weights: {key!r} is not a tensor of LoRA adapter "
+                              f"{name!r}")
+        where, ab = (int(m.group(1)), m.group(3)), m.group(4)
+        a, b = weights[where]
+        old = a if ab == "A" else b
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() \
+                or tuple(t.shape) != tuple(old.shape):
+            raise SeesawError(f"update_weights: {key} must be a floating-point tensor of shape "
+                              f"{list(old.shape)} (LoRA adapter {name!r}), got "
+                              f"{list(getattr(t, 'shape', []))}")
+        weights[where] = (t.float().cpu(), b) if ab == "A" else (a, t.float().cpu())
+    return LoRAAdapter(adapter.request, adapter.rank, adapter.scale, weights)
+
