@@ -141,17 +141,21 @@ def run(cfg: DictConfig) -> int:
     elif fmt == "openai_batch":
         requests = reader.requests()
     else:
-        requests = ((r.id, r.prompt, sampling) for r in reader)
+        adapters = Adapters(engine_cfg.lora, reader.errors)
+        requests = ((r.id, r.prompt, sampling, adapters.of(r)) for r in reader
+                    if adapters.allowed(r))
     start = time.perf_counter()
     try:
-        # tee keeps prompts, params and ids in step, buffering one
-        reqs = itertools.tee(requests, 3)
+        # tee keeps prompts, params, ids and adapters in step, buffering one
+        reqs = itertools.tee(requests, 4)
         llm.generate(
             (r[1] for r in reqs[0]), (r[2] for r in reqs[1]),
             use_tqdm=cfg.progress and llm.is_driver,
             request_ids=(r[0] for r in reqs[2]), on_output=on_output if writer else None,
             on_reject=lambda rid, msg: rejected.append(f"id {rid!r}: {msg}"),
             keep_outputs=False,
+            lora_request=(r[3] if len(r) > 3 else None for r in reqs[3])
+            if engine_cfg.lora.enable_lora else None,
         )
     except Interrupted as e:
         # named by the watchdog's request now: a Ctrl-C's SIGINT may follow its relayed SIGTERM
@@ -181,6 +185,33 @@ def run(cfg: DictConfig) -> int:
                   file=sys.stderr)
     llm.shutdown()
     return 1 if bad else 0
+
+
+class Adapters:
+    """Each record's LoRA adapter: its own ``lora_path`` field, else ``lora.path`` (one
+    ``LoRARequest`` per folder, named by ``lora.name`` or the folder's name)."""
+
+    def __init__(self, lora, errors: list[str]) -> None:
+        self.lora, self.known, self.errors = lora, {}, errors
+
+    def allowed(self, record) -> bool:
+        """False (an error line) for a record naming an adapter when LoRA is off."""
+        if record.lora_path and not self.lora.enable_lora:
+            self.errors.append(f"id {record.id!r}: lora_path needs lora.enable_lora=true")
+            return False
+        return True
+
+    def of(self, record):
+        from seesaw_mcore import LoRARequest
+
+        path = record.lora_path or self.lora.path
+        if path is None:
+            return None
+        if path not in self.known:
+            name = (self.lora.name if path == self.lora.path and self.lora.name
+                    else os.path.basename(os.path.normpath(path)))
+            self.known[path] = LoRARequest(name, len(self.known) + 1, path)
+        return self.known[path]
 
 
 @dataclass

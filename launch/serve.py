@@ -114,6 +114,12 @@ async def _serve(llm, server_cfg: ServerConfig, engine_cfg: EngineConfig,
     path = engine_cfg.model.path
     name = server_cfg.served_model_name or os.path.basename(os.path.normpath(path))
     app, server = build_app(llm, server_cfg, name, path)
+    lora = engine_cfg.lora
+    if lora.path:  # served as model=<name> from the start
+        from seesaw_mcore.serving.lora import load_adapter
+
+        await load_adapter(server, lora.name or os.path.basename(os.path.normpath(lora.path)),
+                           lora.path)
     config = uvicorn.Config(app, log_level=server_cfg.log_level, access_log=False,
                             timeout_graceful_shutdown=server_cfg.shutdown_timeout_s,
                             timeout_keep_alive=30)

@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from seesaw_mcore.contract import Control, ControlKind
+from seesaw_mcore.engine.adapters import LORA_CONTROLS
 from seesaw_mcore.engine.load import EngineLoad, RequestCounters, engine_load
 from seesaw_mcore.engine.loop import EngineLoop
 from seesaw_mcore.engine.loop_thread import LoopThread
@@ -43,6 +44,7 @@ from seesaw_mcore.engine.request import RequestOutput
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.io.requests import PromptType
 from seesaw_mcore.llm import LLM
+from seesaw_mcore.model.lora import LoRARequest
 from seesaw_mcore.model.weight_update import check_update
 from seesaw_mcore.runtime import groups
 from seesaw_mcore.sampling_params import SamplingParams
@@ -134,7 +136,8 @@ class AsyncLLM:
     # -- requests ---------------------------------------------------------------------
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+                       request_id: str | None = None, lora_request: LoRARequest | None = None
+                       ) -> AsyncIterator[RequestOutput]:
         """Generates one request, yielding its ``RequestOutput``s as
         ``sampling_params.output_kind`` asks (each step's, cumulative or delta, or only the
         final one); the last has ``finished`` True. A bad request raises a one-line
@@ -145,8 +148,10 @@ class AsyncLLM:
             prompt: a string or ``{"prompt_token_ids": [...]}`` (``"prompt"``: its text).
             sampling_params: vLLM's (default ``SamplingParams()``).
             request_id: unique among requests in flight (default: a fresh number).
+            lora_request: the LoRA adapter it runs under (loaded when the request is
+                admitted, if it is not; ``None``: the base model).
         """
-        stream = await self.add_request(prompt, sampling_params, request_id)
+        stream = await self.add_request(prompt, sampling_params, request_id, lora_request)
         try:
             async for out in stream:
                 yield out
@@ -154,7 +159,8 @@ class AsyncLLM:
             stream.close()
 
     async def add_request(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
-                          request_id: str | None = None) -> RequestStream:
+                          request_id: str | None = None, lora_request: LoRARequest | None = None
+                          ) -> RequestStream:
         """``generate`` in two halves: checks and queues the request now (a bad one raises
         here, nothing queued) and returns its stream of outputs, which the caller must
         ``close`` (it aborts the request if it has not finished). What a server needs to
@@ -164,6 +170,11 @@ class AsyncLLM:
         if not isinstance(params, SamplingParams):
             raise SeesawError(f"sampling_params must be a SamplingParams, got "
                               f"{type(params).__name__}")
+        if lora_request is not None and not isinstance(lora_request, LoRARequest):
+            raise SeesawError(f"lora_request must be a LoRARequest or None, got "
+                              f"{type(lora_request).__name__}")
+        if lora_request is not None and self.engine.adapters is None:
+            raise SeesawError("lora_request needs AsyncLLM(enable_lora=True)")
         index = next(self._indices)
         rid = str(index) if request_id is None else str(request_id)
         outputs: asyncio.Queue = asyncio.Queue()
@@ -179,7 +190,7 @@ class AsyncLLM:
 
         req = self._llm.loop_request(index, rid, prompt, params, self._next_seq,
                                      f"request {rid!r}", sink, time.perf_counter(),
-                                     params.output_kind)
+                                     params.output_kind, lora_request)
         self._next_seq += params.n
 
         def submit() -> None:
@@ -188,6 +199,34 @@ class AsyncLLM:
 
         await self._call(submit)  # (a duplicate id raises here: nothing to abort)
         return RequestStream(self, rid, outputs)
+
+    async def add_lora(self, lora_request: LoRARequest) -> bool:
+        """Loads a LoRA adapter on every rank (vLLM's ``add_lora``; a bad adapter is a
+        one-line error, nothing loaded). Returns ``True``."""
+        if self.engine.adapters is None:
+            raise SeesawError("add_lora needs AsyncLLM(enable_lora=True)")
+        await self._call(lambda: self.engine.use_lora(lora_request))
+        return True
+
+    async def remove_lora(self, lora_id: int) -> bool:
+        """Unloads adapter ``lora_id`` on every rank (refused while requests use it)."""
+        if self.engine.adapters is None:
+            raise SeesawError("remove_lora needs AsyncLLM(enable_lora=True)")
+        def unload() -> None:
+            self.engine.adapters.check_remove(lora_id, self._busy_loras())
+            self.engine.executor.control(Control(ControlKind.UNLOAD_LORA,
+                                                 json.dumps({"lora_int_id": lora_id})))
+
+        await self._call(unload)
+        return True
+
+    async def list_loras(self) -> set[int]:
+        """The ids of the adapters loaded."""
+        return set(self.engine.adapters.resident) if self.engine.adapters else set()
+
+    def _busy_loras(self) -> list[int]:
+        """Engine thread: the ids of adapters sequences in flight run under."""
+        return self.engine.adapters.busy(s.lora for s in self.engine.sequences())
 
     async def abort(self, request_id: str | Iterable[str]) -> None:
         """Ends requests in any state: each stops with what it has (``finish_reason``
@@ -325,6 +364,8 @@ class AsyncLLM:
             engine.sleep(args["level"])
         elif kind == ControlKind.WAKE_UP:
             engine.wake_up(args["tags"])
+        elif kind in LORA_CONTROLS:
+            engine.lora_control(Control(kind, json.dumps(args)))
         else:
             raise SeesawError(f"unknown control {kind}")
 

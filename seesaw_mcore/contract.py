@@ -172,6 +172,8 @@ class ControlKind(str, enum.Enum):
     LOAD_WEIGHTS = "load_weights"  # args: path (a checkpoint folder every rank reads)
     SLEEP = "sleep"  # args: level
     WAKE_UP = "wake_up"  # args: tags
+    LOAD_LORA = "load_lora"  # args: lora_name, lora_int_id, lora_path, busy (adapter ids)
+    UNLOAD_LORA = "unload_lora"  # args: lora_int_id
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ harness calls; rank 0's results are broadcast, so lm-eval sees one data-parallel
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch.distributed as dist
@@ -27,7 +28,9 @@ from lm_eval.models.utils import (
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from seesaw_mcore.config import EngineConfig
+from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.llm import LLM
+from seesaw_mcore.model.lora import LoRARequest
 from seesaw_mcore.sampling_params import SamplingParams
 
 
@@ -40,6 +43,8 @@ class SeesawLM(TemplateLM):
         max_gen_toks: default generation budget of ``generate_until``.
         add_bos_token: prepend BOS when tokenizing (``None``: the tokenizer's default).
         config: a whole ``EngineConfig`` instead of ``pretrained`` and keywords.
+        lora_local_path: a PEFT LoRA adapter every request runs under (lm-eval's vLLM
+            backend's name; ``config.lora.path`` too).
         **kwargs: ``LLM`` keyword arguments (``plan``, ``prefill``/``decode``, ``dtype``,
             ``max_model_len``, cache and scheduler fields ...). lm-eval's own ``batch_size``
             and ``device`` are accepted and ignored: the engine batches continuously.
@@ -47,11 +52,19 @@ class SeesawLM(TemplateLM):
 
     def __init__(self, pretrained: str | None = None, max_gen_toks: int = 256,
                  add_bos_token: bool | None = None, config: EngineConfig | None = None,
-                 **kwargs: Any) -> None:
+                 lora_local_path: str | None = None, **kwargs: Any) -> None:
         super().__init__()
         for ignored in ("batch_size", "max_batch_size", "device"):
             kwargs.pop(ignored, None)
+        if lora_local_path and config is None:
+            kwargs["enable_lora"] = True
         self.llm = LLM(pretrained, config=config, **kwargs)
+        path = lora_local_path or self.llm.engine.config.lora.path
+        self.lora = None if not path else LoRARequest(
+            self.llm.engine.config.lora.name or os.path.basename(os.path.normpath(path)), 1,
+            path)
+        if self.lora is not None and self.llm.engine.adapters is None:
+            raise SeesawError("lora_local_path needs enable_lora=True")
         self.tokenizer = self.llm.get_tokenizer()
         self._max_gen_toks, self.add_bos_token = max_gen_toks, add_bos_token
 
@@ -98,7 +111,7 @@ class SeesawLM(TemplateLM):
     def _generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> list:
         """Every rank calls with the same arguments; every rank gets rank 0's outputs."""
         outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params,
-                                 use_tqdm=False)
+                                 use_tqdm=False, lora_request=self.lora)
         if dist.is_initialized() and dist.get_world_size() > 1:
             box = [outs]
             dist.broadcast_object_list(box, src=0)

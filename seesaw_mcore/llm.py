@@ -130,9 +130,11 @@ class LLM:
                 cannot run (too long, bad token ids), which is then skipped; without it
                 such a prompt is an error for the whole call.
             keep_outputs: return the outputs (else ``[]``: use ``on_output``).
-            lora_request: the LoRA adapter for every prompt, or one per prompt (``None``:
-                the base model); needs ``LLM(enable_lora=True)``. Requests under different
-                adapters and the base model share steps.
+            lora_request: the LoRA adapter for every prompt, or one per prompt (a list, or
+                an iterator read in step with ``prompts`` on rank 0: adapters then load as
+                their prompts arrive); ``None``: the base model; needs
+                ``LLM(enable_lora=True)``. Requests under different adapters and the base
+                model share steps.
 
         Returns:
             On rank 0, one ``RequestOutput`` per prompt that ran, in input order; ``[]``
@@ -178,15 +180,21 @@ class LLM:
 
     def _adapters(self, lora_request, total: int | None
                   ) -> Callable[[int], LoRARequest | None]:
-        """Every rank: loads ``generate``'s adapters; returns prompt index -> adapter."""
+        """Prompt index -> its adapter; a list's (or one) adapters checked first (a bad one
+        is a one-line error before anything runs). Adapters load as their
+        prompts are admitted, at most ``max_loras`` at once (others wait)."""
         if lora_request is None:
             return lambda i: None
         if self.engine.adapters is None:
             raise SeesawError("lora_request needs LLM(enable_lora=True)")
+        if not isinstance(lora_request, (list, tuple, LoRARequest)):  # a stream (rank 0's)
+            stream = iter(lora_request)
+            return lambda i: next(stream, None)
         many = isinstance(lora_request, (list, tuple))
         if many and total is not None and len(lora_request) != total:
             raise SeesawError(f"got {len(lora_request)} LoRA requests for {total} prompts")
-        self.engine.adapters.prepare(lora_request if many else [lora_request])
+        # every rank: the same one-line error everywhere, before the run starts
+        self.engine.adapters.check(lora_request if many else [lora_request])
         if not many:
             return lambda i: lora_request
 
@@ -226,11 +234,13 @@ class LLM:
         max_tokens = self.engine.check_request(label, len(toks), params.max_tokens)
         samples = make_samples(first_seq_id, index, request_id, toks, params, max_tokens,
                                self.config.seed)
-        adapter = self.engine.adapters.of(lora) if lora is not None else None
-        for seq in samples if adapter is not None else ():
-            seq.lora, seq.lora_key = adapter.index, adapter.key
+        if lora is not None:  # a bad adapter: this prompt's error
+            if self.engine.adapters is None:
+                raise SeesawError("lora_request needs enable_lora=True")
+            self.engine.adapters.check([lora])
         text = prompt if isinstance(prompt, str) else prompt.get("prompt")
-        return LoopRequest(index, request_id, text, toks, samples, sink, kind, arrival)
+        return LoopRequest(index, request_id, text, toks, samples, sink, kind, arrival,
+                           lora=lora)
 
     def update_weights(self, weights: Iterable[tuple[str, Any]],
                        lora_name: str | None = None) -> None:

@@ -4,6 +4,8 @@ in the same order give the same indices, so nothing but the index travels with a
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -12,8 +14,16 @@ import torch
 
 from seesaw_mcore.config import ModelConfig
 from seesaw_mcore.config.sections import LoRAConfig
+from seesaw_mcore.contract import Control, ControlKind
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.model.lora import LoRAAdapter, LoRARequest, load_adapter, updated
+
+LORA_CONTROLS = (ControlKind.LOAD_LORA, ControlKind.UNLOAD_LORA)
+
+
+class AdaptersBusy(SeesawError):
+    """Every adapter index holds an adapter that sequences in flight run under: a new one
+    waits for one of them to finish."""
 
 
 @dataclass(frozen=True)
@@ -33,14 +43,80 @@ class Adapters:
         cfg: the model (adapters are checked against it).
         lora: ``max_loras`` and ``max_lora_rank``.
         put: loads an adapter at an index on this rank (``None``: unloads it).
+        broadcast: rank 0: sends a ``Control`` to every rank and runs it here too.
     """
 
     def __init__(self, cfg: ModelConfig, lora: LoRAConfig,
-                 put: Callable[[int, LoRAAdapter | None], None]) -> None:
+                 put: Callable[[int, LoRAAdapter | None], None],
+                 broadcast: Callable[[Control], None] | None = None) -> None:
         self.cfg, self.max_loras, self.max_rank, self._put = cfg, lora.max_loras, \
             lora.max_lora_rank, put
+        self._broadcast = broadcast
+        self._checked: set[LoRARequest] = set()
         self.resident: OrderedDict[int, Resident] = OrderedDict()  # by lora_int_id
         self._loads = 0  # every load gets a new cache key (a reloaded id's KV differs)
+
+    def use(self, request: LoRARequest, in_flight: Iterable[int]) -> Resident:
+        """Rank 0, between steps: ``request``'s adapter, loaded on every rank first (a
+        ``LOAD_LORA`` control) unless it is resident, evicting the least recently used one
+        that no sequence in flight (their adapter ``in_flight`` indices) runs under."""
+        res = self.resident.get(request.lora_int_id)
+        if res is None or res.request != request:
+            busy = self.busy(in_flight)
+            if len(set(busy) | {request.lora_int_id}) > self.max_loras:
+                raise AdaptersBusy(f"LoRA adapter {request.lora_name!r} waits: max_loras "
+                                   f"{self.max_loras} adapters are in use")
+            args = {**dataclasses.asdict(request), "busy": busy}
+            self._broadcast(Control(ControlKind.LOAD_LORA, json.dumps(args)))
+        else:
+            self.resident.move_to_end(request.lora_int_id)
+        return self.of(request)
+
+    def on_control(self, msg: Control, is_driver: bool) -> None:
+        """Every rank: a LoRA control. A bad adapter is rank 0's error to report (checked
+        alike on every rank, nothing loaded): the other ranks go on."""
+        args = json.loads(msg.args)
+        try:
+            if msg.kind == ControlKind.LOAD_LORA:
+                busy = args.pop("busy")
+                self.prepare([LoRARequest(**args)], busy)
+            else:
+                self.remove(args["lora_int_id"])
+        except SeesawError:
+            if is_driver:
+                raise
+
+    def busy(self, indices: Iterable[int]) -> list[int]:
+        """The adapter ids at ``indices`` (those of sequences in flight)."""
+        at = {r.index: i for i, r in self.resident.items()}
+        return sorted({at[x] for x in indices if x in at})
+
+    def check_remove(self, lora_id: int, busy: Iterable[int] = ()) -> None:
+        """Raises unless ``lora_id`` is loaded and no sequence in flight uses it."""
+        if lora_id not in self.resident:
+            raise SeesawError(f"no LoRA adapter with lora_int_id {lora_id} is loaded")
+        if lora_id in set(busy):
+            raise SeesawError(f"LoRA adapter {self.resident[lora_id].request.lora_name!r} is "
+                              "in use by requests in flight")
+
+    def remove(self, lora_id: int) -> None:
+        """Unloads adapter ``lora_id`` (``check_remove`` first)."""
+        self.check_remove(lora_id)
+        self._put(self.resident.pop(lora_id).index, None)
+
+    def check(self, requests: Iterable[LoRARequest | None]) -> None:
+        """Reads and checks every adapter of ``requests`` not resident (each once: a
+        checked one is remembered by its request)."""
+        for r in requests:
+            if r is None or r in self._checked:
+                continue
+            if not isinstance(r, LoRARequest):
+                raise SeesawError(f"lora_request must be a LoRARequest or None, got "
+                                  f"{type(r).__name__}")
+            res = self.resident.get(r.lora_int_id)
+            if res is None or res.request != r:
+                load_adapter(r, self.cfg, self.max_rank)
+            self._checked.add(r)
 
     def prepare(self, requests: Iterable[LoRARequest | None],
                 busy: Iterable[int] = ()) -> None:

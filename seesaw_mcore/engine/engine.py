@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import torch.distributed as dist
 
 from seesaw_mcore.config import EngineConfig, ParallelConfig, PhasePlan
-from seesaw_mcore.contract import Phase, RunnerOutput, Step, Switch
-from seesaw_mcore.engine.adapters import Adapters
+from seesaw_mcore.contract import Control, Phase, RunnerOutput, Step, Switch
+from seesaw_mcore.engine.adapters import LORA_CONTROLS, Adapters, Resident
 from seesaw_mcore.engine.request import SeqStatus, Sequence
 from seesaw_mcore.engine.routed import RoutedExperts
 from seesaw_mcore.engine.scheduler import ReplicaSchedulers, SchedulerInterface, make_scheduler
@@ -27,6 +27,7 @@ from seesaw_mcore.engine.tokens import append_token, min_tokens_banned, token_st
 from seesaw_mcore.errors import SeesawError
 from seesaw_mcore.kv.block_pool import cache_root
 from seesaw_mcore.model.loader import open_checkpoint
+from seesaw_mcore.model.lora import LoRARequest
 from seesaw_mcore.runtime import cluster, groups
 from seesaw_mcore.runtime.dtype import resolve_dtype
 from seesaw_mcore.runtime.executor import Executor
@@ -92,7 +93,9 @@ class Engine:
                 + (ex.host_slots + ex.disk_slots) // self.cache.block_size)
         self.adapters: Adapters | None = None  # every rank: enable_lora
         if config.lora.enable_lora:
-            self.adapters = Adapters(self.model_cfg, config.lora, self.executor.put_lora)
+            self.adapters = Adapters(self.model_cfg, config.lora, self.executor.put_lora,
+                                     self.executor.control)
+        self.executor.worker.on_control = self.lora_control  # (a serving loop replaces it)
         self._t0 = 0.0
 
     @property
@@ -188,6 +191,23 @@ class Engine:
     @property
     def num_waiting(self) -> int:
         return self.scheduler.num_waiting
+
+    def use_lora(self, request: LoRARequest) -> Resident:
+        """Rank 0, between steps: ``request``'s adapter, loaded on every rank first if it
+        is not (``Adapters.use``)."""
+        if self.adapters is None:
+            raise SeesawError("lora_request needs enable_lora=True")
+        return self.adapters.use(request, (s.lora for s in self._seqs.values()))
+
+    def lora_control(self, msg: Control) -> None:
+        """Every rank: a LoRA ``Control`` (``Adapters.on_control``)."""
+        if self.adapters is None or msg.kind not in LORA_CONTROLS:
+            raise SeesawError(f"{msg.kind.value}: this rank runs no serving loop")
+        self.adapters.on_control(msg, self.is_driver)
+
+    def sequences(self) -> list[Sequence]:
+        """Rank 0: the sequences added and not finished."""
+        return list(self._seqs.values())
 
     @property
     def num_unfinished(self) -> int:

@@ -29,6 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from seesaw_mcore.engine.adapters import AdaptersBusy
 from seesaw_mcore.engine.driver import RunDriver
 from seesaw_mcore.engine.engine import Engine
 from seesaw_mcore.engine.output import OutputProcessor
@@ -72,6 +73,7 @@ class LoopRequest:
     sent_tokens: list[int] = field(default_factory=list)  # DELTA: per sample, tokens sent
     sent_text: list[int] = field(default_factory=list)  # DELTA: per sample, chars sent
     sent_prompt_logprobs: bool = False
+    lora: object = None  # its LoRARequest (None: the base model), loaded at admission
 
 
 class EngineLoop:
@@ -224,6 +226,13 @@ class EngineLoop:
                 self._track(nxt)
             req = self._pending[0]
             if req.admitted == 0:
+                if req.lora is not None:
+                    try:  # loaded now, on every rank, unless it is resident
+                        adapter = engine.use_lora(req.lora)
+                    except AdaptersBusy:  # every index runs sequences: wait for one
+                        return
+                    for seq in req.samples:
+                        seq.lora, seq.lora_key = adapter.index, adapter.key
                 self._open(req)
             driver.add(req.samples[req.admitted])
             req.admitted += 1

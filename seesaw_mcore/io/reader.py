@@ -22,6 +22,7 @@ class PromptRecord:
     id: str
     prompt: str | dict  # text, or {"prompt_token_ids": [...]} after a chat template
     line: int  # line (JSONL) or row number, from 1
+    lora_path: str | None = None  # its own LoRA adapter folder (``InputSpec.lora_field``)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class InputSpec:
         id_field: the id's field (default when absent: ``line-N`` / ``row-N``).
         system_prompt: prepended as a system message to chat records without one.
         prompt_template: applied to text prompts; must contain ``{prompt}``.
+        lora_field: a record's own LoRA adapter folder's field.
     """
 
     prompt_field: str = "prompt"
@@ -41,6 +43,7 @@ class InputSpec:
     id_field: str = "id"
     system_prompt: str | None = None
     prompt_template: str | None = None
+    lora_field: str = "lora_path"
 
     def __post_init__(self) -> None:
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
@@ -107,7 +110,11 @@ class PromptReader:
             if prompt is None:
                 self.num_skipped += 1
                 continue
-            yield PromptRecord(rid, prompt, n)
+            lora = obj.get(self.spec.lora_field) if isinstance(obj, dict) else None
+            if lora is not None and not isinstance(lora, str):
+                self.errors.append(f"{self.path}:{n}: {self.spec.lora_field} must be a string")
+                continue
+            yield PromptRecord(rid, prompt, n, lora or None)
 
 
 def read_prompts(path: str, tokenizer, spec: InputSpec | None = None

@@ -12,6 +12,7 @@ the engine has failed. A client that disconnects (streamed or not) aborts its re
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable
 
@@ -22,8 +23,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from seesaw_mcore.async_llm import AsyncLLM, EngineDeadError, RequestStream
 from seesaw_mcore.engine.request import RequestOutput
 from seesaw_mcore.errors import SeesawError
+from seesaw_mcore.model.lora import LoRARequest
 from seesaw_mcore.sampling_params import RequestOutputKind, SamplingParams
 from seesaw_mcore.serving.config import ServerConfig
+from seesaw_mcore.serving.lora import add_lora_routes
 from seesaw_mcore.serving.metrics import metrics_text
 from seesaw_mcore.serving.prepare import prepare, token_decoder
 from seesaw_mcore.serving.protocol import (
@@ -57,6 +60,8 @@ class Server:
         self.decode = token_decoder(self.tokenizer)
         self.stopping = False  # SIGTERM: new requests get 503
         self.groups: dict[str, list[str]] = {}  # a client's request id -> engine ids
+        self.loras: dict[str, LoRARequest] = {}  # LoRA adapters by name (``model=``)
+        self.lora_ids = itertools.count(1)  # each loaded adapter's lora_int_id
         self._warned: set[str] = set()
 
     def check_open(self) -> None:
@@ -78,9 +83,11 @@ class Server:
                   f"{', '.join(new)}", file=sys.stderr, flush=True)
 
     async def start(self, prompts: list, params: list[SamplingParams], request_id: str,
-                    ids: list[str] | None = None) -> list[RequestStream]:
-        """Queues every prompt (engine ids ``request_id`` or ``request_id-i``); a bad one
-        aborts those queued before it and raises a ``RequestError``."""
+                    ids: list[str] | None = None, lora: LoRARequest | None = None
+                    ) -> list[RequestStream]:
+        """Queues every prompt (engine ids ``request_id`` or ``request_id-i``) under the
+        adapter ``lora`` (``None``: the base model); a bad one aborts those queued before
+        it and raises a ``RequestError``."""
         self.check_open()
         if ids is None:
             ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}"
@@ -88,7 +95,7 @@ class Server:
         streams: list[RequestStream] = []
         try:
             for prompt, p, rid in zip(prompts, params, ids):
-                streams.append(await self.llm.add_request(prompt, p, rid))
+                streams.append(await self.llm.add_request(prompt, p, rid, lora))
         except EngineDeadError as e:
             raise RequestError(str(e), status=503) from None
         except SeesawError as e:
@@ -215,13 +222,15 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str, model_path: 
     async def openai(kind: str, request: Request):
         server.check_open()
         prep = prepare(kind, await request.body(), server.tokenizer, model_name,
-                       request.headers.get("x-request-id"))  # vLLM's: the client names it
+                       request.headers.get("x-request-id"),  # vLLM's: the client names it
+                       server.loras)
         server.warn_ignored(prep.ignored)
         params = prep.params
         params.output_kind = RequestOutputKind.DELTA if prep.stream \
             else RequestOutputKind.FINAL_ONLY
         rid = prep.builder.id
-        streams = await server.start(prep.prompts, [params] * len(prep.prompts), rid)
+        streams = await server.start(prep.prompts, [params] * len(prep.prompts), rid,
+                                     lora=server.loras.get(prep.request.model))
         if not prep.stream:
             outs = await server.finals(request, rid, streams)
             return JSONResponse(prep.builder.response(outs))
@@ -243,10 +252,12 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str, model_path: 
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{
-            "id": model_name, "object": "model", "created": 0, "owned_by": "seesaw_mcore",
-            "root": model_path, "parent": None,
-            "max_model_len": llm.engine.max_model_len}]}
+        card = {"object": "model", "created": 0, "owned_by": "seesaw_mcore",
+                "max_model_len": llm.engine.max_model_len}
+        return {"object": "list", "data": [
+            {"id": model_name, "root": model_path, "parent": None, **card},
+            *({"id": name, "root": r.lora_path, "parent": model_name, **card}
+              for name, r in server.loras.items())]}
 
     @app.post("/tokenize")
     async def tokenize(request: Request):
@@ -295,6 +306,7 @@ def build_app(llm: AsyncLLM, config: ServerConfig, model_name: str, model_path: 
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     add_rl_routes(app, server)
+    add_lora_routes(app, server)
     return app, server
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from seesaw_mcore.errors import SeesawError
@@ -52,18 +53,22 @@ class Prepared:
 
 
 def prepare(kind: str, body: bytes | dict, tokenizer, model_name: str,
-            client_id: str | None = None) -> Prepared:
+            client_id: str | None = None, adapters: Collection[str] = ()) -> Prepared:
     """Validates and prepares a ``completion`` or ``chat`` request body; its response id is
     ``cmpl-`` / ``chatcmpl-`` and ``client_id`` (a client's ``X-Request-Id``) or a fresh one.
+    ``model`` may name a loaded LoRA adapter (``adapters``): the response names it too.
 
     Raises:
         RequestError: a bad body (400, naming the field) or another model's name (404).
     """
     model = CompletionRequest if kind == "completion" else ChatCompletionRequest
     req = parse(model, body)
-    if req.model is not None and req.model != model_name:
+    if req.model is not None and req.model != model_name and req.model not in adapters:
+        loaded = "".join(f", `{a}`" for a in adapters)
         raise RequestError(f"The model `{req.model}` does not exist (this server serves "
-                           f"`{model_name}`)", "model", status=404)
+                           f"`{model_name}`{loaded})", "model", status=404)
+    if req.model in adapters:
+        model_name = req.model
     params = req.sampling()
     decode = token_decoder(tokenizer)
     suffix = client_id or uuid.uuid4().hex

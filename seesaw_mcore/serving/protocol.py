@@ -273,6 +273,16 @@ class WakeUpRequest(_Body):
     tags: list[str] | None = None
 
 
+class LoadLoRARequest(_Body):
+    lora_name: str
+    lora_path: str
+
+
+class UnloadLoRARequest(_Body):
+    lora_name: str
+    lora_int_id: int | None = None
+
+
 # SamplingParams fields a request may set by name (``GenerateRequest``'s sampling_params)
 _PARAM_NAMES = set(SamplingParams.__dataclass_fields__) - {"output_kind"}
 

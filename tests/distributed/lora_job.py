@@ -35,6 +35,7 @@ def run(path: str, adapters: str, plan: str) -> dict:
     rep = {"base": tokens(gen(None)), "a": tokens(gen(req["a"])), "b": tokens(gen(req["b"]))}
     mixed = [req["a"], None, req["b"], req["a"], None, req["b"]]
     rep["mixed"] = tokens(gen(mixed))
+    rep["waves"] = tokens(gen([req["a"], req["b"], req["c"]] * 2))  # 3 adapters, max_loras 2
     shared = [{"prompt_token_ids": PREFIX + [i, i + 1]} for i in (1, 5)]
     cached = {}
     for name, lora in (("a", req["a"]), ("b_after_a", req["b"]), ("b_again", req["b"]),
@@ -63,7 +64,6 @@ def errors(llm, adapters: str, req: dict, sp) -> list[str]:
            LoRARequest("gone", 8, os.path.join(adapters, "no_such_adapter")),
            LoRARequest("other", 9, os.path.join(adapters, "other")),
            LoRARequest("head", 10, os.path.join(adapters, "head")),
-           [req["a"], req["b"], req["c"]] * 2,
            [req["a"]] * 5]
     for lora in bad:
         try:
