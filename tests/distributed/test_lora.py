@@ -155,3 +155,111 @@ def test_error_lines(reports, adapters):
 
 def test_peft_reference_is_not_trivial(hf):
     assert len({json.dumps(hf[k]) for k in ("base", "a", "b", "c")}) == 4
+
+
+@pytest.fixture(scope="module")
+def lora_server(tiny_models, adapters):
+    from tests.distributed.test_server import Server
+
+    server = Server(2, [f"model.path={tiny_models['llama']}", "plan=T2", "cache.num_blocks=64",
+                        "cache.block_size=4", "dtype=float32", "lora.max_loras=1",
+                        "lora.max_lora_rank=8", f"lora.path={adapters}/a", "lora.name=ada"])
+    yield server
+    server.kill()
+
+
+def _complete(url: str, model: str, prompt: list[int]) -> tuple[int, list[int] | str]:
+    import re
+
+    import httpx
+
+    r = httpx.post(f"{url}/v1/completions", timeout=120, json={
+        "model": model, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0,
+        "ignore_eos": True, "logprobs": 0})  # (no tokenizer: tokens read "token_id:N")
+    if r.status_code != 200:
+        return r.status_code, r.json()["error"]["message"]
+    return 200, [int(re.fullmatch(r"token_id:(\d+)", t).group(1))
+                 for t in r.json()["choices"][0]["logprobs"]["tokens"]]
+
+
+def test_server_serves_adapters_by_model_name(lora_server, hf, adapters):
+    """A 2-rank server started with ``lora.path`` (as ``ada``), one adapter index: requests
+    name an adapter as ``model``; ``/v1/load_lora_adapter`` adds one (loaded on both ranks),
+    concurrent requests for two adapters take turns, ``/v1/unload_lora_adapter`` removes
+    one; bad calls are one line each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import httpx
+
+    url = lora_server.url
+    models = [m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]]
+    assert models == ["llama", "ada"]
+    assert _complete(url, "ada", PROMPTS[1]) == (200, hf["a"][1])
+    assert _complete(url, "llama", PROMPTS[1]) == (200, hf["base"][1])
+    r = httpx.post(f"{url}/v1/load_lora_adapter", json={"lora_name": "bee",
+                                                         "lora_path": f"{adapters}/b"})
+    assert (r.status_code, r.text) == (200, "Success: LoRA adapter 'bee' added successfully.")
+    with ThreadPoolExecutor(6) as pool:  # both adapters at once, one index: in turn
+        jobs = [pool.submit(_complete, url, m, PROMPTS[i])
+                for i, m in enumerate(["ada", "bee", "llama", "bee", "ada", "llama"])]
+        got = [j.result() for j in jobs]
+    want = [(200, hf[k][i]) for i, k in enumerate(["a", "b", "base", "b", "a", "base"])]
+    assert got == want
+    bad = [("/v1/load_lora_adapter", {"lora_name": "big", "lora_path": f"{adapters}/big"},
+            400, "LoRA adapter 'big': its rank 16 is above max_lora_rank 8"),
+           ("/v1/load_lora_adapter", {"lora_name": "bee", "lora_path": f"{adapters}/b"},
+            400, "The lora adapter 'bee' has already been loaded"),
+           ("/v1/unload_lora_adapter", {"lora_name": "nope"}, 404,
+            "The lora adapter 'nope' cannot be found")]
+    for path, body, status, message in bad:
+        r = httpx.post(url + path, json=body)
+        assert (r.status_code, r.json()["error"]["message"]) == (status, message)
+    r = httpx.post(f"{url}/v1/unload_lora_adapter", json={"lora_name": "bee"})
+    assert r.status_code == 200
+    assert _complete(url, "bee", PROMPTS[0]) == (
+        404, "The model `bee` does not exist (this server serves `llama`, `ada`)")
+    assert _complete(url, "ada", PROMPTS[3]) == (200, hf["a"][3])
+
+
+def test_infer_cli_lora_path_and_per_row_adapters(tmp_path):
+    """``launch/infer.py`` on 2 ranks: ``lora.path`` for every row, a row's own
+    ``lora_path`` instead, a row without ``lora_path`` field under the default; a missing
+    adapter is that row's error line (exit 1, the others written)."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import TINY, launch
+
+    for name, seed in (("ta", 1), ("tb", 2)):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
+        get_peft_model(model, LoraConfig(r=8, lora_alpha=32, init_lora_weights=False,
+                                         target_modules=["q_proj", "v_proj", "o_proj",
+                                                         "down_proj"])
+                       ).save_pretrained(tmp_path / name)
+    rows = [{"id": "x", "prompt": "hello there"},
+            {"id": "y", "prompt": "hello there", "lora_path": str(tmp_path / "tb")},
+            {"id": "z", "prompt": "the cat", "lora_path": str(tmp_path / "none")}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = launch(2, ["launch.infer", f"data.input={tmp_path}/in.jsonl",
+                      f"data.output={tmp_path}/out.jsonl", "plan=T2", "dtype=float32",
+                      f"lora.path={tmp_path}/ta", "lora.max_lora_rank=8",
+                      "sampling.max_tokens=8", "sampling.temperature=0",
+                      "sampling.ignore_eos=true"], timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (f"error: {tmp_path}/in.jsonl: id 'z': LoRA adapter 'none': {tmp_path}/none/"
+            "adapter_config.json does not exist") in proc.stderr
+    out = {r["id"]: r for r in map(json.loads, (tmp_path / "out.jsonl").read_text()
+                                   .splitlines())}
+    assert sorted(out) == ["x", "y"]
+    for rid, name in (("x", "ta"), ("y", "tb")):
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32), tmp_path / name)
+        ids = torch.tensor([out[rid]["prompt_token_ids"]])
+        with torch.no_grad():
+            want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                  do_sample=False, max_new_tokens=8, eos_token_id=None,
+                                  pad_token_id=0)[0, ids.shape[1]:].tolist()
+        assert out[rid]["token_ids"] == want, rid
+    assert out["x"]["token_ids"] != out["y"]["token_ids"]
