@@ -63,8 +63,8 @@ class SamplingSpec:
     temperature: float  # 0 = greedy
     top_k: int  # <= 0: off
     top_p: float  # 1.0: off
-    seed: int  # with ``step``, fixes the random draw
-    step: int  # index of the token being sampled in the completion
+    seed: int  # with ``token_index``, fixes the random draw
+    token_index: int  # index of the token being sampled in the completion
     logprobs: int | None  # top-k alternatives to return, None: no logprobs
     min_p: float = 0.0  # drop tokens below min_p x the top token's probability; 0: off
     repetition_penalty: float = 1.0  # on tokens in ``history``; 1: off
@@ -109,7 +109,7 @@ class SchedulerOutput:
     # each runs through every stage: decode <= PP of them, prefill <= PP x
     # ``scheduler.prefill_micro_batches`` (under PP > 1)
     micro_batches: list[list[ScheduledSeq]]
-    evict: list[KVMove] = field(default_factory=list)  # preempted: device -> host, first
+    preempt: list[KVMove] = field(default_factory=list)  # preempted: device -> tier, first
     # host -> device behind the forward, for sequences that join the next step
     swap_in: list[KVMove] = field(default_factory=list)
     swap_out: list[KVMove] = field(default_factory=list)  # device -> host, after the forward

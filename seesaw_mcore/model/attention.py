@@ -1,7 +1,7 @@
 """Paged attention: one call per layer for the whole step.
 
 The device KV cache is split into fixed-size blocks; each sequence owns a block table. Per
-layer, a step's new keys/values are written into their slots (one ``index_copy_`` each for K
+layer, a step's new keys/values are written into their cache rows (one ``index_copy_`` each for K
 and V), then every query of the step attends in one call:
 
 - on CUDA, a Triton kernel (``model/triton_attention.py``) reads the K/V blocks in place
@@ -34,10 +34,10 @@ PAD_FLOPS_LIMIT = 2.0
 
 def write_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              meta: AttentionMetadata) -> None:
-    """Scatters this step's ``[T, Hkv, D]`` keys and values into their cache slots."""
+    """Scatters this step's ``[T, Hkv, D]`` keys and values into their cache rows."""
     hkv, d = k.shape[1], k.shape[2]
-    k_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, k)
-    v_cache.view(-1, hkv, d).index_copy_(0, meta.slot_mapping, v)
+    k_cache.view(-1, hkv, d).index_copy_(0, meta.cache_rows, k)
+    v_cache.view(-1, hkv, d).index_copy_(0, meta.cache_rows, v)
 
 
 def paged_attention(

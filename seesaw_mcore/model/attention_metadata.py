@@ -1,5 +1,5 @@
 """One step's attention metadata: how the flat token batch maps onto sequences and paged
-cache slots (shared by the CPU paths in ``attention.py`` and the Triton kernel)."""
+cache rows (shared by the CPU paths in ``attention.py`` and the Triton kernel)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from seesaw_mcore.model.cascade import common_prefix_blocks
 
 @dataclass
 class AttentionMetadata:
-    """How one step's flat token batch maps onto sequences and cache slots.
+    """How one step's flat token batch maps onto sequences and cache rows.
 
     Built once per step by the model runner and shared by every layer of the stage.
     """
@@ -23,7 +23,7 @@ class AttentionMetadata:
     query_lens: np.ndarray  # [B] new tokens per sequence (prompt in prefill, 1 in decode)
     context_lens: np.ndarray  # [B] tokens in each sequence's cache after this step
     positions: torch.Tensor  # [T] position of each new token in its sequence
-    slot_mapping: torch.Tensor  # [T] flat cache slot (block * block_size + offset)
+    cache_rows: torch.Tensor  # [T] flat cache row (block * block_size + offset)
     block_tables: torch.Tensor  # [B, max_blocks] int32 block ids (0-padded)
     cu_query_lens: torch.Tensor  # [B + 1] int32 start of each sequence's queries in [T]
     seq_lens: torch.Tensor  # [B] int32 context lengths (device copy of ``context_lens``)
@@ -49,7 +49,7 @@ class AttentionMetadata:
         width: int | None = None,
         invariant: bool = False,
     ) -> "AttentionMetadata":
-        """Computes positions, write slots and the padded block table as flat tensors.
+        """Computes positions, cache rows and the padded block table as flat tensors.
 
         Args:
             query_lens: new tokens per sequence.
@@ -74,8 +74,8 @@ class AttentionMetadata:
         np.cumsum(q, out=cu[1:])
         seq = np.repeat(np.arange(len(q)), q)  # [T] sequence of each token
         pos = np.arange(cu[-1]) - cu[:-1][seq] + (c - q)[seq]  # [T]
-        slots = tables[seq, pos // block_size] * block_size + pos % block_size  # [T]
-        ints = np.concatenate([pos, slots, cu, c, tables.ravel()])
+        rows = tables[seq, pos // block_size] * block_size + pos % block_size  # [T]
+        ints = np.concatenate([pos, rows, cu, c, tables.ravel()])
         flat = h2d.to_device(torch.from_numpy(ints), device)  # one host -> device copy
         t = len(pos)
         parts = flat.split([t, t, len(cu), len(c), tables.size])

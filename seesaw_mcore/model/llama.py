@@ -135,22 +135,23 @@ class DecoderLayer(nn.Module):
         t = x.shape[0]
         if self.moe is not None:
             return self.moe(self.post_norm(x))
-        if self.lora is not None:
-            h = self.post_norm(x)
-            gate_up = self.gate_up(h)  # [T, 2I/TP]
-            self.lora.add(self.index, "gate_up", h, gate_up)
-            gate, up = gate_up.chunk(2, dim=-1)
-            act = F.silu(gate) * up  # [T, I/TP]
-            out = self.down.partial(act)  # [T, H] this rank's partial sums
-            self.lora.add(self.index, "down", act, out)
-            return self.down.finish(out)
-        if self.gate_up.packed is None or t <= PACKED_TILE_ROWS:
+        if self.lora is None and (self.gate_up.packed is None or t <= PACKED_TILE_ROWS):
             gate, up = self.gate_up(self.post_norm(x)).chunk(2, dim=-1)  # [T, I/TP] each
             return self.down(F.silu(gate) * up)
+        tile = PACKED_TILE_ROWS if self.gate_up.packed is not None else t
         out = torch.empty_like(x)  # [T, H] this rank's partial sums
-        for s in range(0, t, PACKED_TILE_ROWS):
-            gate, up = self.gate_up(self.post_norm(x[s:s + PACKED_TILE_ROWS])).chunk(2, dim=-1)
-            out[s:s + PACKED_TILE_ROWS] = self.down.partial(F.silu(gate) * up)
+        for s in range(0, t, tile):
+            rows = (s, min(s + tile, t))
+            h = self.post_norm(x[rows[0]:rows[1]])
+            gate_up = self.gate_up(h)  # [tile, 2I/TP]
+            if self.lora is not None:
+                self.lora.add(self.index, "gate_up", h, gate_up, rows)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up  # [tile, I/TP]
+            part = self.down.partial(act)  # [tile, H]
+            if self.lora is not None:
+                self.lora.add(self.index, "down", act, part, rows)
+            out[rows[0]:rows[1]] = part
         return self.down.finish(out)
 
 

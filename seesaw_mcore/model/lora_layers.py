@@ -106,17 +106,23 @@ class ActiveLoRA:
     def __init__(self, stage: StageLoRA, batch: LoRABatch) -> None:
         self.stage, self.batch = stage, batch
 
-    def add(self, layer: int, linear: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    def add(self, layer: int, linear: str, x: torch.Tensor, out: torch.Tensor,
+            span: tuple[int, int] | None = None) -> None:
         """``out += x A^T B^T`` for each adapter's rows of local layer ``layer``'s
         ``linear`` (``x`` ``[T, in]``: its input, ``out`` ``[T, out]``: its output, or its
-        TP partial sum for a row-parallel linear)."""
+        TP partial sum for a row-parallel linear; ``span``: they are the batch's rows
+        ``[start, end)`` only, a tile)."""
         got = self.stage.weights.get((layer, linear))
         if got is None:
             return
         a_all, b_all = got
         for index, rows in self.batch.groups:
             a, b = a_all[index - 1], b_all[index - 1]  # [R, in], [out, R]
+            if rows is not None and span is not None:
+                rows = rows[(rows >= span[0]) & (rows < span[1])] - span[0]
+                if not len(rows):
+                    continue
             if rows is None:
-                out += (x @ a.T) @ b.T
+                out.addmm_(x @ a.T, b.T)
             else:
                 out.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)

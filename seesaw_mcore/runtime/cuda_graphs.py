@@ -119,7 +119,7 @@ class DecodeGraphs:
         if cap is None:  # capture failed: eager from now on
             return self.model(xs, meta.positions, self.kv_cache, meta)[:n], meta
         cap.ids.copy_(xs, non_blocking=True)
-        for name in ("positions", "slot_mapping", "block_tables", "cu_query_lens", "seq_lens"):
+        for name in ("positions", "cache_rows", "block_tables", "cu_query_lens", "seq_lens"):
             getattr(cap.meta, name).copy_(getattr(meta, name), non_blocking=True)
         from seesaw_mcore.runtime import groups
 
@@ -161,6 +161,6 @@ def _static_meta(meta: AttentionMetadata, max_context: int) -> AttentionMetadata
     return AttentionMetadata(
         np.ones(len(meta.query_lens), dtype=np.int64),
         np.full(len(meta.context_lens), max_context, dtype=np.int64),
-        meta.positions.clone(), meta.slot_mapping.clone(), meta.block_tables.clone(),
+        meta.positions.clone(), meta.cache_rows.clone(), meta.block_tables.clone(),
         meta.cu_query_lens.clone(), meta.seq_lens.clone(), meta.block_size, fresh=False,
         decode=True)

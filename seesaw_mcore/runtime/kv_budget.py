@@ -150,7 +150,8 @@ def largest_step(runner: ModelRunner, lens: list[int], tables: list[list[int]],
     logits = runner.forward([0] * sum(lens), lens, lens, tables,
                             (last * -(-rows // len(lens)))[:rows])  # [R, V] on the last stage
     if logits is not None and runner.info.tp_rank == 0:
-        spec = SamplingSpec(temperature=1.0, top_k=0, top_p=0.9, seed=0, step=0, logprobs=None)
+        spec = SamplingSpec(temperature=1.0, top_k=0, top_p=0.9, seed=0, token_index=0,
+                            logprobs=None)
         sample(logits, list(range(rows)), [spec] * rows)
 
 

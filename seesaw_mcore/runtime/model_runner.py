@@ -257,8 +257,8 @@ class ModelRunner:
         """
         invariant.enable(self.options.batch_invariant)  # (per process: engines may differ)
         self.transfer.drain()
-        if step.evict:
-            self.transfer.submit(lambda: self._swap(step.evict, to_tier=True))
+        if step.preempt:
+            self.transfer.submit(lambda: self._swap(step.preempt, to_tier=True))
             self.transfer.drain()
         if step.swap_in:
             self.transfer.submit(lambda: self._swap(step.swap_in, to_tier=False))

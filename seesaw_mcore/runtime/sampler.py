@@ -8,7 +8,7 @@ Gumbel-max draw; logprobs of every row in one ``log_softmax``; one device -> hos
 of the step's tokens (and logprobs). The O(steps) work does not grow with the batch.
 
 Randomness is counter-based: the Gumbel noise of row ``r`` at vocab index ``v`` is a hash of
-``(seed_r, step_r, v)`` computed on the device (splitmix64), so a completion's tokens do not
+``(seed_r, token_index_r, v)`` computed on the device (splitmix64), so a completion's tokens do not
 depend on the batch it runs in, the parallel layout, or preemption.
 """
 
@@ -69,7 +69,7 @@ def uniform_noise(seed: torch.Tensor, step: torch.Tensor, vocab_ids: torch.Tenso
 
 
 def _gumbel(batch: "SamplingBatch", vocab_ids: torch.Tensor) -> torch.Tensor:
-    return -torch.log(-torch.log(uniform_noise(batch.seed, batch.step, vocab_ids)))
+    return -torch.log(-torch.log(uniform_noise(batch.seed, batch.token_index, vocab_ids)))
 
 
 def sample_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -23,7 +23,7 @@ class SamplingBatch:
     min_p: torch.Tensor  # [N] float32, 0 = off
     top_k: torch.Tensor  # [N] int64, <= 0 = off
     seed: torch.Tensor  # [N] int64
-    step: torch.Tensor  # [N] int64
+    token_index: torch.Tensor  # [N] int64
     any_random: bool  # some row samples (else argmax only)
     any_filter: bool  # some sampled row uses top-k / top-p / min-p (else no sort)
     all_top_k: int  # every sampled row has top-k on: the largest k (0: some row has not)
@@ -36,7 +36,7 @@ class SamplingBatch:
         """Packs per-row settings (host Python over the rows, two tensor copies)."""
         floats = h2d.tensor([(s.temperature, s.top_p, s.min_p) for s in specs],
                             torch.float32, device)  # [N, 3]
-        ints = h2d.tensor([(s.top_k, s.seed & ((1 << 63) - 1), s.step) for s in specs],
+        ints = h2d.tensor([(s.top_k, s.seed & ((1 << 63) - 1), s.token_index) for s in specs],
                           torch.int64, device)  # [N, 3]
         rand = [s.temperature > 0 for s in specs]
         filt = any(r and (s.top_k > 0 or s.top_p < 1 or s.min_p > 0)

@@ -45,7 +45,7 @@ from seesaw_mcore.runtime.wire import wire_pack, wire_unpack
 
 _VERSION = 6
 # the per-step fields of a sampling spec (sent with every entry); the rest is static
-_DYNAMIC = ("step", "history", "banned", "prompt_logprobs")
+_DYNAMIC = ("token_index", "history", "banned", "prompt_logprobs")
 
 
 @dataclass(slots=True)
@@ -71,7 +71,7 @@ class WireReplica:
 
     phase: Phase
     micro_batches: list[list[WireSeq]]
-    evict: list[KVMove] = field(default_factory=list)
+    preempt: list[KVMove] = field(default_factory=list)
     swap_in: list[KVMove] = field(default_factory=list)
     swap_out: list[KVMove] = field(default_factory=list)
 
@@ -154,7 +154,7 @@ class SeqMirror:
         k.table = list(s.block_table)
         k.history.extend(new_history)
         return WireSeq(s.seq_id, list(s.token_ids), s.start_pos, kept, new_blocks,
-                       new_history, p.step, list(p.banned), p.prompt_logprobs, spec, s.lora)
+                       new_history, p.token_index, list(p.banned), p.prompt_logprobs, spec, s.lora)
 
     def to_wire_replica(self, rep: SchedulerOutput | None) -> WireReplica | None:
         return _map_replica(rep, self.to_wire, WireReplica)
@@ -174,7 +174,7 @@ class SeqMirror:
             k.table.extend(w.new_blocks)
         k.history.extend(w.new_history)  # in place: the spec below shares it
         values = k.values
-        values[_DYN_AT["step"]], values[_DYN_AT["history"]] = w.step, k.history
+        values[_DYN_AT["token_index"]], values[_DYN_AT["history"]] = w.token_index, k.history
         values[_DYN_AT["banned"]] = w.banned
         values[_DYN_AT["prompt_logprobs"]] = w.prompt_logprobs
         return ScheduledSeq(w.seq_id, w.token_ids, w.start_pos, k.table,
@@ -189,7 +189,7 @@ def _map_replica(rep, seq_fn, cls):
     if rep is None:
         return None
     return cls(rep.phase, [[seq_fn(s) for s in mb] for mb in rep.micro_batches],
-               rep.evict, rep.swap_in, rep.swap_out)
+               rep.preempt, rep.swap_in, rep.swap_out)
 
 
 def _common(a: list[int], b: list[int]) -> int:

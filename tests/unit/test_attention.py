@@ -45,9 +45,9 @@ def test_prefill_then_decode_then_multi_token_through_blocks(monkeypatch, pad_li
     step([3, 1, 2], [n + 1 + q for n, q in zip(lens, [3, 1, 2])])
 
 
-def test_slot_mapping():
+def test_cache_rows():
     meta = AttentionMetadata.build([2, 1], [2, 6], [[7], [3, 5]], BS, torch.device("cpu"))
-    assert meta.slot_mapping.tolist() == [28, 29, 5 * BS + 1]
+    assert meta.cache_rows.tolist() == [28, 29, 5 * BS + 1]
 
 
 def test_metadata_is_flat():

@@ -64,6 +64,9 @@ def test_plan_string_round_trip():
     ({"tensor_parallel_size": 0}, "tensor_parallel_size must be an integer >= 1, got 0"),
     ({"max_num_batched_tokens": 8, "max_prefill_tokens": 8}, "give either "
      "max_num_batched_tokens= or max_prefill_tokens=, not both"),
+    ({"max_loras": 0}, "max_loras must be an integer >= 1, got 0"),
+    ({"max_lora_rank": 2.5}, "max_lora_rank must be an integer >= 1, got 2.5"),
+    ({"enable_lora": "yes"}, "enable_lora must be true or false, got 'yes'"),
     ({"trust_remote_code": True}, "trust_remote_code=True is not supported: seesaw_mcore runs "
      "Llama, Qwen2, Qwen3, Mistral, Qwen3-MoE and Mixtral checkpoints with its own megatron-core "
      "model and never runs code from a model folder"),

@@ -89,3 +89,70 @@ def test_bad_adapters_are_one_line_errors(tmp_path, cfg, case, message):
 def test_lora_int_id_must_be_positive():
     with pytest.raises(SeesawError, match="^LoRARequest 'a': lora_int_id must be an integer >= 1"):
         LoRARequest("a", 0, "/x")
+
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 1), (1, 2), (2, 2)])
+def test_stage_cuts_sum_to_the_full_update(tmp_path, cfg, tp, pp):
+    """Each linear's adapter term, cut for every (TP, PP) rank and run through
+    ``ActiveLoRA`` (column-parallel outputs concatenated, row-parallel partial sums added),
+    equals ``scale x B A x`` of the full adapter, per target; rows of another adapter and
+    of the base model get their own term or none."""
+    from seesaw_mcore.config import split_layers
+    from seesaw_mcore.model.lora_layers import (
+        LINEARS,
+        ROW_PARALLEL,
+        ActiveLoRA,
+        LoRABatch,
+        stage_lora,
+    )
+    from seesaw_mcore.model.params import ShardSpec
+
+    a = load_adapter(LoRARequest("a", 1, write(tmp_path / "a", cfg, r=4, modules=ALL_TARGETS)),
+                     cfg, 8)
+    b = load_adapter(LoRARequest("b", 2, write(tmp_path / "b", cfg, r=2,
+                                               modules=("k_proj", "down_proj"))), cfg, 8)
+    shapes = target_shapes(cfg)
+    g = torch.Generator().manual_seed(1)
+    indices, qlens = [1, 0, 2, 1], [3, 1, 2, 1]  # rows: a a a, base, b b, a
+    owner = [i for i, n in zip(indices, qlens) for _ in range(n)]
+    for pp_rank in range(pp):
+        start, _ = split_layers(cfg.num_layers, pp)[pp_rank]
+        stages = [stage_lora({1: a, 2: b}, cfg, ShardSpec(tp, r, pp, pp_rank), 2, 8,
+                             torch.float64, torch.device("cpu")) for r in range(tp)]
+        for (j, linear), _ in stages[0].weights.items():
+            layer, targets = start + j, LINEARS[linear]
+            inp = shapes[targets[0]][1]
+            x = torch.randn(len(owner), inp, generator=g, dtype=torch.float64)
+            want = []
+            for m in targets:
+                rows = []
+                for idx in owner:
+                    ad = {1: a, 2: b}.get(idx)
+                    w = ad.weights.get((layer, m)) if ad else None
+                    rows.append(torch.zeros(shapes[m], dtype=torch.float64) if w is None
+                                else ad.scale * (w[1].double() @ w[0].double()))
+                want.append(torch.stack(rows))  # [T, out, in] per target
+            got_parts = []
+            for r, stage in enumerate(stages):
+                n_in = inp // tp if linear in ROW_PARALLEL else inp
+                xs = x[:, r * n_in:(r + 1) * n_in] if linear in ROW_PARALLEL else x
+                out_rows = stage.weights[(j, linear)][1].shape[1]
+                out = torch.zeros(len(owner), out_rows, dtype=torch.float64)
+                ActiveLoRA(stage, LoRABatch.build(indices, qlens, torch.device("cpu"))).add(
+                    j, linear, xs, out)
+                got_parts.append(out)
+            if linear in ROW_PARALLEL:
+                got = sum(got_parts)
+                full = torch.einsum("toi,ti->to", want[0], x)
+                torch.testing.assert_close(got, full)
+            else:  # each rank: its slice of every target's output rows, in target order
+                for r, part_out in enumerate(got_parts):
+                    at = 0
+                    for m, w in zip(targets, want):
+                        n = shapes[m][0] // tp
+                        full = torch.einsum("toi,ti->to", w, x)[:, r * n:(r + 1) * n]
+                        torch.testing.assert_close(part_out[:, at:at + n], full)
+                        at += n

@@ -127,7 +127,7 @@ def test_decode_preempts_newest_by_swapping_out():
 
 def test_decode_preempts_for_recompute_when_host_tier_full():
     sched, (a, b), step = _decode_until_preempted(host_slots=14)
-    assert step.replicas[0].evict == [] and sched.num_swap_preemptions == 0
+    assert step.replicas[0].preempt == [] and sched.num_swap_preemptions == 0
     assert sched.waiting[0] is b and b.status == SeqStatus.WAITING
 
 

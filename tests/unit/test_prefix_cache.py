@@ -146,7 +146,7 @@ def _run(sched, seqs: list[Sequence]) -> FakeKV:
         step = sched.schedule()
         for r, rep in enumerate(step.hand_back if isinstance(step, Switch) else step.replicas):
             kv.device = kv.devices.setdefault(r, {})
-            for m in rep.evict if rep else ():
+            for m in rep.preempt if rep else ():
                 kv.move(m, to_tier=True)
         if isinstance(step, Switch):
             kv.devices.clear()  # the other layout owns the device memory now

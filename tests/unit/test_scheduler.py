@@ -99,7 +99,7 @@ def test_preempts_newest_and_recomputes():
     sched.finish(seqs[0])
     out = sched.schedule()  # recompute: prompt + generated tokens in one prefill
     assert out.phase == Phase.PREFILL and out.seqs[0].token_ids == [1, 1, 1, 1, 7]
-    assert out.seqs[0].sampling.step == 1
+    assert out.seqs[0].sampling.token_index == 1
 
 
 def test_config_errors():

@@ -46,7 +46,7 @@ def test_step_round_trip():
     rep = SchedulerOutput(
         Phase.DECODE, [[_seq(1), _seq(2, logprobs=3, penalties=True)],
                        [_seq(3, 5, prompt_logprobs=2)]],
-        evict=[KVMove(9, SlotRange(4, 20, HOST), [5, 6])],
+        preempt=[KVMove(9, SlotRange(4, 20, HOST), [5, 6])],
         swap_in=[KVMove(8, SlotRange(512, 7, DISK), [1])], swap_out=[])
     for step in (Step([rep, None, rep]), Switch(Phase.PREFILL),
                  Switch(Phase.DECODE, [None, rep]), Stop("rank 0 failed: ünïcode ✓"), Stop(),

@@ -176,10 +176,10 @@ def scheduled(seq: Sequence, token_ids: list[int], start: int,
     if base is None:  # its spec's field values but the per-step ones, made once
         base = seq.spec_base = spec_values(seq)
     spec = SamplingSpec(*base)
-    spec.step = len(seq.output_token_ids)
+    spec.token_index = len(seq.output_token_ids)
     if p.has_penalties:  # the live token list (no copy)
         spec.history = seq.all_token_ids
-    if spec.step < p.min_tokens:
+    if spec.token_index < p.min_tokens:
         spec.banned = list(seq.min_tokens_banned)
     if needs_prompt_logprobs(seq):
         spec.prompt_logprobs = p.prompt_logprobs

@@ -80,7 +80,7 @@ class PhaseScheduler:
         self.running: list[list[Sequence]] = [[] for _ in range(plan.decode.dp)]
         # admitted last step, KV prefetched during it: they join ``running`` this step
         self.arriving: list[list[Sequence]] = [[] for _ in range(plan.decode.dp)]
-        self._evicted: list[Sequence] = []  # swapped out this step: admissible from the next
+        self._preempted: list[Sequence] = []  # swapped out this step: admissible from the next
         self.num_switches = 0
         self.num_preemptions = 0  # recompute and swap
         self.num_swap_preemptions = 0
@@ -95,7 +95,7 @@ class PhaseScheduler:
         return len(self.waiting)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.offloaded or self._evicted or any(self.running)
+        return bool(self.waiting or self.offloaded or self._preempted or any(self.running)
                     or any(self.arriving))
 
     @property
@@ -113,7 +113,7 @@ class PhaseScheduler:
             replicas = self._schedule_prefill()
             if any(replicas):
                 return Step(replicas)
-            if self.offloaded or self._evicted or any(self.running) or self.book.dead:
+            if self.offloaded or self._preempted or any(self.running) or self.book.dead:
                 return self._switch(Phase.DECODE)
         else:
             if self._refill_due():
@@ -136,8 +136,8 @@ class PhaseScheduler:
             pool.reset_cache()
         self.book.free_dead()
         hand_back = self._hand_back() if self._on_device() else []
-        self.offloaded.extendleft(reversed(self._evicted))
-        self._evicted = []
+        self.offloaded.extendleft(reversed(self._preempted))
+        self._preempted = []
         return Switch(phase, hand_back)
 
     @property
@@ -179,10 +179,10 @@ class PhaseScheduler:
             for seq in self.running[r] + self.arriving[r]:
                 moves += self.book.store(seq, seq.block_table, seq.num_tokens - 1)
                 self.decode_pools[r].free(seq.block_table)
-                self._evicted.append(seq)
+                self._preempted.append(seq)
                 self.num_handed_back += 1
             self.running[r], self.arriving[r] = [], []
-            out.append(SchedulerOutput(Phase.DECODE, [], evict=moves) if moves else None)
+            out.append(SchedulerOutput(Phase.DECODE, [], preempt=moves) if moves else None)
         return out
 
     def _schedule_prefill(self) -> list[SchedulerOutput | None]:
@@ -221,21 +221,21 @@ class PhaseScheduler:
     def _schedule_decode(self) -> list[SchedulerOutput | None]:
         """Last step's admissions join the batch; grows every running sequence by one token
         (preempting the newest on shortage), then admits tier sequences where blocks remain
-        (not into a replica that just preempted, and not a sequence evicted in this very
+        (not into a replica that just preempted, and not a sequence preempted in this very
         step: its KV is written during the step). Admitted sequences' KV is prefetched
         during this step (what the decode pool already caches is shared instead); they
         decode from the next."""
         for r, arrived in enumerate(self.arriving):
             self.running[r] += arrived
             arrived.clear()
-        for seq in reversed(self._evicted):
+        for seq in reversed(self._preempted):
             self.offloaded.appendleft(seq)  # written by now: first in line to come back
-        self._evicted = []
-        evicted: list[list[KVMove]] = [[] for _ in self.running]
+        self._preempted = []
+        preempted: list[list[KVMove]] = [[] for _ in self.running]
         admitted: list[list[KVMove]] = [[] for _ in self.running]
         for r, running in enumerate(self.running):
             grow_running(self.decode_pools[r], running,
-                         lambda victim, out=evicted[r]: self._preempt(victim, out))
+                         lambda victim, out=preempted[r]: self._preempt(victim, out))
         while self.offloaded:
             seq = self.offloaded[0]
             kv_len = seq.num_tokens - 1
@@ -245,7 +245,7 @@ class PhaseScheduler:
             disk = next((p.pos for p in pieces if p.span.slots.tier == DISK), kv_len)
             full = self.book.hashes(seq)[:min(kv_len, disk) // self.block_size]
             hits = [pool.match(full) for pool in self.decode_pools]
-            r = self._replica_for(seq, [bool(e) for e in evicted], hits)
+            r = self._replica_for(seq, [bool(e) for e in preempted], hits)
             if r is None:
                 break
             self.offloaded.popleft()
@@ -260,13 +260,13 @@ class PhaseScheduler:
         out: list[SchedulerOutput | None] = []
         for r, running in enumerate(self.running):
             batch = [scheduled(s, s.output_token_ids[-1:], s.num_tokens - 1) for s in running]
-            busy = batch or evicted[r] or admitted[r] or self.arriving[r]  # (no copy)
+            busy = batch or preempted[r] or admitted[r] or self.arriving[r]  # (no copy)
             mbs = split_micro_batches(batch, self.plan.decode.pp, False) if batch else []
-            out.append(SchedulerOutput(Phase.DECODE, mbs, evict=evicted[r],
+            out.append(SchedulerOutput(Phase.DECODE, mbs, preempt=preempted[r],
                                        swap_in=admitted[r]) if busy else None)
         return out
 
-    def _preempt(self, victim: Sequence, evicted: list[KVMove]) -> None:
+    def _preempt(self, victim: Sequence, preempted: list[KVMove]) -> None:
         """Swaps the victim's KV out to a tier with room (it comes back in this decode
         phase), else frees it for recompute in the next prefill phase."""
         pool = self.decode_pools[victim.replica]
@@ -274,8 +274,8 @@ class PhaseScheduler:
         self.num_preemptions += 1
         kv_len = victim.num_tokens - 1  # all but the last token's KV
         if self.book.fits(victim, kv_len):
-            evicted += self.book.store(victim, victim.block_table, kv_len)
-            self._evicted.append(victim)
+            preempted += self.book.store(victim, victim.block_table, kv_len)
+            self._preempted.append(victim)
             self.num_swap_preemptions += 1
         else:
             victim.status = SeqStatus.WAITING
@@ -307,7 +307,7 @@ class PhaseScheduler:
         if seq.status == SeqStatus.WAITING:
             self.waiting.remove(seq)
         elif seq.status == SeqStatus.OFFLOADED:
-            (self._evicted if seq in self._evicted else self.offloaded).remove(seq)
+            (self._preempted if seq in self._preempted else self.offloaded).remove(seq)
             self.book.release(seq)
         elif seq.status == SeqStatus.RUNNING:
             r = seq.replica
