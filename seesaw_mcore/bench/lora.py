@@ -42,7 +42,8 @@ def build(root: str) -> str:
                        heads=8, kv_heads=4, intermediate=1408, vocab=8192, seed=1)
     for i in range(max(COUNTS)):
         torch.manual_seed(i)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                     use_safetensors=True)
         get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS,
                                          init_lora_weights=False)
                        ).save_pretrained(os.path.join(root, f"lora{i}"))

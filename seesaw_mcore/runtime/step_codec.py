@@ -58,7 +58,7 @@ class WireSeq:
     kept_blocks: int  # the known block table's leading blocks it keeps
     new_blocks: list[int]  # then these
     new_history: list[int]  # appended to the known token history (penalties)
-    step: int
+    token_index: int
     banned: list[int]
     prompt_logprobs: int | None
     spec: SamplingSpec | None = None  # the static spec when new or changed
@@ -145,7 +145,8 @@ class SeqMirror:
         k = self.known.get(s.seq_id)
         spec = None
         if k is None or k.key != key or len(p.history) < len(k.history):
-            spec = dataclasses.replace(p, step=0, history=[], banned=[], prompt_logprobs=None)
+            spec = dataclasses.replace(p, token_index=0, history=[], banned=[],
+                                       prompt_logprobs=None)
             k = self.known[s.seq_id] = _Known([], key, [])
         n = len(k.table)
         kept = n if s.block_table[:n] == k.table else _common(k.table, s.block_table)

@@ -311,12 +311,15 @@ def test_plan_auto_measures_once_logs_and_runs(tmp_path):
     cache = tmp_path / "cache"
     out = tmp_path / "o.jsonl"
     runs = []
-    for _ in range(2):  # the first measures this machine and caches it; the second reuses it
+    for blocks in (10, 200):  # the first measures this machine and caches it; the second
+        # reuses it, with room for every request: the trial's plan moves are no preemptions
         proc = launch(2, ["launch.infer", "plan=auto", "workload=16:16", "sampling.max_tokens=16",
-                          "cache.num_blocks=10", "cache.block_size=4", f"data.output={out}"],
+                          f"cache.num_blocks={blocks}", "cache.block_size=4",
+                          f"data.output={out}", "data.overwrite=true"],
                       timeout=240, env={"SEESAW_CACHE_DIR": str(cache)})
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
         runs.append(proc.stdout + proc.stderr)
+    assert "| preemptions 0 (0 swapped)" in runs[1]
     [profile] = cache.glob("profile-*.json")
     fields = json.loads(profile.read_text())
     assert fields["name"] == "measured (2 cpu ranks)" and fields["tflops"] > 0

@@ -113,7 +113,7 @@ def _decode_until_preempted(host_slots: int, **tiers):
 
 def test_decode_preempts_newest_by_swapping_out():
     sched, (a, b), step = _decode_until_preempted(host_slots=64)
-    [move] = step.replicas[0].evict  # its 12 tokens of KV go to the host tier first
+    [move] = step.replicas[0].preempt  # its 12 tokens of KV go to the host tier first
     assert move.seq_id == 1 and move.tier_slots.length == 12 and len(move.block_table) == 3
     assert step.replicas[0].swap_in == []  # never back in the step that evicts it
     assert b.status == SeqStatus.OFFLOADED and sched.num_swap_preemptions == 1
@@ -177,7 +177,7 @@ def test_prefill_spills_into_the_disk_tier_and_decodes_from_it():
 
 def test_swap_preemption_falls_back_to_the_disk_tier():
     sched, (a, b), step = _decode_until_preempted(host_slots=14, disk_slots=64, disk_align=4)
-    [move] = step.replicas[0].evict  # the host tier is full: its 12 tokens go to disk
+    [move] = step.replicas[0].preempt  # the host tier is full: its 12 tokens go to disk
     assert move.seq_id == 1 and move.tier_slots.tier == DISK and move.tier_slots.length == 12
     assert sched.num_swap_preemptions == 1 and not sched.waiting
     sched.finish(a)

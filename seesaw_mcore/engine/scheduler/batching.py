@@ -162,7 +162,7 @@ def spec_values(seq: Sequence) -> list:
     p = seq.params
     fields = {n: _SPEC_HINTS[n](getattr(p, n)) if _SPEC_HINTS[n] in (int, float)
               else getattr(p, n) for n in _FROM_PARAMS}
-    spec = SamplingSpec(seed=seq.seed, step=0, **fields,
+    spec = SamplingSpec(seed=seq.seed, token_index=0, **fields,
                         prompt_len=len(seq.prompt_token_ids) if p.has_penalties else 0)
     return [getattr(spec, f.name) for f in dataclasses.fields(SamplingSpec)]
 
