@@ -209,16 +209,20 @@ class AsyncLLM:
         return True
 
     async def remove_lora(self, lora_id: int) -> bool:
-        """Unloads adapter ``lora_id`` on every rank (refused while requests use it)."""
+        """Unloads adapter ``lora_id`` on every rank (refused while requests use it);
+        ``False`` when it is not loaded (never, or evicted since)."""
         if self.engine.adapters is None:
             raise SeesawError("remove_lora needs AsyncLLM(enable_lora=True)")
-        def unload() -> None:
+
+        def unload() -> bool:
+            if lora_id not in self.engine.adapters.resident:
+                return False
             self.engine.adapters.check_remove(lora_id, self._busy_loras())
             self.engine.executor.control(Control(ControlKind.UNLOAD_LORA,
                                                  json.dumps({"lora_int_id": lora_id})))
+            return True
 
-        await self._call(unload)
-        return True
+        return await self._call(unload)
 
     async def list_loras(self) -> set[int]:
         """The ids of the adapters loaded."""

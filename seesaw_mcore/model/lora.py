@@ -22,7 +22,7 @@ from seesaw_mcore.config import ModelConfig
 from seesaw_mcore.errors import SeesawError
 
 _KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)"
-                  r"\.lora_([AB])\.weight$")
+                  r"\.lora_([AB])(?:\.[\w-]+)?\.weight$")  # (a live model's adapter name)
 
 
 @dataclass(frozen=True)

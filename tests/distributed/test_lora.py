@@ -221,30 +221,43 @@ def test_server_serves_adapters_by_model_name(lora_server, hf, adapters):
     assert _complete(url, "ada", PROMPTS[3]) == (200, hf["a"][3])
 
 
-def test_infer_cli_lora_path_and_per_row_adapters(tmp_path):
-    """``launch/infer.py`` on 2 ranks: ``lora.path`` for every row, a row's own
-    ``lora_path`` instead, a row without ``lora_path`` field under the default; a missing
-    adapter is that row's error line (exit 1, the others written)."""
+@pytest.fixture(scope="module")
+def tiny_adapters(tmp_path_factory) -> str:
+    """Two PEFT adapters (``ta``, ``tb``) of the bundled tokenizer model."""
     import torch
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from tests.conftest import TINY, launch
+    from tests.conftest import TINY
 
+    root = tmp_path_factory.mktemp("tiny_adapters")
     for name, seed in (("ta", 1), ("tb", 2)):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32)
         get_peft_model(model, LoraConfig(r=8, lora_alpha=32, init_lora_weights=False,
                                          target_modules=["q_proj", "v_proj", "o_proj",
                                                          "down_proj"])
-                       ).save_pretrained(tmp_path / name)
+                       ).save_pretrained(root / name)
+    return str(root)
+
+
+def test_infer_cli_lora_path_and_per_row_adapters(tmp_path, tiny_adapters):
+    """``launch/infer.py`` on 2 ranks: ``lora.path`` for every row, a row's own
+    ``lora_path`` instead, a row without ``lora_path`` field under the default; a missing
+    adapter is that row's error line (exit 1, the others written)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import TINY, launch
+
     rows = [{"id": "x", "prompt": "hello there"},
-            {"id": "y", "prompt": "hello there", "lora_path": str(tmp_path / "tb")},
+            {"id": "y", "prompt": "hello there", "lora_path": f"{tiny_adapters}/tb"},
             {"id": "z", "prompt": "the cat", "lora_path": str(tmp_path / "none")}]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     proc = launch(2, ["launch.infer", f"data.input={tmp_path}/in.jsonl",
                       f"data.output={tmp_path}/out.jsonl", "plan=T2", "dtype=float32",
-                      f"lora.path={tmp_path}/ta", "lora.max_lora_rank=8",
+                      f"lora.path={tiny_adapters}/ta", "lora.max_lora_rank=8",
                       "sampling.max_tokens=8", "sampling.temperature=0",
                       "sampling.ignore_eos=true"], timeout=300)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -255,7 +268,8 @@ def test_infer_cli_lora_path_and_per_row_adapters(tmp_path):
     assert sorted(out) == ["x", "y"]
     for rid, name in (("x", "ta"), ("y", "tb")):
         model = PeftModel.from_pretrained(
-            AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32), tmp_path / name)
+            AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.float32),
+            f"{tiny_adapters}/{name}")
         ids = torch.tensor([out[rid]["prompt_token_ids"]])
         with torch.no_grad():
             want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
@@ -263,3 +277,37 @@ def test_infer_cli_lora_path_and_per_row_adapters(tmp_path):
                                   pad_token_id=0)[0, ids.shape[1]:].tolist()
         assert out[rid]["token_ids"] == want, rid
     assert out["x"]["token_ids"] != out["y"]["token_ids"]
+
+
+def test_eval_cli_lora_path_equals_lm_evals_hf_backend_with_peft(tmp_path, tiny_adapters):
+    """``launch/eval.py lora.path=`` on 2 ranks (T2) gives the same greedy generations and
+    loglikelihoods as lm-eval's own ``hf`` backend with ``peft=`` the same adapter."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from tests.conftest import TINY, launch
+    from tests.distributed.lm_eval_job import summarize
+    from tests.distributed.test_lm_eval import _task_dir
+
+    tasks, env = _task_dir(tmp_path), {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+    names = ["seesaw_mc", "seesaw_gen"]
+    out = tmp_path / "ours.json"
+    proc = launch(2, ["launch.eval", "plan=T2", f"model.path={TINY}", "dtype=float32",
+                      f"lora.path={tiny_adapters}/ta", "lora.max_lora_rank=8",
+                      f"eval.tasks=[{','.join(names)}]", f"eval.include_path={tasks}",
+                      "eval.log_samples=true", f"eval.output={out}"], timeout=400, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ours = summarize(json.loads(out.read_text()))
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
+    ref = json.loads(json.dumps(summarize(lm_eval.simple_evaluate(
+        model="hf", model_args=f"pretrained={TINY},dtype=float32,device=cpu,"
+                               f"peft={tiny_adapters}/ta",
+        tasks=names, task_manager=TaskManager(include_path=tasks), log_samples=True,
+        random_seed=0, numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)),
+        default=str))
+    assert ours["samples"]["seesaw_gen"] == ref["samples"]["seesaw_gen"]
+    for doc, choices in ref["samples"]["seesaw_mc"].items():
+        for r, g in zip(choices, ours["samples"]["seesaw_mc"][doc]):
+            assert abs(float(r[0][0]) - float(g[0][0])) < 1e-3
+

@@ -156,3 +156,21 @@ def test_stage_cuts_sum_to_the_full_update(tmp_path, cfg, tp, pp):
                         full = torch.einsum("toi,ti->to", w, x)[:, r * n:(r + 1) * n]
                         torch.testing.assert_close(part_out[:, at:at + n], full)
                         at += n
+
+
+def test_updated_takes_saved_and_live_peft_names(tmp_path, cfg):
+    from seesaw_mcore.model.lora import updated
+
+    ad = load_adapter(LoRARequest("a", 1, write(tmp_path / "a", cfg)), cfg, 8)
+    new_a, new_b = torch.ones(4, cfg.hidden_size), torch.full((cfg.hidden_size, 4), 2.0)
+    base = "base_model.model.model.layers.1.self_attn.q_proj"
+    got = updated(ad, [(f"{base}.lora_A.weight", new_a), (f"{base}.lora_B.default.weight",
+                                                           new_b)])
+    assert torch.equal(got.weights[(1, "q_proj")][0], new_a)
+    assert torch.equal(got.weights[(1, "q_proj")][1], new_b)
+    assert torch.equal(ad.weights[(1, "q_proj")][0], load_adapter(
+        LoRARequest("a", 1, str(tmp_path / "a")), cfg, 8).weights[(1, "q_proj")][0])  # a copy
+    with pytest.raises(SeesawError, match=r"^update_weights: 'base_model.model.model.layers.1."
+                       r"self_attn.k_proj.lora_A.weight' is not a tensor of LoRA adapter 'a'$"):
+        updated(ad, [(f"{base}.lora_A.weight", new_a),
+                     ("base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight", new_a)])
