@@ -82,20 +82,36 @@ class Server:
             print(f"warning: ignored request fields this server does not know: "
                   f"{', '.join(new)}", file=sys.stderr, flush=True)
 
+    def adapters_named(self, names: str | list[str | None] | None, n: int
+                       ) -> list[LoRARequest | None]:
+        """SGLang's ``lora_path``: a loaded adapter's name for every prompt, or a list."""
+        if not isinstance(names, list):
+            names = [names] * n
+        if len(names) != n:
+            raise RequestError(f"got {len(names)} lora_path entries for {n} prompts",
+                               "lora_path")
+        unknown = [x for x in names if x is not None and x not in self.loras]
+        if unknown:
+            raise RequestError(f"lora_path {unknown[0]!r} is not a loaded LoRA adapter "
+                               "(load it with /load_lora_adapter)", "lora_path")
+        return [None if x is None else self.loras[x] for x in names]
+
     async def start(self, prompts: list, params: list[SamplingParams], request_id: str,
-                    ids: list[str] | None = None, lora: LoRARequest | None = None
+                    ids: list[str] | None = None,
+                    lora: LoRARequest | list[LoRARequest | None] | None = None
                     ) -> list[RequestStream]:
         """Queues every prompt (engine ids ``request_id`` or ``request_id-i``) under the
-        adapter ``lora`` (``None``: the base model); a bad one aborts those queued before
-        it and raises a ``RequestError``."""
+        adapter ``lora`` (one for all, or one per prompt; ``None``: the base model); a bad
+        one aborts those queued before it and raises a ``RequestError``."""
         self.check_open()
         if ids is None:
             ids = [request_id] if len(prompts) == 1 else [f"{request_id}-{i}"
                                                           for i in range(len(prompts))]
         streams: list[RequestStream] = []
         try:
-            for prompt, p, rid in zip(prompts, params, ids):
-                streams.append(await self.llm.add_request(prompt, p, rid, lora))
+            loras = lora if isinstance(lora, list) else [lora] * len(prompts)
+            for prompt, p, rid, adapter in zip(prompts, params, ids, loras):
+                streams.append(await self.llm.add_request(prompt, p, rid, adapter))
         except EngineDeadError as e:
             raise RequestError(str(e), status=503) from None
         except SeesawError as e:

@@ -1,4 +1,5 @@
-"""vLLM's LoRA endpoints: ``POST /v1/load_lora_adapter`` (``{"lora_name", "lora_path"}``)
+"""vLLM's LoRA endpoints (also under SGLang's names, without ``/v1``): ``POST
+/v1/load_lora_adapter`` (``{"lora_name", "lora_path"}``)
 loads a PEFT adapter on every rank under a name requests then give as ``model``;
 ``POST /v1/unload_lora_adapter`` (``{"lora_name"}``) unloads it. Success answers 200 with
 vLLM's line of text; a refused call answers 400 (404: an unknown name) with an OpenAI error
@@ -28,6 +29,7 @@ def add_lora_routes(app: FastAPI, server) -> None:
             raise RequestError(str(e)) from None
 
     @app.post("/v1/load_lora_adapter")
+    @app.post("/load_lora_adapter")  # SGLang's name
     async def load(request: Request):
         req = parse(LoadLoRARequest, await request.body())
         await run(load_adapter(server, req.lora_name, req.lora_path))
@@ -35,6 +37,7 @@ def add_lora_routes(app: FastAPI, server) -> None:
                                  "successfully.")
 
     @app.post("/v1/unload_lora_adapter")
+    @app.post("/unload_lora_adapter")  # SGLang's name
     async def unload(request: Request):
         req = parse(UnloadLoRARequest, await request.body())
         lora = server.loras.get(req.lora_name)

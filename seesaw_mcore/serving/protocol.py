@@ -183,6 +183,7 @@ class GenerateRequest(_Body):
     return_text_in_logprobs: bool = False
     stream: bool = False
     rid: str | list[str] | None = None
+    lora_path: str | list[str | None] | None = None  # SGLang: loaded adapters' names
 
     def prompts(self) -> list[str | list[int]]:
         if (self.text is None) == (self.input_ids is None):

@@ -67,7 +67,8 @@ def add_rl_routes(app: FastAPI, server) -> None:
         ids = list(req.rid) if isinstance(req.rid, list) else None
         if ids is not None and len(ids) != len(prompts):
             raise RequestError(f"got {len(ids)} rids for {len(prompts)} prompts", "rid")
-        streams = await server.start(prompts, params, rid, ids)
+        streams = await server.start(prompts, params, rid, ids,
+                                     server.adapters_named(req.lora_path, len(prompts)))
         single = not req.batched and params[0].n == 1  # SGLang: one body, else a list
 
         def bodies(out) -> list[dict]:

@@ -205,12 +205,20 @@ def test_server_serves_adapters_by_model_name(lora_server, hf, adapters):
         got = [j.result() for j in jobs]
     want = [(200, hf[k][i]) for i, k in enumerate(["a", "b", "base", "b", "a", "base"])]
     assert got == want
+    # SGLang's /generate names loaded adapters in lora_path (one per prompt here)
+    r = httpx.post(f"{url}/generate", timeout=120, json={
+        "input_ids": [PROMPTS[0], PROMPTS[2]], "lora_path": ["bee", None],
+        "sampling_params": {"max_new_tokens": MAX_TOKENS, "temperature": 0,
+                            "ignore_eos": True}})
+    assert [b["output_ids"] for b in r.json()] == [hf["b"][0], hf["base"][2]]
     bad = [("/v1/load_lora_adapter", {"lora_name": "big", "lora_path": f"{adapters}/big"},
             400, "LoRA adapter 'big': its rank 16 is above max_lora_rank 8"),
            ("/v1/load_lora_adapter", {"lora_name": "bee", "lora_path": f"{adapters}/b"},
             400, "The lora adapter 'bee' has already been loaded"),
-           ("/v1/unload_lora_adapter", {"lora_name": "nope"}, 404,
-            "The lora adapter 'nope' cannot be found")]
+           ("/unload_lora_adapter", {"lora_name": "nope"}, 404,  # (SGLang's path)
+            "The lora adapter 'nope' cannot be found"),
+           ("/generate", {"input_ids": [1, 2], "lora_path": "nope"}, 400,
+            "lora_path 'nope' is not a loaded LoRA adapter (load it with /load_lora_adapter)")]
     for path, body, status, message in bad:
         r = httpx.post(url + path, json=body)
         assert (r.status_code, r.json()["error"]["message"]) == (status, message)
