@@ -84,10 +84,26 @@ def stage_lora(adapters: dict[int, LoRAAdapter], cfg: ModelConfig, spec: ShardSp
 
 
 @dataclass(frozen=True)
+class Padded:
+    """Every adapter's rows at once, padded to the largest group: the batch's rows
+    ``gather`` ``[G * m]`` (padding repeats a row), the adapters ``adapters`` ``[G]``
+    (indices - 1), and which padded places are real (``real`` ``[n]``) with their batch
+    rows (``rows`` ``[n]``)."""
+
+    m: int
+    gather: torch.Tensor
+    adapters: torch.Tensor
+    real: torch.Tensor
+    rows: torch.Tensor
+
+
+@dataclass(frozen=True)
 class LoRABatch:
-    """A micro-batch's rows by adapter: ``(index, rows [n] or None: every row)``."""
+    """A micro-batch's rows by adapter: ``(index, rows [n] or None: every row)``, and
+    (several adapters, little padding) the same rows padded for one batched matmul."""
 
     groups: tuple[tuple[int, torch.Tensor | None], ...]
+    padded: Padded | None = None
 
     @classmethod
     def build(cls, indices: list[int], query_lens: list[int], device: torch.device
@@ -97,7 +113,20 @@ class LoRABatch:
         if len(used) == 1 and 0 not in indices:
             return cls(((used[0], None),))
         rows = torch.repeat_interleave(torch.tensor(indices), torch.tensor(query_lens))  # [T]
-        return cls(tuple((i, torch.nonzero(rows == i).squeeze(1).to(device)) for i in used))
+        members = [torch.nonzero(rows == i).squeeze(1) for i in used]
+        groups = tuple((i, r.to(device)) for i, r in zip(used, members))
+        m = max(len(r) for r in members)
+        if len(used) < PADDED_FROM or len(used) * m > 2 * len(rows):
+            return cls(groups)
+        gather = torch.stack([torch.cat([r, r[:1].expand(m - len(r))]) for r in members])
+        real = torch.stack([torch.arange(m) < len(r) for r in members]).flatten()
+        padded = Padded(m, gather.flatten().to(device), torch.tensor(used).sub(1).to(device),
+                        torch.nonzero(real).squeeze(1).to(device),
+                        torch.cat(members).to(device))
+        return cls(groups, padded)
+
+
+PADDED_FROM = 3  # adapters in a micro-batch from which one padded batched matmul runs them
 
 
 class ActiveLoRA:
@@ -116,6 +145,13 @@ class ActiveLoRA:
         if got is None:
             return
         a_all, b_all = got
+        p = self.batch.padded
+        if p is not None and span is None:  # one bmm pair for every adapter's rows
+            xs = x.index_select(0, p.gather).view(len(p.adapters), p.m, -1)  # [G, m, in]
+            a, b = a_all.index_select(0, p.adapters), b_all.index_select(0, p.adapters)
+            delta = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2))
+            out.index_add_(0, p.rows, delta.flatten(0, 1).index_select(0, p.real))
+            return
         for index, rows in self.batch.groups:
             a, b = a_all[index - 1], b_all[index - 1]  # [R, in], [out, R]
             if rows is not None and span is not None:

@@ -174,3 +174,28 @@ def test_updated_takes_saved_and_live_peft_names(tmp_path, cfg):
                        r"self_attn.k_proj.lora_A.weight' is not a tensor of LoRA adapter 'a'$"):
         updated(ad, [(f"{base}.lora_A.weight", new_a),
                      ("base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight", new_a)])
+
+
+def test_padded_batched_matmul_equals_the_per_adapter_loop(tmp_path, cfg):
+    """Three or more adapters in a micro-batch run as one padded ``bmm`` pair; the result
+    equals one matmul pair per adapter (the path tiles and two-adapter batches take)."""
+    from seesaw_mcore.model.lora_layers import ActiveLoRA, LoRABatch, stage_lora
+    from seesaw_mcore.model.params import ShardSpec
+
+    ads = {i: load_adapter(LoRARequest(n, i, write(tmp_path / n, cfg, r=r,
+                                                   modules=ALL_TARGETS)), cfg, 8)
+           for i, (n, r) in enumerate((("a", 4), ("b", 2), ("c", 8)), 1)}
+    stage = stage_lora(ads, cfg, ShardSpec(2, 1, 1, 0), 3, 8, torch.float64,
+                       torch.device("cpu"))
+    indices, qlens = [1, 2, 3, 0, 1, 3, 3], [1, 1, 1, 1, 1, 1, 1]
+    batch = LoRABatch.build(indices, qlens, torch.device("cpu"))
+    assert batch.padded is not None and batch.padded.m == 3
+    g = torch.Generator().manual_seed(2)
+    for (j, linear), (a_all, b_all) in stage.weights.items():
+        x = torch.randn(len(indices), a_all.shape[2], generator=g, dtype=torch.float64)
+        padded = torch.zeros(len(indices), b_all.shape[1], dtype=torch.float64)
+        ActiveLoRA(stage, batch).add(j, linear, x, padded)
+        looped = torch.zeros_like(padded)
+        ActiveLoRA(stage, LoRABatch(batch.groups)).add(j, linear, x, looped)
+        torch.testing.assert_close(padded, looped)
+        assert not padded[3].any() and padded[0].any()  # the base row has no term
